@@ -1,0 +1,189 @@
+"""Stages: the unit KFP runs. Each module has ``run(cfg, inputs, out_dir, *, ckpt_url, progress)``,
+``main(argv)``, ``KIND``, ``INPUTS`` and the preset ``SECTIONS`` it reads.
+
+:func:`run_stage` is the one entry point the CLI and the KFP components use. Artifacts are
+content-addressed: the key hashes the stage, the preset sections it reads, the input artifacts'
+manifest digests and the code version, so a rerun with unchanged inputs is a cache hit, and training
+checkpoints for a (stage, key) live at a deterministic place from which a retried pod resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate")
+
+
+@dataclass
+class StageResult:
+    name: str
+    uri: str
+    metrics: dict[str, Any]
+    cached: bool
+    seconds: float
+    report: str | None = None
+
+
+def stage_module(name: str) -> ModuleType:
+    if name == "prepare_data":
+        from anyflow.stages import prepare_data as m
+    elif name == "train_teacher":
+        from anyflow.stages import train_teacher as m
+    elif name == "train_flowmap":
+        from anyflow.stages import train_flowmap as m
+    elif name == "distill":
+        from anyflow.stages import distill as m
+    elif name == "finetune":
+        from anyflow.stages import finetune as m
+    elif name == "evaluate":
+        from anyflow.stages import evaluate as m
+    else:
+        from anyflow.config import ConfigError
+
+        raise ConfigError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    return m
+
+
+def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mapping[str, str]) -> str:
+    from anyflow import __version__
+
+    payload = {
+        "stage": name,
+        "config": {s: dataclasses.asdict(getattr(cfg, s)) for s in sections},
+        "variant": cfg.variant,
+        "inputs": dict(sorted(input_digests.items())),
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:20]
+
+
+def run_stage(
+    name: str,
+    *,
+    preset: str = "tiny",
+    overrides: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str] | None = None,
+    store: str | None = None,
+    out: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> StageResult:
+    """Run (or reuse) one stage and publish its artifact; see the module docstring."""
+    from anyflow import storage
+    from anyflow.config import apply_overrides, get_preset, to_dict
+
+    module = stage_module(name)
+    cfg = apply_overrides(get_preset(preset), overrides)
+    inputs = dict(inputs or {})
+    from anyflow.stages.common import StageInputError, require_inputs
+
+    require_inputs(name, inputs, module.INPUTS, getattr(module, "OPTIONAL", ()))
+    digests = {}
+    for role, url in inputs.items():
+        try:
+            digests[role] = storage.manifest_digest(url)
+        except storage.ArtifactError as exc:
+            raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
+    key = cache_key(name, cfg, module.SECTIONS, digests)
+    if out is None:
+        if not store:
+            raise ValueError("run_stage needs either store (content-addressed output) or out")
+        out = storage.join(store, "artifacts", name, key)
+    t0 = time.perf_counter()
+    if not force and storage.exists(storage.join(out, "manifest.json")):
+        try:
+            manifest = storage.read_manifest(out)
+        except storage.ArtifactError:
+            manifest = {}
+        if manifest.get("extra", {}).get("cache_key") == key:
+            return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
+    ckpt_url = storage.join(store, "checkpoints", name, key) if store else None
+    remote = storage.is_remote(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{name}-")) if remote else Path(out)
+    if not remote:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    try:
+        metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress)
+        manifest = storage.publish(
+            staging, out, kind=module.KIND, parents=list(inputs.values()), config=to_dict(cfg), metrics=metrics,
+            extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
+        )
+    finally:
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
+    return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
+
+
+def _report(module: ModuleType, uri: str, manifest: Mapping[str, Any]) -> str | None:
+    from anyflow import storage
+
+    if getattr(module, "REPORT", None) is None:
+        return None
+    return storage.join(uri, module.REPORT)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_inputs(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--in {item!r}: expected ROLE=URL, e.g. --in dataset=./runs/data")
+        role, url = item.split("=", 1)
+        out[role] = url
+    return out
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=STAGES, help="stage to run")
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. --set distill.train.steps=10 (repeatable)")
+    p.add_argument("--config", help="YAML file of overrides (applied before --set)")
+    p.add_argument("--in", dest="inputs", action="append", default=[], metavar="ROLE=URL",
+                   help="input artifact, e.g. --in dataset=s3://bucket/data (repeatable)")
+    p.add_argument("--out", help="output artifact URL (default: content-addressed under --store)")
+    p.add_argument("--store", help="artifact store URL (local folder or s3://bucket/prefix)")
+    p.add_argument("--force", action="store_true", help="recompute even if a cached artifact exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def stage_from_args(args: argparse.Namespace) -> int:
+    from anyflow.config import load_overrides_file, parse_override_args
+
+    overrides: dict[str, Any] = load_overrides_file(args.config) if args.config else {}
+    overrides.update(parse_override_args(args.overrides))
+    if not args.out and not args.store:
+        raise SystemExit("give --out URL or --store URL")
+    res = run_stage(
+        args.name, preset=args.preset, overrides=overrides, inputs=_parse_inputs(args.inputs),
+        store=args.store, out=args.out, force=args.force, progress=not args.no_progress,
+    )
+    state = "cached" if res.cached else f"done in {res.seconds:.1f}s"
+    print(f"{res.name}: {state} -> {res.uri}")
+    if res.report:
+        print(f"report: {res.report}")
+    print(json.dumps(res.metrics, indent=1, default=str))
+    return 0
+
+
+def stage_main(name: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m anyflow.stages.<name> --in ... --out ...`` (what a Trainer TrainJob runs under torchrun)."""
+    p = argparse.ArgumentParser(prog=f"python -m anyflow.stages.{name}", description=stage_module(name).__doc__)
+    add_stage_arguments(p)
+    args = p.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
+    return stage_from_args(args)

@@ -1,0 +1,325 @@
+"""Presets and strict configuration (METHOD.md §10).
+
+Presets are Python functions returning frozen dataclasses; overrides come from the CLI
+(``key.sub=value``) or YAML and are validated: an unknown key is an error naming it and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and what is allowed."""
+
+
+class StageInputError(ValueError):
+    """A stage input artifact is missing, of the wrong kind or incompatible with the preset."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "builtin:tiny"  # "builtin:tiny" | local dir | s3://… of a diffusers-layout Wan2.1 model
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    gradient_checkpointing: bool = False
+    gate_value: float = 0.25  # fixed two-time embedding gate g (§2.2)
+    cache_dir: str = ""  # where remote base models are mirrored ("" = ~/.cache/anyflow)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "procedural:n=16,seed=0"
+    frames: int = 9  # video frames; latent frames F = (frames - 1)/4 + 1
+    height: int = 32
+    width: int = 32
+    fps: int = 16
+    samples_per_shard: int = 8
+    strict: bool = False
+    heldout_fraction: float = 0.25  # last part of the procedural set kept for evaluation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4
+    batch_size: int = 2  # per rank
+    grad_accum: int = 1
+    seed: int = 0
+    ema_decay: float = 0.999
+    ema_warmup_step: int = 1  # plain copy before this step (§7.6)
+    checkpoint_every: int = 2
+    log_every: int = 1
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or "no" / "bf16"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    shift: float = 5.0
+    text_dropout: float = 0.1
+    guidance_scale: float = 3.0  # fused CFG g_cfg (§6.2)
+    fd_epsilon: float = 5.0  # τ units (§6.3)
+    weight_type: str = "beta08"
+    adaptive_scaling: bool = True
+    diffusion_ratio: float = 0.5
+    consistency_ratio: float = 0.25
+
+
+@dataclass(frozen=True)
+class TeacherStage:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    shift: float = 5.0
+    text_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class FlowMapStage:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass(frozen=True)
+class DistillStage:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3, ema_decay=0.99))
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, beta1=0.0, beta2=0.999))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, beta1=0.0, beta2=0.999))
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps_list: tuple[int, ...] = (2, 4, 8, 16, 50)
+    update_ratio: int = 1  # generator updated when step % update_ratio == 0; critic every step (§7.6)
+    real_guidance_scale: float = 3.0
+    dmd_weight: float = 1.0
+    cotrain_forward: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneStage:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    onpolicy: bool = False  # also keep the on-policy terms (needs a teacher input)
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    reference_steps: int = 64  # the teacher's many-step reference sampler
+    num_prompts: int = 4
+    samples_per_prompt: int = 1
+    seed: int = 1234
+    prompts: str = "procedural"  # "procedural" | "vbench" | path to a prompt file
+    vbench: bool = False
+    vbench_dimensions: tuple[str, ...] = ("temporal_flickering",)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str = "tiny"
+    variant: str = "bidirectional"  # "bidirectional" | "far"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherStage = field(default_factory=TeacherStage)
+    flowmap: FlowMapStage = field(default_factory=FlowMapStage)
+    distill: DistillStage = field(default_factory=DistillStage)
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+    evaluate: EvalStage = field(default_factory=EvalStage)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def tiny() -> Preset:
+    """CPU, seconds per stage: the embedded `anyflow run` and the tests."""
+    return Preset()
+
+
+def _wan(name: str, base: str, batch: int, iters: int) -> Preset:
+    """The released hyperparameters (METHOD.md §10); sizes differ only in base, batch and iterations."""
+    stage_train = TrainConfig(
+        steps=iters, batch_size=batch, seed=0, ema_decay=0.999, ema_warmup_step=1000,
+        checkpoint_every=500, log_every=10, mixed_precision="bf16",
+    )
+    stage_optim = OptimConfig(lr=5e-5, beta1=0.9, beta2=0.95, warmup_steps=1000, grad_clip=1.0)
+    distill_optim = OptimConfig(lr=2e-6, beta1=0.0, beta2=0.999, warmup_steps=0, grad_clip=1.0)
+    return Preset(
+        name=name,
+        model=ModelConfig(base=base, lora_rank=256, lora_alpha=256.0, gradient_checkpointing=True),
+        data=DataConfig(source="", frames=81, height=480, width=832, fps=16, samples_per_shard=64),
+        teacher=TeacherStage(train=stage_train, optim=stage_optim),
+        flowmap=FlowMapStage(train=stage_train, optim=stage_optim),
+        distill=DistillStage(
+            train=dataclasses.replace(
+                stage_train, steps=1200, ema_decay=0.99, ema_warmup_step=200, checkpoint_every=200
+            ),
+            generator_optim=distill_optim,
+            critic_optim=distill_optim,
+        ),
+        finetune=FinetuneStage(train=dataclasses.replace(stage_train, steps=1000), optim=stage_optim),
+        evaluate=EvalStage(
+            nfes=(1, 2, 4, 8, 16, 32), reference_steps=50, num_prompts=946, samples_per_prompt=5,
+            seed=0, prompts="vbench-extended", vbench=True,
+            vbench_dimensions=(
+                "subject_consistency", "background_consistency", "motion_smoothness",
+                "temporal_flickering", "dynamic_degree", "aesthetic_quality", "imaging_quality",
+                "object_class", "multiple_objects", "human_action", "color", "spatial_relationship",
+                "scene", "appearance_style", "temporal_style", "overall_consistency",
+            ),
+        ),
+    )
+
+
+def wan_1_3b() -> Preset:
+    return _wan("wan2.1-t2v-1.3b", "/models/Wan2.1-T2V-1.3B-Diffusers", batch=2, iters=6000)
+
+
+def wan_14b() -> Preset:
+    return _wan("wan2.1-t2v-14b", "/models/Wan2.1-T2V-14B-Diffusers", batch=1, iters=4000)
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "tiny": tiny,
+    "wan2.1-t2v-1.3b": wan_1_3b,
+    "wan2.1-t2v-14b": wan_14b,
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if isinstance(value, str) and annotation is not str:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            if annotation is bool and value.lower() in ("true", "false", "yes", "no"):
+                value = value.lower() in ("true", "yes")
+            elif origin is tuple:
+                value = [v for v in value.split(",") if v]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _apply(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    head = path[0]
+    if head not in names:
+        where = full_key[: full_key.rfind(head)] or "<top level>"
+        raise ConfigError(
+            f"unknown config key {full_key!r} (no {head!r} in {where.rstrip('.')}); valid keys there: {', '.join(names)}"
+        )
+    current = getattr(obj, head)
+    if len(path) == 1:
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full_key}: expected a mapping of sub-keys, got {value!r}")
+            new = current
+            for k, v in value.items():
+                new = _apply(new, [k], v, f"{full_key}.{k}")
+        else:
+            new = _coerce(value, hints[head], full_key)
+    else:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full_key}: {head!r} is a value, not a section")
+        new = _apply(current, path[1:], value, full_key)
+    return dataclasses.replace(obj, **{head: new})
+
+
+def apply_overrides(preset: Preset, overrides: Mapping[str, Any] | None) -> Preset:
+    """Apply ``{"distill.train.steps": 5, "data": {"height": 64}}``-style overrides strictly."""
+    for key, value in (overrides or {}).items():
+        preset = _apply(preset, key.split("."), value, key)
+    validate(preset)
+    return preset
+
+
+def parse_override_args(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → ``{"a.b": "1", "c": "x"}`` (values are coerced against the schema later)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_overrides_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def validate(p: Preset) -> None:
+    if p.variant not in ("bidirectional", "far"):
+        raise ConfigError(f"variant: expected 'bidirectional' or 'far', got {p.variant!r}")
+    if (p.data.frames - 1) % 4 != 0:
+        raise ConfigError(f"data.frames={p.data.frames}: must be 4k+1 (the Wan VAE's temporal factor is 4)")
+    if p.data.height % 16 or p.data.width % 16:
+        raise ConfigError(f"data.height/width={p.data.height}x{p.data.width}: must be multiples of 16")
+    for stage in ("teacher", "flowmap", "distill", "finetune"):
+        tr: TrainConfig = getattr(p, stage).train
+        if tr.steps < 1 or tr.batch_size < 1 or tr.grad_accum < 1:
+            raise ConfigError(f"{stage}.train: steps, batch_size and grad_accum must be >= 1")
+        if tr.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"{stage}.train.mixed_precision={tr.mixed_precision!r}: use auto, no, bf16 or fp16")
+    if not p.distill.steps_list or min(p.distill.steps_list) < 1:
+        raise ConfigError("distill.steps_list must be a non-empty list of positive step counts")
+    if not p.evaluate.nfes or min(p.evaluate.nfes) < 1:
+        raise ConfigError("evaluate.nfes must be a non-empty list of positive step counts")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(d: Mapping[str, Any]) -> Preset:
+    """Rebuild a Preset from ``to_dict`` output (e.g. an artifact's config.json), strictly."""
+    base = get_preset(d.get("name", "tiny")) if d.get("name") in PRESETS else Preset()
+    return apply_overrides(base, {k: v for k, v in d.items()})

@@ -1,0 +1,158 @@
+"""Shared plumbing for the stage modules: models, datasets, checkpoint artifacts, resumable training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from anyflow import storage
+from anyflow.config import Preset, StageInputError, TrainConfig
+
+MODEL_JSON = "model.json"
+
+
+def cache_dir(preset: Preset) -> Path:
+    return Path(preset.model.cache_dir or os.environ.get("ANYFLOW_CACHE", Path.home() / ".cache" / "anyflow"))
+
+
+def load_models(preset: Preset) -> Any:
+    """The frozen base bundle (AnyFlow transformer converted from Wan, VAE, text encoder)."""
+    from anyflow.models.loading import load_base
+
+    return load_base(preset.model.base, cache_dir=cache_dir(preset))
+
+
+def adapter_model(preset: Preset, transformer: torch.nn.Module) -> Any:
+    from anyflow.train.adapters import AdapterModel
+
+    m = preset.model
+    return AdapterModel(transformer, rank=m.lora_rank, alpha=m.lora_alpha, gradient_checkpointing=m.gradient_checkpointing)
+
+
+def open_dataset(url: str, tr: TrainConfig, preset: Preset, *, seed_offset: int = 0) -> Any:
+    from anyflow.data.shards import DatasetError, LatentDataset
+
+    try:
+        return LatentDataset(
+            url, batch_size=tr.batch_size, seed=tr.seed + seed_offset, cache_dir=cache_dir(preset),
+            # torchrun / accelerate launch set these; one process otherwise
+            rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        )
+    except (storage.ArtifactError, DatasetError, FileNotFoundError) as exc:
+        raise StageInputError(f"dataset input {url}: {exc}") from exc
+
+
+def require_inputs(stage: str, inputs: Mapping[str, str], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    missing = [r for r in required if r not in inputs]
+    unknown = [r for r in inputs if r not in required + optional]
+    if missing or unknown:
+        raise StageInputError(
+            f"stage {stage}: "
+            + (f"missing input(s) {', '.join(missing)}; " if missing else "")
+            + (f"unknown input(s) {', '.join(unknown)}; " if unknown else "")
+            + f"expected {', '.join(required)}" + (f" (optional: {', '.join(optional)})" if optional else "")
+        )
+
+
+# ------------------------------------------------------------------------------ checkpoint artifacts
+
+
+def write_checkpoint(
+    out_dir: Path, preset: Preset, adapters: Mapping[str, tuple[str, Mapping[str, torch.Tensor]]], *, kind: str
+) -> None:
+    """Write trainable weights only (LoRA adapters); the base model is referenced, never copied."""
+    (out_dir / "adapters").mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, (role, tensors) in adapters.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out_dir / "adapters" / f"{name}.safetensors"))
+        entries[name] = {"role": role, "file": f"adapters/{name}.safetensors"}
+    meta = {
+        "kind": kind,
+        "variant": preset.variant,
+        "base": preset.model.base,
+        "lora": {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha},
+        "adapters": entries,
+    }
+    (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))
+
+
+@dataclass
+class Checkpoint:
+    url: str
+    meta: dict[str, Any]
+    adapters: dict[str, dict[str, torch.Tensor]]
+    log_path: Path | None
+
+
+def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...]) -> Checkpoint:
+    """Fetch and validate a checkpoint artifact; clear errors for the wrong kind or architecture."""
+    try:
+        local = storage.fetch(url, cache_dir=cache_dir(preset))
+    except storage.ArtifactError as exc:
+        raise StageInputError(f"{role} input: {exc}") from exc
+    meta_path = local / MODEL_JSON
+    if not meta_path.exists():
+        raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint (no {MODEL_JSON})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("base") != preset.model.base:
+        raise StageInputError(
+            f"{role} input {url} was trained on base {meta.get('base')!r}, but the preset uses"
+            f" {preset.model.base!r}; use the same preset (model.base) for every stage"
+        )
+    lora_meta = {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha}
+    if meta.get("lora") != lora_meta:
+        raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}")
+    adapters = {}
+    for name in need:
+        if name not in meta["adapters"]:
+            raise StageInputError(
+                f"{role} input {url} holds adapters {sorted(meta['adapters'])}, not {name!r} (kind {meta.get('kind')})"
+            )
+        adapters[name] = load_file(str(local / meta["adapters"][name]["file"]))
+    log = local / "log.jsonl"
+    return Checkpoint(url, meta, adapters, log if log.exists() else None)
+
+
+# ------------------------------------------------------------------------------ resumable training
+
+
+def train_resumable(
+    method: Any,
+    tr: TrainConfig,
+    batches: Any,
+    *,
+    out_dir: Path,
+    ckpt_url: str | None,
+    progress: bool,
+) -> Any:
+    """Run the loop, resuming from ``ckpt_url`` (deterministic per stage inputs) when a valid state exists."""
+    from anyflow.train.loop import fit
+
+    work = Path(tempfile.mkdtemp(prefix="anyflow-train-"))
+    resume = None
+    if ckpt_url and storage.exists(storage.join(ckpt_url, "manifest.json")):
+        try:
+            resume = storage.fetch(ckpt_url, cache_dir=work / "resume")
+        except storage.ArtifactError:
+            resume = None  # a torn checkpoint is ignored: we start over rather than read it
+    sync: Callable[[Path], None] | None = None
+    if ckpt_url:
+        def sync(path: Path) -> None:
+            storage.publish(path, ckpt_url, kind="train-state")
+    try:
+        result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume, progress=progress)
+        log_src = work / "log.jsonl"
+        if log_src.exists():
+            shutil.copy(log_src, out_dir / "log.jsonl")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result

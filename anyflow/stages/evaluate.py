@@ -1,0 +1,225 @@
+"""Evaluation: sample every checkpoint at an NFE sweep from the same noise, compare with the teacher,
+write metrics and a self-contained ``report.html`` (METHOD.md §9, §11, §15).
+
+Inputs: ``generator`` and ``teacher`` (required); ``flowmap``, ``finetuned`` (optional checkpoints to
+compare) and ``dataset`` (held-out latents for non-procedural data). Output: an evaluation artifact
+(metrics.json, report.html, per-sample metrics). Reads preset sections: model, data, evaluate,
+flowmap.loss (the fused guidance scale the teacher reference uses).
+
+Protocol. Prompts and noise are fixed by ``evaluate.seed`` so every column is comparable. The
+reference is the teacher's ``reference_steps``-step Euler ODE solution with CFG (uncond + g·(cond −
+uncond), g = the fused guidance scale, i.e. the field the flow map was trained to follow, §6.2). The
+teacher itself is also sampled with Euler + CFG at each NFE (2 calls per step), the flow-map
+checkpoints with the FlowMap-Euler sampler (N calls, no CFG).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anyflow.config import Preset
+from anyflow.rollout import FlowMapFn, flowmap_euler_sample
+from anyflow.stages import common
+
+KIND = "evaluation"
+INPUTS = ("generator", "teacher")
+OPTIONAL = ("flowmap", "finetuned", "dataset")
+SECTIONS = ("model", "data", "evaluate", "flowmap")
+REPORT = "report.html"
+CHECKPOINT_ROLES = ("flowmap", "generator", "finetuned")
+
+
+def guided(u: FlowMapFn, c_neg: torch.Tensor, scale: float) -> FlowMapFn:
+    """Classifier-free guidance ``u_∅ + scale·(u_c − u_∅)`` with the negative embedding as ∅."""
+
+    def fn(z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        u_c = u(z, t, r, c)
+        u_n = u(z, t, r, c_neg.expand(c.shape[0], -1, -1))
+        return u_n + scale * (u_c - u_n)
+
+    return fn
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] → (T, H, W, 3) uint8."""
+    v = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _prompts(cfg: Preset, base: Any, inputs: Mapping[str, str]) -> tuple[list[str], list[dict] | None, torch.Tensor | None]:
+    """Evaluation prompts, their attributes (procedural) and held-out data latents."""
+    ev, d = cfg.evaluate, cfg.data
+    if ev.prompts == "procedural":
+        from anyflow.data.procedural import make_clip
+        from anyflow.data.sources import parse_procedural
+
+        seed = parse_procedural(d.source)["seed"] if d.source.startswith("procedural") else 0
+        clips = [make_clip(seed + 7919, i, frames=d.frames, height=d.height, width=d.width) for i in range(ev.num_prompts)]
+        video = torch.stack([torch.from_numpy(c.video).permute(3, 0, 1, 2).float() / 127.5 - 1 for c in clips])
+        with torch.no_grad():
+            heldout = base.vae.encode(video)
+        return [c.caption for c in clips], [c.attributes for c in clips], heldout
+    from anyflow.eval.vbench import load_prompts
+
+    prompts = load_prompts(ev.prompts, n=ev.num_prompts, seed=ev.seed)[: ev.num_prompts]
+    heldout = None
+    if "dataset" in inputs:
+        from anyflow.data.shards import LatentDataset
+
+        ds = LatentDataset(inputs["dataset"], batch_size=min(16, ev.num_prompts), seed=ev.seed, shuffle=False,
+                           cache_dir=common.cache_dir(cfg))
+        heldout = next(iter(ds))["latents"]
+    return prompts, None, heldout
+
+
+def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
+    from anyflow import storage
+    from anyflow.eval import metrics as M
+    from anyflow.eval.report import build_report
+    from anyflow.models.text import WAN_NEGATIVE_PROMPT
+
+    common.require_inputs("evaluate", inputs, INPUTS, OPTIONAL)
+    ev = cfg.evaluate
+    shift = cfg.flowmap.loss.shift
+    base = common.load_models(cfg)
+    models = common.adapter_model(cfg, base.transformer)
+    teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
+    models.add("teacher", "teacher", init=teacher.adapters["teacher"], trainable=False)
+    losses = {"train_teacher": _log(teacher.log_path)}
+    roles = [r for r in CHECKPOINT_ROLES if r in inputs]
+    for role in roles:
+        ck = common.read_checkpoint(inputs[role], cfg, role=role, need=("generator",))
+        models.add(role, "generator", init=ck.adapters["generator"], trainable=False)
+        losses[role] = _log(ck.log_path)
+
+    prompts, attributes, heldout = _prompts(cfg, base, inputs)
+    prompts = [p for p in prompts for _ in range(ev.samples_per_prompt)]
+    if attributes is not None:
+        attributes = [a for a in attributes for _ in range(ev.samples_per_prompt)]
+    with torch.no_grad():
+        c = base.text.encode(prompts)
+        c_neg = base.text.encode([WAN_NEGATIVE_PROMPT])
+    shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+    g = torch.Generator().manual_seed(ev.seed)
+    noise = torch.randn((len(prompts), *shape), generator=g)
+
+    teacher_cfg = guided(models.fn("teacher"), c_neg, cfg.flowmap.loss.guidance_scale)
+    samplers: dict[str, Any] = {
+        "teacher": lambda n: flowmap_euler_sample(teacher_cfg, noise, c, n, shift=shift, use_mean_velocity=False)
+    }
+    for role in roles:
+        samplers[role] = lambda n, role=role: flowmap_euler_sample(models.fn(role), noise, c, n, shift=shift)
+
+    def decode(lat: torch.Tensor) -> torch.Tensor:
+        return base.vae.decode(lat).float()
+
+    with torch.no_grad():
+        ref = flowmap_euler_sample(teacher_cfg, noise, c, ev.reference_steps, shift=shift, use_mean_velocity=False)
+        ref_video = decode(ref)
+        table: dict[str, dict[int, dict[str, float]]] = {}
+        samples: dict[str, dict[int, Any]] = {}
+        per_sample: dict[str, Any] = {}
+        todo = [(m, n) for m in samplers for n in ev.nfes]
+        bar = _bar(progress, len(todo))
+        for model, n in todo:
+            lat = samplers[model](n)
+            video = decode(lat)
+            frames = [_to_uint8(v) for v in video]
+            ce = M.coupled_error(lat, ref)
+            row = {
+                "coupled_mse": ce["mse"],
+                "psnr": M.psnr(video, ref_video),
+                "ssim": M.ssim(video, ref_video),
+                "flicker": float(np.mean([M.temporal_flicker(f) for f in frames])),
+                "calls": float(2 * n if model == "teacher" else n),
+            }
+            if heldout is not None:
+                row["energy_distance"] = M.energy_distance(lat.flatten(1), heldout.flatten(1))
+            if attributes is not None:
+                adh = M.prompt_adherence(frames, attributes)
+                row["adherence_colour"] = adh["colour_accuracy"]
+                row["adherence_motion"] = adh["motion_accuracy"]
+            table.setdefault(model, {})[n] = row
+            samples.setdefault(model, {})[n] = frames[0]
+            per_sample[f"{model}/nfe{n}"] = ce["mse_per_sample"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(model=model, nfe=n)
+        if bar is not None:
+            bar.close()
+
+    vbench = _vbench(cfg, out_dir, samplers, decode, prompts)
+    metrics_doc = {"metrics": table, "per_sample_coupled_mse": per_sample, "prompts": prompts,
+                   "reference": {"sampler": "teacher euler+cfg", "steps": ev.reference_steps,
+                                 "guidance_scale": cfg.flowmap.loss.guidance_scale},
+                   "vbench": vbench}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=1))
+    lineage = storage.lineage(inputs["generator"])
+    build_report(
+        {
+            "title": f"AnyFlow evaluation — preset {cfg.name}",
+            "summary": {"prompts": len(prompts), "nfes": list(ev.nfes), "reference_steps": ev.reference_steps,
+                        "checkpoints": {r: inputs[r] for r in ("teacher", *roles)}},
+            "metrics": table,
+            "samples": samples,
+            "losses": losses,
+            "lineage": lineage,
+            "vbench": vbench,
+            "notes": [
+                "coupled_mse: latent MSE to the teacher's many-step Euler+CFG sample from the same noise (lower is better).",
+                "teacher rows use Euler with CFG: 2 network calls per step; flow-map rows use N calls.",
+            ],
+        },
+        out_dir / REPORT,
+    )
+    return {f"{m}/nfe{n}/{k}": v for m, rows in table.items() for n, row in rows.items() for k, v in row.items()}
+
+
+def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any, prompts: Sequence[str]) -> dict:
+    ev = cfg.evaluate
+    if not ev.vbench:
+        return {"status": "not run", "reason": "evaluate.vbench is false in this preset"}
+    from anyflow.eval.vbench import aggregate, run_vbench, write_vbench_videos
+
+    results = {}
+    for model in samplers:
+        if model == "teacher":
+            continue
+        for n in ev.nfes:
+            vdir = out_dir / "vbench" / f"{model}-nfe{n}"
+            with torch.no_grad():
+                videos = [_to_uint8(v) for v in decode(samplers[model](n))]
+            write_vbench_videos(videos, prompts, vdir, samples_per_prompt=1, fps=cfg.data.fps)
+            dims = run_vbench(vdir, list(ev.vbench_dimensions), output_dir=vdir / "results")
+            results[f"{model}/nfe{n}"] = {"dimensions": dims, "aggregate": aggregate(dims)}
+    return results
+
+
+def _log(path: Path | None) -> list[dict]:
+    if path is None:
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="sweep")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anyflow.stages import stage_main
+
+    return stage_main("evaluate", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

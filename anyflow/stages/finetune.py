@@ -1,0 +1,56 @@
+"""Downstream fine-tuning of a distilled any-step generator on a new dataset with the forward
+flow-map loss, so it stays any-step (the instantaneous field is preserved, METHOD.md §12 Fig. 9).
+
+Inputs: ``dataset`` (the new domain), ``generator`` (a distill artifact); with ``finetune.onpolicy``
+also ``teacher`` to keep the on-policy terms. Output: a checkpoint with the EMA ``generator`` adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from anyflow.config import FlowMapStage, Preset
+from anyflow.stages import common
+
+KIND = "generator"
+INPUTS = ("dataset", "generator")
+OPTIONAL = ("teacher",)
+SECTIONS = ("model", "finetune")
+
+
+def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
+    from anyflow.train.methods import FlowMapMethod, OnPolicyMethod
+
+    common.require_inputs("finetune", inputs, INPUTS, OPTIONAL)
+    gen = common.read_checkpoint(inputs["generator"], cfg, role="generator", need=("generator",))
+    data = common.open_dataset(inputs["dataset"], cfg.finetune.train, cfg)
+    base = common.load_models(cfg)
+    models = common.adapter_model(cfg, base.transformer)
+    ft = cfg.finetune
+    if ft.onpolicy:
+        if "teacher" not in inputs:
+            raise common.StageInputError("finetune.onpolicy=true needs a 'teacher' input")
+        teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
+        distill_cfg = dataclasses.replace(cfg.distill, train=ft.train, generator_optim=ft.optim, loss=ft.loss)
+        # the critic restarts from the teacher: the new domain is what it must learn to score
+        method = OnPolicyMethod(models, distill_cfg, data.negative_embedding(), teacher=teacher.adapters["teacher"],
+                                generator=gen.adapters["generator"])
+    else:
+        method = FlowMapMethod(models, FlowMapStage(train=ft.train, optim=ft.optim, loss=ft.loss),
+                               data.negative_embedding(), init=gen.adapters["generator"], name="finetune")
+    result = common.train_resumable(method, ft.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+    models.load_params("generator", result.ema)
+    common.write_checkpoint(out_dir, cfg, {"generator": ("generator", models.state("generator"))}, kind=KIND)
+    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anyflow.stages import stage_main
+
+    return stage_main("finetune", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

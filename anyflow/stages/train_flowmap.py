@@ -1,0 +1,42 @@
+"""Stage 1 — forward flow-map training (METHOD.md §6): the base Wan converted to AnyFlow, a fresh
+generator LoRA (attn1, FFN, time and delta embedders), the forward loss with fused CFG.
+
+Inputs: ``dataset``. Output: a checkpoint artifact with the EMA ``generator`` adapter.
+The student starts from the *base* model, not the teacher (§3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from anyflow.config import Preset
+from anyflow.stages import common
+
+KIND = "flowmap"
+INPUTS = ("dataset",)
+SECTIONS = ("model", "flowmap")
+
+
+def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
+    from anyflow.train.methods import FlowMapMethod
+
+    common.require_inputs("train_flowmap", inputs, INPUTS)
+    data = common.open_dataset(inputs["dataset"], cfg.flowmap.train, cfg)
+    base = common.load_models(cfg)
+    models = common.adapter_model(cfg, base.transformer)
+    method = FlowMapMethod(models, cfg.flowmap, data.negative_embedding())
+    result = common.train_resumable(method, cfg.flowmap.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+    models.load_params("generator", result.ema)
+    common.write_checkpoint(out_dir, cfg, {"generator": ("generator", models.state("generator"))}, kind=KIND)
+    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anyflow.stages import stage_main
+
+    return stage_main("train_flowmap", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

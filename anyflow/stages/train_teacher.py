@@ -1,0 +1,41 @@
+"""Stage 0 — teacher fine-tune: LoRA flow matching of the base model on the data (METHOD.md §4).
+
+Inputs: ``dataset``. Output: a checkpoint artifact with the EMA ``teacher`` adapter.
+Reads preset sections: model, teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from anyflow.config import Preset
+from anyflow.stages import common
+
+KIND = "teacher"
+INPUTS = ("dataset",)
+SECTIONS = ("model", "teacher")
+
+
+def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
+    from anyflow.train.methods import TeacherMethod
+
+    common.require_inputs("train_teacher", inputs, INPUTS)
+    data = common.open_dataset(inputs["dataset"], cfg.teacher.train, cfg)
+    base = common.load_models(cfg)
+    models = common.adapter_model(cfg, base.transformer)
+    method = TeacherMethod(models, cfg.teacher, data.negative_embedding())
+    result = common.train_resumable(method, cfg.teacher.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+    models.load_params("teacher", result.ema)
+    common.write_checkpoint(out_dir, cfg, {"teacher": ("teacher", models.state("teacher"))}, kind=KIND)
+    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anyflow.stages import stage_main
+
+    return stage_main("train_teacher", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

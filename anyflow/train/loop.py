@@ -1,0 +1,305 @@
+"""The one training loop every stage uses (accelerate-based).
+
+The loop owns: device / mixed precision / distributed setup (accelerate), optimisers and the LR
+warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy before
+``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
+logging (JSONL + TensorBoard) and the progress bar. A *method* (teacher, flowmap, onpolicy, finetune)
+owns its losses and optimiser steps and is called once per iteration with a :class:`TrainContext`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from anyflow.config import OptimConfig, TrainConfig
+from anyflow.train.checkpoint import load_training_state, save_training_state
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: retryable (pod preempted, SIGTERM); bad input exits 2
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN/inf; no checkpoint was written for the bad step."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM received; a checkpoint was written and the process should exit with PREEMPTED_EXIT_CODE."""
+
+
+class Method(Protocol):
+    """What a training method provides to the loop."""
+
+    name: str
+
+    def optim_groups(self) -> dict[str, tuple[dict[str, nn.Parameter], OptimConfig]]:
+        """Optimiser name -> (named trainable parameters, optimiser config)."""
+        ...
+
+    def ema_group(self) -> str:
+        """The optimiser group whose parameters are EMA-averaged and exported."""
+        ...
+
+    def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
+        """One iteration: draw batches from ``ctx``, backward, ``ctx.clip_and_step(name)``."""
+        ...
+
+
+@dataclass
+class TrainContext:
+    """Handed to a method each step: batches, randomness, backward/step helpers, cross-rank gather."""
+
+    accelerator: Any
+    cfg: TrainConfig
+    batches: Iterator[dict[str, Any]]
+    generator: torch.Generator
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    params: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
+    clip: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    last_grad_norm: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def next_batch(self) -> dict[str, Any]:
+        batch = next(self.batches)
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(t.contiguous()) if self.world_size > 1 else t
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_and_step(self, name: str) -> float:
+        """Clip the group's gradient norm, refuse non-finite gradients, step and zero the optimiser."""
+        params = list(self.params[name].values())
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip[name])
+        value = float(norm)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"gradient norm of {name!r} is {value} at step {self.step}")
+        opt = self.optimizers[name]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.last_grad_norm[name] = value
+        return value
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def _warmup_constant(warmup: int) -> Callable[[int], float]:
+    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+
+
+@dataclass
+class FitResult:
+    steps: int
+    resumed_from: int
+    last_metrics: dict[str, float]
+    ema: dict[str, torch.Tensor]
+    seconds: float
+
+
+class _SigtermFlag:
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a KFP local runner thread): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def fit(
+    method: Method,
+    cfg: TrainConfig,
+    batches: Any,
+    *,
+    work_dir: str | Path,
+    accelerator: Any = None,
+    checkpoint_sync: Callable[[Path], None] | None = None,
+    resume_from: Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log_name: str = "log.jsonl",
+) -> FitResult:
+    """Run ``cfg.steps`` iterations of ``method``.
+
+    ``batches`` is an iterator with ``state_dict()/load_state_dict()`` (the resumable data loader).
+    ``work_dir/checkpoint`` holds the newest training state; ``checkpoint_sync(path)`` (if given)
+    publishes it after each save, e.g. to S3, so a retried pod can resume. ``resume_from`` restores a
+    state directory before training. ``stop_after`` ends the run early after that many steps
+    (used by tests that interrupt and resume).
+    """
+    accelerator = accelerator or make_accelerator(cfg)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
+    groups = method.optim_groups()
+    optimizers = {
+        name: torch.optim.AdamW(
+            list(params.values()), lr=oc.lr, betas=(oc.beta1, oc.beta2), weight_decay=oc.weight_decay
+        )
+        for name, (params, oc) in groups.items()
+    }
+    schedulers = {
+        name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], _warmup_constant(oc.warmup_steps))
+        for name, (_, oc) in groups.items()
+    }
+    flat_params = {f"{g}/{n}": p for g, (ps, _) in groups.items() for n, p in ps.items()}
+    ema_group = method.ema_group()
+    ema: dict[str, torch.Tensor] = {
+        n: p.detach().float().clone() for n, p in groups[ema_group][0].items()
+    }
+    ctx = TrainContext(
+        accelerator=accelerator,
+        cfg=cfg,
+        batches=batches,
+        generator=generator,
+        optimizers=optimizers,
+        params={g: ps for g, (ps, _) in groups.items()},
+        clip={g: oc.grad_clip for g, (_, oc) in groups.items()},
+    )
+    start = 0
+    if resume_from is not None:
+        restored = load_training_state(
+            resume_from, params=flat_params, ema=ema, optimizers=optimizers,
+            schedulers=schedulers, generators={"train": generator},
+        )
+        start = restored["step"]
+        batches.load_state_dict(restored["data"])
+    ckpt_dir = work_dir / "checkpoint"
+    log_path = work_dir / log_name
+    if resume_from is not None and (Path(resume_from) / log_name).exists():
+        # carry the log across the interruption, dropping records past the restored step
+        kept = [ln for ln in (Path(resume_from) / log_name).read_text().splitlines() if json.loads(ln)["step"] <= start]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    tb = _tensorboard(work_dir / "tensorboard") if accelerator.is_main_process else None
+    last: dict[str, float] = {}
+    last_ckpt: str = str(resume_from) if resume_from else "none"
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    t0 = time.perf_counter()
+    bar = _progress(progress and accelerator.is_main_process, start, cfg.steps, method.name)
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        save_training_state(
+            ckpt_dir, step=step, params=flat_params, ema=ema, optimizers=optimizers,
+            schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
+        )
+        log.flush()
+        if log_path.exists():
+            shutil.copy(log_path, ckpt_dir / log_name)
+        last_ckpt = str(ckpt_dir)
+        if checkpoint_sync is not None:
+            checkpoint_sync(ckpt_dir)
+
+    with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log:
+        for step in range(start, end):
+            ctx.step = step
+            ts = time.perf_counter()
+            autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+            with autocast:
+                metrics = method.train_step(ctx, step)
+            bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+            if bad:
+                raise TrainingDiverged(
+                    f"{method.name}: {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step + 1};"
+                    f" last good checkpoint: {last_ckpt}"
+                )
+            for sch in schedulers.values():
+                sch.step()
+            _ema_update(ema, groups[ema_group][0], cfg.ema_decay if step + 1 >= cfg.ema_warmup_step else 0.0)
+            dt = time.perf_counter() - ts
+            samples = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+            record = {
+                "step": step + 1,
+                **metrics,
+                **{f"grad_norm/{k}": v for k, v in ctx.last_grad_norm.items()},
+                **{f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()},
+                "samples_per_s": samples / max(dt, 1e-9),
+            }
+            last = {k: float(v) for k, v in record.items() if k != "step"}
+            if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            tb.add_scalar(k, v, step + 1)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                checkpoint(step + 1)
+            if sigterm.raised:
+                if (step + 1) % cfg.checkpoint_every != 0 and step + 1 != end:
+                    checkpoint(step + 1)
+                raise Preempted(f"{method.name}: SIGTERM at step {step + 1}; checkpoint written to {last_ckpt}")
+    if bar is not None:
+        bar.close()
+    if tb is not None:
+        tb.close()
+    return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], params: Mapping[str, nn.Parameter], decay: float) -> None:
+    for name, p in params.items():
+        if decay == 0.0:
+            ema[name].copy_(p.detach().float())
+        else:
+            ema[name].mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a core dependency, but logging must never kill a run
+        return None
+    return SummaryWriter(str(path))
+
+
+def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
