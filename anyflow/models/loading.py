@@ -1,0 +1,144 @@
+"""Base models: the tiny built-in model or a diffusers-layout Wan2.1 directory / URL.
+
+A Wan2.1 diffusers directory holds ``model_index.json``, ``transformer/``, ``vae/``,
+``text_encoder/`` and ``tokenizer/`` (and usually ``scheduler/``). ``load_base`` loads it with
+safetensors only (pickle files are never opened) and converts the transformer to AnyFlow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from anyflow.models.text import TextEncoder
+from anyflow.models.vae import VideoVAE
+
+if TYPE_CHECKING:
+    from diffusers import AnyFlowTransformer3DModel
+
+BUILTIN_TINY = "builtin:tiny"
+_REQUIRED = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
+
+
+@dataclass
+class BaseModel:
+    """The frozen base: AnyFlow transformer (converted from Wan), VAE, text encoder, and where it came from."""
+
+    transformer: AnyFlowTransformer3DModel
+    vae: VideoVAE
+    text: TextEncoder
+    source: str
+
+
+def _check_layout(root: Path, spec: str) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(f"Base model {spec!r}: {root} is not a directory.")
+    for rel in _REQUIRED:
+        if not (root / rel).exists():
+            raise FileNotFoundError(
+                f"Base model {spec!r}: {root / rel} is missing; a diffusers Wan2.1 directory needs "
+                f"{', '.join(_REQUIRED)}."
+            )
+
+
+def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to ``dtype`` but keep the class's ``_keep_in_fp32_modules`` in fp32, as ``from_pretrained`` does."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return model
+
+
+def load_base(
+    spec: str,
+    *,
+    cache_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    gate_value: float = 0.25,
+    deltatime_type: str = "r",
+) -> BaseModel:
+    """Load a base model and convert its transformer to AnyFlow (METHOD.md §2.2).
+
+    Args:
+        spec: ``"builtin:tiny"`` (built in code from seed 0, no files), a local diffusers Wan2.1
+            directory, or a URL (``s3://…``) of one, mirrored once into ``cache_dir`` by
+            ``anyflow.storage.mirror``.
+        cache_dir: local cache for URLs (``None``: the storage layer's default).
+        dtype: transformer and text-encoder dtype (Wan keeps its time embedder etc. in fp32).
+        vae_dtype: VAE dtype (fp32 recommended).
+        device: where the models are placed.
+        gate_value, deltatime_type: AnyFlow delta-embedding settings (paper: 0.25, "r").
+
+    All modules are returned in eval mode with gradients off (the base is frozen).
+    """
+    from anyflow.models.convert import wan_to_anyflow
+
+    spec = str(spec)
+    if spec == BUILTIN_TINY:
+        from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_vae, build_tiny_wan
+
+        wan = _cast_like_from_pretrained(build_tiny_wan(0), dtype)
+        vae = build_tiny_vae(0).to(vae_dtype)
+        text = build_tiny_text_encoder(0).to(dtype=dtype)
+    else:
+        if spec.startswith("builtin:"):
+            raise ValueError(f"Unknown built-in base model {spec!r}; the only one is {BUILTIN_TINY!r}.")
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        from anyflow import storage
+
+        root = Path(storage.mirror(spec, cache_dir))
+        _check_layout(root, spec)
+        wan = WanTransformer3DModel.from_pretrained(
+            root / "transformer", use_safetensors=True, torch_dtype=dtype, local_files_only=True
+        )
+        vae = AutoencoderKLWan.from_pretrained(
+            root / "vae", use_safetensors=True, torch_dtype=vae_dtype, local_files_only=True
+        )
+        text = TextEncoder.from_pretrained(root, dtype=dtype)
+    transformer = wan_to_anyflow(wan, gate_value=gate_value, deltatime_type=deltatime_type, copy=False)
+    del wan
+    for module in (transformer, vae, text.model):
+        module.to(device).eval().requires_grad_(False)
+    return BaseModel(transformer=transformer, vae=VideoVAE(vae), text=text, source=spec)
+
+
+def save_tiny_base(root_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny models in the diffusers Wan2.1 layout (safetensors) and return the root.
+
+    ``transformer/`` holds the *unconverted* ``WanTransformer3DModel``; ``load_base(root_dir)`` then
+    reproduces ``load_base("builtin:tiny")`` exactly when ``seed == 0``.
+    """
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+
+    from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_vae, build_tiny_wan
+
+    root = Path(root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    build_tiny_wan(seed).save_pretrained(root / "transformer", safe_serialization=True)
+    build_tiny_vae(seed).save_pretrained(root / "vae", safe_serialization=True)
+    build_tiny_text_encoder(seed).save_pretrained(root)
+    # Wan2.1's own scheduler config, so that diffusers' WanPipeline can open the folder too.
+    UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000
+    ).save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return root

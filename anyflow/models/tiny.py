@@ -1,0 +1,170 @@
+"""Tiny Wan-shaped models built in code, for tests and the ``tiny`` preset.
+
+Every builder is deterministic in its ``seed``: the model is constructed with diffusers'/transformers'
+own classes and then every parameter is redrawn from an explicit ``torch.Generator`` (no global RNG).
+Nothing here touches the network or the file system.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from anyflow.models.text import TextEncoder
+
+TINY_Z_DIM = 4  # latent channels of the tiny VAE (= transformer in/out channels)
+TINY_TEXT_DIM = 32  # d_model of the tiny UMT5 encoder (= transformer text_dim)
+TINY_MAX_LENGTH = 16  # tokens per prompt
+
+# Lowercase words the tiny tokenizer knows; anything else becomes <unk>.
+TINY_VOCAB_WORDS: tuple[str, ...] = (
+    # colours
+    "red", "green", "blue", "yellow", "orange", "purple", "white", "black", "gray", "pink", "cyan",
+    # shapes and things
+    "circle", "square", "triangle", "ball", "box", "star", "line", "dot", "ring", "stripe", "background",
+    # motions and directions
+    "moving", "moves", "move", "left", "right", "up", "down", "rotating", "spinning", "bouncing",
+    "growing", "shrinking", "still", "static", "fast", "slow", "slowly", "quickly", "across", "toward",
+    # glue words
+    "a", "an", "the", "and", "on", "in", "of", "to", "with", "is", "big", "small", "large", "two", "one",
+    ",", ".",
+)
+TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in UMT5
+
+
+def _redraw_parameters(module: nn.Module, seed: int) -> None:
+    """Redraw every parameter from ``torch.Generator().manual_seed(seed)`` in named order.
+
+    Weights with ndim >= 2 and biases get U(-b, b) with b = 1/sqrt(fan_in) (PyTorch's default scale);
+    parameters that the class initialised to all ones (norm gains) get 1 + U(-0.05, 0.05).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            u = torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 - 1
+            if bool((p == 1).all()):
+                p.copy_(1 + 0.05 * u)
+                continue
+            fan_in = p[0].numel() if p.ndim >= 2 else p.numel()
+            p.copy_(u / math.sqrt(max(fan_in, 1)))
+
+
+def tiny_transformer_config() -> dict:
+    """Config of the tiny Wan / AnyFlow transformer: patch (1,2,2), 2 heads × 16, 2 layers."""
+    return {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": TINY_Z_DIM,
+        "out_channels": TINY_Z_DIM,
+        "text_dim": TINY_TEXT_DIM,
+        "freq_dim": 32,
+        "ffn_dim": 64,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 64,
+    }
+
+
+def build_tiny_wan(seed: int = 0) -> WanTransformer3DModel:
+    """A tiny ``WanTransformer3DModel`` (fp32, eval mode) whose weights depend only on ``seed``."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(**tiny_transformer_config())
+    _redraw_parameters(model, seed)
+    return model.eval()
+
+
+def tiny_vae_config() -> dict:
+    """Config of the tiny Wan VAE: base_dim 4, z_dim 4, temporal factor 4, spatial factor 8."""
+    return {
+        "base_dim": 4,
+        "z_dim": TINY_Z_DIM,
+        "dim_mult": [1, 2, 2, 2],  # four stages = three spatial downsamplings -> factor 8, as in Wan
+        "num_res_blocks": 1,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],  # two temporal downsamplings -> factor 4
+        "dropout": 0.0,
+        # Non-trivial per-channel statistics so that the normalisation of METHOD.md §1.3 is exercised.
+        "latents_mean": [0.1, -0.2, 0.05, 0.3],
+        "latents_std": [0.5, 1.5, 0.8, 2.0],
+        "scale_factor_temporal": 4,
+        "scale_factor_spatial": 8,
+    }
+
+
+def build_tiny_vae(seed: int = 0) -> AutoencoderKLWan:
+    """A tiny ``AutoencoderKLWan`` (fp32, eval mode) whose weights depend only on ``seed``."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**tiny_vae_config())
+    _redraw_parameters(vae, seed)
+    return vae.eval()
+
+
+def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH):
+    """A word-level tokenizer over :data:`TINY_VOCAB_WORDS`, built in code (no download).
+
+    Returned as a ``transformers.PreTrainedTokenizerFast`` that appends ``</s>`` like UMT5 and can
+    ``save_pretrained`` / ``from_pretrained``.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS + TINY_VOCAB_WORDS)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def tiny_text_encoder_config() -> dict:
+    """Kwargs of the tiny ``UMT5Config``: d_model 32, 2 layers, 2 heads × 16."""
+    return {
+        "vocab_size": len(TINY_SPECIAL_TOKENS) + len(TINY_VOCAB_WORDS),
+        "d_model": TINY_TEXT_DIM,
+        "d_kv": 16,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 16,
+        "dropout_rate": 0.0,
+        "feed_forward_proj": "gated-gelu",
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        "tie_word_embeddings": False,
+    }
+
+
+def build_tiny_text_encoder(seed: int = 0) -> TextEncoder:
+    """A tiny UMT5 encoder + word-level tokenizer (max length 16) wrapped as :class:`TextEncoder`."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from anyflow.models.text import TextEncoder
+
+    model = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config()))
+    _redraw_parameters(model, seed)
+    return TextEncoder(build_tiny_tokenizer(), model.eval(), max_length=TINY_MAX_LENGTH)
