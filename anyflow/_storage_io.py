@@ -1,0 +1,172 @@
+"""Local-file helpers of :mod:`anyflow.storage` (private): hashing, atomic writes, cache locks and the
+verified, resumable download of one file. Nothing here opens a remote URL itself."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+class ArtifactError(Exception):
+    """An artifact was refused; the message names the URL, the file and what to do."""
+
+
+def local_path(url: str | os.PathLike) -> Path:
+    """A local URL (plain path or ``file://``) as an absolute ``Path``."""
+    u = str(url)
+    if u.startswith("file://"):
+        u = u[len("file://"):]
+    return Path(u).expanduser().absolute()
+
+
+def hash_file(path: Path, *, md5: bool = False) -> dict:
+    """``{"size", "sha256"}`` (and ``"md5"`` on request) of a local file, streamed."""
+    h, m, n = hashlib.sha256(), hashlib.md5() if md5 else None, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            if m is not None:
+                m.update(chunk)
+            n += len(chunk)
+    out = {"size": n, "sha256": h.hexdigest()}
+    if m is not None:
+        out["md5"] = m.hexdigest()
+    return out
+
+
+def local_write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name beside ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` beside ``path`` (one downloader per cache entry across processes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@functools.cache
+def _git_sha() -> str | None:
+    if os.environ.get("ANYFLOW_GIT_SHA"):
+        return os.environ["ANYFLOW_GIT_SHA"]
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        if git.is_file():  # worktree / submodule: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(" ", 1)[1]
+        common = git / "commondir"
+        roots = [git] + ([(git / common.read_text().strip()).resolve()] if common.is_file() else [])
+        for root in roots:
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip()
+            packed = root / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split(" ", 1)[0]
+    except OSError:
+        return None
+    return None
+
+
+def code_version() -> dict:
+    """``{"anyflow": __version__, "git_sha": sha or None}`` (``ANYFLOW_GIT_SHA`` overrides)."""
+    from anyflow import __version__
+
+    return {"anyflow": __version__, "git_sha": _git_sha()}
+
+
+def _hash_prefix(path: Path, md5: bool) -> tuple[Any, Any, int]:
+    h, m, n = hashlib.sha256(), hashlib.md5() if md5 else None, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            if m is not None:
+                m.update(chunk)
+            n += len(chunk)
+    return h, m, n
+
+
+def _matches(got: dict, entry: dict) -> bool:
+    if got["size"] != entry["size"]:
+        return False
+    if entry.get("sha256") and got["sha256"] != entry["sha256"]:
+        return False
+    return not (entry.get("md5") and got.get("md5") != entry["md5"])
+
+
+def download_verified(
+    file_url: str,
+    dest: Path,
+    entry: dict,
+    iter_chunks: Callable[..., Iterator[bytes]],
+    check_entry: Callable[[str, str, dict, dict], None],
+    art_url: str,
+    rel: str,
+) -> None:
+    """Make ``dest`` hold the verified bytes of ``file_url`` (``entry``: size + sha256 and/or md5).
+
+    A complete, matching ``dest`` is kept (nothing downloaded). Otherwise the bytes are streamed into
+    ``dest.part``; an existing shorter ``.part`` is resumed with a ranged GET (its prefix is hashed, not
+    re-downloaded). A resumed file that does not verify is downloaded once more from scratch; a fresh
+    download that does not verify raises :class:`ArtifactError` naming the URL and the file.
+    """
+    md5 = bool(entry.get("md5"))
+    if dest.is_file():
+        if dest.stat().st_size == entry["size"] and _matches(hash_file(dest, md5=md5), entry):
+            return
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for fresh in (False, True):
+        if fresh or (part.exists() and part.stat().st_size > entry["size"]):
+            part.unlink(missing_ok=True)
+        h, m, start = _hash_prefix(part, md5) if part.exists() else (hashlib.sha256(),
+                                                                    hashlib.md5() if md5 else None, 0)
+        n = start
+        if start < entry["size"] or entry["size"] == 0:
+            try:
+                with open(part, "ab") as f:
+                    for chunk in iter_chunks(file_url, start=start):
+                        f.write(chunk)
+                        h.update(chunk)
+                        if m is not None:
+                            m.update(chunk)
+                        n += len(chunk)
+            except FileNotFoundError as exc:
+                raise ArtifactError(f"{file_url}: file listed in the manifest is missing; "
+                                    f"re-publish the artifact.") from exc
+        got = {"size": n, "sha256": h.hexdigest(), **({"md5": m.hexdigest()} if m is not None else {})}
+        if _matches(got, entry):
+            os.replace(part, dest)
+            return
+        if start == 0 or fresh:
+            part.unlink(missing_ok=True)
+            if "sha256" in entry:
+                check_entry(art_url, rel, entry, got)
+            raise ArtifactError(f"{file_url}: downloaded bytes do not match the listing (size {n} vs "
+                                f"{entry['size']}, md5); the source changed while mirroring, retry.")

@@ -1,0 +1,537 @@
+"""The storage boundary: the only module of ``anyflow`` that opens URLs (local paths or ``s3://``).
+
+Artifacts (DESIGN.md "Stages and artifacts") are directories at a URL: safetensors tensors,
+``config.json`` and ``manifest.json``. The manifest is the commit record:
+
+* ``publish`` first **removes** any existing manifest, then uploads every file (streamed; multipart
+  and concurrent above ``ANYFLOW_S3_MULTIPART_THRESHOLD``), then writes ``config.json`` and finally
+  ``manifest.json``. A writer killed at any point leaves a directory without a manifest (or, locally,
+  only ``.tmp`` files), which every reader refuses. A rerun overwrites cleanly: the manifest lists
+  exactly the artifact's files, and files under the URL that it does not list (stale files from an
+  earlier publish) are deleted *after* the manifest is written. Readers only ever look at listed files.
+* Readers (``read_manifest``, ``verify``, ``fetch``, ``fetch_file``) check sizes and sha256 of every
+  file they hand out and raise :class:`ArtifactError` naming the URL and the file otherwise.
+* ``fetch`` downloads a remote artifact into a local cache keyed by the manifest's sha256; files
+  already present with the right hash are not downloaded again, and a half-downloaded ``.part`` file
+  resumes with a ranged GET.
+
+S3 settings come from the standard AWS environment plus ``AWS_ENDPOINT_URL`` / ``ANYFLOW_S3_ENDPOINT``
+/ :func:`configure`; retries and error messages are described in :mod:`anyflow._storage_s3`.
+The cache root is ``cache_dir`` or ``$ANYFLOW_CACHE_DIR`` or ``~/.cache/anyflow``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from anyflow import _storage_s3 as s3
+from anyflow._storage_io import (
+    ArtifactError,
+    cache_lock,
+    code_version,
+    download_verified,
+    hash_file,
+    local_path,
+    local_write_atomic,
+)
+from anyflow._storage_s3 import PreconditionFailed, StorageError
+
+__all__ = [
+    "ArtifactError", "PreconditionFailed", "StorageError", "configure", "copy_file", "delete",
+    "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix",
+    "manifest_digest", "mirror", "open_url", "publish", "read_bytes", "read_json", "read_manifest",
+    "verify", "write_bytes", "write_json_atomic",
+]
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+SCHEMA = "anyflow.artifact"
+SCHEMA_VERSION = 1
+_WORKERS = 4
+
+
+# --------------------------------------------------------------------------------------- URLs
+def configure(*, s3_endpoint: str | None = None) -> None:
+    """Override the S3 endpoint (the CLI's ``--s3-endpoint``); ``None`` restores the environment's."""
+    s3.configure(s3_endpoint=s3_endpoint)
+
+
+def is_remote(url: str | os.PathLike) -> bool:
+    """True for ``scheme://`` URLs other than ``file://``."""
+    u = str(url)
+    return "://" in u and not u.startswith("file://")
+
+
+def join(url: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a URL (``/`` for remote URLs, ``os.path.join`` for local ones)."""
+    if not is_remote(url):
+        return str(Path(local_path(url), *parts))
+    out = str(url).rstrip("/")
+    for p in parts:
+        if p.strip("/"):
+            out += "/" + p.strip("/")
+    return out
+
+
+def fs_and_path(url: str | os.PathLike) -> tuple[Any, str]:
+    """An fsspec filesystem (s3fs for ``s3://``) and the path inside it, configured like this module."""
+    import fsspec
+
+    u = str(url)
+    if not is_remote(u):
+        return fsspec.filesystem("file"), str(local_path(u))
+    if u.startswith(("s3://", "s3a://")):
+        import s3fs
+
+        ep = s3.endpoint()
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": ep} if ep else {},
+            config_kwargs={"s3": {"addressing_style": "path"}} if ep else {},
+            use_listings_cache=False,
+        )
+        return fs, u.split("://", 1)[1]
+    return fsspec.core.url_to_fs(u)
+
+
+def open_url(url: str | os.PathLike, mode: str = "rb") -> IO:
+    """Open a URL as a file object (local writes create parent directories)."""
+    if not is_remote(url):
+        p = local_path(url)
+        if any(c in mode for c in "wax"):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        return open(p, mode)
+    fs, path = fs_and_path(url)
+    return fs.open(path, mode)
+
+
+def exists(url: str | os.PathLike) -> bool:
+    """True if the URL names a file/object or a non-empty prefix."""
+    if not is_remote(url):
+        return local_path(url).exists()
+    u = str(url)
+    return s3.head(u) is not None or bool(s3.list_objects(u, limit=1))
+
+
+def _internal(name: str) -> bool:
+    """Our own lock and temp files (``.x.lock``, ``.x.tmp-1234abcd``): never listed or published."""
+    return name.startswith(".") and (name.endswith(".lock") or ".tmp-" in name)
+
+
+def list_prefix(url: str | os.PathLike) -> list[str]:
+    """Full URLs of every file under a prefix/directory (recursive, sorted); ``[]`` if none."""
+    if not is_remote(url):
+        root = local_path(url)
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file() and not _internal(p.name))
+    return sorted(join(url, o["key"]) for o in s3.list_objects(str(url)))
+
+
+def read_bytes(url: str | os.PathLike) -> bytes:
+    """Whole contents of a small file/object; ``FileNotFoundError`` naming the URL if absent."""
+    if not is_remote(url):
+        try:
+            return local_path(url).read_bytes()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{url} does not exist.") from exc
+    got = s3.get_bytes(str(url))
+    if got is None:
+        raise FileNotFoundError(f"{url} does not exist.")
+    return got[0]
+
+
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write a small file/object atomically (temp file + rename locally; one PUT on S3)."""
+    if is_remote(url):
+        s3.put_bytes(str(url), data)
+    else:
+        local_write_atomic(local_path(url), data)
+
+
+def read_json(url: str | os.PathLike) -> Any:
+    """Parse a JSON file/object; errors name the URL."""
+    raw = read_bytes(url)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{url} is not valid JSON ({exc}); rewrite or delete it.") from exc
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def write_json_atomic(url: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so that readers see either the old or the new document, never a mix."""
+    write_bytes(url, _dumps(obj))
+
+
+def delete(urls: Sequence[str]) -> None:
+    """Delete files/objects (missing ones are ignored)."""
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        s3.delete(remote)
+    for u in urls:
+        if not is_remote(u):
+            local_path(u).unlink(missing_ok=True)
+
+
+def copy_file(src_url: str | os.PathLike, dst_url: str | os.PathLike) -> None:
+    """Copy one file between any two URLs (streamed; server-side on S3 -> S3)."""
+    src, dst = str(src_url), str(dst_url)
+    if is_remote(src) and is_remote(dst):
+        s3.copy(src, dst)
+    elif is_remote(dst):
+        s3.upload_file(local_path(src), dst)
+    elif is_remote(src):
+        out = local_path(dst)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            for chunk in s3.iter_chunks(src):
+                f.write(chunk)
+        os.replace(tmp, out)
+    else:
+        out = local_path(dst)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(local_path(src), tmp)
+        os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------- artifacts
+def _local_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the files to publish (no manifest, no temp files)."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST and not _internal(p.name) and p.name != ".anyflow-complete":
+            out.append(rel)
+    return out
+
+
+def publish(
+    local_dir: str | os.PathLike,
+    url: str | os.PathLike,
+    *,
+    kind: str,
+    parents: Sequence[str] = (),
+    config: dict | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Publish ``local_dir`` as an artifact at ``url`` and return its manifest (see module docstring).
+
+    ``config`` (if given) becomes ``config.json``; otherwise ``local_dir/config.json`` is used, or ``{}``.
+    ``parents`` are artifact URLs recorded with their manifest sha256 (they must be valid artifacts).
+    """
+    src, dst = local_path(local_dir), str(url)
+    if not src.is_dir():
+        raise FileNotFoundError(f"publish: local directory {src} does not exist; write the artifact files first.")
+    in_place = not is_remote(dst) and local_path(dst).resolve() == src.resolve()
+    parent_refs = [{"uri": str(p), "manifest_sha256": manifest_digest(p), "kind": read_manifest(p)["kind"]}
+                   for p in parents]
+    if is_remote(dst):
+        s3.check_bucket(dst)
+    delete([join(dst, MANIFEST)])  # from here on, no reader accepts the directory
+
+    rels = [r for r in _local_files(src) if not (config is not None and r == CONFIG)]
+    config_bytes = _dumps(config) if config is not None else None
+    if config is None and CONFIG not in rels:
+        config_bytes = _dumps({})
+
+    def put(rel: str) -> tuple[str, dict]:
+        path = src / rel
+        entry = hash_file(path)
+        if not in_place:
+            copy_file(path, join(dst, rel))
+        return rel, entry
+
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        files = dict(pool.map(put, rels))
+    if config_bytes is not None:
+        write_bytes(join(dst, CONFIG), config_bytes)
+        files[CONFIG] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
+
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(),
+        "files": dict(sorted(files.items())),
+        "parents": parent_refs,
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    write_json_atomic(join(dst, MANIFEST), manifest)
+    stale = [u for u in list_prefix(dst) if _rel(dst, u) not in files and _rel(dst, u) != MANIFEST]
+    if in_place:  # never delete the caller's own temp files in its working directory
+        stale = [u for u in stale if ".tmp-" not in u]
+    delete(stale)
+    return manifest
+
+
+def _rel(root: str, url: str) -> str:
+    if is_remote(root):
+        return url[len(root.rstrip("/")) + 1:]
+    return Path(url).relative_to(local_path(root)).as_posix()
+
+
+def _manifest_bytes(url: str | os.PathLike) -> bytes:
+    try:
+        return read_bytes(join(url, MANIFEST))
+    except FileNotFoundError as exc:
+        raise ArtifactError(
+            f"{url} is not an artifact: {MANIFEST} is missing (its writer did not finish, or this is "
+            f"not an artifact URL); re-run the stage that publishes it."
+        ) from exc
+
+
+def _parse_manifest(url: str | os.PathLike, raw: bytes) -> dict:
+    try:
+        m = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{join(url, MANIFEST)} is not valid JSON ({exc}); re-publish the artifact.") from exc
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA or "files" not in m:
+        raise ArtifactError(f"{join(url, MANIFEST)} is not an anyflow manifest (schema field); re-publish it.")
+    if m.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{join(url, MANIFEST)} has schema_version {m['schema_version']}, newer than this anyflow "
+            f"understands ({SCHEMA_VERSION}); upgrade anyflow."
+        )
+    return m
+
+
+def read_manifest(url: str | os.PathLike) -> dict:
+    """The parsed manifest of the artifact at ``url`` (ArtifactError if missing or invalid)."""
+    return _parse_manifest(url, _manifest_bytes(url))
+
+
+def manifest_digest(url: str | os.PathLike) -> str:
+    """sha256 of the artifact's ``manifest.json`` bytes: the artifact's identity."""
+    raw = _manifest_bytes(url)
+    _parse_manifest(url, raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _check_entry(url: str, rel: str, entry: dict, got: dict) -> None:
+    file_url = join(url, rel)
+    if got["size"] < entry["size"]:
+        raise ArtifactError(f"{file_url}: file is truncated ({got['size']} of {entry['size']} bytes); "
+                            f"re-publish the artifact.")
+    if got["size"] != entry["size"]:
+        raise ArtifactError(f"{file_url}: size mismatch ({got['size']} bytes, manifest says "
+                            f"{entry['size']}); re-publish the artifact.")
+    if got["sha256"] != entry["sha256"]:
+        raise ArtifactError(f"{file_url}: sha256 mismatch (got {got['sha256'][:16]}…, manifest says "
+                            f"{entry['sha256'][:16]}…); the file is corrupt, re-publish the artifact.")
+
+
+def _hash_url(url: str) -> dict:
+    """Size + sha256 of a file/object (streamed); FileNotFoundError if absent."""
+    if not is_remote(url):
+        return hash_file(local_path(url))
+    if s3.head(url) is None:
+        raise FileNotFoundError(url)
+    h, n = hashlib.sha256(), 0
+    for chunk in s3.iter_chunks(url):
+        h.update(chunk)
+        n += len(chunk)
+    return {"size": n, "sha256": h.hexdigest()}
+
+
+def verify(url: str | os.PathLike) -> dict:
+    """Re-hash every file of the artifact; return the manifest or raise ArtifactError naming the file."""
+    u = str(url)
+    manifest = read_manifest(u)
+
+    def check(item: tuple[str, dict]) -> None:
+        rel, entry = item
+        try:
+            got = _hash_url(join(u, rel))
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{join(u, rel)}: file listed in the manifest is missing; "
+                                f"re-publish the artifact.") from exc
+        _check_entry(u, rel, entry, got)
+
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        list(pool.map(check, manifest["files"].items()))
+    return manifest
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    root = cache_dir or os.environ.get("ANYFLOW_CACHE_DIR") or Path.home() / ".cache" / "anyflow"
+    return Path(root)
+
+
+def _remote_artifact(url: str, cache_dir: str | os.PathLike | None) -> tuple[dict, Path, bytes]:
+    raw = _manifest_bytes(url)
+    manifest = _parse_manifest(url, raw)
+    target = _cache_root(cache_dir) / "artifacts" / hashlib.sha256(raw).hexdigest()
+    target.mkdir(parents=True, exist_ok=True)
+    return manifest, target, raw
+
+
+def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, recheck: bool = False) -> Path:
+    """A verified local directory holding the artifact (local URLs are verified in place).
+
+    Every downloaded file is hash-checked before it enters the cache; a complete cache entry is then
+    trusted on its sizes, unless ``recheck`` re-hashes it (repairing any file that changed).
+    """
+    u = str(url)
+    if not is_remote(u):
+        verify(u)
+        return local_path(u)
+    manifest, target, raw = _remote_artifact(u, cache_dir)
+    done = target / ".anyflow-complete"
+    with cache_lock(target):
+        if not recheck and done.exists() and all((target / r).is_file() and (target / r).stat().st_size == e["size"]
+                                 for r, e in manifest["files"].items()):
+            return target
+
+        def get(item: tuple[str, dict]) -> None:
+            rel, entry = item
+            download_verified(join(u, rel), target / rel, entry, s3.iter_chunks, _check_entry, u, rel)
+
+        with ThreadPoolExecutor(_WORKERS) as pool:
+            list(pool.map(get, manifest["files"].items()))
+        local_write_atomic(target / MANIFEST, raw)
+        done.touch()
+    return target
+
+
+def fetch_file(url: str | os.PathLike, relpath: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """One file of an artifact as a verified local path (downloaded into the artifact cache if remote)."""
+    u = str(url)
+    manifest = read_manifest(u) if not is_remote(u) else None
+    if manifest is None:
+        manifest, target, _ = _remote_artifact(u, cache_dir)
+    entry = manifest["files"].get(relpath)
+    if entry is None:
+        raise ArtifactError(f"{join(u, relpath)}: file is not listed in the artifact's manifest; "
+                            f"check the file name (listed: {', '.join(list(manifest['files'])[:8])}).")
+    if not is_remote(u):
+        path = local_path(join(u, relpath))
+        if not path.is_file():
+            raise ArtifactError(f"{path}: file listed in the manifest is missing; re-publish the artifact.")
+        _check_entry(u, relpath, entry, hash_file(path))
+        return path
+    with cache_lock(target):
+        download_verified(join(u, relpath), target / relpath, entry, s3.iter_chunks, _check_entry, u, relpath)
+    return target / relpath
+
+
+def mirror(url: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, etag_md5: bool = True) -> Path:
+    """Download a whole non-artifact prefix (e.g. a diffusers model folder) once into the local cache.
+
+    The cache key is sha256 of the URL + the listing (keys, sizes, ETags), so a changed source is
+    downloaded again; an interrupted mirror resumes (``.part`` files, ranged GETs). Every file's size
+    is checked, and its MD5 against a single-part ETag when ``etag_md5`` (turn it off for buckets with
+    SSE-KMS/SSE-C, whose ETags are not MD5s). Local paths are returned as is.
+    """
+    u = str(url)
+    if not is_remote(u):
+        return local_path(u)
+    listing = sorted((o["key"], o["size"], o["etag"]) for o in s3.list_objects(u))
+    if not listing:
+        raise FileNotFoundError(f"{u}: no objects under this prefix; check the URL.")
+    key = hashlib.sha256(json.dumps([u.rstrip("/"), listing]).encode()).hexdigest()
+    target = _cache_root(cache_dir) / "mirror" / key
+    target.mkdir(parents=True, exist_ok=True)
+    done = target / ".anyflow-complete"
+    with cache_lock(target):
+        if done.exists():
+            return target
+
+        def get(item: tuple[str, int, str]) -> None:
+            rel, size, etag = item
+            md5 = etag.strip('"') if etag_md5 and etag and "-" not in etag else None  # single-part ETag = MD5
+            entry = {"size": size, "md5": md5}
+            download_verified(join(u, rel), target / rel, entry, s3.iter_chunks, _check_entry, u, rel)
+
+        with ThreadPoolExecutor(_WORKERS) as pool:
+            list(pool.map(get, listing))
+        done.touch()
+    return target
+
+
+def lineage(url: str | os.PathLike) -> list[dict]:
+    """The artifact's manifest and its parents' chain, breadth-first.
+
+    Each item: ``{"uri", "depth", "manifest_sha256", "manifest", "recorded_sha256", "ok"}`` where
+    ``ok`` says whether the parent's current manifest hash equals the one its child recorded
+    (``None`` for the root); a parent that is gone has ``manifest = None`` and ``ok = False``.
+    """
+    out: list[dict] = []
+    queue: list[tuple[str, int, str | None]] = [(str(url), 0, None)]
+    seen: set[str] = set()
+    while queue:
+        uri, depth, recorded = queue.pop(0)
+        if uri in seen:
+            continue
+        seen.add(uri)
+        try:
+            raw = _manifest_bytes(uri)
+            m, digest = _parse_manifest(uri, raw), hashlib.sha256(raw).hexdigest()
+        except (ArtifactError, StorageError):
+            if depth == 0:
+                raise
+            m, digest = None, None
+        ok = None if recorded is None else digest == recorded
+        out.append({"uri": uri, "depth": depth, "manifest_sha256": digest, "manifest": m,
+                    "recorded_sha256": recorded, "ok": ok})
+        for p in (m or {}).get("parents", []):
+            queue.append((p["uri"], depth + 1, p.get("manifest_sha256")))
+    return out
+
+
+# ------------------------------------------------------------------------ conditional writes
+def read_bytes_etag(url: str | os.PathLike) -> tuple[bytes, str] | None:
+    """Contents and a version tag (S3 ETag; sha256 locally), or ``None`` if the file is absent."""
+    if is_remote(url):
+        return s3.get_bytes(str(url))
+    p = local_path(url)
+    if not p.is_file():
+        return None
+    data = p.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_bytes_if(url: str | os.PathLike, data: bytes, *, if_match: str | None = None,
+                   if_none_match: bool = False) -> str:
+    """Compare-and-swap write: succeeds only if the current version tag is ``if_match`` (or, with
+    ``if_none_match``, if the file does not exist); raises :class:`PreconditionFailed` otherwise.
+
+    On S3 this is one conditional PUT (``If-Match`` / ``If-None-Match: *``), atomic on AWS S3 and on
+    stores that implement conditional writes. Locally an ``flock`` serialises check and rename.
+    """
+    if is_remote(url):
+        try:
+            return s3.put_bytes(str(url), data, if_match=if_match, if_none_match=if_none_match)
+        except FileNotFoundError as exc:  # If-Match on a deleted object: S3 answers 404
+            raise PreconditionFailed(f"{url} was deleted under us (conditional write refused).") from exc
+    p = local_path(url)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(p):
+        cur = read_bytes_etag(p)
+        if (if_none_match and cur is not None) or (if_match and (cur is None or cur[1] != if_match)):
+            raise PreconditionFailed(f"{url} changed under us (conditional write refused).")
+        local_write_atomic(p, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``artifacts show URL`` and ``artifacts verify URL``."""
+    from anyflow._storage_cli import add_cli as _add
+
+    _add(subparsers)
