@@ -1,0 +1,292 @@
+"""Latent + text-embedding shards: the prepared-dataset format, and the training loader that streams it.
+
+Layout of a dataset directory (an artifact once ``anyflow.storage.publish`` adds its manifest)::
+
+    index.json                  format, counts, shapes, dtypes, per-shard sample counts
+    shard-00000.safetensors     "latents" (N, F, C, h, w), "text" (N, L, D); metadata "keys", "captions" (JSON)
+    ...
+    negative.safetensors        "negative_embedding" (1, L, D)   (written by prepare())
+    summary.json                what prepare() read, wrote and skipped (written by prepare())
+
+Loader order (deterministic per seed, epoch, rank and world size — the "chunked shuffling per rank" of
+METHOD.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and concatenates
+them into one global order; rank r takes the contiguous r-th slice of ``N // world_size`` samples, so
+ranks are disjoint, each touches only ~1/world_size of the shards, and the few samples past
+``world_size · (N // world_size)`` (different ones each epoch) are dropped. Position = (epoch, cursor):
+``state_dict()`` / ``load_state_dict()`` resume exactly. Shards are fetched lazily and read row by row
+from the memory-mapped safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "anyflow-latent-shards"
+VERSION = 1
+INDEX = "index.json"
+NEGATIVE = "negative.safetensors"
+NEGATIVE_KEY = "negative_embedding"
+
+
+class DatasetError(ValueError):
+    """A prepared dataset that is missing, empty or inconsistent; the message names the URL and file."""
+
+
+def shard_name(i: int) -> str:
+    """File name of shard ``i``."""
+    return f"shard-{i:05d}.safetensors"
+
+
+class ShardWriter:
+    """Write samples into fixed-size safetensors shards plus ``index.json`` (see the module docstring).
+
+    Args:
+        out_dir: local directory (created).
+        samples_per_shard: rows per shard (the last shard may be smaller).
+        dtype: storage dtype of latents and text (fp32 default; bf16 halves the size).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, samples_per_shard: int, dtype: torch.dtype = torch.float32):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.dtype = dtype
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
+        self._shards: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+        self._shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._closed = False
+
+    @property
+    def num_samples(self) -> int:
+        """Samples added so far."""
+        return sum(s["num_samples"] for s in self._shards) + len(self._pending)
+
+    def add(self, key: str, latents: torch.Tensor, text: torch.Tensor, caption: str) -> None:
+        """Add one sample: ``latents`` (F, C, h, w), ``text`` (L, D); shapes must match earlier samples."""
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for {self.out_dir} is closed")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in {self.out_dir}; keys must be unique")
+        if latents.ndim != 4 or text.ndim != 2:
+            raise ValueError(f"sample {key!r}: latents must be (F, C, h, w) and text (L, D); got {tuple(latents.shape)} and {tuple(text.shape)}")
+        shapes = (tuple(latents.shape), tuple(text.shape))
+        if self._shapes is None:
+            self._shapes = shapes
+        elif shapes != self._shapes:
+            raise ValueError(f"sample {key!r} has latents {shapes[0]} / text {shapes[1]}, but earlier samples have {self._shapes[0]} / {self._shapes[1]}")
+        self._keys.add(key)
+        self._pending.append((key, latents.detach().to("cpu", self.dtype), text.detach().to("cpu", self.dtype), caption))
+        if len(self._pending) >= self.samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = shard_name(len(self._shards))
+        keys, lat, txt, caps = zip(*self._pending, strict=True)
+        tensors = {"latents": torch.stack(lat).contiguous(), "text": torch.stack(txt).contiguous()}
+        metadata = {"format": f"{FORMAT}/{VERSION}", "keys": json.dumps(list(keys)), "captions": json.dumps(list(caps))}
+        tmp = self.out_dir / (name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(self.out_dir / name)
+        self._shards.append({"file": name, "num_samples": len(keys)})
+        self._pending = []
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard and ``index.json``; returns the index."""
+        self._flush()
+        self._closed = True
+        lat_shape, txt_shape = self._shapes if self._shapes is not None else ((), ())
+        dtype = str(self.dtype).removeprefix("torch.")
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_samples": sum(s["num_samples"] for s in self._shards),
+            "samples_per_shard": self.samples_per_shard,
+            "latents": {"shape": list(lat_shape), "dtype": dtype},
+            "text": {"shape": list(txt_shape), "dtype": dtype},
+            "shards": self._shards,
+        }
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return index
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class LatentDataset:
+    """Infinite, resumable, rank-sharded iterator over batches of a prepared dataset (local dir or URL).
+
+    Yields ``{"latents": (B,F,C,h,w) fp32, "text": (B,L,D) fp32, "captions": list[str], "keys": list[str]}``.
+
+    Args:
+        url: dataset directory or artifact URL (``s3://bucket/prefix``).
+        batch_size: samples per batch (per rank).
+        seed: shuffling seed (same seed → same order).
+        rank, world_size: this process's rank and the number of ranks.
+        shuffle: shard-level + within-shard shuffling per epoch; False keeps the written order.
+        drop_last: drop each epoch's final partial batch.
+        cache_dir: local cache for shards fetched from remote URLs (``anyflow.storage.fetch_file``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        max_open_shards: int = 4,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.url = url.rstrip("/") if not _is_local(url) else url
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle, self.drop_last, self.cache_dir = shuffle, drop_last, cache_dir
+        self.index = json.loads(self._path(INDEX).read_text())
+        if self.index.get("format") != FORMAT:
+            raise DatasetError(f"{self.url}/{INDEX} is not an {FORMAT} index (format={self.index.get('format')!r})")
+        self._counts = [int(s["num_samples"]) for s in self.index["shards"]]
+        self.len_samples = sum(self._counts)
+        if self.len_samples == 0:
+            raise DatasetError(f"dataset {self.url} is empty (0 samples in {INDEX}); check the prepare_data summary.json")
+        self.samples_per_rank = self.len_samples // world_size
+        full, rest = divmod(self.samples_per_rank, batch_size)
+        self.batches_per_epoch = full + (0 if drop_last or rest == 0 else 1)
+        if self.batches_per_epoch == 0:
+            raise DatasetError(
+                f"dataset {self.url} has {self.len_samples} samples: too few for batch_size {batch_size} × world_size {world_size}"
+            )
+        self._epoch_len = full * batch_size if drop_last else self.samples_per_rank
+        self.epoch, self.cursor = 0, 0
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._open: OrderedDict[int, tuple[Any, list[str], list[str]]] = OrderedDict()
+        self._max_open = max(1, max_open_shards)
+
+    # -------------------------------------------------------------------------------------- files
+    def _path(self, rel: str) -> Path:
+        if _is_local(self.url):
+            root = Path(self.url.removeprefix("file://"))
+            path = root / rel
+            if not path.is_file():
+                what = "folder does not exist" if not root.is_dir() else f"{rel} is missing"
+                raise DatasetError(f"no prepared dataset at {self.url}: {what}; run prepare_data to create it")
+            return path
+        from anyflow import storage
+
+        try:
+            return Path(storage.fetch_file(self.url, rel, cache_dir=self.cache_dir))
+        except (storage.ArtifactError, FileNotFoundError, KeyError) as e:
+            raise DatasetError(f"cannot read {rel} of the prepared dataset {self.url}: {e}") from e
+
+    def _shard(self, i: int) -> tuple[Any, list[str], list[str]]:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        name = self.index["shards"][i]["file"]
+        handle = safe_open(str(self._path(name)), framework="pt")
+        meta = handle.metadata() or {}
+        keys, caps = json.loads(meta.get("keys", "[]")), json.loads(meta.get("captions", "[]"))
+        if len(keys) != self._counts[i] or len(caps) != self._counts[i]:
+            raise DatasetError(f"{self.url}/{name} holds {len(keys)} keys but {INDEX} says {self._counts[i]} samples")
+        self._open[i] = (handle, keys, caps)
+        while len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return self._open[i]
+
+    def negative_embedding(self) -> torch.Tensor:
+        """The negative-prompt embedding (1, L, D) fp32 from ``negative.safetensors``."""
+        with safe_open(str(self._path(NEGATIVE)), framework="pt") as f:
+            if NEGATIVE_KEY not in f.keys():
+                raise DatasetError(f"{self.url}/{NEGATIVE} has no tensor {NEGATIVE_KEY!r}")
+            neg = f.get_tensor(NEGATIVE_KEY).float()
+        return neg if neg.ndim == 3 else neg.unsqueeze(0)
+
+    # -------------------------------------------------------------------------------------- order
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids, rows) of the samples this rank reads in ``epoch``, in order."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1], self._order[2]
+        shard_ids, rows = [], []
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+            perm = torch.randperm(len(self._counts), generator=g).tolist()
+        else:
+            perm = list(range(len(self._counts)))
+        for s in perm:
+            n = self._counts[s]
+            r = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
+            shard_ids.append(np.full(n, s, dtype=np.int64))
+            rows.append(r.astype(np.int64))
+        lo = self.rank * self.samples_per_rank
+        sid = np.concatenate(shard_ids)[lo : lo + self.samples_per_rank]
+        row = np.concatenate(rows)[lo : lo + self.samples_per_rank]
+        self._order = (epoch, sid, row)
+        return sid, row
+
+    # ------------------------------------------------------------------------------------ iterate
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.cursor >= self._epoch_len:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        sid, row = self.epoch_order(self.epoch)
+        end = min(self.cursor + self.batch_size, self._epoch_len)
+        lat, txt, caps, keys = [], [], [], []
+        for s, r in zip(sid[self.cursor : end].tolist(), row[self.cursor : end].tolist(), strict=True):
+            handle, skeys, scaps = self._shard(s)
+            lat.append(handle.get_slice("latents")[r : r + 1])
+            txt.append(handle.get_slice("text")[r : r + 1])
+            keys.append(skeys[r])
+            caps.append(scaps[r])
+        self.cursor = end
+        return {
+            "latents": torch.cat(lat).float(),
+            "text": torch.cat(txt).float(),
+            "captions": caps,
+            "keys": keys,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (epoch, cursor) plus what it is only valid for (seed, rank, world size, data)."""
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "num_samples": self.len_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``'s position; refuses a state from another seed, rank layout or dataset."""
+        for name in ("seed", "rank", "world_size", "shuffle", "num_samples"):
+            mine = self.state_dict()[name]
+            if state.get(name) != mine:
+                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader of {self.url} has {name}={mine!r}")
+        cursor = int(state["cursor"])
+        if not 0 <= cursor <= self._epoch_len:
+            raise ValueError(f"loader state cursor {cursor} is outside this epoch's {self._epoch_len} samples")
+        self.epoch, self.cursor = int(state["epoch"]), cursor
