@@ -184,7 +184,9 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
 def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any, prompts: Sequence[str]) -> dict:
     ev = cfg.evaluate
     if not ev.vbench:
-        return {"status": "not run", "reason": "evaluate.vbench is false in this preset"}
+        reason = "evaluate.vbench is false in this preset (enable it and run in the eval image)"
+        return {"all checkpoints": {"dimensions": {d: {"status": "not run", "reason": reason}
+                                                   for d in ev.vbench_dimensions}}}
     from anyflow.eval.vbench import aggregate, run_vbench, write_vbench_videos
 
     results = {}
