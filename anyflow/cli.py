@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anyflow: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence gives one clear sentence
+    except Exception as exc:  # the last line of defence: one clear sentence for known failures
         from anyflow import storage
         from anyflow.train.loop import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
 

@@ -21,7 +21,7 @@ MODEL_JSON = "model.json"
 
 
 def cache_dir(preset: Preset) -> Path:
-    return Path(preset.model.cache_dir or os.environ.get("ANYFLOW_CACHE", Path.home() / ".cache" / "anyflow"))
+    return Path(preset.model.cache_dir or os.environ.get("ANYFLOW_CACHE_DIR") or Path.home() / ".cache" / "anyflow")
 
 
 def load_models(preset: Preset) -> Any:

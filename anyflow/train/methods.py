@@ -166,7 +166,7 @@ class OnPolicyMethod:
         batch = ctx.next_batch()
         x_hat, info = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
                                    shift=cfg.loss.shift)
-        loss_dmd, diag = dmd_generator_loss(
+        loss_dmd, _ = dmd_generator_loss(
             x_hat, m.fn("teacher"), m.fn("critic"), batch["text"], neg, ctx.generator,
             real_guidance_scale=cfg.real_guidance_scale, shift=cfg.loss.shift, weight=cfg.dmd_weight,
         )
