@@ -94,6 +94,17 @@ class TrainContext:
     def clip_and_step(self, name: str) -> float:
         """Clip the group's gradient norm, refuse non-finite gradients, step and zero the optimiser."""
         params = list(self.params[name].values())
+        if self.world_size > 1:
+            # Data-parallel gradient averaging for the (small) trainable adapter set. The frozen base is
+            # never wrapped in DDP: several adapters share it and switch per call, which DDP's hooks
+            # cannot follow, so the reduction happens here, once per optimiser step.
+            import torch.distributed as dist
+
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world_size)
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip[name])
         value = float(norm)
         if not math.isfinite(value):
