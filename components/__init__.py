@@ -1,0 +1,80 @@
+"""KFP v2 components for AnyFlow: one thin Python component per stage (no maths).
+
+Each ``components/<stage>/component.py`` defines a plain function whose body calls
+``anyflow.stages.run_stage``; :func:`make_component` turns it into a KFP component bound to the
+project image. Building components from functions (rather than decorating at import time) lets
+``anyflow compile --image …`` pick the image without import-order tricks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from anyflow import __version__
+
+#: Registry used when ``ANYFLOW_IMAGE`` is unset. The committed goldens use the release tag
+#: ``v<version>``; ``images/build.sh`` pushes ``v<version>-<gitsha>`` and prints the
+#: ``ANYFLOW_IMAGE=…`` to export so cluster runs pin an immutable tag (KFP caching keys on it).
+IMAGE_REPOSITORY = "ghcr.io/anyflow/anyflow-train"
+EVAL_IMAGE_REPOSITORY = "ghcr.io/anyflow/anyflow-eval"
+
+STAGE_NAMES: tuple[str, ...] = (
+    "prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate",
+)
+
+
+def default_image() -> str:
+    """The train image reference: ``$ANYFLOW_IMAGE`` or ``<repository>:v<version>`` (never ``latest``)."""
+    image = os.environ.get("ANYFLOW_IMAGE") or f"{IMAGE_REPOSITORY}:v{__version__}"
+    check_image(image)
+    return image
+
+
+def check_image(image: str) -> str:
+    """Refuse mutable image references: an untagged name or ``:latest`` makes KFP caching dishonest."""
+    last = image.rsplit("/", 1)[-1]
+    if "@sha256:" in image:
+        return image
+    if ":" not in last or last.endswith(":latest"):
+        raise ValueError(
+            f"image {image!r} has no immutable tag; use <repo>:v<version>-<gitsha> from images/build.sh "
+            "(set ANYFLOW_IMAGE or pass --image)."
+        )
+    return image
+
+
+def make_component(func: Callable, image: str | None = None):
+    """Wrap a component function as a KFP lightweight Python component on the project image.
+
+    ``install_kfp_package=False``: the image already has kfp, and no ``packages_to_install`` —
+    the image (or the current env for the local runner) holds everything.
+    """
+    from kfp import dsl
+
+    return dsl.component(func, base_image=check_image(image or default_image()), install_kfp_package=False)
+
+
+def stage_functions() -> dict[str, Callable]:
+    """The plain component functions by stage name (a dict of real objects, no string dispatch)."""
+    from components.distill.component import distill
+    from components.evaluate.component import evaluate
+    from components.finetune.component import finetune
+    from components.prepare_data.component import prepare_data
+    from components.train_flowmap.component import train_flowmap
+    from components.train_teacher.component import train_teacher
+
+    return {
+        "prepare_data": prepare_data,
+        "train_teacher": train_teacher,
+        "train_flowmap": train_flowmap,
+        "distill": distill,
+        "finetune": finetune,
+        "evaluate": evaluate,
+    }
+
+
+def build_components(image: str | None = None) -> dict[str, object]:
+    """All stage components bound to one image, keyed by stage name."""
+    img = check_image(image or default_image())
+    return {name: make_component(fn, img) for name, fn in stage_functions().items()}

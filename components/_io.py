@@ -1,0 +1,116 @@
+"""Shared helpers for the component bodies: resolve input artifacts, record outputs, log metrics.
+
+These run *inside* the component process (KFP local runner subprocess or a pod on the cluster), so
+they import only the standard library at module level; ``anyflow`` is imported lazily.
+
+Pointer convention: when a component writes into the content-addressed store (``store`` set), the
+KFP output artifact carries ``metadata["anyflow_uri"]`` and a small pointer file
+``{"anyflow_uri": …}`` at its path; downstream components resolve
+``metadata["anyflow_uri"] or <pointer file> or artifact.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+POINTER_KEY = "anyflow_uri"
+
+
+def parse_overrides(overrides_json: str) -> dict[str, Any]:
+    """Parse the ``overrides_json`` component parameter (empty string or a JSON object)."""
+    text = (overrides_json or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"overrides_json is not valid JSON ({exc.msg} at char {exc.pos}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"overrides_json must be a JSON object like {{\"train.steps\": 2}}, got {type(value).__name__}.")
+    return value
+
+
+def input_uri(artifact: Any) -> str:
+    """The anyflow artifact URL behind a KFP input artifact.
+
+    Order: ``metadata["anyflow_uri"]`` (store mode or importer), then a pointer file at the path,
+    then the artifact's local path itself (artifact written directly into the KFP output).
+    """
+    meta = getattr(artifact, "metadata", None) or {}
+    if meta.get(POINTER_KEY):
+        return str(meta[POINTER_KEY])
+    path = artifact.path
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                pointer = json.load(fh)
+        except (OSError, ValueError, UnicodeDecodeError):
+            pointer = None
+        if isinstance(pointer, dict) and pointer.get(POINTER_KEY):
+            return str(pointer[POINTER_KEY])
+    return path
+
+
+def stage_target(output: Any, store: str) -> tuple[str | None, str | None]:
+    """``(store, out)`` for run_stage: the store when set, else the KFP output artifact's path."""
+    if store:
+        return store, None
+    return None, output.path
+
+
+def record_output(output: Any, result: Any, store: str, stage: str) -> None:
+    """Record the stage result on the KFP output artifact and print a one-line summary."""
+    output.metadata[POINTER_KEY] = str(result.uri)
+    output.metadata["anyflow_cached"] = bool(result.cached)
+    output.metadata["anyflow_stage"] = stage
+    if store:
+        # A small pointer file so the KFP artifact is not empty and a reader without metadata finds it.
+        os.makedirs(os.path.dirname(output.path) or ".", exist_ok=True)
+        with open(output.path, "w", encoding="utf-8") as fh:
+            json.dump({POINTER_KEY: str(result.uri), "stage": stage}, fh)
+    state = "reused cached artifact" if result.cached else "wrote artifact"
+    print(f"[anyflow] {stage}: {state} {result.uri}", flush=True)
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metric dicts to ``{"a/b": float}`` keeping finite numbers only (KFP needs floats)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, (int, float)) and math.isfinite(float(value)):
+            flat[name] = float(value)
+    return flat
+
+
+def log_metrics(output: Any, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Log every numeric metric (per NFE for evaluate) to a KFP ``Output[Metrics]``."""
+    flat = flatten_metrics(metrics)
+    for name, value in sorted(flat.items()):
+        output.log_metric(name, value)
+    return flat
+
+
+def copy_report(html: Any, report: str | None, uri: str) -> None:
+    """Copy ``report.html`` into a KFP ``Output[HTML]`` (or write a link page when it is remote)."""
+    os.makedirs(os.path.dirname(html.path) or ".", exist_ok=True)
+    if report and os.path.isfile(report):
+        shutil.copyfile(report, html.path)
+        return
+    if report:
+        from anyflow import storage  # the only module that opens URLs (s3://…)
+
+        if storage.exists(report):
+            with open(html.path, "wb") as fh:
+                fh.write(storage.read_bytes(report))
+            return
+    with open(html.path, "w", encoding="utf-8") as fh:
+        fh.write(f"<html><body><p>AnyFlow evaluation report: <code>{report or uri}/report.html</code></p></body></html>\n")

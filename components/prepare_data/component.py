@@ -1,0 +1,31 @@
+"""KFP component: prepare_data — build the dataset artifact (latent + text-embedding shards)."""
+
+from kfp.dsl import Dataset, Output
+
+
+def prepare_data(
+    dataset: Output[Dataset],
+    preset: str = "tiny",
+    overrides_json: str = "{}",
+    store: str = "",
+) -> None:
+    """Prepare the training dataset (procedural for ``tiny``; videos + captions otherwise).
+
+    CPU only (text and VAE encoders may use one GPU on large presets).
+
+    Args:
+        preset: Preset name, e.g. ``tiny`` or ``wan2.1-t2v-1.3b``.
+        overrides_json: JSON object of dotted config overrides, e.g. ``{"data.num_videos": 8}``.
+        store: Content-addressed artifact store URL (``s3://bucket/prefix`` or a folder); empty
+            writes the artifact into the KFP output itself.
+
+    Returns:
+        dataset: Output dataset artifact (or a pointer to it in the store).
+    """
+    from anyflow.stages import run_stage
+    from components._io import parse_overrides, record_output, stage_target
+
+    store_url, out = stage_target(dataset, store)
+    res = run_stage("prepare_data", preset=preset, overrides=parse_overrides(overrides_json),
+                    inputs={}, store=store_url, out=out)
+    record_output(dataset, res, store, "prepare_data")

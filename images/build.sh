@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build (and optionally push) the AnyFlow images with an immutable tag: v<version>-<gitsha>[-dirty].
+#   images/build.sh                 build train + eval
+#   images/build.sh --push          build and push
+#   images/build.sh --print-tag     print the train image reference only
+# Env: REGISTRY (default ghcr.io/anyflow), GIT_SHA (default: git rev-parse --short=12 HEAD).
+# Afterwards: export ANYFLOW_IMAGE=<printed train image> and run `anyflow compile/submit`.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+registry="${REGISTRY:-ghcr.io/anyflow}"
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "${root}/pyproject.toml" | head -n 1)"
+if [[ -z "${version}" ]]; then
+  echo "build.sh: no 'version = \"…\"' line in ${root}/pyproject.toml" >&2
+  exit 2
+fi
+if [[ -z "${GIT_SHA:-}" ]]; then
+  GIT_SHA="$(git -C "${root}" rev-parse --short=12 HEAD)"
+  if ! git -C "${root}" diff --quiet HEAD -- 2>/dev/null; then
+    GIT_SHA="${GIT_SHA}-dirty"
+  fi
+fi
+tag="v${version}-${GIT_SHA}"
+train="${registry}/anyflow-train:${tag}"
+eval_image="${registry}/anyflow-eval:${tag}"
+
+case "${1:-}" in
+  --print-tag) echo "${train}"; exit 0 ;;
+  --push|"") ;;
+  *) echo "build.sh: unknown option ${1}; use --push or --print-tag" >&2; exit 2 ;;
+esac
+
+docker build -f "${root}/images/train/Dockerfile" --build-arg VERSION="${version}" --build-arg GIT_SHA="${GIT_SHA}" -t "${train}" "${root}"
+docker build -f "${root}/images/eval/Dockerfile" --build-arg VERSION="${version}" --build-arg GIT_SHA="${GIT_SHA}" -t "${eval_image}" "${root}"
+if [[ "${1:-}" == "--push" ]]; then
+  docker push "${train}"
+  docker push "${eval_image}"
+fi
+echo "export ANYFLOW_IMAGE=${train}"

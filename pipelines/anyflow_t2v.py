@@ -1,0 +1,82 @@
+"""``anyflow-t2v``: prepare_data → train_teacher → train_flowmap → distill → evaluate,
+with an optional finetune → evaluate branch (pipeline parameter ``finetune``)."""
+
+# No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
+from typing import NamedTuple
+
+from pipelines.platform import Platform
+
+PIPELINE_NAME = "anyflow-t2v"
+
+
+def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" = None):
+    """Return the ``anyflow-t2v`` pipeline function bound to ``platform`` and ``image``."""
+    from kfp import dsl
+    from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
+
+    from components import build_components, check_image, default_image, make_component
+    from components.trainjob.component import trainjob
+
+    img = check_image(image or default_image())
+    comps = build_components(img)
+    launcher = make_component(trainjob, img)
+    plat = platform or Platform()
+
+    def train(stage: str, out_key: str, common: dict, **inputs):
+        """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1."""
+        res = plat.for_stage(stage)
+        if res.num_nodes <= 1:
+            return plat.apply(comps[stage](**inputs, **common), stage).outputs[out_key]
+        task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
+                        overrides_json=common["overrides_json"], num_nodes=res.num_nodes, gpus_per_node=res.gpus,
+                        api=plat.trainjob_api, runtime=plat.trainjob_runtime, s3_secret=plat.s3_secret,
+                        s3_endpoint=plat.s3_endpoint, timeout_s=res.timeout_s, **inputs)
+        plat.apply(task, "trainjob").set_display_name(f"{stage} ({res.num_nodes} nodes)")
+        return task.outputs["result"]
+
+    class Outputs(NamedTuple):
+        dataset: Dataset
+        teacher: Model
+        flowmap: Model
+        generator: Model
+        report: Artifact
+        eval_metrics: Metrics
+        report_html: HTML
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="AnyFlow any-step T2V: data, teacher, flow map, distill, evaluate.")
+    def anyflow_t2v(
+        preset: str = "tiny",
+        overrides_json: str = "{}",
+        store: str = "",
+        finetune: bool = False,
+        finetune_data_overrides_json: str = "{}",
+    ) -> Outputs:
+        """Train and evaluate an any-step generator.
+
+        Args:
+            preset: Preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b).
+            overrides_json: JSON object of dotted config overrides applied to every stage.
+            store: Content-addressed store URL (s3://bucket/prefix); empty keeps artifacts in KFP.
+            finetune: Also fine-tune the generator on a second dataset and evaluate it.
+            finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data.
+        """
+        common = {"preset": preset, "overrides_json": overrides_json, "store": store}
+        data = plat.apply(comps["prepare_data"](**common), "prepare_data").set_display_name("prepare_data")
+        dataset = data.outputs["dataset"]
+        teacher = train("train_teacher", "teacher", common, dataset=dataset)
+        flowmap = train("train_flowmap", "flowmap", common, dataset=dataset)
+        generator = train("distill", "generator", common, dataset=dataset, teacher=teacher, flowmap=flowmap)
+        ev = plat.apply(comps["evaluate"](generator=generator, teacher=teacher, dataset=dataset, flowmap=flowmap,
+                                          **common), "evaluate")
+        with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
+            ft_data = plat.apply(comps["prepare_data"](preset=preset, overrides_json=finetune_data_overrides_json,
+                                                       store=store), "prepare_data")
+            ft_data.set_display_name("prepare_finetune_data")
+            finetuned = train("finetune", "finetuned", common, dataset=ft_data.outputs["dataset"], generator=generator)
+            ft_ev = plat.apply(comps["evaluate"](generator=finetuned, teacher=teacher,
+                                                 dataset=ft_data.outputs["dataset"], **common), "evaluate")
+            ft_ev.set_display_name("evaluate_finetuned")
+        return Outputs(dataset=dataset, teacher=teacher, flowmap=flowmap, generator=generator,
+                       report=ev.outputs["report"], eval_metrics=ev.outputs["metrics"], report_html=ev.outputs["html"])
+
+    return anyflow_t2v

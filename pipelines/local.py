@@ -1,0 +1,122 @@
+"""Run a pipeline through KFP's local runner (``SubprocessRunner(use_venv=False)``) and collect
+the anyflow artifact URIs of its outputs.
+
+The local runner runs each component as a subprocess of the current Python; it ignores
+kfp-kubernetes settings and has no cache of its own, so stage reuse comes from the content-addressed
+store (``run_stage`` returns ``cached=True``). Outputs carry ``metadata["anyflow_uri"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class LocalRunError(RuntimeError):
+    """A stage failed in the local runner; the message names it."""
+
+
+@dataclass
+class LocalRun:
+    """What a local pipeline run produced: role → anyflow URI, role → cached flag, report path."""
+
+    name: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)  # role -> stage that produced it
+    report_html: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    record: Path | None = None
+
+
+def ensure_importable() -> str:
+    """Put the project root on ``PYTHONPATH`` so component subprocesses import anyflow and components."""
+    import anyflow
+
+    root = str(Path(anyflow.__file__).resolve().parent.parent)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    return root
+
+
+def init_local(workdir: str | Path) -> Path:
+    """``kfp.local.init`` with the subprocess runner in the current environment."""
+    from kfp import local
+
+    root = Path(workdir).resolve() / "kfp-local"
+    root.mkdir(parents=True, exist_ok=True)
+    ensure_importable()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    return root
+
+
+def _failed_task(message: str) -> str:
+    import re
+
+    match = re.search(r"[Tt]ask '([^']+)'", message)
+    return match.group(1) if match else "a stage"
+
+
+def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str) -> LocalRun:
+    """Run ``pipeline_func(**params)`` locally and return the anyflow URIs of its outputs."""
+    init_local(workdir)
+    try:
+        task = pipeline_func(**params)
+    except RuntimeError as exc:
+        raise LocalRunError(f"{_failed_task(str(exc))} failed in the local KFP runner; its log is printed above.") from exc
+    run = LocalRun(name=name)
+    outputs = getattr(task, "outputs", None) or {}
+    if not outputs and getattr(task, "output", None) is not None:
+        outputs = {"output": task.output}
+    for role, art in outputs.items():
+        meta = getattr(art, "metadata", {}) or {}
+        if meta.get("anyflow_uri"):
+            role = meta.get("anyflow_stage", role) if role.lower() == "output" else role
+            run.artifacts[role] = meta["anyflow_uri"]
+            run.cached[role] = bool(meta.get("anyflow_cached"))
+            run.stages[role] = meta.get("anyflow_stage", role)
+        if getattr(art, "schema_title", "") == "system.HTML":
+            run.report_html = art.path
+        if getattr(art, "schema_title", "") == "system.Metrics":
+            run.metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return run
+
+
+def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any]) -> Path:
+    """Write ``<workdir>/runs/<name>.json`` so ``anyflow rerun --run NAME`` can find the artifacts."""
+    path = Path(workdir).resolve() / "runs" / f"{run.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if run.report_html and Path(run.report_html).is_file():
+        # The KFP HTML output has no extension; keep a browsable copy beside the record.
+        copy = path.with_suffix(".report.html")
+        copy.write_bytes(Path(run.report_html).read_bytes())
+        run.report_html = str(copy)
+    body = {"name": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "params": dict(params), "artifacts": run.artifacts, "cached": run.cached,
+            "report_html": run.report_html}
+    path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    run.record = path
+    return path
+
+
+def load_record(ref: str, workdir: str | Path) -> dict[str, Any]:
+    """A local run record by file path or by name under ``<workdir>/runs``."""
+    path = Path(ref)
+    if not path.is_file():
+        path = Path(workdir).resolve() / "runs" / f"{ref}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no local run record {ref!r} (looked for {path}); list them with 'anyflow runs'.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def list_records(workdir: str | Path) -> list[dict[str, Any]]:
+    """All local run records, oldest first."""
+    folder = Path(workdir).resolve() / "runs"
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return sorted(records, key=lambda r: r.get("created", ""))

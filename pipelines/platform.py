@@ -1,0 +1,218 @@
+"""The platform layer, in one place: a frozen ``Platform`` config → kfp-kubernetes task settings.
+
+Everything cluster-specific (GPU count and type, CPU/memory, node pools, tolerations, S3
+credentials, model cache, ``/dev/shm``, retries, timeouts, pull policy, caching) lives here and is
+applied to a pipeline task by :meth:`Platform.apply`. Pipelines never call kfp-kubernetes directly.
+Defaults describe a typical cloud GPU pool (NVIDIA GPU operator labels and taints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Secret key → environment variable, for ``use_secret_as_env`` (keys of manifests' S3 secret).
+DEFAULT_S3_SECRET_KEYS: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+class PlatformError(ValueError):
+    """A platform YAML value is wrong; the message names the field and what to do."""
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A Kubernetes toleration (``operator`` Exists ignores ``value``)."""
+
+    key: str
+    operator: str = "Exists"
+    value: str | None = None
+    effect: str | None = "NoSchedule"
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """What one stage's pod asks for."""
+
+    gpus: int = 0  # per node
+    num_nodes: int = 1  # > 1: the pipeline launches the stage as a TrainJob/PyTorchJob (components/trainjob)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_product: str = ""  # node-selector value for ``gpu_product_label``; "" = any GPU
+    gpu_product_label: str = "nvidia.com/gpu.product"
+    cpu_request: str = "2"
+    cpu_limit: str = "4"
+    memory_request: str = "8Gi"
+    memory_limit: str = "16Gi"
+    shm_size: str = "2Gi"
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    timeout_s: int = 6 * 3600
+    retries: int = 1
+    backoff: str = "60s"
+    backoff_factor: float = 2.0
+    backoff_max: str = "1h"
+
+
+def _gpu_pool(gpus: int, timeout_s: int, cpu: str, memory: str, shm: str) -> StageResources:
+    return StageResources(
+        gpus=gpus, gpu_product="NVIDIA-H100-80GB-HBM3", cpu_request=cpu, cpu_limit=cpu,
+        memory_request=memory, memory_limit=memory, shm_size=shm,
+        tolerations=(Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),),
+        timeout_s=timeout_s, retries=2,
+    )
+
+
+def _default_stages() -> dict[str, StageResources]:
+    return {
+        "prepare_data": StageResources(gpus=0, cpu_request="4", cpu_limit="8", memory_request="16Gi",
+                                       memory_limit="32Gi", timeout_s=4 * 3600, retries=2),
+        "train_teacher": _gpu_pool(8, 48 * 3600, "64", "512Gi", "64Gi"),
+        "train_flowmap": _gpu_pool(8, 48 * 3600, "64", "512Gi", "64Gi"),
+        "distill": _gpu_pool(8, 72 * 3600, "64", "512Gi", "64Gi"),
+        "finetune": _gpu_pool(8, 24 * 3600, "64", "512Gi", "64Gi"),
+        "evaluate": _gpu_pool(1, 6 * 3600, "8", "64Gi", "16Gi"),
+        "trainjob": StageResources(gpus=0, cpu_request="250m", cpu_limit="1", memory_request="512Mi",
+                                   memory_limit="1Gi", timeout_s=96 * 3600, retries=0),
+    }
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Cluster settings for every stage; see ``pipelines/README.md`` for the YAML form."""
+
+    stages: Mapping[str, StageResources] = field(default_factory=_default_stages)
+    s3_secret: str = "anyflow-s3"
+    s3_secret_keys: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_S3_SECRET_KEYS))
+    s3_endpoint: str = ""  # "" = the cloud provider's default endpoint
+    model_cache_pvc: str = "anyflow-model-cache"  # "" = an emptyDir per pod
+    model_cache_path: str = "/cache/models"
+    image_pull_policy: str = "IfNotPresent"
+    caching: bool = True
+    run_as_user: int = 1000
+    trainjob_api: str = "trainer"  # "trainer" (Kubeflow Trainer v2 TrainJob) or "pytorchjob" (training operator v1)
+    trainjob_runtime: str = "torch-distributed"  # ClusterTrainingRuntime for TrainJobs
+
+    def for_stage(self, stage: str) -> StageResources:
+        """The resources of ``stage`` (unknown stages are an error naming the valid ones)."""
+        if stage not in self.stages:
+            raise PlatformError(f"platform has no settings for stage {stage!r}; known: {sorted(self.stages)}.")
+        return self.stages[stage]
+
+    def apply(self, task: Any, stage: str) -> Any:
+        """Apply every platform setting of ``stage`` to a KFP ``PipelineTask``; returns the task."""
+        from kfp import kubernetes
+
+        res = self.for_stage(stage)
+        if res.gpus > 0:
+            task.set_accelerator_type(res.gpu_resource).set_accelerator_limit(res.gpus)
+            if res.gpu_product:
+                kubernetes.add_node_selector(task, res.gpu_product_label, res.gpu_product)
+        task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+        task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+        for key, value in sorted(res.node_selector.items()):
+            kubernetes.add_node_selector(task, key, value)
+        for tol in res.tolerations:
+            kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+        kubernetes.use_secret_as_env(task, self.s3_secret, dict(self.s3_secret_keys))
+        if self.s3_endpoint:
+            task.set_env_variable("AWS_ENDPOINT_URL", self.s3_endpoint)
+            task.set_env_variable("AWS_ENDPOINT_URL_S3", self.s3_endpoint)
+        if self.model_cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=self.model_cache_pvc, mount_path=self.model_cache_path)
+        else:
+            kubernetes.empty_dir_mount(task, volume_name="model-cache", mount_path=self.model_cache_path)
+        task.set_env_variable("ANYFLOW_MODEL_CACHE", self.model_cache_path)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=res.shm_size)
+        kubernetes.set_image_pull_policy(task, self.image_pull_policy)
+        kubernetes.set_security_context(task, run_as_user=self.run_as_user, run_as_group=self.run_as_user,
+                                        run_as_non_root=True)
+        kubernetes.set_timeout(task, res.timeout_s)
+        if res.retries > 0:
+            task.set_retry(num_retries=res.retries, backoff_duration=res.backoff,
+                           backoff_factor=res.backoff_factor, backoff_max_duration=res.backoff_max)
+        task.set_caching_options(enable_caching=self.caching)
+        return task
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "platform") -> Platform:
+        """Build from a mapping; unknown keys are errors naming the key. Stage entries merge over
+        ``defaults`` (if given) and then over the built-in defaults of that stage."""
+        data = dict(data or {})
+        top = {f.name for f in dataclasses.fields(cls)} | {"defaults"}
+        _check_keys(data, top, source)
+        base = cls()
+        common = data.pop("defaults", None) or {}
+        _check_keys(common, _resource_fields(), f"{source}: defaults")
+        stage_cfg = data.pop("stages", None) or {}
+        stages = dict(base.stages)
+        for name in stage_cfg:
+            if name not in stages:
+                raise PlatformError(f"{source}: unknown stage {name!r} under 'stages'; valid: {sorted(stages)}.")
+        for name, current in stages.items():
+            own = stage_cfg.get(name) or {}
+            _check_keys(own, _resource_fields(), f"{source}: stages.{name}")
+            stages[name] = _resources(current, {**common, **own}, f"{source}: stages.{name}")
+        if data.get("trainjob_api", "trainer") not in ("trainer", "pytorchjob"):
+            raise PlatformError(f"{source}: trainjob_api must be 'trainer' or 'pytorchjob', got {data['trainjob_api']!r}.")
+        if "image_pull_policy" in data and data["image_pull_policy"] not in _PULL_POLICIES:
+            raise PlatformError(f"{source}: image_pull_policy must be one of {_PULL_POLICIES}, got {data['image_pull_policy']!r}.")
+        return dataclasses.replace(base, stages=stages, **data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Platform:
+        """Load a platform YAML file (examples: ``manifests/overlays/*/platform.yaml``)."""
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise PlatformError(f"{path}: a platform file must be a YAML mapping, got {type(data).__name__}.")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def local(cls) -> Platform:
+        """A small platform for kind/minikube: no GPUs, no tolerations, emptyDir model cache."""
+        small = StageResources(cpu_request="500m", cpu_limit="2", memory_request="1Gi", memory_limit="4Gi",
+                               shm_size="512Mi", timeout_s=3600, retries=0)
+        return cls(stages=dict.fromkeys(_default_stages(), small), model_cache_pvc="",
+                   s3_endpoint="http://minio.anyflow.svc.cluster.local:9000")
+
+
+def _resource_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(StageResources)}
+
+
+def _check_keys(data: Mapping[str, Any], valid: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise PlatformError(f"{where}: expected a mapping, got {type(data).__name__}.")
+    for key in data:
+        if key not in valid:
+            raise PlatformError(f"{where}: unknown key {key!r}; valid keys: {sorted(valid)}.")
+
+
+def _resources(current: StageResources, values: Mapping[str, Any], where: str) -> StageResources:
+    values = dict(values)
+    if "tolerations" in values:
+        tols = []
+        for i, tol in enumerate(values["tolerations"] or []):
+            _check_keys(tol, {"key", "operator", "value", "effect"}, f"{where}.tolerations[{i}]")
+            if tol.get("effect") not in (None, *_EFFECTS):
+                raise PlatformError(f"{where}.tolerations[{i}].effect must be one of {_EFFECTS}, got {tol['effect']!r}.")
+            tols.append(Toleration(**tol))
+        values["tolerations"] = tuple(tols)
+    if "node_selector" in values:
+        values["node_selector"] = {str(k): str(v) for k, v in (values["node_selector"] or {}).items()}
+    if "num_nodes" in values and (not isinstance(values["num_nodes"], int) or values["num_nodes"] < 1):
+        raise PlatformError(f"{where}.num_nodes must be an integer >= 1, got {values['num_nodes']!r}.")
+    for key in ("gpus", "timeout_s", "retries"):
+        if key in values and (not isinstance(values[key], int) or values[key] < 0):
+            raise PlatformError(f"{where}.{key} must be a non-negative integer, got {values[key]!r}.")
+    return dataclasses.replace(current, **values)

@@ -1,0 +1,154 @@
+"""Compile-golden tests: every pipeline equals its committed YAML; platform settings reach the YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.compile import COMPILED_DIR, PIPELINES, compile_pipeline, compile_pipeline_func
+from pipelines.platform import Platform, PlatformError
+from pipelines.rerun import RerunError, build_rerun_pipeline
+
+
+@pytest.fixture(autouse=True)
+def _release_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)  # goldens use the release tag
+
+
+def _docs(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_compile_matches_golden(name: str, tmp_path: Path) -> None:
+    out = compile_pipeline(name, tmp_path / f"{name}.yaml")
+    golden = COMPILED_DIR / f"{name}.yaml"
+    assert golden.is_file(), f"missing golden {golden}; run python -m pipelines.compile"
+    assert out.read_text() == golden.read_text(), f"{name}: compiled YAML differs from {golden}; run python -m pipelines.compile"
+
+
+def test_compile_is_deterministic(tmp_path: Path) -> None:
+    a = compile_pipeline("anyflow-t2v", tmp_path / "a.yaml").read_bytes()
+    b = compile_pipeline("anyflow-t2v", tmp_path / "b.yaml").read_bytes()
+    assert a == b
+
+
+def test_t2v_structure_and_platform_settings() -> None:
+    spec, plat = _docs(COMPILED_DIR / "anyflow-t2v.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"prepare-data", "train-teacher", "train-flowmap", "distill", "evaluate", "condition-1"} <= set(tasks)
+    assert tasks["distill"]["dependentTasks"] == ["prepare-data", "train-flowmap", "train-teacher"]
+    assert "finetune" in tasks["condition-1"]["triggerPolicy"]["condition"]
+    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert {"finetune", "evaluate-2", "prepare-data-2"} <= set(inner)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["preset"]["defaultValue"] == "tiny" and params["finetune"]["defaultValue"] is False
+
+    execs = spec["deploymentSpec"]["executors"]
+    for exe in execs.values():
+        image = exe["container"]["image"]
+        assert image.startswith("ghcr.io/anyflow/anyflow-train:v") and not image.endswith(":latest")
+        assert "pip install" not in " ".join(exe["container"]["command"])  # no packages_to_install
+    gpu = execs["exec-distill"]["container"]["resources"]
+    assert gpu["accelerator"]["resourceType"] == "nvidia.com/gpu" and gpu["accelerator"]["resourceCount"] == "8"
+    assert gpu["resourceMemoryLimit"] == "512Gi"
+    assert "accelerator" not in execs["exec-prepare-data"]["container"]["resources"]
+    assert tasks["distill"]["retryPolicy"] == {"backoffDuration": "60s", "backoffFactor": 2.0,
+                                               "backoffMaxDuration": "3600s", "maxRetryCount": 2}
+    assert tasks["distill"]["cachingOptions"]["enableCache"] is True
+
+    k8s = plat["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    d = k8s["exec-distill"]
+    assert d["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert d["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert d["secretAsEnv"][0]["secretName"] == "anyflow-s3"
+    assert {e["envVar"] for e in d["secretAsEnv"][0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"} in d["emptyDirMounts"]
+    assert d["pvcMount"][0]["constant"] == "anyflow-model-cache" and d["pvcMount"][0]["mountPath"] == "/cache/models"
+    assert d["imagePullPolicy"] == "IfNotPresent"
+    assert d["securityContext"]["runAsNonRoot"] is True
+    assert d["activeDeadlineSeconds"] == str(72 * 3600)
+    assert "tolerations" not in k8s["exec-prepare-data"]
+
+
+def test_platform_yaml_overrides_reach_compiled_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "platform.yaml"
+    cfg.write_text(
+        "s3_endpoint: http://minio.example:9000\nmodel_cache_pvc: ''\ncaching: false\n"
+        "defaults: {retries: 0}\n"
+        "stages:\n  distill:\n    gpus: 2\n    gpu_product: NVIDIA-A100-SXM4-80GB\n"
+        "    tolerations: [{key: pool, operator: Equal, value: a100, effect: NoExecute}]\n"
+    )
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+
+    out = compile_pipeline_func(build_t2v_pipeline(Platform.from_yaml(cfg)), tmp_path / "p.yaml")
+    spec, plat = _docs(out)
+    assert spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
+    env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.example:9000"
+    d = plat["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
+    assert d["tolerations"] == [{"effect": "NoExecute", "key": "pool", "operator": "Equal", "value": "a100"}]
+    assert d["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert "pvcMount" not in d and any(m["mountPath"] == "/cache/models" for m in d["emptyDirMounts"])
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "retryPolicy" not in tasks["distill"] and tasks["distill"]["cachingOptions"] == {}
+
+
+@pytest.mark.parametrize("text, key", [
+    ("gpu_count: 1\n", "gpu_count"),
+    ("stages: {distil: {gpus: 1}}\n", "distil"),
+    ("stages: {distill: {gpu: 1}}\n", "gpu"),
+    ("defaults: {tolerations: [{key: a, effct: NoSchedule}]}\n", "effct"),
+])
+def test_platform_unknown_keys_are_errors(tmp_path: Path, text: str, key: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(PlatformError, match=repr(key)):
+        Platform.from_yaml(cfg)
+
+
+def test_rerun_pipeline_imports_given_uris(tmp_path: Path) -> None:
+    uris = {"dataset": "s3://b/artifacts/prepare_data/k1", "teacher": "s3://b/artifacts/train_teacher/k2",
+            "flowmap": "s3://b/artifacts/train_flowmap/k3"}
+    out = compile_pipeline_func(build_rerun_pipeline("distill", uris), tmp_path / "r.yaml")
+    spec, _ = _docs(out)
+    tasks = spec["root"]["dag"]["tasks"]
+    importers = {n: t for n, t in tasks.items() if n.startswith("importer")}
+    assert len(importers) == 3 and set(tasks) == {*importers, "distill"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {r: params[f"{r}_uri"]["defaultValue"] for r in uris} == uris
+    execs = spec["deploymentSpec"]["executors"]
+    imp_execs = [e["importer"] for n, e in execs.items() if "importer" in e]
+    assert len(imp_execs) == 3 and all(e["metadata"]["anyflow_uri"] for e in imp_execs)
+    wired = {k: v["taskOutputArtifact"]["producerTask"] for k, v in tasks["distill"]["inputs"]["artifacts"].items()}
+    assert set(wired) == set(uris) and set(wired.values()) == set(importers)
+
+
+def test_rerun_rejects_unknown_stage_and_role() -> None:
+    with pytest.raises(RerunError, match="unknown stage 'distil'"):
+        build_rerun_pipeline("distil")
+    with pytest.raises(RerunError, match="no input role 'teacher'"):
+        build_rerun_pipeline("train_flowmap", {"teacher": "s3://b/x"})
+
+
+def test_multinode_stage_becomes_trainjob_launcher(tmp_path: Path) -> None:
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+
+    plat = Platform.from_dict({"trainjob_api": "pytorchjob", "stages": {"distill": {"num_nodes": 4, "gpus": 8}}})
+    spec, k8s = _docs(compile_pipeline_func(build_t2v_pipeline(plat), tmp_path / "mn.yaml"))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "distill" not in tasks and "trainjob" in tasks
+    params = {k: v["runtimeValue"]["constant"] for k, v in tasks["trainjob"]["inputs"]["parameters"].items()
+              if "runtimeValue" in v}
+    assert params["stage"] == "distill" and params["num_nodes"] == 4 and params["gpus_per_node"] == 8
+    assert params["api"] == "pytorchjob" and params["image"].startswith("ghcr.io/anyflow/anyflow-train:v")
+    gen = tasks["evaluate"]["inputs"]["artifacts"]["generator"]["taskOutputArtifact"]
+    assert gen == {"outputArtifactKey": "result", "producerTask": "trainjob"}
+    launcher = spec["deploymentSpec"]["executors"]["exec-trainjob"]["container"]["resources"]
+    assert "accelerator" not in launcher  # the launcher pod needs no GPU; the job's workers get them
+    assert "tolerations" not in k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-trainjob"]
+    with pytest.raises(PlatformError, match="num_nodes"):
+        Platform.from_dict({"stages": {"distill": {"num_nodes": 0}}})
