@@ -1,10 +1,22 @@
-"""``anyflow bench``: run the benchmarks in ``benchmarks/`` and print their tables (ratios side by side)."""
+"""``anyflow bench`` / ``python -m benchmarks``: run the benchmarks in ``benchmarks/`` and print their tables.
+
+Each benchmark is a module ``benchmarks.bench_<name>`` with ``main(argv) -> int`` that measures its
+alternatives side by side in one run and prints ratios. This runner calls them in turn, passing each
+the arguments that ``--quick`` (every benchmark < 1 min on 2 CPU cores), ``--device`` and ``--e2e``
+translate to in its own options, and ends with a summary (status and seconds per benchmark). A
+benchmark missing from the checkout is reported as skipped; one that fails is reported and the
+others still run (exit code 1).
+"""
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
+import importlib.util
 import sys
+import time
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +26,93 @@ BENCHMARKS = {
     "dataprep": "benchmarks.bench_dataprep",
     "sampling": "benchmarks.bench_sampling",
 }
+# What --quick means in each benchmark's own options.
+QUICK_ARGS: dict[str, list[str]] = {
+    "training": ["--quick"],
+    "storage": ["--size-mb", "8", "--repeat", "1"],
+    "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2"],
+    "sampling": ["--quick"],
+}
+DEVICE_AWARE = {"training", "dataprep", "sampling"}  # benchmarks with a --device option
+
+
+def benchmark_argv(name: str, *, quick: bool, device: str | None, e2e: bool) -> list[str]:
+    """The argv the runner passes to ``benchmarks.bench_<name>.main``."""
+    argv = list(QUICK_ARGS[name]) if quick else []
+    if device and name in DEVICE_AWARE:
+        argv += ["--device", device]
+    if e2e and name == "sampling":
+        argv.append("--e2e")
+    return argv
+
+
+def _run_one(module_name: str, argv: list[str]) -> int:
+    module = importlib.import_module(module_name)
+    main = getattr(module, "main", None)
+    if main is None:
+        raise RuntimeError(f"{module_name} has no main(argv) function; add one so the runner can call it.")
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse errors and explicit exits
+        rc = exc.code if isinstance(exc.code, int) else 1
+    return int(rc or 0)
+
+
+def run_benchmarks(names: Sequence[str], *, quick: bool = False, device: str | None = None, e2e: bool = False) -> int:
+    """Run the named benchmarks (all if empty); print each table, then a summary. Returns 0 if none failed."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks").is_dir():
+        print("anyflow bench runs from a source checkout (benchmarks/ is not installed with the package)",
+              file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    summary = []
+    for name in names or list(BENCHMARKS):
+        module_name = BENCHMARKS[name]
+        argv = benchmark_argv(name, quick=quick, device=device, e2e=e2e)
+        print(f"\n=== {name}: python -m {module_name} {' '.join(argv)}".rstrip() + " ===", flush=True)
+        if importlib.util.find_spec(module_name) is None:
+            print(f"skipped: {module_name.replace('.', '/')}.py is not in this checkout")
+            summary.append((name, "skipped", 0.0))
+            continue
+        t0 = time.perf_counter()
+        try:
+            rc = _run_one(module_name, argv)
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except Exception as exc:  # report and go on: one broken benchmark should not hide the others
+            traceback.print_exc()
+            status = f"failed ({type(exc).__name__}: {exc})"
+        summary.append((name, status, time.perf_counter() - t0))
+        sys.stdout.flush()
+    print("\n=== summary ===")
+    width = max(len(n) for n, _, _ in summary)
+    for name, status, sec in summary:
+        print(f"{name.ljust(width)}  {sec:7.1f} s  {status}")
+    return 1 if any(s.startswith("failed") for _, s, _ in summary) else 0
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
+    p.add_argument("--quick", action="store_true", help="small sizes: every benchmark < 1 min on CPU")
+    p.add_argument("--device", default=None, help="cpu or cuda for the benchmarks that take one (training, dataprep, sampling)")
+    p.add_argument("--e2e", action="store_true", help="sampling: also time each stage of `anyflow run` on the tiny preset")
 
 
 def _handler(args: argparse.Namespace) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks").is_dir():
-        print("anyflow bench runs from a source checkout (benchmarks/ is not installed with the package)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    names = args.only or list(BENCHMARKS)
-    for name in names:
-        print(f"\n=== {name} ({BENCHMARKS[name]}) ===", flush=True)
-        saved = sys.argv
-        sys.argv = [BENCHMARKS[name], *(["--quick"] if args.quick else [])]
-        try:
-            runpy.run_module(BENCHMARKS[name], run_name="__main__")
-        finally:
-            sys.argv = saved
-    return 0
+    return run_benchmarks(args.only or [], quick=args.quick, device=args.device, e2e=args.e2e)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks`` (same options as ``anyflow bench``)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    _add_arguments(p)
+    return _handler(p.parse_args(argv))
 
 
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("bench", help="run the benchmarks and print ratio tables",
-                       description="Benchmarks measure side by side in one run and print ratios; times are indicative.")
-    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke)")
+                       description="Benchmarks measure side by side in one run and print ratios; times are indicative. "
+                                   "Same as `python -m benchmarks`.")
+    _add_arguments(p)
     p.set_defaults(func=_handler)

@@ -1,0 +1,195 @@
+"""Sampling through diffusers' ``AnyFlowPipeline`` (the reference inference path, METHOD.md §2.4, §9).
+
+The evaluate stage samples flow-map checkpoints the way users will: a diffusers ``AnyFlowPipeline``
+around a transformer whose generator LoRA is merged into the weights (``W + (α/r)·B·A``, §2.3, as in
+the released checkpoints) and ``FlowMapEulerDiscreteScheduler(shift=5)``. This module builds that
+pipeline from our :class:`~anyflow.models.loading.BaseModel` and calls it with our own conditioning
+and noise, so its output is directly comparable with :func:`anyflow.rollout.flowmap_euler_sample`.
+
+How the pipeline lines up with our sampler (checked in ``tests/test_eval_pipeline.py``):
+
+* Grid: ``set_timesteps(N)`` gives σ = shift_5(linspace(1, 0, N+1)[:-1]) with a terminal 0 appended,
+  in float64 — the same σ_i = shift_5(1 − i/N) as §2.4 / ``anyflow.timesteps.flowmap_euler_sigmas``.
+* Call i gets t = 1000·σ_i and r = 1000·σ_{i+1} as (B, F) float64 tensors (the transformer's sinusoidal
+  projection casts them to fp32, so they equal our fp32 τ; with ``deltatime_type="t-r"`` the
+  difference t − r is taken in float64 first); ``use_mean_velocity=False`` feeds r = t.
+* Step: z ← z − (σ_i − σ_{i+1})·u, computed in float64 and cast back to the *transformer's* dtype.
+* Layout: the pipeline takes ``latents`` as (B, C, F, H, W) (the standard diffusers layout, permuted
+  to (B, F, C, H, W) inside) and returns (B, C, F, H, W) for ``output_type="latent"``; we permute on
+  both sides so callers keep our (B, F, C, H, W).
+* Differences that matter only in reduced precision: the pipeline casts the initial noise to the
+  transformer dtype and keeps the latent state in that dtype between steps (bf16 for the real
+  models, as §9 says); ``flowmap_euler_sample`` keeps the state in the noise's dtype (fp32) and casts
+  only the transformer input. With an fp32 transformer the two agree to float rounding.
+* CFG (``guidance_scale > 1``, the teacher only) runs the negative and positive batches in one call
+  (``torch.cat([neg, pos])``) and mixes ``u_∅ + g·(u_c − u_∅)``, the same formula as
+  ``anyflow.stages.evaluate.guided``.
+
+Prompts given as strings are embedded with :meth:`TextEncoder.encode` (our Wan convention, the same
+embeddings every other stage uses), not with the pipeline's own encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from anyflow.timesteps import flowmap_euler_sigmas
+
+if TYPE_CHECKING:
+    from diffusers import AnyFlowPipeline
+
+    from anyflow.models.loading import BaseModel
+
+DEFAULT_SHIFT = 5.0  # Wan2.1's shift; the scheduler's own default (1.0) would be a different grid
+
+
+def build_pipeline(base: BaseModel, transformer: torch.nn.Module, *, shift: float = DEFAULT_SHIFT) -> AnyFlowPipeline:
+    """An ``AnyFlowPipeline`` over ``base``'s tokenizer, text encoder and VAE and the given transformer.
+
+    Args:
+        base: the frozen base bundle (its ``text.tokenizer``, ``text.model`` and ``vae.vae`` are used).
+        transformer: an ``AnyFlowTransformer3DModel``, normally with the generator LoRA merged
+            (:func:`anyflow.models.lora.merge_adapter`); it is used as is, not copied.
+        shift: the timestep shift of ``FlowMapEulerDiscreteScheduler`` (5 for Wan2.1, METHOD.md §1.2).
+
+    The pipeline's progress bar is disabled (the evaluate stage has its own).
+    """
+    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    if not hasattr(transformer, "condition_embedder") or not hasattr(transformer.condition_embedder, "delta_embedder"):
+        raise TypeError(
+            f"build_pipeline needs an AnyFlowTransformer3DModel (with a delta embedder), got {type(transformer).__name__};"
+            " convert a Wan model with anyflow.models.convert.wan_to_anyflow first."
+        )
+    pipe = AnyFlowPipeline(
+        tokenizer=base.text.tokenizer,
+        text_encoder=base.text.model,
+        transformer=transformer,
+        vae=base.vae.vae,
+        scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_sigmas(pipe: AnyFlowPipeline, nfe: int) -> Tensor:
+    """The pipeline scheduler's (N+1,) σ grid for ``nfe`` steps (float64, CPU), for comparison with §2.4."""
+    pipe.scheduler.set_timesteps(nfe, device="cpu")
+    return pipe.scheduler.sigmas.detach().to("cpu", torch.float64).clone()
+
+
+def check_grid(pipe: AnyFlowPipeline, nfe: int, shift: float = DEFAULT_SHIFT) -> float:
+    """Max |σ_pipeline − σ_§2.4| over the N-step grid; raises if the grids differ by more than 1e-12.
+
+    Guards against a pipeline whose scheduler was configured with another shift (its default is 1).
+    """
+    ours = flowmap_euler_sigmas(nfe, shift)
+    theirs = pipeline_sigmas(pipe, nfe)
+    if theirs.shape != ours.shape:
+        raise ValueError(f"AnyFlowPipeline grid for NFE={nfe} has {theirs.numel()} points, METHOD.md §2.4 has {ours.numel()}.")
+    err = float((theirs - ours).abs().max())
+    if err > 1e-12:
+        raise ValueError(
+            f"AnyFlowPipeline grid for NFE={nfe} differs from σ_i = shift_{shift:g}(1 − i/N) by {err:.3g}; the scheduler"
+            f" has shift={pipe.scheduler.config.shift}, build it with build_pipeline(..., shift={shift:g})."
+        )
+    return err
+
+
+def _embeds(base: BaseModel, prompts_or_embeds: Sequence[str] | Tensor) -> Tensor:
+    if isinstance(prompts_or_embeds, Tensor):
+        if prompts_or_embeds.ndim != 3:
+            raise ValueError(
+                f"sample_with_pipeline: prompt embeddings must be (B, L, D), got shape {tuple(prompts_or_embeds.shape)}."
+            )
+        return prompts_or_embeds
+    if isinstance(prompts_or_embeds, str):
+        raise TypeError("sample_with_pipeline: pass a list of prompts, e.g. ['a red circle'], not a single string.")
+    with torch.no_grad():
+        return base.text.encode(list(prompts_or_embeds))
+
+
+def _frame_size(base: BaseModel, noise: Tensor) -> tuple[int, int, int]:
+    """(num_frames, height, width) in pixels for the pipeline's input checks (the latents fix the real shape).
+
+    The pipeline insists on height/width divisible by 16; they only feed that check when ``latents``
+    is given, so sizes that are not are rounded up to the next multiple of 16.
+    """
+    f, _, h, w = noise.shape[1:]
+    tf, sf = base.vae.temporal_factor, base.vae.spatial_factor
+    return (f - 1) * tf + 1, 16 * math.ceil(h * sf / 16), 16 * math.ceil(w * sf / 16)
+
+
+@torch.no_grad()
+def sample_with_pipeline(
+    base: BaseModel,
+    transformer: torch.nn.Module | AnyFlowPipeline,
+    prompts_or_embeds: Sequence[str] | Tensor,
+    noise: Tensor,
+    nfe: int,
+    *,
+    shift: float = DEFAULT_SHIFT,
+    use_mean_velocity: bool = True,
+    guidance_scale: float = 1.0,
+    negative_embeds: Tensor | None = None,
+) -> Tensor:
+    """Sample with diffusers' ``AnyFlowPipeline`` from fixed noise; returns normalised latents (B, F, C, h, w).
+
+    Args:
+        base: the base bundle (text encoder, VAE) the pipeline is built around.
+        transformer: a merged AnyFlow transformer (see :func:`build_pipeline`) or an ``AnyFlowPipeline``
+            built before (reused; its scheduler's grid is checked against METHOD.md §2.4).
+        prompts_or_embeds: prompts (embedded with ``base.text.encode``) or embeddings (B, L, D).
+        noise: the initial latent (B, F, C, h, w) at σ = 1, in our layout; not modified.
+        nfe: N, the number of steps = transformer calls (2N batched rows with CFG).
+        shift: the grid's timestep shift (METHOD.md §1.2, §2.4).
+        use_mean_velocity: False feeds r = t (plain Euler with the instantaneous velocity).
+        guidance_scale: 1 for flow-map checkpoints (CFG is fused, §2.4); > 1 runs the pipeline's CFG
+            with ``negative_embeds`` (the teacher's Euler + CFG sampler).
+        negative_embeds: (1 or B, L, D) unconditional embeddings; required when ``guidance_scale > 1``.
+
+    Output: fp32 latents on ``noise``'s device, ready for ``base.vae.decode``.
+    """
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"sample_with_pipeline: nfe must be a positive int, got {nfe!r}.")
+    if noise.ndim != 5:
+        raise ValueError(f"sample_with_pipeline: noise must be a (B, F, C, h, w) latent, got shape {tuple(noise.shape)}.")
+    pipe = transformer if hasattr(transformer, "scheduler") else build_pipeline(base, transformer, shift=shift)
+    check_grid(pipe, nfe, shift)
+    c = _embeds(base, prompts_or_embeds)
+    b = noise.shape[0]
+    if c.shape[0] != b:
+        raise ValueError(f"sample_with_pipeline: {c.shape[0]} prompt embeddings for {b} noise samples; pass one per sample.")
+    neg = None
+    if guidance_scale > 1.0:
+        if negative_embeds is None:
+            raise ValueError(
+                "sample_with_pipeline: guidance_scale > 1 needs negative_embeds (e.g. base.text.encode([WAN_NEGATIVE_PROMPT]))."
+            )
+        neg = negative_embeds.expand(b, -1, -1) if negative_embeds.shape[0] == 1 else negative_embeds
+    device = pipe.transformer.device
+    if torch.device(pipe._execution_device) != device:  # the pipeline puts the latents on its first module's device
+        raise ValueError(
+            f"sample_with_pipeline: the pipeline runs on {pipe._execution_device} but the transformer is on {device};"
+            " put base.vae, base.text and the transformer on one device."
+        )
+    num_frames, height, width = _frame_size(base, noise)
+    out = pipe(
+        prompt_embeds=c.to(device),
+        negative_prompt_embeds=None if neg is None else neg.to(device),
+        latents=noise.permute(0, 2, 1, 3, 4).to(device),  # ours (B, F, C, h, w) -> diffusers (B, C, F, h, w)
+        num_inference_steps=nfe,
+        guidance_scale=float(guidance_scale),
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        output_type="latent",
+        use_mean_velocity=use_mean_velocity,
+        return_dict=False,
+    )[0]
+    return out.permute(0, 2, 1, 3, 4).float().to(noise.device)  # back to (B, F, C, h, w)
