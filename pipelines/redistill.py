@@ -16,11 +16,13 @@ from typing import NamedTuple
 from pipelines.platform import Platform
 
 PIPELINE_NAME = "anyflow-redistill"
-DEFAULT_CONFIG_JSON = '{"lease_ttl_s": 86400}'  # no heartbeat across pods: the lease covers the run's timeout
+#: No heartbeat across pods: the run lease must cover the run's timeout. (Component defaults repeat the
+#: literal: KFP serialises each component function on its own, without this module's globals.)
+DEFAULT_CONFIG_JSON = '{"lease_ttl_s": 86400}'
 
 
 def redistill_plan(store: str, source: str, teacher_uri: str, run_id: str, flowmap_uri: str = "",
-                   eval_dataset_uri: str = "", config_json: str = DEFAULT_CONFIG_JSON,
+                   eval_dataset_uri: str = "", config_json: str = '{"lease_ttl_s": 86400}',
                    ) -> NamedTuple("PlanOutputs", [("action", str), ("plan_url", str)]):
     """Plan a re-distillation run: data window since the live model, prepared dataset, warm start.
 
@@ -85,7 +87,7 @@ def redistill_decide(plan_url: str, candidate_url: str, evals_url: str) -> str:
     return str(rec["status"])
 
 
-def redistill_finish(store: str, run_id: str, config_json: str = DEFAULT_CONFIG_JSON) -> str:
+def redistill_finish(store: str, run_id: str, config_json: str = '{"lease_ttl_s": 86400}') -> str:
     """Exit handler: record a failed run (alias untouched) and release the run lease.
 
     Args:
@@ -131,13 +133,14 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
             config_json: RedistillConfig as JSON (name, preset, overrides, metrics, margin, relative_margin, ...).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        # plan releases the lease and records the run itself when it skips or fails
+        plan = plan_c(store=store, source=source, teacher_uri=teacher_uri, run_id=run_id, flowmap_uri=flowmap_uri,
+                      eval_dataset_uri=eval_dataset_uri, config_json=config_json)
+        plat.apply(plan, "prepare_data").set_caching_options(enable_caching=False)
         finish = finish_c(store=store, run_id=run_id, config_json=config_json)
         plat.apply(finish, "trainjob").set_caching_options(enable_caching=False)
-        finish.set_display_name("redistill-finish")
-        with dsl.ExitHandler(finish, name="redistill-run"):
-            plan = plan_c(store=store, source=source, teacher_uri=teacher_uri, run_id=run_id, flowmap_uri=flowmap_uri,
-                          eval_dataset_uri=eval_dataset_uri, config_json=config_json)
-            plat.apply(plan, "prepare_data").set_caching_options(enable_caching=False)
+        with dsl.ExitHandler(finish, name="redistill-train-and-decide"):
+            # nothing new: no GPU pod is scheduled (plan already wrote the "skipped" record)
             with dsl.If(plan.outputs["action"] == "run", name="something-to-distill"):
                 cand = plat.apply(distill_c(plan_url=plan.outputs["plan_url"]), "distill")
                 cand.set_caching_options(enable_caching=False)
