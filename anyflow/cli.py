@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from anyflow import __version__
 
@@ -53,7 +54,7 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anyflow import bench, kfpctl, registry, storage
+    from anyflow import bench, kfpctl, ops, registry, storage
     from anyflow import sample as sample_cmd
 
     parser = argparse.ArgumentParser(
@@ -72,23 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_cli(sub)
     _add_presets(sub)
     bench.add_cli(sub)
+    ops.add_cli(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    if args.s3_endpoint:
-        from anyflow import storage
+def run_with_exit_codes(func: Callable[..., int | None], *args: Any) -> int:
+    """Call ``func`` and map known failures to one clear sentence and an exit code.
 
-        storage.configure(s3_endpoint=args.s3_endpoint)
+    0 ok; 1 failure (artifact refused, training diverged); 2 bad input (config, stage inputs, missing
+    file); 75 preempted (SIGTERM after a checkpoint: retryable); 130 interrupted. Shared by ``anyflow``
+    and ``python -m anyflow.stages.<name>`` (what a Trainer job runs).
+    """
     from anyflow.config import ConfigError, StageInputError
 
     try:
-        return int(args.func(args) or 0)
+        return int(func(*args) or 0)
     except (ConfigError, StageInputError, FileNotFoundError) as exc:
         print(f"anyflow: error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"anyflow: error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.s3_endpoint:
+        from anyflow import storage
+
+        storage.configure(s3_endpoint=args.s3_endpoint)
+    return run_with_exit_codes(args.func, args)
 
 
 if __name__ == "__main__":

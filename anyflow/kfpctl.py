@@ -138,11 +138,22 @@ def _compiled(pipeline_func: Any) -> str:
     return path
 
 
-def _pipeline_params(args: argparse.Namespace) -> dict[str, Any]:
+def _pipeline_params(args: argparse.Namespace, pipeline_func: Any = None) -> dict[str, Any]:
+    """Run arguments: preset/overrides/store where the pipeline declares them, plus ``--param``s.
+
+    A ``--param`` the pipeline does not declare is an error naming the declared ones.
+    """
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True)}
     if args.store:
         params["store"] = args.store
-    params.update(_params(args.param))
+    extra = _params(args.param)
+    declared = set((getattr(getattr(pipeline_func, "component_spec", None), "inputs", None) or {}).keys())
+    if declared:
+        unknown = sorted(set(extra) - declared)
+        if unknown:
+            raise UserError(f"pipeline has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(declared))}.")
+        params = {k: v for k, v in params.items() if k in declared}
+    params.update(extra)
     return params
 
 
@@ -167,7 +178,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         func = build(args.pipeline, _platform(args), args.image)
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    return _submit(args, func, _pipeline_params(args))
+    return _submit(args, func, _pipeline_params(args, func))
 
 
 def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
@@ -216,7 +227,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     except RerunError as exc:
         raise UserError(str(exc)) from None
     if args.host:
-        return _submit(args, func, _pipeline_params(args))
+        return _submit(args, func, _pipeline_params(args, func))
     store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
@@ -243,9 +254,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     try:
-        package = _compiled(build(args.pipeline, _platform(args), args.image))
+        func = build(args.pipeline, _platform(args), args.image)
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    params = _pipeline_params(args, func)
+    package = _compiled(func)
     client = _client(args)
     with friendly_errors(args.host):
         experiment = client.create_experiment(args.experiment, namespace=args.namespace)
@@ -253,7 +266,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             experiment_id=experiment.experiment_id, job_name=args.run_name or f"{args.pipeline}-schedule",
             cron_expression=kfp_cron, max_concurrency=args.max_concurrency, no_catchup=True,
             service_account=args.service_account,
-            params=_pipeline_params(args), pipeline_package_path=package)
+            params=params, pipeline_package_path=package)
     print(f"created recurring run {job.recurring_run_id}")
     return 0
 

@@ -15,6 +15,8 @@ from pipelines.anyflow_t2v import build_t2v_pipeline
 from pipelines.evaluate_only import PIPELINE_NAME as EVAL_ONLY
 from pipelines.evaluate_only import build_evaluate_only_pipeline
 from pipelines.platform import Platform
+from pipelines.redistill import PIPELINE_NAME as REDISTILL
+from pipelines.redistill import build_redistill_pipeline
 from pipelines.rerun import STAGE_INPUTS, build_rerun_pipeline, rerun_pipeline_name
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
@@ -27,11 +29,11 @@ def _rerun_builder(stage: str) -> Callable:
     return build
 
 
-#: Pipeline name → builder(platform, image). ``anyflow-redistill`` (periodic re-distillation) is
-#: issue 9's and is added here when it lands.
+#: Pipeline name → builder(platform, image).
 PIPELINES: dict[str, Callable] = {
     T2V: build_t2v_pipeline,
     EVAL_ONLY: build_evaluate_only_pipeline,
+    REDISTILL: build_redistill_pipeline,
     **{rerun_pipeline_name(stage): _rerun_builder(stage) for stage in STAGE_INPUTS},
 }
 

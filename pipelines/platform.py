@@ -128,7 +128,7 @@ class Platform:
             kubernetes.mount_pvc(task, pvc_name=self.model_cache_pvc, mount_path=self.model_cache_path)
         else:
             kubernetes.empty_dir_mount(task, volume_name="model-cache", mount_path=self.model_cache_path)
-        task.set_env_variable("ANYFLOW_MODEL_CACHE", self.model_cache_path)
+        task.set_env_variable("ANYFLOW_CACHE_DIR", self.model_cache_path)  # storage cache: base models + artifacts
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=res.shm_size)
         kubernetes.set_image_pull_policy(task, self.image_pull_policy)

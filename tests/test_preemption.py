@@ -171,8 +171,6 @@ def test_sigterm_checkpoints_exits_75_and_rerun_equals_uninterrupted(reference, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="python -m anyflow.stages.<name> (stage_main) does not map Preempted to "
-                   "exit 75 nor StageInputError to 2 the way anyflow.cli.main does; reported to the lead")
 def test_module_entry_point_maps_exit_codes(s3_prefix: str) -> None:
     res = _run("module", s3_prefix, f"{s3_prefix}/no-such-artifact")
     assert res.returncode == 2

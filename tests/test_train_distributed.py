@@ -22,7 +22,7 @@ def test_two_ranks_stay_in_sync(tiny_chain, tmp_path: Path) -> None:
         pytest.skip("torchrun not found next to the interpreter")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "0", str(WORKER), tiny_chain["dataset"].uri, str(tmp_path)],
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), tiny_chain["dataset"].uri, str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

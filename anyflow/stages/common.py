@@ -125,6 +125,17 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
 # ------------------------------------------------------------------------------ resumable training
 
 
+def _step_dirs(ckpt_url: str) -> list[tuple[int, str]]:
+    """``[(step, url)]`` of the ``step-XXXXXXXX`` checkpoint folders under ``ckpt_url``, newest first."""
+    steps = {}
+    for url in storage.list_prefix(ckpt_url) if storage.exists(ckpt_url) else []:
+        rel = url[len(ckpt_url.rstrip("/")) + 1 :]
+        head = rel.split("/", 1)[0]
+        if head.startswith("step-") and head[5:].isdigit():
+            steps[int(head[5:])] = storage.join(ckpt_url, head)
+    return sorted(steps.items(), reverse=True)
+
+
 def train_resumable(
     method: Any,
     tr: TrainConfig,
@@ -134,22 +145,34 @@ def train_resumable(
     ckpt_url: str | None,
     progress: bool,
 ) -> Any:
-    """Run the loop, resuming from ``ckpt_url`` (deterministic per stage inputs) when a valid state exists."""
+    """Run the loop with preemption-safe checkpoints under ``ckpt_url`` (deterministic per stage inputs).
+
+    Each save is published to a new ``step-XXXXXXXX`` folder (manifest last) and older folders are
+    deleted only after it is complete, so a kill during an upload leaves the previous checkpoint valid.
+    A rerun resumes from the newest folder whose manifest verifies.
+    """
     from anyflow.train.loop import fit
 
     work = Path(tempfile.mkdtemp(prefix="anyflow-train-"))
-    resume = None
-    if ckpt_url and storage.exists(storage.join(ckpt_url, "manifest.json")):
+    resume, resume_url = None, None
+    for _, url in _step_dirs(ckpt_url) if ckpt_url else []:
         try:
-            resume = storage.fetch(ckpt_url, cache_dir=work / "resume")
+            resume, resume_url = storage.fetch(url, cache_dir=work / "resume"), url
+            break
         except storage.ArtifactError:
-            resume = None  # a torn checkpoint is ignored: we start over rather than read it
-    sync: Callable[[Path], None] | None = None
+            continue  # torn by a kill mid-upload: fall back to the previous one
+    sync: Callable[[Path, int], str] | None = None
     if ckpt_url:
-        def sync(path: Path) -> None:
-            storage.publish(path, ckpt_url, kind="train-state")
+        def sync(path: Path, step: int) -> str:
+            url = storage.join(ckpt_url, f"step-{step:08d}")
+            storage.publish(path, url, kind="train-state", extra={"step": step})
+            stale = [u for s, u in _step_dirs(ckpt_url) if s != step]
+            for old in stale:
+                storage.delete(storage.list_prefix(old))
+            return url
     try:
-        result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume, progress=progress)
+        result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume,
+                     resume_label=resume_url, progress=progress)
         log_src = work / "log.jsonl"
         if log_src.exists():
             shutil.copy(log_src, out_dir / "log.jsonl")

@@ -108,7 +108,7 @@ class TrainContext:
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip[name])
         value = float(norm)
         if not math.isfinite(value):
-            raise TrainingDiverged(f"gradient norm of {name!r} is {value} at step {self.step}")
+            raise TrainingDiverged(f"gradient norm of {name!r} is {value}")
         opt = self.optimizers[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -165,8 +165,9 @@ def fit(
     *,
     work_dir: str | Path,
     accelerator: Any = None,
-    checkpoint_sync: Callable[[Path], None] | None = None,
+    checkpoint_sync: Callable[[Path, int], str] | None = None,
     resume_from: Path | None = None,
+    resume_label: str | None = None,
     stop_after: int | None = None,
     progress: bool = True,
     log_name: str = "log.jsonl",
@@ -174,8 +175,9 @@ def fit(
     """Run ``cfg.steps`` iterations of ``method``.
 
     ``batches`` is an iterator with ``state_dict()/load_state_dict()`` (the resumable data loader).
-    ``work_dir/checkpoint`` holds the newest training state; ``checkpoint_sync(path)`` (if given)
-    publishes it after each save, e.g. to S3, so a retried pod can resume. ``resume_from`` restores a
+    ``work_dir/checkpoint`` holds the newest training state; ``checkpoint_sync(path, step)`` (if given)
+    publishes it after each save, e.g. to S3, so a retried pod can resume, and returns where it went
+    (named in errors as the last good checkpoint). ``resume_from`` restores a
     state directory before training. ``stop_after`` ends the run early after that many steps
     (used by tests that interrupt and resume).
     """
@@ -224,7 +226,7 @@ def fit(
         log_path.write_text("".join(ln + "\n" for ln in kept))
     tb = _tensorboard(work_dir / "tensorboard") if accelerator.is_main_process else None
     last: dict[str, float] = {}
-    last_ckpt: str = str(resume_from) if resume_from else "none"
+    last_ckpt: str = (resume_label or str(resume_from)) if resume_from else "none"
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     t0 = time.perf_counter()
     bar = _progress(progress and accelerator.is_main_process, start, cfg.steps, method.name)
@@ -238,9 +240,7 @@ def fit(
         log.flush()
         if log_path.exists():
             shutil.copy(log_path, ckpt_dir / log_name)
-        last_ckpt = str(ckpt_dir)
-        if checkpoint_sync is not None:
-            checkpoint_sync(ckpt_dir)
+        last_ckpt = checkpoint_sync(ckpt_dir, step) if checkpoint_sync is not None else str(ckpt_dir)
 
     with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, end):
@@ -248,7 +248,12 @@ def fit(
             ts = time.perf_counter()
             autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
             with autocast:
-                metrics = method.train_step(ctx, step)
+                try:
+                    metrics = method.train_step(ctx, step)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(
+                        f"{method.name}: {exc} at step {step + 1}; last good checkpoint: {last_ckpt}"
+                    ) from exc
             bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
             if bad:
                 raise TrainingDiverged(
