@@ -9,8 +9,10 @@ flowmap.loss (the fused guidance scale the teacher reference uses).
 Protocol. Prompts and noise are fixed by ``evaluate.seed`` so every column is comparable. The
 reference is the teacher's ``reference_steps``-step Euler ODE solution with CFG (uncond + g·(cond −
 uncond), g = the fused guidance scale, i.e. the field the flow map was trained to follow, §6.2). The
-teacher itself is also sampled with Euler + CFG at each NFE (2 calls per step), the flow-map
-checkpoints with the FlowMap-Euler sampler (N calls, no CFG).
+teacher itself is also sampled with Euler + CFG at each NFE (2 calls per step) by our own sampler (so
+the reference stays independent of the code under test), the flow-map checkpoints with the
+FlowMap-Euler sampler through diffusers' ``AnyFlowPipeline`` with the checkpoint's LoRA merged (N calls,
+no CFG).
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def _prompts(cfg: Preset, base: Any, inputs: Mapping[str, str]) -> tuple[list[st
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
     from anyflow import storage
     from anyflow.eval import metrics as M
+    from anyflow.eval.pipeline import build_pipeline, sample_with_pipeline
     from anyflow.eval.report import build_report
+    from anyflow.models import lora
     from anyflow.models.text import WAN_NEGATIVE_PROMPT
 
     common.require_inputs("evaluate", inputs, INPUTS, OPTIONAL)
@@ -113,8 +117,20 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     samplers: dict[str, Any] = {
         "teacher": lambda n: flowmap_euler_sample(teacher_cfg, noise, c, n, shift=shift, use_mean_velocity=False)
     }
+    # Flow-map checkpoints are sampled the way users sample released checkpoints: diffusers'
+    # AnyFlowPipeline over the generator LoRA merged into a copy of the base (W + (α/r)·B·A, §2.3).
+    # tests/test_eval_pipeline.py checks it equals flowmap_euler_sample over the unmerged adapter.
+    # One merged copy is alive at a time (the sweep runs model by model).
+    merged: dict[str, Any] = {}
+
+    def pipeline_for(role: str) -> Any:
+        if role not in merged:
+            merged.clear()
+            merged[role] = build_pipeline(base, lora.merge_adapter(models.transformer, role), shift=shift)
+        return merged[role]
+
     for role in roles:
-        samplers[role] = lambda n, role=role: flowmap_euler_sample(models.fn(role), noise, c, n, shift=shift)
+        samplers[role] = lambda n, role=role: sample_with_pipeline(base, pipeline_for(role), c, noise, n, shift=shift)
 
     def decode(lat: torch.Tensor) -> torch.Tensor:
         return base.vae.decode(lat).float()
