@@ -18,7 +18,7 @@ EPILOG = """\
 quick start:
   anyflow run                         the whole pipeline on the tiny preset, on CPU, through KFP's local runner
   anyflow stage train_flowmap --in dataset=DIR --store DIR      one stage as a plain process
-  anyflow compile --out anyflow-t2v.yaml                         compile the pipeline for the KFP UI
+  anyflow compile --output anyflow-t2v.yaml                      compile the pipeline for the KFP UI
 Exit codes: 0 ok, 1 failure, 2 bad input/usage, 75 preempted (retryable).
 """
 
