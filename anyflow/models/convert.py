@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 
 # Wan config keys that AnyFlowTransformer3DModel takes unchanged.
-_SHARED_KEYS = (
+WAN_CONFIG_KEYS = (
     "patch_size",
     "num_attention_heads",
     "attention_head_dim",
@@ -58,7 +58,7 @@ def anyflow_config_from_wan(
         raise ValueError(f"Wan config patch_size={patch!r} is not supported: AnyFlow needs (1, p, p).")
     if deltatime_type not in DELTATIME_TYPES:
         raise ValueError(f"deltatime_type={deltatime_type!r} is not one of {DELTATIME_TYPES}.")
-    out = {k: cfg[k] for k in _SHARED_KEYS if k in cfg}
+    out = {k: cfg[k] for k in WAN_CONFIG_KEYS if k in cfg}
     if "patch_size" in out:
         out["patch_size"] = tuple(out["patch_size"])
     out["gate_value"] = float(gate_value)

@@ -25,28 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anyflow.models.convert import WAN_CONFIG_KEYS
+
 if TYPE_CHECKING:
     from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 
 DEFAULT_CHUNK_PARTITION: tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)  # §8.1, 21 latent frames
 TINY_CHUNK_PARTITION: tuple[int, ...] = (1, 3, 3, 3)  # 10 latent frames, used by tests and far-tiny
 
-# Wan config keys that the FAR class copies 1:1.
-_SHARED_KEYS = (
-    "patch_size",
-    "num_attention_heads",
-    "attention_head_dim",
-    "in_channels",
-    "out_channels",
-    "text_dim",
-    "freq_dim",
-    "ffn_dim",
-    "num_layers",
-    "cross_attn_norm",
-    "eps",
-    "image_dim",
-    "rope_max_seq_len",
-)
+# Wan config keys that the FAR class copies 1:1 (the same as the bidirectional AnyFlow class).
+_SHARED_KEYS = WAN_CONFIG_KEYS
 
 
 def far_config_from_wan(

@@ -122,6 +122,26 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
     return Checkpoint(url, meta, adapters, log if log.exists() else None)
 
 
+# ------------------------------------------------------------------------------ training stages
+
+
+def training_setup(cfg: Preset, dataset_url: str, tr: TrainConfig) -> tuple[Any, Any]:
+    """The dataset loader and one frozen base with room for named adapters."""
+    data = open_dataset(dataset_url, tr, cfg)
+    return data, adapter_model(cfg, load_models(cfg).transformer)
+
+
+def train_and_export(
+    cfg: Preset, tr: TrainConfig, data: Any, models: Any, method: Any, *, out_dir: Path, ckpt_url: str | None,
+    progress: bool, kind: str, ema_adapter: str, export: Mapping[str, str],
+) -> dict:
+    """Train (resumably), put the EMA into ``ema_adapter``, write adapters ``export`` ({name: role})."""
+    result = train_resumable(method, tr, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+    models.load_params(ema_adapter, result.ema)
+    write_checkpoint(out_dir, cfg, {name: (role, models.state(name)) for name, role in export.items()}, kind=kind)
+    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if "loss" in k}}
+
+
 # ------------------------------------------------------------------------------ resumable training
 
 

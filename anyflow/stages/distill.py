@@ -29,21 +29,15 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     critic = None
     if "critic" in inputs:
         critic = common.read_checkpoint(inputs["critic"], cfg, role="critic", need=("critic",)).adapters["critic"]
-    data = common.open_dataset(inputs["dataset"], cfg.distill.train, cfg)
-    base = common.load_models(cfg)
-    models = common.adapter_model(cfg, base.transformer)
+    tr = cfg.distill.train
+    data, models = common.training_setup(cfg, inputs["dataset"], tr)
     method = OnPolicyMethod(
         models, cfg.distill, data.negative_embedding(),
         teacher=teacher.adapters["teacher"], generator=flowmap.adapters["generator"], critic=critic,
     )
-    result = common.train_resumable(method, cfg.distill.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
-    models.load_params("generator", result.ema)
-    common.write_checkpoint(
-        out_dir, cfg,
-        {"generator": ("generator", models.state("generator")), "critic": ("critic", models.state("critic"))},
-        kind=KIND,
-    )
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith(("loss", "forward/loss"))}}
+    # the generator is exported as its EMA; the critic as trained (a warm start for re-distillation)
+    return common.train_and_export(cfg, tr, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress,
+                                   kind=KIND, ema_adapter="generator", export={"generator": "generator", "critic": "critic"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,10 +25,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
 
     common.require_inputs("finetune", inputs, INPUTS, OPTIONAL)
     gen = common.read_checkpoint(inputs["generator"], cfg, role="generator", need=("generator",))
-    data = common.open_dataset(inputs["dataset"], cfg.finetune.train, cfg)
-    base = common.load_models(cfg)
-    models = common.adapter_model(cfg, base.transformer)
     ft = cfg.finetune
+    data, models = common.training_setup(cfg, inputs["dataset"], ft.train)
     if ft.onpolicy:
         if "teacher" not in inputs:
             raise common.StageInputError("finetune.onpolicy=true needs a 'teacher' input")
@@ -40,10 +38,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     else:
         method = FlowMapMethod(models, FlowMapStage(train=ft.train, optim=ft.optim, loss=ft.loss),
                                data.negative_embedding(), init=gen.adapters["generator"], name="finetune")
-    result = common.train_resumable(method, ft.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
-    models.load_params("generator", result.ema)
-    common.write_checkpoint(out_dir, cfg, {"generator": ("generator", models.state("generator"))}, kind=KIND)
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+    return common.train_and_export(cfg, ft.train, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url,
+                                   progress=progress, kind=KIND, ema_adapter="generator", export={"generator": "generator"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

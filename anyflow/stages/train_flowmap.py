@@ -22,14 +22,11 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     from anyflow.train.methods import FlowMapMethod
 
     common.require_inputs("train_flowmap", inputs, INPUTS)
-    data = common.open_dataset(inputs["dataset"], cfg.flowmap.train, cfg)
-    base = common.load_models(cfg)
-    models = common.adapter_model(cfg, base.transformer)
+    tr = cfg.flowmap.train
+    data, models = common.training_setup(cfg, inputs["dataset"], tr)
     method = FlowMapMethod(models, cfg.flowmap, data.negative_embedding())
-    result = common.train_resumable(method, cfg.flowmap.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
-    models.load_params("generator", result.ema)
-    common.write_checkpoint(out_dir, cfg, {"generator": ("generator", models.state("generator"))}, kind=KIND)
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+    return common.train_and_export(cfg, tr, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress,
+                                   kind=KIND, ema_adapter="generator", export={"generator": "generator"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

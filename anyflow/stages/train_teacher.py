@@ -21,14 +21,11 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     from anyflow.train.methods import TeacherMethod
 
     common.require_inputs("train_teacher", inputs, INPUTS)
-    data = common.open_dataset(inputs["dataset"], cfg.teacher.train, cfg)
-    base = common.load_models(cfg)
-    models = common.adapter_model(cfg, base.transformer)
+    tr = cfg.teacher.train
+    data, models = common.training_setup(cfg, inputs["dataset"], tr)
     method = TeacherMethod(models, cfg.teacher, data.negative_embedding())
-    result = common.train_resumable(method, cfg.teacher.train, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
-    models.load_params("teacher", result.ema)
-    common.write_checkpoint(out_dir, cfg, {"teacher": ("teacher", models.state("teacher"))}, kind=KIND)
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if k.startswith("loss")}}
+    return common.train_and_export(cfg, tr, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress,
+                                   kind=KIND, ema_adapter="teacher", export={"teacher": "teacher"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
