@@ -101,6 +101,11 @@ def run_with_exit_codes(func: Callable[..., int | None], *args: Any) -> int:
         if isinstance(exc, Preempted):
             print(f"anyflow: {exc}", file=sys.stderr)
             return PREEMPTED_EXIT_CODE
+        from anyflow.data.prepare import DataPrepError
+
+        if isinstance(exc, DataPrepError):  # bad input data (strict mode, or nothing usable)
+            print(f"anyflow: error: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, (storage.ArtifactError, TrainingDiverged)):
             print(f"anyflow: error: {exc}", file=sys.stderr)
             return 1

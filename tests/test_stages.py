@@ -127,3 +127,15 @@ def test_sample_command_writes_videos(tiny_chain, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     files = sorted(tmp_path.glob("*.mp4"))
     assert len(files) == 1 and files[0].stat().st_size > 0
+
+
+def test_cli_prepare_data_strict_names_the_bad_clip(tmp_path: Path) -> None:
+    src = tmp_path / "videos"
+    src.mkdir()
+    (src / "broken.mp4").write_bytes(b"not a video at all")
+    (src / "broken.txt").write_text("a red circle moving left")
+    out = _cli("stage", "prepare_data", "--set", f"data.source={src}", "--strict", "--store", str(tmp_path / "s"),
+               "--no-progress")
+    assert out.returncode == 2, out.stderr
+    assert "broken.mp4" in out.stderr and "Traceback" not in out.stderr
+    assert not list((tmp_path / "s").glob("artifacts/prepare_data/*/manifest.json"))

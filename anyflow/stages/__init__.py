@@ -159,6 +159,8 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output artifact URL (default: content-addressed under --store)")
     p.add_argument("--store", help="artifact store URL (local folder or s3://bucket/prefix)")
     p.add_argument("--force", action="store_true", help="recompute even if a cached artifact exists")
+    p.add_argument("--strict", action="store_true",
+                   help="prepare_data: a bad input clip (undecodable, too short, no caption) is fatal instead of skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -167,6 +169,8 @@ def stage_from_args(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = load_overrides_file(args.config) if args.config else {}
     overrides.update(parse_override_args(args.overrides))
+    if args.strict:
+        overrides["data.strict"] = True
     if not args.out and not args.store:
         raise SystemExit("give --out URL or --store URL")
     res = run_stage(
