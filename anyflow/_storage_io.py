@@ -30,13 +30,7 @@ def local_path(url: str | os.PathLike) -> Path:
 
 def hash_file(path: Path, *, md5: bool = False) -> dict:
     """``{"size", "sha256"}`` (and ``"md5"`` on request) of a local file, streamed."""
-    h, m, n = hashlib.sha256(), hashlib.md5() if md5 else None, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            if m is not None:
-                m.update(chunk)
-            n += len(chunk)
+    h, m, n = _hash_prefix(path, md5)
     out = {"size": n, "sha256": h.hexdigest()}
     if m is not None:
         out["md5"] = m.hexdigest()
