@@ -269,6 +269,34 @@ def teacher_forced_fn(model: Any, split: TeacherForcedSplit, *, mask: Any = None
     return u
 
 
+def far_bidirectional_fn(model: Any) -> FlowMapFn:
+    """The FAR transformer as the *bidirectional* model u(z, t, r, c): the whole clip as one full-resolution
+    chunk, no clean copy, every real token attending every other (§8.4 auxiliary loss; the real score and the
+    critic when they share the FAR base). At r = t it equals the unmodified Wan model (tests/test_far_model.py).
+    """
+    masks: dict[tuple, Any] = {}
+
+    def u(z: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
+        if z.ndim != 5:
+            raise ValueError(f"z must be (B, F, C, H, W), got shape {tuple(z.shape)}.")
+        cfg = model.config
+        f, (h, w) = z.shape[1], z.shape[-2:]
+        key = (f, h, w, str(z.device))
+        if key not in masks:
+            layout = far_token_layout((f,), h, w, patch_size=cfg.patch_size,
+                                      compressed_patch_size=cfg.compressed_patch_size,
+                                      full_chunk_limit=cfg.full_chunk_limit, has_clean=False)
+            masks[key] = far_attention_mask(layout, _attention_kind(model), z.device)
+        dtype = _model_dtype(model)
+        out = model(
+            hidden_states=z.to(dtype), timestep=t.float(), r_timestep=r.float(), encoder_hidden_states=c.to(dtype),
+            chunk_partition=[f], attention_mask=masks[key],
+        ).sample
+        return out.to(z.dtype)
+
+    return u
+
+
 # --------------------------------------------------------------------------------------------------
 # KV-cache inference and the chunk-wise rollout (§8.5-8.7)
 # --------------------------------------------------------------------------------------------------

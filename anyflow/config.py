@@ -65,6 +65,9 @@ class TrainConfig:
     checkpoint_every: int = 2
     log_every: int = 1
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or "no" / "bf16"
+    # frozen-base parameter sharding across ranks (FSDP2, anyflow/train/loop.py): "none" (replicated),
+    # "fsdp" (shard over all ranks) or "hsdp" (shard within a node, replicate across nodes)
+    sharding: str = "none"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,19 @@ class EvalStage:
 
 
 @dataclass(frozen=True)
+class FarConfig:
+    """The causal FAR variant (METHOD.md §8.1-8.2, §10); read only when ``variant == "far"``."""
+
+    chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)  # latent frames per chunk; sums to F
+    full_chunk_limit: int = 3  # the window: current chunk + 2 most recent at full resolution
+    long_context_ratio: float = 0.5  # P(n_chunks ~ U{min..max}) in teacher forcing, else n = min
+    min_chunks: int = 3
+    max_chunks: int = 8
+    bidirectional_prob: float = 0.1  # auxiliary bidirectional loss per forward step (§8.4); 0 on-policy
+    attention: str = "auto"  # "flex" (BlockMask) | "dense" (SDPA + bool mask, CPU) | "auto" = flex on CUDA
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str = "tiny"
     variant: str = "bidirectional"  # "bidirectional" | "far"
@@ -138,6 +154,7 @@ class Preset:
     distill: DistillStage = field(default_factory=DistillStage)
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     evaluate: EvalStage = field(default_factory=EvalStage)
+    far: FarConfig = field(default_factory=FarConfig)
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -194,6 +211,25 @@ def _wan(name: str, base: str, batch: int, iters: int) -> Preset:
     )
 
 
+def far_tiny() -> Preset:
+    """The causal variant at CPU scale: ``tiny`` with 37-frame clips (10 latent frames, chunks [1, 3, 3, 3]).
+
+    Teacher forcing samples 3 or 4 chunks (the window is the last 3); the evaluate stage also runs I2V.
+    """
+    p = tiny()
+    return dataclasses.replace(
+        p, name="far-tiny", variant="far",
+        data=dataclasses.replace(p.data, frames=37),
+        far=FarConfig(chunk_partition=(1, 3, 3, 3), min_chunks=3, max_chunks=4),
+        evaluate=dataclasses.replace(p.evaluate, nfes=(1, 2, 4, 8)),  # causal sampling costs N per chunk
+    )
+
+
+def _far(name: str, wan: Preset) -> Preset:
+    """AnyFlow-FAR on a Wan2.1 preset: same stages and hyperparameters plus the FAR config of §10."""
+    return dataclasses.replace(wan, name=name, variant="far", far=FarConfig())
+
+
 def wan_1_3b() -> Preset:
     return _wan("wan2.1-t2v-1.3b", "/models/Wan2.1-T2V-1.3B-Diffusers", batch=2, iters=6000)
 
@@ -202,10 +238,21 @@ def wan_14b() -> Preset:
     return _wan("wan2.1-t2v-14b", "/models/Wan2.1-T2V-14B-Diffusers", batch=1, iters=4000)
 
 
+def far_1_3b() -> Preset:
+    return _far("far-1.3b", wan_1_3b())
+
+
+def far_14b() -> Preset:
+    return _far("far-14b", wan_14b())
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny": tiny,
     "wan2.1-t2v-1.3b": wan_1_3b,
     "wan2.1-t2v-14b": wan_14b,
+    "far-tiny": far_tiny,
+    "far-1.3b": far_1_3b,
+    "far-14b": far_14b,
 }
 
 
@@ -320,10 +367,43 @@ def validate(p: Preset) -> None:
             raise ConfigError(f"{stage}.train: steps, batch_size and grad_accum must be >= 1")
         if tr.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"{stage}.train.mixed_precision={tr.mixed_precision!r}: use auto, no, bf16 or fp16")
+        if tr.sharding not in ("none", "fsdp", "hsdp"):
+            raise ConfigError(f"{stage}.train.sharding={tr.sharding!r}: use none, fsdp or hsdp")
     if not p.distill.steps_list or min(p.distill.steps_list) < 1:
         raise ConfigError("distill.steps_list must be a non-empty list of positive step counts")
     if not p.evaluate.nfes or min(p.evaluate.nfes) < 1:
         raise ConfigError("evaluate.nfes must be a non-empty list of positive step counts")
+    if p.variant == "far":
+        _validate_far(p)
+
+
+def _validate_far(p: Preset) -> None:
+    f = p.far
+    if not f.chunk_partition or min(f.chunk_partition) < 1:
+        raise ConfigError(f"far.chunk_partition={list(f.chunk_partition)}: must be a non-empty list of positive frame counts")
+    latent_frames = (p.data.frames - 1) // 4 + 1
+    if sum(f.chunk_partition) != latent_frames:
+        raise ConfigError(
+            f"far.chunk_partition={list(f.chunk_partition)} sums to {sum(f.chunk_partition)} latent frames, but "
+            f"data.frames={p.data.frames} gives {latent_frames}; set data.frames={4 * sum(f.chunk_partition) - 3}"
+        )
+    if f.full_chunk_limit < 1:
+        raise ConfigError(f"far.full_chunk_limit={f.full_chunk_limit}: must be >= 1")
+    if not 1 <= f.min_chunks <= f.max_chunks <= len(f.chunk_partition):
+        raise ConfigError(
+            f"far.min_chunks={f.min_chunks}, far.max_chunks={f.max_chunks}: need 1 <= min <= max <= "
+            f"{len(f.chunk_partition)} (the number of chunks in far.chunk_partition)"
+        )
+    for key in ("long_context_ratio", "bidirectional_prob"):
+        if not 0.0 <= getattr(f, key) <= 1.0:
+            raise ConfigError(f"far.{key}={getattr(f, key)}: must lie in [0, 1]")
+    if f.attention not in ("auto", "flex", "dense"):
+        raise ConfigError(f"far.attention={f.attention!r}: use auto, flex or dense")
+    if p.data.height % 32 or p.data.width % 32:
+        raise ConfigError(
+            f"data.height/width={p.data.height}x{p.data.width}: the FAR variant needs multiples of 32 (VAE factor 8 "
+            "x the compressed patch (1, 4, 4))"
+        )
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -20,6 +20,11 @@ count); times are the mean of the steps after it. Models have random weights bui
 
     python -m benchmarks.bench_training --quick                  # mid CPU config, a few minutes
     python -m benchmarks.bench_training --device cuda --shape 1.3b --frames 21
+    python -m benchmarks.bench_training --variant far --device cuda --shape 1.3b   # causal FAR stages
+
+``--variant far`` converts the base to AnyFlow-FAR (chunks [1,3,3,3,3,3,3,2] at 21 latent frames, [1,2,2] at
+5) and times the causal methods (§8.4 teacher forcing with ``--far-chunks`` chunks, the §8.6 chunk-wise FMBS
+rollout) next to the teacher step on the same base; table 2 is then skipped.
 """
 
 from __future__ import annotations
@@ -118,7 +123,16 @@ def _synthetic_adapter(model: Any, role: str, rank: int, seed: int) -> dict[str,
     return out
 
 
-def _build(shape: str, device: str, frames: int | None) -> tuple[Any, dict[str, Any]]:
+def far_partition(frames: int) -> tuple[int, ...]:
+    """The FAR chunk partition for ``frames`` latent frames: §8.1's [1, 3, …, 3, rest]."""
+    rest, part = frames - 1, [1]
+    while rest > 0:
+        part.append(min(3, rest))
+        rest -= part[-1]
+    return tuple(part)
+
+
+def _build(shape: str, device: str, frames: int | None, variant: str = "bidirectional") -> tuple[Any, dict[str, Any]]:
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -133,6 +147,14 @@ def _build(shape: str, device: str, frames: int | None) -> tuple[Any, dict[str, 
     for name, p in wan.named_parameters():
         if any(k in name.split(".") for k in keep):
             p.data = p.data.float()
+    if variant == "far":
+        from anyflow.models.far import convert_wan_to_far, set_far_attention
+
+        far = convert_wan_to_far(wan, chunk_partition=far_partition(spec["latent"][0]))
+        for name, p in far.named_parameters():
+            p.data = p.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+        set_far_attention(far, "flex" if device == "cuda" else "dense")
+        return far.eval().requires_grad_(False), spec
     return wan_to_anyflow(wan, copy=False).eval().requires_grad_(False), spec
 
 
@@ -163,7 +185,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    transformer, spec = _build(args.shape, device, args.frames)
+    transformer, spec = _build(args.shape, device, args.frames, args.variant)
     rank = spec["rank"]
     models = AdapterModel(transformer, rank=rank, alpha=float(rank), gradient_checkpointing=spec["ckpt"])
     neg = torch.zeros(1, *spec["text"], device=device)
@@ -179,6 +201,21 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         tr = TrainConfig(steps=10**6, batch_size=spec["batch"], mixed_precision="bf16" if device == "cuda" else "no")
         if arg == "teacher":
             method: Any = TeacherMethod(models, TeacherStage(train=tr), neg)
+        elif args.variant == "far":
+            from anyflow.config import FarConfig
+            from anyflow.train.causal_methods import CausalFlowMapMethod, CausalOnPolicyMethod
+
+            part = far_partition(spec["latent"][0])
+            n = min(args.far_chunks, len(part))
+            far = FarConfig(chunk_partition=part, long_context_ratio=0.0, min_chunks=n, max_chunks=n,
+                            bidirectional_prob=0.0)
+            if arg == "flowmap":
+                method = CausalFlowMapMethod(models, FlowMapStage(train=tr), far, neg)
+            else:
+                gen = _synthetic_adapter(transformer, "generator", rank, 2)
+                gen.update({f"far_patch_embedding.{k}": v for k, v in transformer.far_patch_embedding.state_dict().items()})
+                method = CausalOnPolicyMethod(models, DistillStage(train=tr), far, neg,
+                                              teacher=_synthetic_adapter(transformer, "teacher", rank, 1), generator=gen)
         elif arg == "flowmap":
             method = FlowMapMethod(models, FlowMapStage(train=tr), neg)
         else:
@@ -250,7 +287,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_training", "--child", case, "--shape", args.shape,
-           "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads),
+           "--variant", args.variant, "--far-chunks", str(args.far_chunks)]
     if args.frames:
         cmd += ["--frames", str(args.frames)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -326,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None, help="latent frames (default 5 mid, 21 for 1.3b)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, quick 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each case (0: torch default)")
+    p.add_argument("--variant", default="bidirectional", choices=("bidirectional", "far"),
+                   help="far: the causal methods on an AnyFlow-FAR base (per-step table only)")
+    p.add_argument("--far-chunks", type=int, default=3,
+                   help="chunks per teacher-forced clip for --variant far (3 = the short context, 8 = the longest)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or ("1.3b" if args.device == "cuda" else "mid")
@@ -336,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = inputs_shape(args.shape, args.frames)
     where = f"{args.shape} on {args.device}, batch {spec['batch']}, latent {spec['latent']}, LoRA rank {spec['rank']}"
+    if args.variant == "far":
+        where += f", FAR chunks {list(far_partition(spec['latent'][0]))}, {args.far_chunks} chunks teacher-forced"
     print(f"# Training benchmark — {where}; mean of {args.steps} timed step(s) after 1 warm-up\n")
     rows = {m: run_case(f"step:{m}", args) for m in METHODS}
     t0, m0 = rows["teacher"]["seconds"], rows["teacher"]["peak_mib"]
@@ -344,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in rows.items():
         print(f"| {m} | {_fmt(r['seconds'])} | {_fmt(r['peak_mib'])} | {_fmt(r['seconds'] / t0)} | {_fmt(r['peak_mib'] / m0)} |")
 
+    if args.variant == "far":
+        print("\n(teacher: bidirectional flow matching on the FAR base; flowmap: §8.4 teacher forcing; onpolicy: §8.6"
+              " chunk-wise FMBS + DMD + teacher-forced loss, then the critic)")
+        return 0
     ns = (2, 8, 50) if args.quick else NS
     print("\n## Rollout with gradients (forward + backward)\n")
     print("| N | FMBS calls | FMBS s | FMBS MiB | full calls | full s | full MiB | full/FMBS time | full/FMBS mem"

@@ -8,9 +8,10 @@ safetensors only (pickle files are never opened) and converts the transformer to
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,12 +47,16 @@ def _check_layout(root: Path, spec: str) -> None:
 
 
 def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast to ``dtype`` but keep the class's ``_keep_in_fp32_modules`` in fp32, as ``from_pretrained`` does."""
+    """Cast to ``dtype`` but keep the class's ``_keep_in_fp32_modules`` in fp32, as ``from_pretrained`` does.
+
+    Parameters and floating buffers are cast one by one (``ModelMixin.to`` would warn about the fp32 modules).
+    """
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    model.to(dtype)
-    for name, p in model.named_parameters():
-        if any(k in name.split(".") for k in keep):
-            p.data = p.data.float()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+            if t.dtype != target:
+                t.data = t.data.to(target)
     return model
 
 
@@ -64,6 +69,7 @@ def load_base(
     device: torch.device | str = "cpu",
     gate_value: float = 0.25,
     deltatime_type: str = "r",
+    far: Mapping[str, Any] | None = None,
 ) -> BaseModel:
     """Load a base model and convert its transformer to AnyFlow (METHOD.md §2.2).
 
@@ -76,6 +82,10 @@ def load_base(
         vae_dtype: VAE dtype (fp32 recommended).
         device: where the models are placed.
         gate_value, deltatime_type: AnyFlow delta-embedding settings (paper: 0.25, "r").
+        far: convert to the causal ``AnyFlowFARTransformer3DModel`` instead (METHOD.md §8.1):
+            ``chunk_partition``, ``full_chunk_limit`` and ``attention`` ("flex", "dense" or "auto" =
+            flex where CUDA is available, dense otherwise). Called as a single chunk it is the bidirectional model
+            (``anyflow.causal.far_bidirectional_fn``), so teacher and critic adapters share this base.
 
     All modules are returned in eval mode with gradients off (the base is frozen).
     """
@@ -86,7 +96,7 @@ def load_base(
         from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_vae, build_tiny_wan
 
         wan = _cast_like_from_pretrained(build_tiny_wan(0), dtype)
-        vae = build_tiny_vae(0).to(vae_dtype)
+        vae = _cast_like_from_pretrained(build_tiny_vae(0), vae_dtype)
         text = build_tiny_text_encoder(0).to(dtype=dtype)
     else:
         if spec.startswith("builtin:"):
@@ -104,7 +114,20 @@ def load_base(
             root / "vae", use_safetensors=True, torch_dtype=vae_dtype, local_files_only=True
         )
         text = TextEncoder.from_pretrained(root, dtype=dtype)
-    transformer = wan_to_anyflow(wan, gate_value=gate_value, deltatime_type=deltatime_type, copy=False)
+    if far is None:
+        transformer = wan_to_anyflow(wan, gate_value=gate_value, deltatime_type=deltatime_type, copy=False)
+    else:
+        from anyflow.models.far import convert_wan_to_far, set_far_attention
+
+        transformer = convert_wan_to_far(
+            wan, chunk_partition=tuple(far["chunk_partition"]), full_chunk_limit=int(far["full_chunk_limit"]),
+            gate_value=gate_value, deltatime_type=deltatime_type,
+        )
+        transformer = _cast_like_from_pretrained(transformer, dtype)
+        attention = far.get("attention", "auto")
+        if attention == "auto":
+            attention = "flex" if torch.cuda.is_available() else "dense"  # models move to the GPU later
+        set_far_attention(transformer, attention)
     del wan
     for module in (transformer, vae, text.model):
         module.to(device).eval().requires_grad_(False)

@@ -61,7 +61,8 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
 
     payload = {
         "stage": name,
-        "config": {s: dataclasses.asdict(getattr(cfg, s)) for s in sections},
+        # the far section only matters to the causal variant: a bidirectional key ignores it
+        "config": {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"},
         "variant": cfg.variant,
         "inputs": dict(sorted(input_digests.items())),
         "version": __version__,
@@ -150,7 +151,8 @@ def _parse_inputs(items: Sequence[str]) -> dict[str, str]:
 
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=STAGES, help="stage to run")
-    p.add_argument("--preset", default="tiny", help="preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b)")
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b, far-tiny, far-1.3b, far-14b; "
+                   "'anyflow presets' lists them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. --set distill.train.steps=10 (repeatable)")
     p.add_argument("--config", help="YAML file of overrides (applied before --set)")

@@ -24,11 +24,31 @@ def cache_dir(preset: Preset) -> Path:
     return Path(preset.model.cache_dir or os.environ.get("ANYFLOW_CACHE_DIR") or Path.home() / ".cache" / "anyflow")
 
 
-def load_models(preset: Preset) -> Any:
-    """The frozen base bundle (AnyFlow transformer converted from Wan, VAE, text encoder)."""
+def runtime_device() -> torch.device:
+    """This process's device: ``cuda:$LOCAL_RANK`` when CUDA is available (torchrun sets it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def compute_dtype(mixed_precision: str = "auto") -> torch.dtype:
+    """The frozen base's dtype: bf16 on CUDA unless mixed precision is off (``"no"``), fp32 on the CPU."""
+    if not torch.cuda.is_available() or mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def load_models(preset: Preset, *, mixed_precision: str = "auto") -> Any:
+    """The frozen base bundle (AnyFlow or AnyFlow-FAR transformer converted from Wan, VAE, text encoder),
+    on :func:`runtime_device` in :func:`compute_dtype` (the VAE stays fp32)."""
     from anyflow.models.loading import load_base
 
-    return load_base(preset.model.base, cache_dir=cache_dir(preset))
+    far = None
+    if preset.variant == "far":
+        f = preset.far
+        far = {"chunk_partition": f.chunk_partition, "full_chunk_limit": f.full_chunk_limit, "attention": f.attention}
+    return load_base(preset.model.base, cache_dir=cache_dir(preset), gate_value=preset.model.gate_value, far=far,
+                     dtype=compute_dtype(mixed_precision), device=runtime_device())
 
 
 def adapter_model(preset: Preset, transformer: torch.nn.Module) -> Any:
@@ -111,6 +131,11 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
     lora_meta = {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha}
     if meta.get("lora") != lora_meta:
         raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}")
+    if "generator" in need and meta.get("variant", "bidirectional") != preset.variant:
+        raise StageInputError(
+            f"{role} input {url} is a {meta.get('variant')!r} generator, but preset {preset.name!r} is variant "
+            f"{preset.variant!r}; causal (far) and bidirectional generators are different models"
+        )
     adapters = {}
     for name in need:
         if name not in meta["adapters"]:
@@ -128,7 +153,31 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
 def training_setup(cfg: Preset, dataset_url: str, tr: TrainConfig) -> tuple[Any, Any]:
     """The dataset loader and one frozen base with room for named adapters."""
     data = open_dataset(dataset_url, tr, cfg)
-    return data, adapter_model(cfg, load_models(cfg).transformer)
+    return data, adapter_model(cfg, load_models(cfg, mixed_precision=tr.mixed_precision).transformer)
+
+
+def flowmap_method(cfg: Preset, models: Any, stage: Any, negative: torch.Tensor, *,
+                   init: Mapping[str, torch.Tensor] | None = None, name: str = "train_flowmap") -> Any:
+    """The forward flow-map method of the preset's variant (bidirectional §6, causal §8.4)."""
+    if cfg.variant == "far":
+        from anyflow.train.causal_methods import CausalFlowMapMethod
+
+        return CausalFlowMapMethod(models, stage, cfg.far, negative, init=init, name=name)
+    from anyflow.train.methods import FlowMapMethod
+
+    return FlowMapMethod(models, stage, negative, init=init, name=name)
+
+
+def onpolicy_method(cfg: Preset, models: Any, stage: Any, negative: torch.Tensor, **adapters: Any) -> Any:
+    """The on-policy method of the preset's variant (bidirectional §7, causal §8.6); ``adapters`` are the
+    ``teacher``, ``generator`` and optional ``critic`` initial tensors."""
+    if cfg.variant == "far":
+        from anyflow.train.causal_methods import CausalOnPolicyMethod
+
+        return CausalOnPolicyMethod(models, stage, cfg.far, negative, **adapters)
+    from anyflow.train.methods import OnPolicyMethod
+
+    return OnPolicyMethod(models, stage, negative, **adapters)
 
 
 def train_and_export(

@@ -3,7 +3,9 @@ real score and critic from the teacher, FMBS rollouts with random (N, k), DMD + 
 
 Inputs: ``dataset``, ``teacher``, ``flowmap`` (optionally ``critic``: a previous distill artifact to
 warm-start the critic, used by periodic re-distillation). Output: a checkpoint with the EMA
-``generator`` adapter and the ``critic`` adapter (for warm starts).
+``generator`` adapter and the ``critic`` adapter (for warm starts). With a FAR preset this is stage 2b
+(§8.6): chunk-wise FMBS with a KV cache of the generator's own chunks, scored by the bidirectional teacher
+and critic, which share the FAR base as adapters.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ from anyflow.stages import common
 KIND = "generator"
 INPUTS = ("dataset", "teacher", "flowmap")
 OPTIONAL = ("critic",)
-SECTIONS = ("model", "distill")
+SECTIONS = ("model", "distill", "far")
 
 
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
-    from anyflow.train.methods import OnPolicyMethod
-
     common.require_inputs("distill", inputs, INPUTS, OPTIONAL)
     teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
     flowmap = common.read_checkpoint(inputs["flowmap"], cfg, role="flowmap", need=("generator",))
@@ -31,8 +31,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         critic = common.read_checkpoint(inputs["critic"], cfg, role="critic", need=("critic",)).adapters["critic"]
     tr = cfg.distill.train
     data, models = common.training_setup(cfg, inputs["dataset"], tr)
-    method = OnPolicyMethod(
-        models, cfg.distill, data.negative_embedding(),
+    method = common.onpolicy_method(
+        cfg, models, cfg.distill, data.negative_embedding(),
         teacher=teacher.adapters["teacher"], generator=flowmap.adapters["generator"], critic=critic,
     )
     # the generator is exported as its EMA; the critic as trained (a warm start for re-distillation)

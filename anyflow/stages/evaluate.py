@@ -13,6 +13,13 @@ teacher itself is also sampled with Euler + CFG at each NFE (2 calls per step) b
 the reference stays independent of the code under test), the flow-map checkpoints with the
 FlowMap-Euler sampler through diffusers' ``AnyFlowPipeline`` with the checkpoint's LoRA merged (N calls,
 no CFG).
+
+Causal (FAR) presets: the flow-map checkpoints are sampled chunk by chunk with the KV cache
+(:func:`anyflow.causal.causal_rollout`, N FlowMap-Euler steps per chunk; ``calls`` counts denoising calls
++ cache passes, §8.5) in T2V mode against the same bidirectional teacher reference, and in **I2V** mode
+(rows ``<checkpoint>/i2v``): the first latent frame of the held-out clip for each prompt is the context
+(chunk 0, not denoised, §8.7); ``context_max_abs`` checks it is kept exactly and ``data_mse`` is the MSE of
+the generated continuation to that clip's real frames.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from anyflow.stages import common
 KIND = "evaluation"
 INPUTS = ("generator", "teacher")
 OPTIONAL = ("flowmap", "finetuned", "dataset")
-SECTIONS = ("model", "data", "evaluate", "flowmap")
+SECTIONS = ("model", "data", "evaluate", "flowmap", "far")
 REPORT = "report.html"
 CHECKPOINT_ROLES = ("flowmap", "generator", "finetuned")
 
@@ -97,9 +104,11 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     models.add("teacher", "teacher", init=teacher.adapters["teacher"], trainable=False)
     losses = {"train_teacher": _log(teacher.log_path)}
     roles = [r for r in CHECKPOINT_ROLES if r in inputs]
+    far = cfg.variant == "far"
     for role in roles:
         ck = common.read_checkpoint(inputs[role], cfg, role=role, need=("generator",))
-        models.add(role, "generator", init=ck.adapters["generator"], trainable=False)
+        models.add(role, "generator", init=ck.adapters["generator"], trainable=False,
+                   extra=("far_patch_embedding",) if far else ())
         losses[role] = _log(ck.log_path)
 
     prompts, attributes, heldout = _prompts(cfg, base, inputs)
@@ -111,7 +120,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         c_neg = base.text.encode([WAN_NEGATIVE_PROMPT])
     shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
     g = torch.Generator().manual_seed(ev.seed)
-    noise = torch.randn((len(prompts), *shape), generator=g)
+    noise = torch.randn((len(prompts), *shape), generator=g).to(c.device)
 
     teacher_cfg = guided(models.fn("teacher"), c_neg, cfg.flowmap.loss.guidance_scale)
     samplers: dict[str, Any] = {
@@ -129,8 +138,29 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             merged[role] = build_pipeline(base, lora.merge_adapter(models.transformer, role), shift=shift)
         return merged[role]
 
-    for role in roles:
-        samplers[role] = lambda n, role=role: sample_with_pipeline(base, pipeline_for(role), c, noise, n, shift=shift)
+    calls: dict[str, Any] = {"teacher": lambda n: 2 * n}
+    i2v_context: torch.Tensor | None = None
+    if far:
+        from anyflow.causal import FarCausalModel, causal_rollout, expected_nfe
+
+        causal = FarCausalModel(models.transformer, cfg.far.chunk_partition)
+
+        def far_sample(role: str, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+            models.activate(role)
+            return causal_rollout(causal, noise, c, num_steps=n, context=context, shift=shift)[0]
+
+        if heldout is not None:
+            i2v_context = heldout[torch.arange(len(prompts)) % heldout.shape[0]].to(noise.device)
+        for role in roles:
+            samplers[role] = lambda n, role=role: far_sample(role, n)
+            calls[role] = lambda n: sum(expected_nfe(cfg.far.chunk_partition, n))
+            if i2v_context is not None:
+                samplers[f"{role}/i2v"] = lambda n, role=role: far_sample(role, n, i2v_context[:, :1])
+                calls[f"{role}/i2v"] = lambda n: sum(expected_nfe(cfg.far.chunk_partition, n, 1))
+    else:
+        for role in roles:
+            samplers[role] = lambda n, role=role: sample_with_pipeline(base, pipeline_for(role), c, noise, n, shift=shift)
+            calls[role] = lambda n: n
 
     def decode(lat: torch.Tensor) -> torch.Tensor:
         return base.vae.decode(lat).float()
@@ -147,14 +177,17 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             lat = samplers[model](n)
             video = decode(lat)
             frames = [_to_uint8(v) for v in video]
-            ce = M.coupled_error(lat, ref)
-            row = {
-                "coupled_mse": ce["mse"],
-                "psnr": M.psnr(video, ref_video),
-                "ssim": M.ssim(video, ref_video),
-                "flicker": float(np.mean([M.temporal_flicker(f) for f in frames])),
-                "calls": float(2 * n if model == "teacher" else n),
-            }
+            if model.endswith("/i2v"):
+                ce = M.coupled_error(lat[:, 1:], i2v_context[:, 1:])
+                row = {
+                    "data_mse": ce["mse"],
+                    "context_max_abs": float((lat[:, :1] - i2v_context[:, :1]).abs().max()),
+                }
+            else:
+                ce = M.coupled_error(lat, ref)
+                row = {"coupled_mse": ce["mse"], "psnr": M.psnr(video, ref_video), "ssim": M.ssim(video, ref_video)}
+            row["flicker"] = float(np.mean([M.temporal_flicker(f) for f in frames]))
+            row["calls"] = float(calls[model](n))
             if heldout is not None:
                 row["energy_distance"] = M.energy_distance(lat.flatten(1), heldout.flatten(1))
             if attributes is not None:
@@ -189,7 +222,13 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             "vbench": vbench,
             "notes": [
                 "coupled_mse: latent MSE to the teacher's many-step Euler+CFG sample from the same noise (lower is better).",
-                "teacher rows use Euler with CFG: 2 network calls per step; flow-map rows use N calls.",
+                "teacher rows use Euler with CFG: 2 network calls per step; flow-map rows use N calls"
+                + (" per chunk plus the KV-cache passes (causal FAR sampling, §8.5)." if far else "."),
+                *(
+                    ["*/i2v rows: image-to-video from the held-out clip's first latent frame; data_mse is the MSE of"
+                     " the generated continuation to the clip's real frames, context_max_abs must be 0."]
+                    if far and i2v_context is not None else []
+                ),
                 *(
                     ["builtin:tiny uses a randomly initialised VAE and a few training steps: decoded frames and the"
                      " frame metrics (psnr, ssim, flicker, adherence) only exercise the plumbing; the latent metrics"
@@ -213,7 +252,7 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
 
     results = {}
     for model in samplers:
-        if model == "teacher":
+        if model == "teacher" or model.endswith("/i2v"):  # I2V here uses held-out frames, not VBench-I2V's images
             continue
         for n in ev.nfes:
             vdir = out_dir / "vbench" / f"{model}-nfe{n}"

@@ -17,12 +17,10 @@ from anyflow.stages import common
 KIND = "generator"
 INPUTS = ("dataset", "generator")
 OPTIONAL = ("teacher",)
-SECTIONS = ("model", "finetune")
+SECTIONS = ("model", "finetune", "far")
 
 
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
-    from anyflow.train.methods import FlowMapMethod, OnPolicyMethod
-
     common.require_inputs("finetune", inputs, INPUTS, OPTIONAL)
     gen = common.read_checkpoint(inputs["generator"], cfg, role="generator", need=("generator",))
     ft = cfg.finetune
@@ -33,11 +31,11 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
         distill_cfg = dataclasses.replace(cfg.distill, train=ft.train, generator_optim=ft.optim, loss=ft.loss)
         # the critic restarts from the teacher: the new domain is what it must learn to score
-        method = OnPolicyMethod(models, distill_cfg, data.negative_embedding(), teacher=teacher.adapters["teacher"],
-                                generator=gen.adapters["generator"])
+        method = common.onpolicy_method(cfg, models, distill_cfg, data.negative_embedding(),
+                                        teacher=teacher.adapters["teacher"], generator=gen.adapters["generator"])
     else:
-        method = FlowMapMethod(models, FlowMapStage(train=ft.train, optim=ft.optim, loss=ft.loss),
-                               data.negative_embedding(), init=gen.adapters["generator"], name="finetune")
+        method = common.flowmap_method(cfg, models, FlowMapStage(train=ft.train, optim=ft.optim, loss=ft.loss),
+                                       data.negative_embedding(), init=gen.adapters["generator"], name="finetune")
     return common.train_and_export(cfg, ft.train, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url,
                                    progress=progress, kind=KIND, ema_adapter="generator", export={"generator": "generator"})
 

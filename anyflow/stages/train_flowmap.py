@@ -2,7 +2,9 @@
 generator LoRA (attn1, FFN, time and delta embedders), the forward loss with fused CFG.
 
 Inputs: ``dataset``. Output: a checkpoint artifact with the EMA ``generator`` adapter.
-The student starts from the *base* model, not the teacher (§3).
+The student starts from the *base* model, not the teacher (§3). With a FAR preset (``variant: far``) this is
+stage 1b: the causal teacher-forced loss of §8.2-8.4 on the base converted to AnyFlow-FAR, the generator
+also training the compressed patch embedding in full.
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ from anyflow.stages import common
 
 KIND = "flowmap"
 INPUTS = ("dataset",)
-SECTIONS = ("model", "flowmap")
+SECTIONS = ("model", "flowmap", "far")
 
 
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
-    from anyflow.train.methods import FlowMapMethod
-
     common.require_inputs("train_flowmap", inputs, INPUTS)
     tr = cfg.flowmap.train
     data, models = common.training_setup(cfg, inputs["dataset"], tr)
-    method = FlowMapMethod(models, cfg.flowmap, data.negative_embedding())
+    method = common.flowmap_method(cfg, models, cfg.flowmap, data.negative_embedding())
     return common.train_and_export(cfg, tr, data, models, method, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress,
                                    kind=KIND, ema_adapter="generator", export={"generator": "generator"})
 

@@ -7,6 +7,16 @@ copies of a 1.3B/14B transformer we hold one frozen AnyFlow base and switch adap
 Gradient checkpointing recomputes a block's forward during backward, with whatever adapter is active
 *then*. :meth:`AdapterModel.backward` therefore re-activates the adapter that built the graph before
 calling backward; ``tests/test_train_adapters.py`` checks the gradients equal those of separate copies.
+
+Extra trainable tensors. The causal generator also trains ``far_patch_embedding`` in full (METHOD.md
+§8.1). An adapter may own such base parameters (``extra=("far_patch_embedding",)``): it gets its own
+copy, swapped into the module when the adapter is activated, so several generators (e.g. the flow map
+and the distilled model in one evaluation) can share the base. Their tensors travel with the adapter
+in :meth:`state` / :meth:`params` under their module names (``far_patch_embedding.weight``).
+
+A FAR base (``AnyFlowFARTransformer3DModel``) is called as the bidirectional model by :meth:`fn` (one
+chunk over the whole clip, which equals Wan at r = t); the causal generator paths call
+:attr:`transformer` directly after :meth:`activate`.
 """
 
 from __future__ import annotations
@@ -29,20 +39,61 @@ class AdapterModel:
         self.transformer.requires_grad_(False)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self._base_fn = flowmap_fn(transformer)
+        if hasattr(transformer, "far_patch_embedding"):
+            from anyflow.causal import far_bidirectional_fn
+
+            self._base_fn = far_bidirectional_fn(transformer)
+        else:
+            self._base_fn = flowmap_fn(transformer)
+        self._extra: dict[str, dict[str, nn.Parameter]] = {}  # adapter -> {param name: its own copy}
+        self._extra_trainable: dict[str, bool] = {}
+
+    @property
+    def is_far(self) -> bool:
+        return hasattr(self.transformer, "far_patch_embedding")
 
     def add(
-        self, name: str, role: str, *, init: Mapping[str, torch.Tensor] | None = None, trainable: bool = True
+        self, name: str, role: str, *, init: Mapping[str, torch.Tensor] | None = None, trainable: bool = True,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """Add adapter ``name`` for ``role`` (teacher/critic/generator targets, METHOD.md §2.3).
 
         ``requires_grad`` follows ``trainable`` whatever adapter is active (peft's switching would
-        otherwise flip it).
+        otherwise flip it). ``extra`` names base submodules whose parameters this adapter owns and
+        trains in full (its own fp32 copy, initialised from ``init`` where given, else from the base).
         """
-        lora.add_lora(
-            self.transformer, name, role, rank=self.rank, alpha=self.alpha,
-            init_from=dict(init) if init is not None else None, trainable=trainable,
-        )
+        init = dict(init) if init is not None else None
+        own: dict[str, torch.Tensor] = {}
+        if init is not None:
+            own = {k: init.pop(k) for k in list(init) if k.split(".", 1)[0] in extra}
+        lora.add_lora(self.transformer, name, role, rank=self.rank, alpha=self.alpha, init_from=init, trainable=trainable)
+        for other, ps in self._extra.items():  # add_lora froze every non-LoRA parameter it could reach
+            for p in ps.values():
+                p.requires_grad_(self._extra_trainable[other])
+        for p in lora.trainable_parameters(self.transformer, name).values():
+            if p.dtype != torch.float32:  # bf16 base: keep the trained tensors (and Adam on them) in fp32
+                p.data = p.data.float()
+        if extra:
+            params: dict[str, nn.Parameter] = {}
+            for module_name in extra:
+                module = self.transformer.get_submodule(module_name)
+                for pname, p in module.named_parameters(recurse=False):
+                    key = f"{module_name}.{pname}"
+                    value = own.pop(key, None)
+                    if value is None:
+                        value = p.detach()
+                    params[key] = nn.Parameter(value.to(p.device, torch.float32).clone(), requires_grad=trainable)
+            if own:
+                raise KeyError(f"adapter {name!r}: unexpected extra tensors {sorted(own)}; it owns {list(params)}")
+            self._extra[name] = params
+            self._extra_trainable[name] = trainable
+        self._swap_extra(name)
+
+    def _swap_extra(self, name: str | None) -> None:
+        """Put adapter ``name``'s own copies of its extra parameters into the base modules (no copy)."""
+        for key, p in self._extra.get(name, {}).items():
+            module_name, pname = key.rsplit(".", 1)
+            self.transformer.get_submodule(module_name)._parameters[pname] = p
 
     @property
     def active(self) -> str | None:
@@ -51,6 +102,7 @@ class AdapterModel:
     def activate(self, name: str | None) -> None:
         if name != self.active:
             lora.set_active_adapter(self.transformer, name)
+            self._swap_extra(name)
 
     def fn(self, name: str | None) -> FlowMapFn:
         """The model callable u(z, t, r, c) with adapter ``name`` active for each call."""
@@ -67,10 +119,14 @@ class AdapterModel:
         backward(loss)
 
     def params(self, name: str) -> dict[str, nn.Parameter]:
-        return lora.trainable_parameters(self.transformer, name)
+        """The adapter's trainable tensors: LoRA (by full parameter name) and its extra parameters."""
+        return {**lora.trainable_parameters(self.transformer, name), **self._extra.get(name, {})}
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in lora.adapter_state_dict(self.transformer, name).items()}
+        """The adapter as saved in checkpoints: LoRA keys without the adapter name, plus extra tensors."""
+        out = dict(lora.adapter_state_dict(self.transformer, name))
+        out.update({k: p.detach() for k, p in self._extra.get(name, {}).items()})
+        return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     @torch.no_grad()
     def load_params(self, name: str, values: Mapping[str, torch.Tensor]) -> None:
