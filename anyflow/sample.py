@@ -1,4 +1,10 @@
-"""``anyflow sample``: generate videos from a checkpoint at any number of steps (NFE)."""
+"""``anyflow sample``: generate videos from a checkpoint at any number of steps (NFE).
+
+Bidirectional checkpoints: the FlowMap-Euler sampler over the whole clip (N calls). Causal (FAR) checkpoints
+(presets ``far-*``): chunk by chunk with the KV cache (N calls per chunk + cache passes, METHOD.md §8.5), as
+T2V, as **I2V** (``--image``: the image is VAE-encoded to the first latent frame, which is kept and not
+denoised) or as **V2V** continuation (``--video``: its first frames fill whole chunks, §8.7).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,33 @@ from pathlib import Path
 from typing import Any
 
 
-def sample_videos(
+def video_frames_for(latent_frames: int) -> int:
+    """Video frames that encode to ``latent_frames`` latent frames with the Wan VAE (4k + 1)."""
+    return 4 * (latent_frames - 1) + 1
+
+
+def load_context(path: str, cfg: Any, base: Any, *, video_frames: int) -> Any:
+    """Decode ``video_frames`` frames of an image/video file at the preset's fps and size and VAE-encode them
+    → (1, F_ctx, C, h, w) latents. Errors name the file and what is wrong with it."""
+    import torch
+
+    from anyflow.data.video import ClipError, VideoSpec, decode_video
+
+    spec = VideoSpec(frames=video_frames, fps=cfg.data.fps, height=cfg.data.height, width=cfg.data.width)
+    try:
+        video = decode_video(path, spec)
+    except ClipError as exc:
+        raise ValueError(f"context {path}: {exc}") from None
+    with torch.no_grad():
+        return base.vae.encode(video[None])
+
+
+def sample_latents(
     checkpoint: str, prompts: list[str], *, nfe: int, preset: str = "tiny", overrides: dict | None = None,
-    seed: int = 0, adapter: str = "generator",
-) -> Any:
-    """Sample ``prompts`` with the FlowMap-Euler sampler at ``nfe`` steps; returns (B, 3, T, H, W) in [-1, 1]."""
+    seed: int = 0, adapter: str = "generator", image: str | None = None, video: str | None = None,
+    video_frames: int | None = None,
+) -> tuple[Any, Any, Any]:
+    """Sample ``prompts`` at ``nfe`` steps; returns (latents (B, F, C, h, w), context latents or None, base)."""
     import torch
 
     from anyflow.config import apply_overrides, get_preset
@@ -19,18 +47,59 @@ def sample_videos(
     from anyflow.stages import common
 
     cfg = apply_overrides(get_preset(preset), overrides)
+    if (image or video) and cfg.variant != "far":
+        raise ValueError(f"--image/--video (I2V/V2V) need a causal FAR checkpoint and preset; {preset!r} is "
+                         f"{cfg.variant}")
+    if image and video:
+        raise ValueError("give --image (I2V) or --video (V2V), not both")
     ck = common.read_checkpoint(checkpoint, cfg, role="checkpoint", need=(adapter,))
     role = ck.meta["adapters"][adapter]["role"]
     base = common.load_models(cfg)
     models = common.adapter_model(cfg, base.transformer)
-    models.add(adapter, role, init=ck.adapters[adapter], trainable=False)
+    far = cfg.variant == "far" and role == "generator"
+    models.add(adapter, role, init=ck.adapters[adapter], trainable=False,
+               extra=("far_patch_embedding",) if far else ())
+    context = None
+    if image:
+        context = load_context(image, cfg, base, video_frames=1)
+    elif video:
+        from anyflow.causal import chunk_bounds
+
+        ends = [e for _, e in chunk_bounds(cfg.far.chunk_partition)][:-1]
+        if video_frames is None:  # default: the frames of the first three chunks (25 at 16 fps for Wan, §8.7)
+            video_frames = video_frames_for(ends[min(2, len(ends) - 1)])
+        latent = (video_frames - 1) // 4 + 1
+        if (video_frames - 1) % 4 or latent not in ends:
+            raise ValueError(
+                f"--video-frames {video_frames}: V2V context must fill whole chunks of far.chunk_partition "
+                f"{list(cfg.far.chunk_partition)}; use one of {[video_frames_for(e) for e in ends]}"
+            )
+        context = load_context(video, cfg, base, video_frames=video_frames)
     with torch.no_grad():
         c = base.text.encode(prompts)
         shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
-        noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed))
-        lat = flowmap_euler_sample(models.fn(adapter), noise, c, nfe, shift=cfg.flowmap.loss.shift,
-                                   use_mean_velocity=role == "generator")
-        return base.vae.decode(lat).float()
+        noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed)).to(c.device)
+        shift = cfg.flowmap.loss.shift
+        if far:
+            from anyflow.causal import FarCausalModel, causal_rollout
+
+            models.activate(adapter)
+            ctx = None if context is None else context.to(noise.device).expand(len(prompts), -1, -1, -1, -1)
+            lat, _ = causal_rollout(FarCausalModel(models.transformer, cfg.far.chunk_partition), noise, c,
+                                    num_steps=nfe, context=ctx, shift=shift)
+        else:
+            lat = flowmap_euler_sample(models.fn(adapter), noise, c, nfe, shift=shift,
+                                       use_mean_velocity=role == "generator")
+    return lat, context, base
+
+
+def sample_videos(checkpoint: str, prompts: list[str], *, nfe: int, **kwargs: Any) -> Any:
+    """:func:`sample_latents` decoded by the VAE: (B, 3, T, H, W) in [-1, 1]."""
+    import torch
+
+    lat, _, base = sample_latents(checkpoint, prompts, nfe=nfe, **kwargs)
+    with torch.no_grad():
+        return base.vae.decode(lat).float().cpu()
 
 
 def _handler(args: argparse.Namespace) -> int:
@@ -39,26 +108,36 @@ def _handler(args: argparse.Namespace) -> int:
 
     prompts = args.prompt or ["a red circle moving left on a black background"]
     videos = sample_videos(args.checkpoint, prompts, nfe=args.nfe, preset=args.preset,
-                           overrides=parse_override_args(args.overrides), seed=args.seed)
+                           overrides=parse_override_args(args.overrides), seed=args.seed, image=args.image,
+                           video=args.video, video_frames=args.video_frames)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    mode = "i2v" if args.image else "v2v" if args.video else "t2v"
     for i, v in enumerate(videos):
         frames = ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
-        path = out / f"sample-{i:03d}-nfe{args.nfe}.mp4"
+        path = out / f"sample-{i:03d}-{mode}-nfe{args.nfe}.mp4"
         write_video(path, frames, fps=args.fps)
         print(path)
     return 0
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("sample", help="generate videos from a checkpoint at any NFE",
-                       description="Sample a generator checkpoint with the FlowMap-Euler sampler (N network calls).")
+    p = sub.add_parser(
+        "sample", help="generate videos from a checkpoint at any NFE (T2V; I2V/V2V for FAR checkpoints)",
+        description="Sample a generator checkpoint with the FlowMap-Euler sampler (N network calls; causal FAR "
+                    "checkpoints: N calls per chunk plus the KV-cache passes). --image / --video condition a FAR "
+                    "checkpoint on an image (I2V) or the first frames of a video (V2V).")
     p.add_argument("checkpoint", help="checkpoint artifact URL (a distill/finetune/train_flowmap output)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one procedural caption)")
     p.add_argument("--nfe", type=int, default=4, help="number of sampling steps = network calls (default 4)")
-    p.add_argument("--preset", default="tiny", help="preset the checkpoint was trained with")
+    p.add_argument("--preset", default="tiny", help="preset the checkpoint was trained with (far-* for causal)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="preset override")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--image", help="I2V (FAR only): image file whose VAE latent is the first, kept frame")
+    p.add_argument("--video", help="V2V (FAR only): video whose first frames are kept and continued")
+    p.add_argument("--video-frames", type=int, default=None,
+                   help="V2V context length in video frames; must fill whole chunks (default: the first three "
+                        "chunks, 25 frames for the Wan presets)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.set_defaults(func=_handler)

@@ -320,3 +320,34 @@ def test_far_generator_is_refused_by_a_bidirectional_preset(far_chain: dict) -> 
         common.read_checkpoint(far_chain["generator"], get_preset("tiny"), role="generator", need=("generator",))
     # the teacher adapter is the bidirectional model on either base: accepted by both variants
     common.read_checkpoint(far_chain["teacher"], get_preset("tiny"), role="teacher", need=("teacher",))
+
+
+def test_sample_t2v_i2v_v2v_from_a_far_checkpoint(far_chain: dict, tmp_path: Path) -> None:
+    """``anyflow sample`` on a far-tiny generator: I2V keeps the image's latent frame, V2V keeps the given
+    frames' latents (whole chunks), T2V differs from both; bad context lengths name the valid ones."""
+    import numpy as np
+
+    from anyflow.data.procedural import make_clip
+    from anyflow.data.video import write_video
+    from anyflow.sample import sample_latents
+
+    clip = make_clip(5, 0, frames=37, height=32, width=32)
+    video_path, image_path = tmp_path / "clip.mp4", tmp_path / "first.png"
+    write_video(video_path, clip.video, fps=16)
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(clip.video[0])).save(image_path)
+    kw = {"nfe": 2, "preset": "far-tiny", "overrides": FAST, "seed": 3}
+    prompts = [clip.caption, clip.caption]
+    t2v, ctx0, _ = sample_latents(far_chain["generator"], prompts, **kw)
+    i2v, ctx1, _ = sample_latents(far_chain["generator"], prompts, image=str(image_path), **kw)
+    v2v, ctx4, _ = sample_latents(far_chain["generator"], prompts, video=str(video_path), video_frames=13, **kw)
+    assert ctx0 is None and ctx1.shape[1] == 1 and ctx4.shape[1] == 4
+    assert t2v.shape == i2v.shape == v2v.shape == (2, 10, 4, 4, 4)
+    assert torch.equal(i2v[:, :1], ctx1.expand(2, -1, -1, -1, -1))
+    assert torch.equal(v2v[:, :4], ctx4.expand(2, -1, -1, -1, -1))
+    assert (i2v[:, 1:] - t2v[:, 1:]).abs().max() > 1e-4  # the image conditions the later chunks
+    with pytest.raises(ValueError, match=r"--video-frames 9: .*use one of \[1, 13, 25\]"):
+        sample_latents(far_chain["generator"], prompts, video=str(video_path), video_frames=9, **kw)
+    with pytest.raises(ValueError, match="need a causal FAR checkpoint"):
+        sample_latents(far_chain["generator"], prompts, image=str(image_path), nfe=2, preset="tiny")
