@@ -181,7 +181,9 @@ def far_block_mask(layout: FarTokenLayout, device: torch.device | str | None = N
         return far_mask_rule(c[q_idx], k[q_idx], c[kv_idx], k[kv_idx])
 
     n = layout.padded_len
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device or "cpu", _compile=False)
+    dev = torch.device(device or "cpu")
+    # compiled on CUDA: the eager path evaluates mask_mod over the full L × L grid (≈ 4e9 entries at 480p)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=dev, _compile=dev.type == "cuda")
 
 
 def far_attention_mask(layout: FarTokenLayout, kind: str, device: torch.device | str | None = None) -> Any:
@@ -199,7 +201,8 @@ def far_attention_mask(layout: FarTokenLayout, kind: str, device: torch.device |
 
 
 def _model_dtype(model: Any) -> torch.dtype:
-    return next(model.parameters()).dtype
+    # proj_out is never kept in fp32 (the time embedder and norms may be), so it holds the compute dtype
+    return model.proj_out.weight.dtype
 
 
 def _attention_kind(model: Any) -> str:

@@ -155,7 +155,8 @@ def _key_block_mask(q_len: int, kv_len: int, real_kv: int, device: str) -> Any:
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx < real_kv
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, _compile=False)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device,
+                             _compile=device.startswith("cuda"))
 
 
 @functools.cache
@@ -213,13 +214,51 @@ def _processor_classes() -> dict[str, type]:
     return {"flex": FlexCausalAttnProcessor, "dense": DenseMaskCausalAttnProcessor}
 
 
+@functools.cache
+def enable_compiled_flex() -> bool:
+    """Route CUDA calls of ``torch.nn.attention.flex_attention.flex_attention`` through ``torch.compile``.
+
+    diffusers' flex backend calls the module attribute (so that users can compile it, as its comment says).
+    Uncompiled, flex attention falls back to a reference implementation that materialises the full score
+    matrix: at Wan2.1 480p (≈ 22k-65k FAR training tokens) that is tens of GB per layer. The compiled function
+    (automatic dynamic shapes after the first recompile, so varying context lengths do not recompile each
+    step) is used for CUDA tensors only; CPU calls keep the eager function. ``ANYFLOW_FLEX_COMPILE=0`` opts
+    out. Returns whether the compiled path is installed.
+    """
+    import os
+
+    import torch.nn.attention.flex_attention as fa
+
+    if not torch.cuda.is_available() or os.environ.get("ANYFLOW_FLEX_COMPILE", "1") == "0":
+        return False
+    import torch._dynamo
+
+    # Each BlockMask (the training mask, the padded-key mask of the cache read) guards its own graph: the default
+    # limit of 8 recompiles was hit on far-tiny, after which dynamo runs the eager (materialising) kernel.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    eager = fa.flex_attention
+    compiled = torch.compile(eager)
+
+    @functools.wraps(eager)
+    def flex_attention(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (compiled if query.is_cuda else eager)(query, key, value, *args, **kwargs)
+
+    fa.flex_attention = flex_attention
+    return True
+
+
 def set_far_attention(model: AnyFlowFARTransformer3DModel, attention: str) -> None:
     """Pick the self-attention path of every FAR block: ``"flex"`` (diffusers' processor, takes a ``BlockMask``)
     or ``"dense"`` (SDPA with a dense boolean mask; the fast CPU path). Both mask the zero padding keys of the
-    KV-cache read step (see :func:`_padded_key_mask`). Recorded as ``model._far_attention``."""
+    KV-cache read step (see :func:`_padded_key_mask`). Recorded as ``model._far_attention``. ``"flex"`` on a
+    CUDA machine also installs the compiled flex kernel (:func:`enable_compiled_flex`)."""
     classes = _processor_classes()
     if attention not in classes:
         raise ValueError(f"FAR attention must be 'flex' or 'dense', got {attention!r}.")
+    if attention == "flex":
+        enable_compiled_flex()
     for block in model.blocks:
         block.attn1.set_processor(classes[attention]())
     model._far_attention = attention

@@ -163,7 +163,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             calls[role] = lambda n: n
 
     def decode(lat: torch.Tensor) -> torch.Tensor:
-        return base.vae.decode(lat).float()
+        return base.vae.decode(lat).float().cpu()  # frame metrics, previews and VBench run on the CPU
 
     with torch.no_grad():
         ref = flowmap_euler_sample(teacher_cfg, noise, c, ev.reference_steps, shift=shift, use_mean_velocity=False)
@@ -189,7 +189,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             row["flicker"] = float(np.mean([M.temporal_flicker(f) for f in frames]))
             row["calls"] = float(calls[model](n))
             if heldout is not None:
-                row["energy_distance"] = M.energy_distance(lat.flatten(1), heldout.flatten(1))
+                row["energy_distance"] = M.energy_distance(lat.flatten(1).cpu(), heldout.flatten(1).cpu())
             if attributes is not None:
                 adh = M.prompt_adherence(frames, attributes)
                 row["adherence_colour"] = adh["colour_accuracy"]

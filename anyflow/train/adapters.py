@@ -60,7 +60,8 @@ class AdapterModel:
 
         ``requires_grad`` follows ``trainable`` whatever adapter is active (peft's switching would
         otherwise flip it). ``extra`` names base submodules whose parameters this adapter owns and
-        trains in full (its own fp32 copy, initialised from ``init`` where given, else from the base).
+        trains in full (its own copy — fp32 if trainable, else the base's dtype — initialised from ``init``
+        where given, else from the base).
         """
         init = dict(init) if init is not None else None
         own: dict[str, torch.Tensor] = {}
@@ -82,7 +83,10 @@ class AdapterModel:
                     value = own.pop(key, None)
                     if value is None:
                         value = p.detach()
-                    params[key] = nn.Parameter(value.to(p.device, torch.float32).clone(), requires_grad=trainable)
+                    # trained: an fp32 master (GPU training runs under bf16 autocast); frozen: the base's dtype,
+                    # so no-autocast inference (evaluate, sample) feeds the conv matching tensors
+                    dtype = torch.float32 if trainable else p.dtype
+                    params[key] = nn.Parameter(value.to(p.device, dtype).clone(), requires_grad=trainable)
             if own:
                 raise KeyError(f"adapter {name!r}: unexpected extra tensors {sorted(own)}; it owns {list(params)}")
             self._extra[name] = params
