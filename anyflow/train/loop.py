@@ -1,7 +1,8 @@
 """The one training loop every stage uses (accelerate-based).
 
-The loop owns: device / mixed precision / distributed setup (accelerate), optimisers and the LR
-warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy before
+The loop owns: device / mixed precision / distributed setup (accelerate), sharding of the frozen base
+across ranks (``train.sharding``: FSDP2 ``fully_shard`` per transformer block + root, see
+:func:`shard_frozen_base`), optimisers and the LR warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy before
 ``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
 logging (JSONL + TensorBoard) and the progress bar. A *method* (teacher, flowmap, onpolicy, finetune)
 owns its losses and optimiser steps and is called once per iteration with a :class:`TrainContext`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from anyflow.config import OptimConfig, TrainConfig
+from anyflow.config import ConfigError, OptimConfig, TrainConfig
 from anyflow.train.checkpoint import load_training_state, save_training_state
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: retryable (pod preempted, SIGTERM); bad input exits 2
@@ -97,7 +99,9 @@ class TrainContext:
         if self.world_size > 1:
             # Data-parallel gradient averaging for the (small) trainable adapter set. The frozen base is
             # never wrapped in DDP: several adapters share it and switch per call, which DDP's hooks
-            # cannot follow, so the reduction happens here, once per optimiser step.
+            # cannot follow, so the reduction happens here, once per optimiser step (after all the
+            # micro-batches of gradient accumulation). With train.sharding the trainable tensors stay
+            # replicated plain tensors (shard_frozen_base ignores them), so this is unchanged.
             import torch.distributed as dist
 
             for p in params:
@@ -129,6 +133,101 @@ def _warmup_constant(warmup: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
 
+def _unshardable(models: Any) -> set[nn.Parameter]:
+    """What a sharded base must leave as plain replicated tensors: every LoRA tensor (trainable or not),
+    every parameter that requires grad, every tensor an adapter owns (``AdapterModel.params``) and the
+    current parameters of the modules holding such extra tensors (they are swapped per adapter)."""
+    from anyflow.models import lora
+
+    t = models.transformer
+    out = {p for n, p in t.named_parameters() if p.requires_grad or ".lora_A." in n or ".lora_B." in n}
+    for name in lora.adapter_names(t):
+        for key, p in models.params(name).items():
+            out.add(p)
+            if ".lora_A." not in key and ".lora_B." not in key:  # an extra base tensor this adapter owns
+                out.update(t.get_submodule(key.rsplit(".", 1)[0]).parameters(recurse=False))
+    return out
+
+
+def shard_frozen_base(models: Any, mode: str, accelerator: Any) -> dict[str, int]:
+    """Shard the frozen base transformer of ``models`` (an ``AdapterModel``) across the ranks, in place.
+
+    FSDP2 ``fully_shard`` on every transformer block, then on the root (METHOD.md §10: the paper's
+    runs use FSDP2). ``mode`` "fsdp" shards over all ranks; "hsdp" shards within a node
+    (``LOCAL_WORLD_SIZE`` ranks) and replicates across nodes (a 2-D mesh, the paper's hybrid sharding).
+
+    Only *frozen* base parameters are sharded. The LoRA adapters and anything trainable stay plain,
+    replicated tensors (``ignored_params``): adapters keep switching per call, the optimisers, EMA and
+    checkpoints see ordinary tensors, and ``TrainContext.clip_and_step`` all-reduces their gradients
+    (fp32, as the adapters are fp32) exactly as without sharding. The frozen base has no gradients, so
+    FSDP reduces nothing; its ``reduce_dtype`` is fp32 for completeness. Parameters are all-gathered in
+    the dtype they were loaded in (``param_dtype=None``): bf16 on CUDA with Wan's fp32 modules (time
+    embedder, norms, scale-shift tables) kept fp32, i.e. exactly the unsharded numerics; forcing
+    ``param_dtype=bf16`` would also round those modules. Inputs are not cast (``cast_forward_inputs=False``):
+    τ stays fp32 (METHOD.md §14). Blocks reshard after forward and are all-gathered again for the backward
+    (and for gradient checkpointing's recomputation, under the adapter :meth:`AdapterModel.backward` made
+    active). Returns ``{"base_params", "local_base_params", "shard_group"}`` (frozen base parameter count,
+    the part held by this rank, ranks per shard group); ``{}`` when nothing was sharded (one process).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    world = accelerator.num_processes
+    if world == 1:
+        return {}
+    transformer = models.transformer
+    if getattr(models, "is_far", False):
+        raise ConfigError("train.sharding: sharding the causal (FAR) base is not supported yet; use sharding=none")
+    exempt = _unshardable(models)
+    if not isinstance(transformer, FSDPModule):
+        device_type = accelerator.device.type
+        if mode == "fsdp":
+            mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+        elif mode == "hsdp":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            if local < 1 or world % local:
+                raise ConfigError(f"train.sharding=hsdp: {world} ranks do not split into nodes of {local}")
+            mesh = init_device_mesh(device_type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+        else:
+            raise ConfigError(f"train.sharding={mode!r}: use none, fsdp or hsdp")
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        blocks = getattr(transformer, "blocks", None)
+        if blocks is None:
+            raise ConfigError(f"train.sharding: {type(transformer).__name__} has no transformer blocks to shard")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=exempt)
+        fully_shard(transformer, mesh=mesh, mp_policy=mp, ignored_params=exempt)
+    base = [p for p in transformer.parameters() if p not in exempt]
+    group = 1
+    for p in base:
+        if isinstance(p, DTensor):
+            group = max(group, p.device_mesh.size(p.device_mesh.ndim - 1))
+    return {
+        "base_params": sum(p.numel() for p in base),
+        "local_base_params": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base),
+        "shard_group": group,
+    }
+
+
+def _check_launch(cfg: TrainConfig, accelerator: Any, method: Any) -> None:
+    """Refuse launch layouts the loop does not implement, instead of silently running something else."""
+    kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
+    if kind == "DEEPSPEED":
+        raise ConfigError(
+            "DeepSpeed is not supported by anyflow's training loop (one DeepSpeed engine holds one optimiser, the "
+            "on-policy stage steps two adapter groups over one shared frozen base); launch with "
+            "configs/accelerate/multi_gpu_ddp.yaml and set <stage>.train.sharding=fsdp (or hsdp) to shard the base"
+        )
+    if kind == "FSDP" and cfg.sharding == "none":
+        raise ConfigError(
+            "launched with an accelerate FSDP config but <stage>.train.sharding is 'none': anyflow shards the frozen "
+            "base itself (FSDP2), so set --set <stage>.train.sharding=fsdp (or hsdp), or launch with multi_gpu_ddp.yaml"
+        )
+    if cfg.sharding != "none" and getattr(method, "models", None) is None:
+        raise ConfigError(f"train.sharding={cfg.sharding!r}: method {method.name!r} exposes no adapter model to shard")
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -136,6 +235,7 @@ class FitResult:
     last_metrics: dict[str, float]
     ema: dict[str, torch.Tensor]
     seconds: float
+    shard: dict[str, int] = field(default_factory=dict)  # shard_frozen_base's counts ({} when not sharded)
 
 
 class _SigtermFlag:
@@ -180,8 +280,15 @@ def fit(
     (named in errors as the last good checkpoint). ``resume_from`` restores a
     state directory before training. ``stop_after`` ends the run early after that many steps
     (used by tests that interrupt and resume).
+
+    ``cfg.sharding`` ("fsdp" / "hsdp") shards the frozen base of ``method.models`` (the method's
+    ``AdapterModel``) across the ranks before the first step (:func:`shard_frozen_base`); adapters,
+    optimiser state, EMA and checkpoints are unchanged by it. Launching under an accelerate DeepSpeed
+    config, or an accelerate FSDP config with ``sharding="none"``, is refused (``ConfigError``).
     """
     accelerator = accelerator or make_accelerator(cfg)
+    _check_launch(cfg, accelerator, method)
+    shard = shard_frozen_base(method.models, cfg.sharding, accelerator) if cfg.sharding != "none" else {}
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
@@ -293,7 +400,8 @@ def fit(
         bar.close()
     if tb is not None:
         tb.close()
-    return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0)
+    return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
+                     shard=shard)
 
 
 @torch.no_grad()

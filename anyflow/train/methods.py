@@ -5,12 +5,20 @@
   downstream ``finetune`` method (same loss, initialised from a distilled generator, §0/§12 Fig. 9).
 * :class:`OnPolicyMethod` — on-policy distillation (§7): FMBS rollout + DMD + co-trained forward loss
   for the generator, flow matching on generator samples for the critic, 1:1 (configurable) updates.
+
+Gradient accumulation (``train.grad_accum`` = A): every optimiser step backpropagates A micro-batches of
+``train.batch_size`` with each loss scaled by 1/A, and logs the means over them. The on-policy
+generator and critic updates use one (N, k) plan per update for all their micro-batches (and ranks,
+:func:`rollout_plan`). The accumulated gradient equals a single step on the A micro-batches together
+(same samples and random draws): DMD normalises per sample and the critic loss is a per-sample mean;
+the forward loss's pair split and adaptive scaling are made global over the accumulated batch
+(:class:`_ForwardAccumulator`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +27,7 @@ from anyflow.config import DistillStage, FlowMapStage, LossConfig, OptimConfig, 
 from anyflow.dmd import critic_loss, dmd_generator_loss
 from anyflow.flowmap import FlowMapLossConfig, flow_matching_loss, forward_flowmap_loss
 from anyflow.rollout import fmbs_rollout
+from anyflow.timesteps import PairType
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
 
@@ -78,12 +87,75 @@ def _forward_loss(
     models: AdapterModel, ctx: TrainContext, batch: Mapping, negative: torch.Tensor, loss_cfg: FlowMapLossConfig,
     scale: float,
 ) -> dict[str, float]:
-    loss, diag = forward_flowmap_loss(
-        models.fn("generator"), batch["latents"], batch["text"], negative.to(ctx.device), ctx.generator,
-        loss_cfg, rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather,
-    )
-    models.backward("generator", loss * scale, ctx.backward)
-    return {"loss": float(loss.detach()), **_scalars(diag)}
+    """The forward flow-map loss (§6.7) of one batch for the generator, backpropagated with ``scale``."""
+    return _ForwardAccumulator(ctx, 1).add(models, batch, negative, loss_cfg, scale)
+
+
+class _ForwardAccumulator:
+    """The forward flow-map loss over the ``accum`` micro-batches of one optimiser step.
+
+    Micro-batch j on rank r is sample block j·W + r (W ranks) of one global batch of A·W·b samples:
+
+    * the diffusion / consistency / general split (§6.1, by global index) is the split of that whole
+      batch, as for a single step with A·b samples per rank; A copies of the split of W·b would, e.g.
+      for W·b = 2 (split (1, 0, 1)), never train a consistency pair;
+    * the adaptive-scaling mean (§6.5) is taken over the diffusion-pair losses of this micro-batch and
+      of every earlier one of the step (the gather handed to the loss returns them too). Diffusion pairs
+      hold the lowest global indices, so every one of them is in a micro-batch no later than any
+      non-diffusion pair: each non-diffusion pair is scaled by the mean over *all* diffusion pairs of
+      the accumulated batch, exactly as in one big step.
+
+    With A = 1 this is the plain loss on the local batch (the ranks' pair split and gather).
+    So, up to floating-point summation order, the accumulated gradient equals that of a single step on
+    the concatenated micro-batches (the same samples and random draws; with W > 1 the global batch's
+    blocks are ordered micro-batch-major instead of rank-major). ``tests/test_train_accum.py`` checks it.
+    """
+
+    def __init__(self, ctx: TrainContext, accum: int) -> None:
+        self.ctx, self.accum, self.micro = ctx, accum, 0
+        self._gathered: dict[int, list[torch.Tensor]] = {}  # gather call index -> this step's gathered values
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def _gather(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        calls = [0]
+
+        def gather(v: torch.Tensor) -> torch.Tensor:
+            g = self.ctx.gather(v)
+            past = self._gathered.setdefault(calls[0], [])
+            calls[0] += 1
+            out = torch.cat([*past, g]) if past else g
+            past.append(g)
+            return out
+
+        return gather
+
+    def add(
+        self, models: AdapterModel, batch: Mapping, negative: torch.Tensor, loss_cfg: FlowMapLossConfig, scale: float
+    ) -> dict[str, float]:
+        """One micro-batch: loss, backward of ``loss * scale``; returns its scalars (and accumulates them)."""
+        ctx = self.ctx
+        if self.micro >= self.accum:
+            raise RuntimeError(f"forward loss: micro-batch {self.micro + 1} of a step with {self.accum}")
+        loss, diag = forward_flowmap_loss(
+            models.fn("generator"), batch["latents"], batch["text"], negative.to(ctx.device), ctx.generator,
+            loss_cfg, rank=self.micro * ctx.world_size + ctx.rank, world_size=self.accum * ctx.world_size,
+            gather=self._gather(),
+        )
+        models.backward("generator", loss * scale, ctx.backward)
+        self.micro += 1
+        out = {"loss": float(loss.detach()), **_scalars(diag)}
+        # per-pair-type means are weighted by how many pairs of the type the micro-batch holds
+        counts = {f"loss/{kind.name.lower()}": float((diag["pair_type"] == kind).sum()) for kind in PairType}
+        for k, v in out.items():
+            w = counts.get(k, 1.0)
+            self._sums[k] = self._sums.get(k, 0.0) + v * w
+            self._weights[k] = self._weights.get(k, 0.0) + w
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The scalars of the whole accumulated batch (means over its samples, per type where typed)."""
+        return {k: self._sums[k] / self._weights[k] for k in self._sums}
 
 
 class FlowMapMethod:
@@ -105,13 +177,11 @@ class FlowMapMethod:
 
     def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
         accum = ctx.cfg.grad_accum
-        sums: dict[str, float] = {}
+        forward = _ForwardAccumulator(ctx, accum)
         for _ in range(accum):
-            out = _forward_loss(self.models, ctx, ctx.next_batch(), self.negative, self.loss_cfg, 1.0 / accum)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+            forward.add(self.models, ctx.next_batch(), self.negative, self.loss_cfg, 1.0 / accum)
         ctx.clip_and_step("generator")
-        return sums
+        return forward.metrics()
 
 
 def rollout_plan(seed: int, step: int, stream: str, steps_list: tuple[int, ...]) -> tuple[int, int]:
@@ -161,34 +231,52 @@ class OnPolicyMethod:
         return torch.randn(like.shape, generator=ctx.generator, dtype=torch.float32).to(like.device)
 
     def generator_update(self, ctx: TrainContext, step: int) -> dict[str, float]:
+        """One generator update over ``train.grad_accum`` micro-batches, one (N, k) plan for all of them.
+
+        Each micro-batch: fresh batch → FMBS rollout from fresh noise → DMD (per-sample normalised, so
+        accumulation is exact) → backward of ``L_DMD / accum``; then the co-trained forward loss
+        (:class:`_ForwardAccumulator`, also exact). Logged losses are the means over the micro-batches.
+        """
         m, cfg, neg = self.models, self.cfg, self.negative.to(ctx.device)
         n, k = rollout_plan(ctx.cfg.seed, step, "generator", cfg.steps_list)
-        batch = ctx.next_batch()
-        x_hat, info = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
-                                   shift=cfg.loss.shift)
-        loss_dmd, _ = dmd_generator_loss(
-            x_hat, m.fn("teacher"), m.fn("critic"), batch["text"], neg, ctx.generator,
-            real_guidance_scale=cfg.real_guidance_scale, shift=cfg.loss.shift, weight=cfg.dmd_weight,
-        )
-        m.backward("generator", loss_dmd, ctx.backward)
-        out = {"loss/dmd": float(loss_dmd.detach()), "nfe": float(info.calls), "rollout_steps": float(n), "rollout_k": float(k)}
-        if cfg.cotrain_forward:
-            fwd = _forward_loss(m, ctx, batch, self.negative, self.loss_cfg, 1.0)
-            out.update({f"forward/{k_}": v for k_, v in fwd.items()})
+        accum = ctx.cfg.grad_accum
+        forward = _ForwardAccumulator(ctx, accum) if cfg.cotrain_forward else None
+        dmd, calls = 0.0, 0
+        for _ in range(accum):
+            batch = ctx.next_batch()
+            x_hat, info = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
+                                       shift=cfg.loss.shift)
+            loss_dmd, _ = dmd_generator_loss(
+                x_hat, m.fn("teacher"), m.fn("critic"), batch["text"], neg, ctx.generator,
+                real_guidance_scale=cfg.real_guidance_scale, shift=cfg.loss.shift, weight=cfg.dmd_weight,
+            )
+            m.backward("generator", loss_dmd / accum, ctx.backward)
+            dmd += float(loss_dmd.detach()) / accum
+            calls = info.calls
+            if forward is not None:
+                forward.add(m, batch, self.negative, self.loss_cfg, 1.0 / accum)
+        out = {"loss/dmd": dmd, "nfe": float(calls), "rollout_steps": float(n), "rollout_k": float(k)}
+        if forward is not None:
+            out.update({f"forward/{k_}": v for k_, v in forward.metrics().items()})
         ctx.clip_and_step("generator")
         return out
 
     def critic_update(self, ctx: TrainContext, step: int) -> dict[str, float]:
+        """One critic update over ``train.grad_accum`` fresh micro-batches, one no-grad (N', k') plan."""
         m, cfg = self.models, self.cfg
         n, k = rollout_plan(ctx.cfg.seed, step, "critic", cfg.steps_list)
-        batch = ctx.next_batch()
-        with torch.no_grad():
-            x_hat, _ = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
-                                    shift=cfg.loss.shift)
-        loss, _ = critic_loss(m.fn("critic"), x_hat, batch["text"], ctx.generator, shift=cfg.loss.shift)
-        m.backward("critic", loss, ctx.backward)
+        accum = ctx.cfg.grad_accum
+        total = 0.0
+        for _ in range(accum):
+            batch = ctx.next_batch()
+            with torch.no_grad():
+                x_hat, _ = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
+                                        shift=cfg.loss.shift)
+            loss, _ = critic_loss(m.fn("critic"), x_hat, batch["text"], ctx.generator, shift=cfg.loss.shift)
+            m.backward("critic", loss / accum, ctx.backward)
+            total += float(loss.detach()) / accum
         ctx.clip_and_step("critic")
-        return {"loss/critic": float(loss.detach())}
+        return {"loss/critic": total}
 
     def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
         out: dict[str, float] = {}

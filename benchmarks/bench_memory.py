@@ -1,0 +1,123 @@
+"""Parameter memory per GPU with the frozen base replicated vs sharded (``train.sharding``) — analytic.
+
+Nothing here is measured on a GPU: the numbers are computed from the model configs of the presets
+(``wan2.1-t2v-1.3b`` / ``wan2.1-t2v-14b``: the AnyFlow transformer built on the ``meta`` device, LoRA
+rank from the preset) and from how ``anyflow.train.loop.shard_frozen_base`` lays parameters out:
+
+* **frozen base**: loaded in bf16 with Wan's fp32 modules (time embedder, norms, scale-shift tables)
+  kept fp32, as ``anyflow.stages.common.load_models`` does on CUDA. Replicated: all of it on every GPU.
+  FSDP2 over W GPUs: each parameter is split on dim 0 into W chunks; the table uses the largest chunk
+  (rank 0, ⌈d₀/W⌉ rows). HSDP over nodes of W GPUs holds the same as FSDP over W.
+* **gathered while computing** (sharded only): the root group stays all-gathered after its first
+  forward (FSDP2 ``reshard_after_forward`` is False for the root), plus two all-gathered blocks (the
+  block running and the one prefetched). Transient, but it is part of the peak.
+* **adapter state** of the on-policy stage (the largest): three LoRA adapters (teacher, critic,
+  generator; fp32), gradients and AdamW moments of the two trained ones, the generator's fp32 EMA.
+  Replicated on every GPU in every layout (the loop all-reduces their gradients; nothing shards them).
+
+Activations are not counted (gradient checkpointing keeps them per block). GB = 10⁹ bytes.
+
+    python -m benchmarks.bench_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+PRESETS = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
+LAYOUTS = (("replicated", 1), ("fsdp", 8), ("fsdp", 16))
+GB = 1e9
+
+
+def _model(shape: str) -> Any:
+    import torch
+    from diffusers import AnyFlowTransformer3DModel
+
+    from anyflow.models.convert import anyflow_config_from_wan
+    from anyflow.models.loading import _cast_like_from_pretrained
+    from benchmarks.bench_training import wan_config
+
+    with torch.device("meta"):
+        model = AnyFlowTransformer3DModel(**anyflow_config_from_wan(wan_config(shape)))
+    return _cast_like_from_pretrained(model, torch.bfloat16)
+
+
+def _bytes(params: list[Any], world: int) -> int:
+    """Largest per-rank bytes of ``params`` sharded on dim 0 over ``world`` ranks (world 1: all)."""
+    total = 0
+    for p in params:
+        rows = p.shape[0] if p.dim() > 0 else 1
+        rest = p.numel() // max(rows, 1)
+        total += math.ceil(rows / world) * rest * p.element_size()
+    return total
+
+
+def analytic_table(shape: str) -> dict[str, Any]:
+    from anyflow.config import get_preset
+    from benchmarks.bench_training import lora_params
+
+    preset = get_preset(PRESETS[shape])
+    model = _model(shape)
+    rank = preset.model.lora_rank
+    blocks = [list(b.parameters()) for b in model.blocks]
+    in_blocks = {id(p) for ps in blocks for p in ps}
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    every = [*root, *(p for ps in blocks for p in ps)]
+    lora = {role: lora_params(model, role, rank) for role in ("teacher", "critic", "generator")}
+    trained = lora["critic"] + lora["generator"]
+    adapter_state = 4 * (
+        sum(lora.values()) + trained + 2 * trained + lora["generator"]
+    )  # params, grads, Adam, EMA
+    rows = []
+    for layout, world in LAYOUTS:
+        base = _bytes(every, world)
+        gathered = 0 if world == 1 else _bytes(root, 1) + 2 * max(_bytes(ps, 1) for ps in blocks)
+        rows.append(
+            {
+                "layout": layout,
+                "gpus": world,
+                "base": base,
+                "gathered": gathered,
+                "adapters": adapter_state,
+                "total": base + gathered + adapter_state,
+            }
+        )
+    return {
+        "shape": shape,
+        "base_params": sum(p.numel() for p in every),
+        "lora": lora,
+        "rank": rank,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", action="append", choices=sorted(PRESETS), help="model shape (default: both)")
+    args = p.parse_args(argv)
+    print("## Parameter memory per GPU, on-policy stage, bf16 base (analytic, from the preset configs)\n")
+    print(
+        "| model | layout | GPUs | frozen base | gathered while computing | adapter state (fp32, replicated)"
+        " | total |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shape or ("1.3b", "14b"):
+        t = analytic_table(shape)
+        for r in t["rows"]:
+            gpus = "any" if r["layout"] == "replicated" else str(r["gpus"])
+            print(
+                f"| {shape} ({t['base_params'] / 1e9:.2f} B, LoRA {t['rank']}) | {r['layout']} | {gpus} "
+                f"| {r['base'] / GB:.2f} GB | {r['gathered'] / GB:.2f} GB | {r['adapters'] / GB:.1f} GB "
+                f"| {r['total'] / GB:.1f} GB |"
+            )
+    print(
+        "\nHSDP with nodes of 8 GPUs holds what FSDP over 8 holds. Adapter state = 3 LoRA adapters + gradients"
+        " and AdamW moments of generator and critic + generator EMA, all fp32; activations not counted."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
