@@ -1,9 +1,18 @@
 """VBench adapter: file naming, prompt sets, running VBench in its own environment, aggregation.
 
-METHOD.md §11. VBench pins old dependencies, so it never runs in our environment: it runs in the
-eval image (``images/eval/Dockerfile``) or any interpreter named by ``ANYFLOW_VBENCH_PYTHON``, or
-the ``vbench`` CLI found on ``PATH``, as a subprocess. We only write its inputs and parse its
-outputs.
+METHOD.md §11. VBench pins old dependencies, so it never runs in our environment: it runs as a
+subprocess of the interpreter named by ``ANYFLOW_VBENCH_PYTHON`` (the eval image sets it to its own
+python; locally ``.venv-eval/bin/python``, see ``docs/evaluation-vbench.md``), else through the
+``vbench`` CLI found on ``PATH``. We only write its inputs and parse its outputs.
+
+With ``ANYFLOW_VBENCH_PYTHON`` we do not use VBench's launcher (``vbench/launch/evaluate.py``
+hard-codes ``torch.device("cuda")`` and ``dist_init()`` with NCCL and ``torch.cuda.set_device``,
+so it cannot run without a GPU). The interpreter runs :data:`_DRIVER` instead: VBench's documented
+Python API, ``VBench(device, full_info_json, output_path).evaluate(...)``, with the device chosen by
+``run_vbench(device=...)`` / ``ANYFLOW_VBENCH_DEVICE`` (``auto``: CUDA when available, else CPU).
+VBench's own code is used unchanged; nothing in its site-packages is modified. The ``vbench
+evaluate`` CLI fallback is VBench's GPU path (``torch.distributed.run`` + NCCL) and drops the exit
+status of its child, so a failure there shows as "VBench wrote no score for it".
 
 File naming (Vchitect/VBench ``prompts/README.md``, ``vbench/utils.py:get_prompt_from_filename``):
 ``{prompt}-{index}.mp4`` with the raw prompt text as the file name; VBench reads the prompt back
@@ -33,6 +42,86 @@ MAX_NAME_CHARS = 180  # VBench-2.0 prompts/README.md: "we use the first 180 char
 MAX_NAME_BYTES = 255  # file-name limit of common file systems (ext4, xfs, APFS)
 PROMPT_FILE = "prompt_file.json"
 NOT_INSTALLED = "VBench not installed (use the eval image, or set ANYFLOW_VBENCH_PYTHON)"
+DEVICE_ENV = "ANYFLOW_VBENCH_DEVICE"  # auto | cpu | cuda | cuda:N (ANYFLOW_VBENCH_PYTHON route only)
+
+# Run by the eval interpreter with ``python -c`` (so no file of ours shadows the ``vbench`` package
+# and anyflow need not be installed there). Arguments mirror vbench/launch/evaluate.py, plus
+# ``--device`` and ``--probe``. Only the standard library, torch and vbench are imported.
+_DRIVER = r"""
+import argparse, importlib.machinery, importlib.metadata, importlib.util, json, os, sys
+from datetime import datetime
+
+p = argparse.ArgumentParser(prog="anyflow-vbench-driver")
+p.add_argument("--probe", action="store_true")
+p.add_argument("--videos_path")
+p.add_argument("--dimension", nargs="+")
+p.add_argument("--output_path")
+p.add_argument("--mode", default="custom_input")
+p.add_argument("--prompt_file")
+p.add_argument("--full_json_dir")
+p.add_argument("--device", default="auto")
+p.add_argument("--load_ckpt_from_local", action="store_true")
+a = p.parse_args()
+
+import torch
+
+# PyPI's torchvision wheels link against CUDA torch (libc10_cuda.so, libtorch_cuda.so); with a CPU
+# torch (the 2.13.0+cpu wheel) their C++ ops cannot load, and torchvision >= 0.18 then fails at
+# import: _meta_registrations calls torch.library.register_fake("torchvision::nms"/"qnms") without
+# checking that the ops exist. Declaring those two schemas (no kernels) lets its pure-Python parts
+# (transforms, which vbench.utils imports) load; torchvision.ops.* still raise torchvision's own
+# "Couldn't load custom C++ ops" if a dimension calls them. Done only when the extension fails to
+# load, so a matching torch/torchvision (the CUDA eval image) is untouched.
+TORCHVISION_OPS = True
+spec = importlib.util.find_spec("torchvision")
+if spec is not None and spec.submodule_search_locations:
+    libs = [os.path.join(d, "_C" + s) for d in spec.submodule_search_locations
+            for s in importlib.machinery.EXTENSION_SUFFIXES]
+    libs = [f for f in libs if os.path.isfile(f)]
+    try:
+        if not libs:
+            raise OSError("no torchvision._C extension")
+        torch.ops.load_library(libs[0])
+    except (OSError, RuntimeError):
+        TORCHVISION_OPS = False
+        _SCHEMAS = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _SCHEMAS.define(op + "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+import vbench
+from vbench import VBench
+
+if a.probe:
+    print(json.dumps({"vbench": importlib.metadata.version("vbench"), "torch": torch.__version__,
+                      "cuda": torch.cuda.is_available(), "torchvision_ops": TORCHVISION_OPS}))
+    sys.exit(0)
+
+device = a.device
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"anyflow-vbench-driver: device {device!r} requested but torch {torch.__version__} in "
+             f"{sys.executable} sees no CUDA device; use --device cpu")
+full_json = a.full_json_dir or os.path.join(os.path.dirname(vbench.__file__), "VBench_full_info.json")
+prompts = {}
+if a.prompt_file:
+    with open(a.prompt_file, encoding="utf-8") as f:
+        prompts = json.load(f)
+print(f"anyflow-vbench-driver: vbench {importlib.metadata.version('vbench')}, torch {torch.__version__}, "
+      f"device {device}, torchvision C++ ops {'loaded' if TORCHVISION_OPS else 'unavailable'}", flush=True)
+bench = VBench(torch.device(device), full_json, a.output_path)
+bench.evaluate(
+    videos_path=a.videos_path,
+    name="results_" + datetime.now().strftime("%Y-%m-%d-%H:%M:%S"),
+    prompt_list=prompts,
+    dimension_list=a.dimension,
+    local=a.load_ckpt_from_local,
+    read_frame=False,
+    mode=a.mode,
+    imaging_quality_preprocessing_mode="longer",
+)
+print("anyflow-vbench-driver: done", flush=True)
+"""
 
 # --- Aggregation constants -------------------------------------------------------------------
 # Normalisation ranges (Min, Max) per dimension, from Vchitect/VBench scripts/constant.py
@@ -325,36 +414,58 @@ def parse_vbench_results(output_dir: str | os.PathLike[str]) -> dict[str, float]
     return scores
 
 
-def find_vbench() -> list[str] | None:
-    """The command prefix that runs VBench's evaluator, or None when no VBench is installed.
-
-    ``$ANYFLOW_VBENCH_PYTHON -m vbench.launch.evaluate`` when that interpreter can import vbench,
-    else the ``vbench evaluate`` CLI on PATH.
-    """
+def _locate_vbench() -> tuple[list[str] | None, str]:
+    """``(command prefix, "")`` for the first VBench found, else ``(None, why not)``."""
     python = os.environ.get("ANYFLOW_VBENCH_PYTHON")
     if python:
-        probe = subprocess.run(
-            [python, "-c", "import vbench.launch.evaluate"], capture_output=True, timeout=300
-        )
-        if probe.returncode == 0:
-            return [python, "-m", "vbench.launch.evaluate"]
+        try:
+            probe = subprocess.run(
+                [python, "-c", _DRIVER, "--probe"], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"ANYFLOW_VBENCH_PYTHON={python} cannot run: {type(e).__name__}: {e}"
+        if probe.returncode != 0:
+            lines = [ln for ln in probe.stderr.strip().splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else f"exit code {probe.returncode}"
+            return None, f"ANYFLOW_VBENCH_PYTHON={python} cannot import vbench: {last}"
+        return [python, "-c", _DRIVER], ""
     cli = shutil.which("vbench")
-    return [cli, "evaluate"] if cli else None
+    return ([cli, "evaluate"], "") if cli else (None, NOT_INSTALLED)
 
 
-def _failure_reason(stderr: str, returncode: int) -> str:
+def find_vbench() -> list[str] | None:
+    """The command prefix that runs VBench's evaluator, or None when no VBench is usable.
+
+    ``$ANYFLOW_VBENCH_PYTHON -c <driver>`` when that interpreter can import vbench (an interpreter
+    named there that cannot is not replaced by the CLI: the reason is reported instead), else the
+    ``vbench evaluate`` CLI on PATH (GPU only).
+    """
+    return _locate_vbench()[0]
+
+
+# Signs (in VBench's stdout or stderr) that it tried to fetch weights: its own "… does not exist.
+# Downloading…" notes and wget calls, torch.hub / urllib / requests / huggingface_hub errors.
+_OFFLINE_CUES = (
+    "wget",
+    "Downloading",
+    "ConnectionError",
+    "Connection refused",
+    "huggingface.co",
+    "Max retries",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "urlopen",
+    "URLError",
+)
+
+
+def _failure_reason(stderr: str, returncode: int, stdout: str = "") -> str:
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else f"exit code {returncode}"
-    offline = (
-        "wget",
-        "ConnectionError",
-        "huggingface.co",
-        "Max retries",
-        "Temporary failure in name resolution",
-        "urlopen",
-    )
-    if any(key in stderr for key in offline):
+    if any(key in stderr or key in stdout for key in _OFFLINE_CUES):
         return f"model weights not available offline (VBench tried to download them): {last}"
+    if returncode == 0:
+        return f"VBench wrote no score for it: {last}" if lines else "VBench wrote no score for it"
     return f"VBench failed (exit {returncode}): {last}"
 
 
@@ -365,24 +476,38 @@ def run_vbench(
     output_dir: str | os.PathLike[str],
     mode: str = "custom_input",
     timeout_s: float | None = None,
+    device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run VBench on ``videos_dir``, one subprocess per dimension, and collect the scores.
+
+    Args:
+        videos_dir: folder written by :func:`write_vbench_videos`.
+        dimensions: VBench dimension names (result-JSON spelling).
+        output_dir: ``{output_dir}/{dimension}/`` receives VBench's ``*_eval_results.json``,
+            ``*_full_info.json`` and our ``vbench.log`` (its stdout and stderr).
+        mode: VBench's ``--mode``; ``custom_input`` reads prompts from ``prompt_file.json``.
+        timeout_s: per-dimension limit.
+        device: ``auto`` (CUDA when the eval interpreter sees one, else CPU), ``cpu``, ``cuda`` or
+            ``cuda:N``; default ``$ANYFLOW_VBENCH_DEVICE`` or ``auto``. Applies to the
+            ``ANYFLOW_VBENCH_PYTHON`` route; the ``vbench`` CLI always uses CUDA.
 
     Returns ``{dimension: {"status": "ok", "score": float} | {"status": "not run", "reason": str}}``.
     A dimension is "not run" when VBench is not installed, when ``mode="custom_input"`` cannot
     score it (it needs the standard prompt suite), when its model weights are not available
     offline, or when VBench fails; its reason says which. Never reported as zero.
     """
-    videos = Path(videos_dir)
-    out_root = Path(output_dir)
+    videos = Path(videos_dir).resolve()
+    out_root = Path(output_dir).resolve()
     unknown = [d for d in dimensions if d not in NORMALIZE_T2V and d not in NORMALIZE_I2V]
     if unknown:
         raise ValueError(
             f"run_vbench: unknown dimensions {unknown}; valid: {sorted(set(NORMALIZE_T2V) | set(NORMALIZE_I2V))}"
         )
-    command = find_vbench()
+    device = device or os.environ.get(DEVICE_ENV) or "auto"
+    command, why_not = _locate_vbench()
     if command is None:
-        return {d: {"status": "not run", "reason": NOT_INSTALLED} for d in dimensions}
+        return {d: {"status": "not run", "reason": why_not} for d in dimensions}
+    driver = command[1:2] == ["-c"]
     results: dict[str, dict[str, Any]] = {}
     for dim in dimensions:
         if mode == "custom_input" and dim in CUSTOM_UNSUPPORTED:
@@ -393,6 +518,8 @@ def run_vbench(
             continue
         dim_out = out_root / dim
         dim_out.mkdir(parents=True, exist_ok=True)
+        for stale in dim_out.glob("*_eval_results.json"):  # a score must come from this run
+            stale.unlink()
         args = [
             *command,
             "--videos_path",
@@ -406,8 +533,14 @@ def run_vbench(
         ]
         if mode == "custom_input" and (videos / PROMPT_FILE).is_file():
             args += ["--prompt_file", str(videos / PROMPT_FILE)]
+        if driver:
+            args += ["--device", device]
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+            # cwd: the driver runs with ``-c``, so sys.path[0] is the working directory; ours holds
+            # nothing importable.
+            proc = subprocess.run(
+                args, capture_output=True, text=True, timeout=timeout_s, cwd=dim_out if driver else None
+            )
         except subprocess.TimeoutExpired:
             results[dim] = {"status": "not run", "reason": f"VBench timed out after {timeout_s} s"}
             continue
@@ -418,10 +551,8 @@ def run_vbench(
         if dim in scores:
             results[dim] = {"status": "ok", "score": scores[dim]}
         else:
-            reason = (
-                _failure_reason(proc.stderr, proc.returncode)
-                if proc.returncode
-                else "VBench wrote no score for it"
-            )
-            results[dim] = {"status": "not run", "reason": reason}
+            results[dim] = {
+                "status": "not run",
+                "reason": _failure_reason(proc.stderr, proc.returncode, proc.stdout),
+            }
     return results
