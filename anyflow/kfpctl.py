@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_WORKDIR = "./anyflow-runs"
@@ -67,7 +68,7 @@ def _configure_s3(args: argparse.Namespace) -> None:
         storage.configure(s3_endpoint=args.s3_endpoint)
 
 
-def _print_run(run: Any) -> None:
+def _print_run(run: Any, store: str) -> None:
     reused = sum(run.cached.values())
     for role, uri in run.artifacts.items():
         state = "cached" if run.cached.get(role) else "computed"
@@ -84,6 +85,9 @@ def _print_run(run: Any) -> None:
         print(f"report.html: {run.report_html}")
     if run.record:
         print(f"run record: {run.record}")
+    if run.run_id:
+        print(f"run id: {run.run_id} (stage records in {store}; reuse them with "
+              f"'anyflow rerun --stage STAGE --run {run.run_id} --store {store}')")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -102,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Platform.local(): no retries (the local runner honours set_retry and would back off for minutes).
     run = run_local(build_t2v_pipeline(Platform.local(), image=args.image), params, args.workdir, name)
     save_record(run, args.workdir, params)
-    _print_run(run)
+    _print_run(run, store)
     return 0
 
 
@@ -181,35 +185,78 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _submit(args, func, _pipeline_params(args, func))
 
 
-def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
-    from anyflow import storage
-    from pipelines.local import load_record
+@dataclass
+class _RunInputs:
+    """What ``--run`` resolved to: role → artifact URL and role → recorded manifest digest."""
 
-    uris: dict[str, str] = {}
-    if args.run:
-        try:
-            uris.update(load_record(args.run, args.workdir)["artifacts"])
-        except FileNotFoundError as exc:
-            raise UserError(str(exc)) from None
-    for item in args.from_ or []:
-        role, sep, uri = item.partition("=")
-        if not sep or not uri:
-            raise UserError(f"--from {item!r} must look like role=URI, e.g. dataset=s3://bucket/artifacts/...")
-        uris[role] = uri
+    ref: str
+    run_id: str | None
+    store: str | None
+    uris: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    entries: list[str] = field(default_factory=list)
+
+    def where(self) -> str:
+        if self.run_id is None:
+            return f"local run record {self.ref!r}"
+        return f"run {self.run_id!r} in store {self.store}"
+
+
+def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
+    """Resolve ``--run REF``: a local run name ('anyflow runs') gives its run id and store; anything else
+    is a run id (a KFP run UUID) whose stage records are read from ``--store`` (default <workdir>/store)."""
+    from anyflow.ops.record import RunRecordError, run_artifacts
+    from pipelines.local import find_record
+
+    local = find_record(ref, args.workdir)
+    if local is not None and not local.get("run_id"):  # written before runs kept stage records
+        return _RunInputs(ref, None, local.get("store"), dict(local.get("artifacts", {})),
+                          entries=sorted(local.get("artifacts", {})))
+    run_id = local["run_id"] if local is not None else ref
+    store = (local.get("store") if local is not None else None) or _store(args.store, args.workdir)
+    try:
+        roles, records = run_artifacts(store, run_id)
+    except RunRecordError as exc:
+        raise UserError(str(exc)) from None
+    digests = {doc["output"]: doc["manifest_sha256"] for entry, doc in records.items() if entry == doc["stage"]}
+    return _RunInputs(ref, run_id, store, roles, digests, sorted(records))
+
+
+def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
+    """Input role → artifact URL for ``rerun``: the ``--run`` records first, then every ``--from``."""
+    from anyflow import storage
     from pipelines.rerun import OPTIONAL_INPUTS, STAGE_INPUTS
 
     if args.stage not in STAGE_INPUTS:
         raise UserError(f"unknown stage {args.stage!r}; valid stages: {', '.join(STAGE_INPUTS)}.")
     wanted = {**STAGE_INPUTS[args.stage], **OPTIONAL_INPUTS.get(args.stage, {})}
-    uris = {role: uri for role, uri in uris.items() if role in wanted or not args.run}
+    run = _run_inputs(args.run, args) if args.run else None
+    uris = {role: uri for role, uri in (run.uris if run else {}).items() if role in wanted}
+    given: dict[str, str] = {}
+    for item in args.from_ or []:
+        role, sep, uri = item.partition("=")
+        if not sep or not uri:
+            raise UserError(f"--from {item!r} must look like role=URI, e.g. dataset=s3://bucket/artifacts/...")
+        given[role] = uri
+    uris.update(given)
     missing = [r for r in STAGE_INPUTS[args.stage] if r not in uris]
+    if missing and run is not None:
+        raise UserError(f"{run.where()} recorded the stage(s) {', '.join(run.entries) or 'none'} "
+                        f"(roles: {', '.join(sorted(run.uris)) or 'none'}); stage {args.stage!r} also needs "
+                        f"role(s) {', '.join(missing)}: add --from ROLE=URI.")
     if missing:
-        raise UserError(f"stage {args.stage!r} needs --from for role(s) {', '.join(missing)} (or --run NAME).")
+        raise UserError(f"stage {args.stage!r} needs --from for role(s) {', '.join(missing)} (or --run RUN).")
     for role, uri in uris.items():
+        source = f"--from {role}={uri}" if role in given else f"{role}={uri} (from {run.where()})"
         try:
             storage.read_manifest(uri)
+            digest = storage.manifest_digest(uri)
         except Exception as exc:  # ArtifactError or an I/O error: either way not a readable artifact
-            raise UserError(f"--from {role}={uri} is not an anyflow artifact ({exc}).") from None
+            raise UserError(f"{source} is not an anyflow artifact ({exc}).") from None
+        recorded = run.digests.get(role) if run is not None and role not in given else None
+        if recorded and recorded != digest:
+            raise UserError(f"{source}: the artifact changed since the run recorded it (manifest sha256 "
+                            f"{recorded[:12]}… recorded, {digest[:12]}… now); pass --from {role}=URI explicitly.")
     return uris
 
 
@@ -233,7 +280,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
     run = run_local(func, params, args.workdir, name)
     save_record(run, args.workdir, params)
-    _print_run(run)
+    _print_run(run, store)
     return 0
 
 
@@ -278,7 +325,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     if not args.host:
         for rec in list_records(args.workdir):
-            print(f"{rec['name']}  {rec.get('created', '')}  {len(rec.get('artifacts', {}))} artifacts")
+            run_id = f"  run id {rec['run_id']}" if rec.get("run_id") else ""
+            print(f"{rec['name']}  {rec.get('created', '')}  {len(rec.get('artifacts', {}))} artifacts{run_id}")
         return 0
     client = _client(args)
     with friendly_errors(args.host):
@@ -380,13 +428,19 @@ def add_cli(subparsers: Any) -> None:
 
     p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (dsl.importer)",
                               description="Rerun one stage with inputs imported by URI: locally through the KFP "
-                              "local runner, or on a cluster with --host.")
+                              "local runner, or on a cluster with --host. Inputs come from --from ROLE=URI or from "
+                              "an earlier run (--run): every stage task of a pipeline run records its artifact URL "
+                              "and manifest digest under <store>/runs/<KFP run id>/, e.g. "
+                              "'anyflow rerun --stage distill --run <kfp-run-id> --store s3://bucket/prefix'.")
     _common(p)
     _kfp(p)
     p.add_argument("--stage", required=True, help="stage to rerun (prepare_data, train_teacher, train_flowmap, "
                    "distill, finetune, evaluate)")
     p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", help="input artifact, repeatable")
-    p.add_argument("--run", default=None, help="take inputs from a local run record (see 'anyflow runs')")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="take the inputs from an earlier run: a KFP run id (its stage records under "
+                   "<store>/runs/<id>/, so pass the run's --store) or a local run name or id from 'anyflow run' "
+                   "(see 'anyflow runs'); --from overrides single roles")
     p.set_defaults(func=_guard(cmd_rerun), command="rerun")
 
     p = subparsers.add_parser("schedule", help="create a KFP recurring run from a cron expression",

@@ -28,6 +28,8 @@ document carries a fresh timestamp and identical bytes mean an identical state.
 Leases use the same conditional writes. Expiry uses the writer's wall clock: keep ``ttl_s`` far above
 clock skew, and ``renew()`` well within it. A holder that stalls past its expiry loses the lease
 silently — its later ``renew()`` raises :class:`LeaseLost`, and its alias CAS still protects the alias.
+``resume()`` lets another process with the same ``owner`` (the next KFP task of one run) take the lease
+back as long as nobody else wrote it since; :mod:`anyflow.ops.lease` adds the heartbeat.
 """
 
 from __future__ import annotations
@@ -253,7 +255,44 @@ class Lease:
         try:
             self._etag = storage.write_bytes_if(self.url, self._body(self.ttl_s), if_match=self._etag or "none")
         except storage.PreconditionFailed as exc:
-            raise LeaseLost(f"{self.url}: lease of {self.owner} expired and was taken over; stop and rerun.") from exc
+            raise LeaseLost(self._lost(self._holder_or_none())) from exc
+
+    def resume(self) -> None:
+        """Take back *our* lease in a new process (another pod of the same run, same ``owner``).
+
+        Succeeds while the lease document still names this owner — even if it expired or was
+        released, nobody else took it in between — and extends it by ``ttl_s``; raises
+        :class:`LeaseLost` naming the holder if another owner wrote it or it was deleted.
+        """
+        for _ in range(20):
+            got = storage.read_bytes_etag(self.url)
+            doc = None if got is None else json.loads(got[0])
+            if got is None or doc.get("owner") != self.owner:
+                raise LeaseLost(self._lost(doc))
+            try:
+                self._etag = storage.write_bytes_if(self.url, self._body(self.ttl_s), if_match=got[1])
+                return
+            except storage.PreconditionFailed:
+                continue  # moved between read and write: look again
+        raise LeaseLost(f"{self.url}: could not take back the lease of {self.owner} after 20 tries; "
+                        f"another writer keeps changing it.")
+
+    def _holder_or_none(self) -> dict | None:
+        try:
+            return self.holder()
+        except Exception:  # only for the message: never mask the LeaseLost
+            return None
+
+    def _lost(self, doc: dict | None) -> str:
+        if doc is None:
+            now_held = "the lease file is gone"
+        else:
+            until = time.strftime("%H:%M:%S", time.gmtime(doc.get("expires_at", 0)))
+            state = "released" if doc.get("released") else f"until {until} UTC"
+            now_held = f"it is now held by {doc.get('owner')} ({state})"
+        return (f"{self.url}: {self.owner} lost the lease — {now_held}. This run stalled past its TTL "
+                f"(ttl_s={self.ttl_s:g}) or resumed after it expired and another run took over; it must stop "
+                f"and must not promote.")
 
     def release(self) -> None:
         """Give the lease up (a no-op if it is no longer ours)."""

@@ -19,6 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 POINTER_KEY = "anyflow_uri"
+#: The output each stage publishes, named after the input role it feeds downstream (the keys of a
+#: run's stage records; the same names as ``pipelines.rerun.STAGE_OUTPUT``).
+OUTPUT_ROLE = {"prepare_data": "dataset", "train_teacher": "teacher", "train_flowmap": "flowmap",
+               "distill": "generator", "finetune": "finetuned", "evaluate": "report"}
 
 
 def parse_overrides(overrides_json: str) -> dict[str, Any]:
@@ -63,11 +67,29 @@ def stage_target(output: Any, store: str) -> tuple[str | None, str | None]:
     return None, output.path
 
 
-def record_output(output: Any, result: Any, store: str, stage: str) -> None:
-    """Record the stage result on the KFP output artifact and print a one-line summary."""
+def record_output(output: Any, result: Any, store: str, stage: str, *, run_id: str = "", record_as: str = "",
+                  inputs: Mapping[str, str] | None = None) -> None:
+    """Record the stage result on the KFP output artifact and print a one-line summary.
+
+    With ``store`` and ``run_id`` (the KFP run id) also write the run's stage record
+    ``<store>/runs/<run_id>/<record_as or stage>.json`` (:func:`anyflow.ops.record.write_stage_record`)
+    so ``anyflow rerun --run <run_id>`` can reuse this artifact.
+    """
     output.metadata[POINTER_KEY] = str(result.uri)
     output.metadata["anyflow_cached"] = bool(result.cached)
     output.metadata["anyflow_stage"] = stage
+    if run_id and not run_id.startswith("{{"):
+        output.metadata["anyflow_run_id"] = run_id
+    if run_id.startswith("{{"):  # a backend that left dsl.PIPELINE_JOB_ID_PLACEHOLDER unresolved
+        print(f"[anyflow] {stage}: run id {run_id!r} was not substituted by this KFP backend; "
+              f"no stage record written (rerun needs --from).", flush=True)
+    elif run_id and store:
+        from anyflow.ops.record import write_stage_record
+
+        write_stage_record(store, run_id, stage=stage, output=OUTPUT_ROLE[stage], uri=str(result.uri),
+                           entry=record_as or stage, cached=bool(result.cached), inputs=inputs)
+    elif run_id:
+        print(f"[anyflow] {stage}: no store, so run {run_id} keeps no stage record (rerun needs --from).", flush=True)
     if store:
         # A small pointer file so the KFP artifact is not empty and a reader without metadata finds it.
         os.makedirs(os.path.dirname(output.path) or ".", exist_ok=True)

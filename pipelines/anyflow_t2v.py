@@ -28,7 +28,8 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
         if res.num_nodes <= 1:
             return plat.apply(comps[stage](**inputs, **common), stage).outputs[out_key]
         task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
-                        overrides_json=common["overrides_json"], num_nodes=res.num_nodes, gpus_per_node=res.gpus,
+                        overrides_json=common["overrides_json"], run_id=common["run_id"],
+                        num_nodes=res.num_nodes, gpus_per_node=res.gpus,
                         api=plat.trainjob_api, runtime=plat.trainjob_runtime, s3_secret=plat.s3_secret,
                         s3_endpoint=plat.s3_endpoint, timeout_s=res.timeout_s, **inputs)
         plat.apply(task, "trainjob").set_display_name(f"{stage} ({res.num_nodes} nodes)")
@@ -60,7 +61,9 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
             finetune: Also fine-tune the generator on a second dataset and evaluate it.
             finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data.
         """
-        common = {"preset": preset, "overrides_json": overrides_json, "store": store}
+        # Every task records its output under <store>/runs/<KFP run id>/ (anyflow rerun --run ID).
+        common = {"preset": preset, "overrides_json": overrides_json, "store": store,
+                  "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         data = plat.apply(comps["prepare_data"](**common), "prepare_data").set_display_name("prepare_data")
         dataset = data.outputs["dataset"]
         teacher = train("train_teacher", "teacher", common, dataset=dataset)
@@ -70,11 +73,13 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
                                           **common), "evaluate")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
             ft_data = plat.apply(comps["prepare_data"](preset=preset, overrides_json=finetune_data_overrides_json,
-                                                       store=store), "prepare_data")
+                                                       store=store, run_id=common["run_id"],
+                                                       record_as="prepare_finetune_data"), "prepare_data")
             ft_data.set_display_name("prepare_finetune_data")
             finetuned = train("finetune", "finetuned", common, dataset=ft_data.outputs["dataset"], generator=generator)
             ft_ev = plat.apply(comps["evaluate"](generator=finetuned, teacher=teacher,
-                                                 dataset=ft_data.outputs["dataset"], **common), "evaluate")
+                                                 dataset=ft_data.outputs["dataset"], record_as="evaluate_finetuned",
+                                                 **common), "evaluate")
             ft_ev.set_display_name("evaluate_finetuned")
         return Outputs(dataset=dataset, teacher=teacher, flowmap=flowmap, generator=generator,
                        report=ev.outputs["report"], eval_metrics=ev.outputs["metrics"], report_html=ev.outputs["html"])

@@ -4,6 +4,11 @@ the anyflow artifact URIs of its outputs.
 The local runner runs each component as a subprocess of the current Python; it ignores
 kfp-kubernetes settings and has no cache of its own, so stage reuse comes from the content-addressed
 store (``run_stage`` returns ``cached=True``). Outputs carry ``metadata["anyflow_uri"]``.
+
+Run ids: the pipelines pass ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` to every stage task; the local runner
+substitutes a random integer (one per pipeline run) where a cluster substitutes the KFP run UUID, and
+the tasks record their outputs under ``<store>/runs/<run id>/`` either way (:mod:`anyflow.ops.record`).
+The local run record ``<workdir>/runs/<name>.json`` maps a readable name to that run id and store.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LocalRun:
     report_html: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     record: Path | None = None
+    run_id: str | None = None  # what the runner substituted for dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
 
 def ensure_importable() -> str:
@@ -81,6 +87,12 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
             run.artifacts[role] = meta["anyflow_uri"]
             run.cached[role] = bool(meta.get("anyflow_cached"))
             run.stages[role] = meta.get("anyflow_stage", role)
+            if meta.get("anyflow_run_id"):
+                if run.run_id not in (None, meta["anyflow_run_id"]):
+                    raise LocalRunError(f"outputs of one local run carry two run ids ({run.run_id}, "
+                                        f"{meta['anyflow_run_id']}); the KFP local runner changed how it "
+                                        f"substitutes dsl.PIPELINE_JOB_ID_PLACEHOLDER.")
+                run.run_id = meta["anyflow_run_id"]
         if getattr(art, "schema_title", "") == "system.HTML":
             run.report_html = art.path
         if getattr(art, "schema_title", "") == "system.Metrics":
@@ -89,7 +101,11 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
 
 
 def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any]) -> Path:
-    """Write ``<workdir>/runs/<name>.json`` so ``anyflow rerun --run NAME`` can find the artifacts."""
+    """Write ``<workdir>/runs/<name>.json``: the name → (run id, store) of the run, its artifacts and report.
+
+    ``anyflow rerun --run NAME`` reads the run id and store here and resolves the inputs from the stage
+    records under ``<store>/runs/<run id>/``, exactly as for a cluster run id.
+    """
     path = Path(workdir).resolve() / "runs" / f"{run.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if run.report_html and Path(run.report_html).is_file():
@@ -99,10 +115,18 @@ def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any]) -
         run.report_html = str(copy)
     body = {"name": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "params": dict(params), "artifacts": run.artifacts, "cached": run.cached,
-            "report_html": run.report_html}
+            "report_html": run.report_html, "run_id": run.run_id, "store": params.get("store")}
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     run.record = path
     return path
+
+
+def find_record(ref: str, workdir: str | Path) -> dict[str, Any] | None:
+    """The local run record ``ref`` (a file path or a name under ``<workdir>/runs``), or ``None``."""
+    try:
+        return load_record(ref, workdir)
+    except FileNotFoundError:
+        return None
 
 
 def load_record(ref: str, workdir: str | Path) -> dict[str, Any]:

@@ -16,17 +16,21 @@ from typing import NamedTuple
 from pipelines.platform import Platform
 
 PIPELINE_NAME = "anyflow-redistill"
-#: No heartbeat across pods: the run lease must cover the run's timeout. (Component defaults repeat the
-#: literal: KFP serialises each component function on its own, without this module's globals.)
-DEFAULT_CONFIG_JSON = '{"lease_ttl_s": 86400}'
+#: The run lease's TTL: every task beats it every ttl/3 while it runs and hands it on renewed, so a
+#: hard-killed run blocks the next one for at most this long. Keep it above the longest wait for a
+#: task's pod to start (GPU scale-up, image pull): a later task takes the lease back even after it ran
+#: out, unless another run took it meanwhile. (Component defaults repeat the literal: KFP serialises
+#: each component function on its own, without this module's globals.)
+DEFAULT_CONFIG_JSON = '{"lease_ttl_s": 900}'
 
 
 def redistill_plan(store: str, source: str, teacher_uri: str, run_id: str, flowmap_uri: str = "",
-                   eval_dataset_uri: str = "", config_json: str = '{"lease_ttl_s": 86400}',
+                   eval_dataset_uri: str = "", config_json: str = '{"lease_ttl_s": 900}',
                    ) -> NamedTuple("PlanOutputs", [("action", str), ("plan_url", str)]):
     """Plan a re-distillation run: data window since the live model, prepared dataset, warm start.
 
-    CPU only. Takes the model's run lease (``config_json`` ``run_lease``/``lease_ttl_s``).
+    CPU only. Takes the model's run lease (``config_json`` ``run_lease``/``lease_ttl_s``) and beats it
+    while planning; the later tasks of the run take it back and beat it in turn.
 
     Args:
         store: Store URL holding artifacts/, models/ and redistill/ (s3://bucket/prefix).
@@ -35,7 +39,8 @@ def redistill_plan(store: str, source: str, teacher_uri: str, run_id: str, flowm
         run_id: Unique run id (the KFP job id).
         flowmap_uri: Flow-map artifact for the first run or after a teacher change.
         eval_dataset_uri: Fixed held-out dataset artifact for evaluation (optional).
-        config_json: RedistillConfig fields as JSON (name, preset, overrides, metrics, margins, ...).
+        config_json: RedistillConfig fields as JSON (name, preset, overrides, metrics, margins,
+            lease_ttl_s, ...).
     """
     from collections import namedtuple
 
@@ -50,6 +55,8 @@ def redistill_plan(store: str, source: str, teacher_uri: str, run_id: str, flowm
 def redistill_distill(plan_url: str) -> str:
     """Distill the candidate, warm-started from the live generator and critic (GPU pool of ``distill``).
 
+    Holds the run lease with a heartbeat while training; stops with LeaseLost if another run took it.
+
     Args:
         plan_url: The run's plan.json written by redistill_plan.
     """
@@ -60,6 +67,8 @@ def redistill_distill(plan_url: str) -> str:
 
 def redistill_evaluate(plan_url: str, candidate_url: str) -> str:
     """Evaluate the candidate and the live model on the same prompts, seeds and NFE sweep (1 GPU).
+
+    Holds the run lease with a heartbeat while evaluating; stops with LeaseLost if another run took it.
 
     Args:
         plan_url: The run's plan.json.
@@ -73,7 +82,7 @@ def redistill_evaluate(plan_url: str, candidate_url: str) -> str:
 def redistill_decide(plan_url: str, candidate_url: str, evals_url: str) -> str:
     """Gate at every NFE; promote atomically (compare-and-swap) or record the rejection; write the report.
 
-    CPU only.
+    CPU only. Fails without promoting if the run lost its lease.
 
     Args:
         plan_url: The run's plan.json.
@@ -87,7 +96,7 @@ def redistill_decide(plan_url: str, candidate_url: str, evals_url: str) -> str:
     return str(rec["status"])
 
 
-def redistill_finish(store: str, run_id: str, config_json: str = '{"lease_ttl_s": 86400}') -> str:
+def redistill_finish(store: str, run_id: str, config_json: str = '{"lease_ttl_s": 900}') -> str:
     """Exit handler: record a failed run (alias untouched) and release the run lease.
 
     Args:
@@ -130,7 +139,8 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
             teacher_uri: The current teacher artifact (a different digest than the live model's = teacher changed).
             flowmap_uri: Flow-map artifact: generator init for the first run or after a teacher change.
             eval_dataset_uri: Fixed held-out dataset artifact for evaluation (optional).
-            config_json: RedistillConfig as JSON (name, preset, overrides, metrics, margin, relative_margin, ...).
+            config_json: RedistillConfig as JSON (name, preset, overrides, metrics, margin, relative_margin,
+                lease_ttl_s: the run lease's TTL, renewed by every task while it runs, ...).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         # plan releases the lease and records the run itself when it skips or fails

@@ -3,6 +3,10 @@
 ``anyflow-rerun-<stage>`` takes one ``<role>_uri`` parameter per input role. Each importer also puts
 the URI in ``metadata["anyflow_uri"]`` so the component reads the artifact through the anyflow
 storage layer (verified manifest) instead of relying on the launcher's download.
+
+``anyflow rerun --run RUN_ID --store URL`` fills those parameters from the stage records an earlier
+run left under ``<store>/runs/<RUN_ID>/`` (:mod:`anyflow.ops.record`); the rerun's own output is
+recorded under its own run id the same way.
 """
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 
@@ -78,7 +82,9 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
                                metadata={"anyflow_uri": uri})
             imp.set_display_name(f"import_{role}")
             inputs[role] = imp.output
-        task = comp(preset=preset, overrides_json=overrides_json, store=store, **inputs)
+        # the rerun's own output is recorded under <store>/runs/<its KFP run id>/ like any run's
+        task = comp(preset=preset, overrides_json=overrides_json, store=store,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
         plat.apply(task, stage).set_display_name(stage)
         return task.outputs[out_name]
 

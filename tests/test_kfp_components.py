@@ -46,7 +46,8 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {k: t.split("@")[0] for k, t in got_out.items()} == outs
     params = {k: v for k, v in spec.inputs.items() if not v.type.startswith("system.")}
     assert {k: (v.type, v.default) for k, v in params.items()} == {
-        "preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
+        "preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", ""),
+        "run_id": ("String", ""), "record_as": ("String", "")}
     for name, io in {**spec.inputs, **spec.outputs}.items():
         assert io.description, f"{stage}: parameter {name!r} has no docstring entry"
     container = spec.implementation.container

@@ -1,12 +1,22 @@
-"""Where re-distillation keeps its state, and the run report.
+"""Where runs keep their state: per-run stage records of pipeline runs, re-distillation state and report.
 
 Layout under the store (all through :mod:`anyflow.storage`)::
+
+    <store>/runs/<run_id>/<entry>.json                            one stage task of a pipeline run (see below)
 
     <store>/redistill/<name>/runs/<run_id>/plan.json              what the run decided to do (written first)
     <store>/redistill/<name>/runs/<run_id>/window.json            its data window (every item seen, new, replay)
     <store>/redistill/<name>/runs/<run_id>/record.json            the outcome (written last; absent = unfinished)
     <store>/redistill/<name>/runs/<run_id>/redistill-report.html  promotion history + candidate vs promoted curves
     <store>/redistill/<name>/models/<manifest sha256>.json        per candidate: its window, dataset, teacher, run
+
+**Stage records.** Every stage component that finishes with a ``run_id`` (the KFP run id:
+``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, which the cluster resolves to the run's UUID and the local runner
+to a random integer) writes one JSON object ``<store>/runs/<run_id>/<entry>.json`` (``entry`` = the
+stage name, or e.g. ``prepare_finetune_data`` for a second task of the same stage) with the artifact
+URL and its manifest digest (:func:`write_stage_record`). One object per (run id, entry), each written
+with one atomic PUT, so concurrent pods never overwrite each other's entry; a retried task rewrites its
+own. ``anyflow rerun --run <run id> --store URL`` resolves its inputs from them (:func:`run_artifacts`).
 
 The per-model record is what the *next* run reads: the data window continues from the window of the
 model that is live (so a rollback also rolls the window back), and nothing a failed or rejected run
@@ -15,6 +25,7 @@ wrote is ever read by a later run.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -22,6 +33,83 @@ from pathlib import Path
 from typing import Any
 
 from anyflow import registry, storage
+
+#: ``format`` field of a stage record; bump when a reader must tell an incompatible layout apart.
+STAGE_RECORD_FORMAT = "anyflow.stage-record/1"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunRecordError(ValueError):
+    """A run's stage records are missing or unusable; the message names the store, the run and what exists."""
+
+
+def check_id(value: str, what: str = "run id") -> str:
+    """``value`` if it is one safe path segment (letters, digits, ``._-``), else :class:`RunRecordError`."""
+    if not isinstance(value, str) or not _SAFE_ID.match(value):
+        raise RunRecordError(f"{what} {value!r} is not usable in a store path; use letters, digits, '.', '_' "
+                             f"or '-' (at most 128, not starting with '.' or '-'), e.g. a KFP run UUID.")
+    return value
+
+
+def stage_records_dir(store: str, run_id: str) -> str:
+    """``<store>/runs/<run_id>``: the folder of one pipeline run's stage records."""
+    return storage.join(store, "runs", check_id(run_id))
+
+
+def stage_record_url(store: str, run_id: str, entry: str) -> str:
+    """``<store>/runs/<run_id>/<entry>.json``."""
+    return storage.join(stage_records_dir(store, run_id), f"{check_id(entry, 'record entry')}.json")
+
+
+def write_stage_record(store: str, run_id: str, *, stage: str, output: str, uri: str, entry: str = "",
+                       cached: bool = False, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Record that stage task ``entry`` (default: ``stage``) of run ``run_id`` produced artifact ``uri``.
+
+    The document holds the artifact URL, its manifest sha256 and kind (read back from ``uri``, so
+    only a published artifact can be recorded), the output name (the input role it feeds: dataset,
+    teacher, …) and the task's input URLs. One atomic write of its own object; returns the document.
+    """
+    entry = entry or stage
+    manifest = storage.read_manifest(uri)
+    doc = {"format": STAGE_RECORD_FORMAT, "run_id": run_id, "entry": entry, "stage": stage, "output": output,
+           "uri": str(uri), "manifest_sha256": storage.manifest_digest(uri), "kind": manifest.get("kind"),
+           "cached": bool(cached), "inputs": dict(inputs or {}), "recorded_at": now()}
+    storage.write_json_atomic(stage_record_url(store, run_id, entry), doc)
+    return doc
+
+
+def read_stage_records(store: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """Every stage record of run ``run_id`` in ``store``, by entry name (``{}`` if there are none)."""
+    base = stage_records_dir(store, run_id)
+    out: dict[str, dict[str, Any]] = {}
+    for url in storage.list_prefix(base):
+        rel = url[len(base):].lstrip("/\\")
+        if "/" in rel or "\\" in rel or not rel.endswith(".json"):
+            continue  # only the run's own top-level records
+        doc = storage.read_json(url)
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if fmt != STAGE_RECORD_FORMAT:
+            raise RunRecordError(f"{url} is not an anyflow stage record (format {fmt!r}, expected "
+                                 f"{STAGE_RECORD_FORMAT!r}); delete it or rerun that stage.")
+        out[doc["entry"]] = doc
+    return out
+
+
+def run_artifacts(store: str, run_id: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """``({output role: artifact URL}, records)`` of run ``run_id``: the roles come from the entries
+    named after their stage (``dataset`` from ``prepare_data``, ``teacher`` from ``train_teacher``, …;
+    extra entries such as ``prepare_finetune_data`` are in ``records`` but give no role).
+
+    :class:`RunRecordError` naming the store and the run when nothing was recorded for it.
+    """
+    records = read_stage_records(store, run_id)
+    if not records:
+        raise RunRecordError(
+            f"no stage records for run {run_id!r} in store {store} (looked under "
+            f"{stage_records_dir(store, run_id)}/): no stages recorded. Pass the store the run wrote to "
+            f"(--store), check the run id ('anyflow runs --host …'), or give the inputs with --from ROLE=URI.")
+    roles = {doc["output"]: doc["uri"] for entry, doc in sorted(records.items()) if entry == doc["stage"]}
+    return roles, records
 
 
 def run_dir(store: str, name: str, run_id: str) -> str:

@@ -23,13 +23,15 @@ per task, :func:`redistill` runs them in-process):
 
 Safety. Steps 1–3 write only new content-addressed artifacts and files under the run's own folder,
 so a failed run changes nothing a user relies on: the alias, its history and the next run's window
-are touched only by step 4. Overlapping runs: the whole run holds the lease (``run_lease``, renewed
-by a heartbeat), the promotion is a compare-and-swap, and KFP recurring runs use
-``max_concurrency=1`` (docs/operations.md).
+are touched only by step 4. Overlapping runs: the whole run holds the lease (``run_lease``, short
+TTL, renewed by a heartbeat thread in whichever process — or KFP pod — is working,
+:mod:`anyflow.ops.lease`), a run that loses it stops and does not promote, the promotion is a
+compare-and-swap, and KFP recurring runs use ``max_concurrency=1`` (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -67,7 +69,7 @@ class RedistillConfig:
     min_new_items: int = 1  # fewer new items (and the same teacher) → skip
     on_teacher_change: str = "flowmap"
     run_lease: bool = True  # hold the model's lease for the whole run
-    lease_ttl_s: float = 900.0  # renewed every ttl/3 while the run is alive
+    lease_ttl_s: float = 900.0  # renewed every ttl/3 by the process working (any pod); expires after a crash
     lease_wait_s: float = 0.0  # how long a run waits for another run's lease before skipping
     promote_wait_s: float = 600.0  # without run_lease: wait for the promotion lease
 
@@ -76,6 +78,9 @@ class RedistillConfig:
             raise ValueError(f"on_teacher_change={self.on_teacher_change!r}; use one of {TEACHER_CHANGE_POLICIES}.")
         if not self.metrics:
             raise ValueError("metrics is empty; give at least one (metric, higher_is_better) pair, e.g. coupled_mse:lower.")
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"lease_ttl_s={self.lease_ttl_s!r} must be > 0 seconds (default 900; the heartbeat "
+                             f"renews it every lease_ttl_s/3).")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -361,12 +366,15 @@ def redistill(store: str, source: str, teacher: str, *, flowmap: str | None = No
                                         f"this run did nothing (the next scheduled run picks up the data)")
     plan: dict[str, Any] = {}
     try:
-        plan = plan_run(store, source, teacher, flowmap=flowmap, eval_dataset=eval_dataset, cfg=cfg,
-                        run_id=run_id, progress=progress)
-        if plan["action"] == "skip":
-            return skip_record(plan)
-        candidate = train_candidate(plan, progress=progress)
-        evals = evaluate_models(plan, candidate, progress=progress)
+        # the heartbeat stops the work with LeaseLost if another run takes the lease (not the decision:
+        # it checks the lease right before its compare-and-swap instead)
+        with lease.guard() if cfg.run_lease else contextlib.nullcontext():
+            plan = plan_run(store, source, teacher, flowmap=flowmap, eval_dataset=eval_dataset, cfg=cfg,
+                            run_id=run_id, progress=progress)
+            if plan["action"] == "skip":
+                return skip_record(plan)
+            candidate = train_candidate(plan, progress=progress)
+            evals = evaluate_models(plan, candidate, progress=progress)
         if not cfg.run_lease:
             lease = None
         return decide(plan, candidate, evals, lease=lease, progress=progress)

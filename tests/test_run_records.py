@@ -1,0 +1,268 @@
+"""Per-run stage records (``<store>/runs/<run id>/<entry>.json``) and ``anyflow rerun --run <run id>``.
+
+The records are read back with a plain boto3 client and checked against sha256 of the manifest bytes
+computed here; the end-to-end test runs the real pipeline through KFP's local runner (which substitutes
+``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` with a random integer, as a cluster substitutes the run UUID) and
+then resolves a rerun's inputs from that run id alone, as for a cluster run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+import components
+from anyflow import kfpctl, storage
+from anyflow.ops import record as R
+from components._io import OUTPUT_ROLE, record_output
+from pipelines.rerun import STAGE_INPUTS, STAGE_OUTPUT
+
+pytestmark = pytest.mark.s3
+
+
+def _key(s3_server, url: str) -> str:
+    return url.split(f"s3://{s3_server.bucket}/", 1)[1]
+
+
+def _get(s3_server, url: str) -> bytes:
+    return s3_server.client().get_object(Bucket=s3_server.bucket, Key=_key(s3_server, url))["Body"].read()
+
+
+def _keys(s3_server, prefix: str) -> list[str]:
+    resp = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=_key(s3_server, prefix) + "/")
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def _artifact(store: str, tmp_path: Path, name: str, kind: str, payload: bytes = b"x") -> str:
+    src = tmp_path / name
+    src.mkdir()
+    (src / "weights.safetensors").write_bytes(payload * 64)
+    url = storage.join(store, "artifacts", name, "k")
+    storage.publish(src, url, kind=kind)
+    return url
+
+
+def _rerun_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    kfpctl.add_cli(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["rerun", *argv])
+
+
+def test_output_roles_match_the_rerun_pipelines() -> None:
+    assert OUTPUT_ROLE == {stage: out for stage, (out, _cls) in STAGE_OUTPUT.items()}
+    assert all(role in OUTPUT_ROLE.values() for roles in STAGE_INPUTS.values() for role in roles)
+
+
+def test_records_one_object_per_entry_written_concurrently(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    arts = {
+        "prepare_data": _artifact(s3_prefix, tmp_path, "ds", "dataset", b"d"),
+        "train_teacher": _artifact(s3_prefix, tmp_path, "te", "teacher", b"t"),
+        "train_flowmap": _artifact(s3_prefix, tmp_path, "fm", "flowmap", b"f"),
+        "prepare_finetune_data": _artifact(s3_prefix, tmp_path, "ds2", "dataset", b"e"),
+    }
+    barrier = threading.Barrier(len(arts))
+
+    def write(entry: str) -> None:  # one "pod" per stage task, all at once
+        barrier.wait()
+        stage = "prepare_data" if entry == "prepare_finetune_data" else entry
+        R.write_stage_record(
+            s3_prefix,
+            "run-1",
+            stage=stage,
+            output=OUTPUT_ROLE[stage],
+            uri=arts[entry],
+            entry=entry,
+            inputs={"dataset": arts["prepare_data"]} if stage != "prepare_data" else {},
+        )
+
+    threads = [threading.Thread(target=write, args=(e,)) for e in arts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    root = _key(s3_server, s3_prefix)
+    assert _keys(s3_server, f"{s3_prefix}/runs") == sorted(f"{root}/runs/run-1/{e}.json" for e in arts)
+    for entry, uri in arts.items():
+        doc = json.loads(_get(s3_server, f"{s3_prefix}/runs/run-1/{entry}.json"))
+        manifest = _get(s3_server, f"{uri}/manifest.json")
+        assert (
+            doc["format"] == "anyflow.stage-record/1" and doc["run_id"] == "run-1" and doc["entry"] == entry
+        )
+        assert doc["uri"] == uri and doc["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+        assert doc["kind"] == json.loads(manifest)["kind"]
+    # roles come from the entries named after their stage; the second dataset is listed but gives no role
+    roles, records = R.run_artifacts(s3_prefix, "run-1")
+    assert roles == {
+        "dataset": arts["prepare_data"],
+        "teacher": arts["train_teacher"],
+        "flowmap": arts["train_flowmap"],
+    }
+    assert sorted(records) == sorted(arts)
+    # a retried task rewrites only its own entry
+    R.write_stage_record(
+        s3_prefix, "run-1", stage="train_teacher", output="teacher", uri=arts["train_teacher"], cached=True
+    )
+    assert R.read_stage_records(s3_prefix, "run-1")["train_teacher"]["cached"] is True
+    assert R.read_stage_records(s3_prefix, "run-1")["prepare_data"]["uri"] == arts["prepare_data"]
+
+
+def test_bad_ids_and_unpublished_artifacts_are_refused(s3_prefix: str) -> None:
+    for bad in ("../other", "a/b", "", ".hidden", "{{$.pipeline_job_uuid}}"):
+        with pytest.raises(R.RunRecordError, match="not usable in a store path"):
+            R.stage_records_dir(s3_prefix, bad)
+    with pytest.raises(storage.ArtifactError, match=r"manifest\.json is missing"):
+        R.write_stage_record(
+            s3_prefix, "run-1", stage="distill", output="generator", uri=f"{s3_prefix}/nothing"
+        )
+    assert R.read_stage_records(s3_prefix, "run-1") == {}
+
+
+def test_rerun_errors_name_the_store_the_run_and_the_recorded_stages(
+    s3_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = ["--workdir", str(tmp_path / "w"), "--store", s3_prefix]
+    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "0123abcd-run", *base]) == 2
+    err = capsys.readouterr().err
+    assert f"no stage records for run '0123abcd-run' in store {s3_prefix}" in err
+    assert f"{s3_prefix}/runs/0123abcd-run/" in err and "no stages recorded" in err
+
+    ds = _artifact(s3_prefix, tmp_path, "ds", "dataset", b"d")
+    te = _artifact(s3_prefix, tmp_path, "te", "teacher", b"t")
+    R.write_stage_record(s3_prefix, "r2", stage="prepare_data", output="dataset", uri=ds)
+    R.write_stage_record(s3_prefix, "r2", stage="train_teacher", output="teacher", uri=te)
+    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "r2", *base]) == 2
+    err = capsys.readouterr().err
+    assert f"run 'r2' in store {s3_prefix} recorded the stage(s) prepare_data, train_teacher" in err
+    assert "also needs role(s) flowmap" in err and "--from ROLE=URI" in err
+
+    fm = _artifact(s3_prefix, tmp_path, "fm", "flowmap", b"f")
+    uris = kfpctl._rerun_uris(
+        _rerun_args("--stage", "distill", "--run", "r2", "--from", f"flowmap={fm}", *base)
+    )
+    assert uris == {"dataset": ds, "teacher": te, "flowmap": fm}
+    # the recorded artifact was re-published with other content: refused, naming the role and the run
+    src = tmp_path / "te2"
+    src.mkdir()
+    (src / "weights.safetensors").write_bytes(b"changed")
+    storage.publish(src, te, kind="teacher")
+    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "r2", "--from", f"flowmap={fm}", *base]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"teacher={te} (from run 'r2' in store {s3_prefix})" in err
+        and "changed since the run recorded it" in err
+    )
+
+
+def test_local_records_from_before_run_ids_still_work(s3_prefix: str, tmp_path: Path) -> None:
+    ds = _artifact(s3_prefix, tmp_path, "ds", "dataset", b"d")
+    runs = tmp_path / "w" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "old.json").write_text(json.dumps({"name": "old", "artifacts": {"dataset": ds, "report": "r"}}))
+    args = _rerun_args("--stage", "train_teacher", "--run", "old", "--workdir", str(tmp_path / "w"))
+    assert kfpctl._rerun_uris(args) == {"dataset": ds}
+
+
+def test_component_records_only_with_a_run_id_and_a_store(s3_prefix: str, tmp_path: Path, capsys) -> None:
+    class Result:
+        uri, cached = _artifact(s3_prefix, tmp_path, "g", "generator"), False
+
+    out = dsl.Model(uri=str(tmp_path / "kfp" / "generator"))
+    record_output(out, Result(), "", "distill", run_id="r3")  # no store: nothing to record into
+    assert "keeps no stage record" in capsys.readouterr().out
+    record_output(out, Result(), s3_prefix, "distill")  # no run id (local use without a pipeline)
+    fresh = dsl.Model(uri=str(tmp_path / "kfp" / "generator2"))
+    record_output(fresh, Result(), s3_prefix, "distill", run_id="{{$.pipeline_job_uuid}}")  # not substituted
+    assert "was not substituted" in capsys.readouterr().out and "anyflow_run_id" not in fresh.metadata
+    assert R.read_stage_records(s3_prefix, "r3") == {} and storage.list_prefix(f"{s3_prefix}/runs") == []
+    assert R.read_stage_records(s3_prefix, "r3") == {}
+    record_output(out, Result(), s3_prefix, "distill", run_id="r3", record_as="distill_again")
+    assert out.metadata["anyflow_run_id"] == "r3"
+    assert R.read_stage_records(s3_prefix, "r3")["distill_again"]["uri"] == Result.uri
+    assert R.run_artifacts(s3_prefix, "r3")[0] == {}  # not named after its stage: no role
+
+
+def test_prepare_data_component_body_writes_its_record(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    out = dsl.Dataset(uri=str(tmp_path / "kfp" / "dataset"))
+    components.stage_functions()["prepare_data"](dataset=out, store=store, run_id="7", record_as="")
+    doc = json.loads((tmp_path / "store" / "runs" / "7" / "prepare_data.json").read_text())
+    manifest = Path(out.metadata["anyflow_uri"], "manifest.json").read_bytes()
+    assert doc["uri"] == out.metadata["anyflow_uri"] and doc["output"] == "dataset"
+    assert doc["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+
+
+# Fewer steps and NFEs than the tiny preset: the whole run takes a few minutes on 2 shared cores.
+FAST = [
+    "evaluate.nfes=1,2",
+    "evaluate.reference_steps=4",
+    "evaluate.num_prompts=2",
+    "teacher.train.steps=2",
+    "flowmap.train.steps=2",
+    "distill.train.steps=2",
+]
+SETS = [arg for item in FAST for arg in ("--set", item)]
+STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "evaluate")
+
+
+@pytest.mark.slow
+def test_kfp_local_run_records_by_run_id_and_rerun_resolves_them(
+    s3_server, s3_prefix: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.local import load_record
+
+    monkeypatch.setenv("ANYFLOW_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    workdir = tmp_path / "local"
+    common = ["--store", s3_prefix, "--s3-endpoint", s3_server.endpoint, *SETS]
+    assert kfpctl.main(["run", "--workdir", str(workdir), "--name", "first", *common]) == 0
+    out = capsys.readouterr().out
+
+    # what the runner substituted for the placeholder: one run id, the same in every task's record
+    root = _key(s3_server, s3_prefix)
+    keys = _keys(s3_server, f"{s3_prefix}/runs")
+    run_ids = {k[len(root) + len("/runs/") :].split("/", 1)[0] for k in keys}
+    assert len(run_ids) == 1, keys
+    run_id = run_ids.pop()
+    assert run_id.isdigit(), f"the local runner should substitute a random integer, got {run_id!r}"
+    assert keys == sorted(f"{root}/runs/{run_id}/{s}.json" for s in STAGES)
+    local = load_record("first", workdir)
+    assert local["run_id"] == run_id and local["store"] == s3_prefix
+    assert f"run id: {run_id}" in out
+    for stage in STAGES:
+        doc = json.loads(_get(s3_server, f"{s3_prefix}/runs/{run_id}/{stage}.json"))
+        role = OUTPUT_ROLE[stage]
+        assert doc["run_id"] == run_id and doc["stage"] == stage and doc["output"] == role
+        assert doc["uri"] == local["artifacts"][role]  # the pipeline's own output metadata
+        assert doc["uri"].startswith(f"{s3_prefix}/artifacts/{stage}/")
+        assert (
+            doc["manifest_sha256"]
+            == hashlib.sha256(_get(s3_server, doc["uri"] + "/manifest.json")).hexdigest()
+        )
+    distill = json.loads(_get(s3_server, f"{s3_prefix}/runs/{run_id}/distill.json"))
+    assert distill["inputs"] == {r: local["artifacts"][r] for r in ("dataset", "teacher", "flowmap")}
+
+    # as on a cluster: only the run id and the store (a fresh workdir has no local record)
+    cluster = ["--workdir", str(tmp_path / "elsewhere"), *common]
+    expected = {r: local["artifacts"][r] for r in ("dataset", "teacher", "flowmap")}
+    assert kfpctl._rerun_uris(_rerun_args("--stage", "distill", "--run", run_id, *cluster)) == expected
+    # the local name resolves through the same records
+    named = ["--workdir", str(workdir), *common]
+    assert kfpctl._rerun_uris(_rerun_args("--stage", "distill", "--run", "first", *named)) == expected
+
+    assert kfpctl.main(["rerun", "--stage", "distill", "--run", run_id, *cluster]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{'distill':<12} {'cached':<8} {local['artifacts']['generator']}" in out
+    )  # same inputs → same artifact
+    # the rerun recorded its own output under its own run id
+    rerun_ids = {
+        k[len(root) + len("/runs/") :].split("/", 1)[0] for k in _keys(s3_server, f"{s3_prefix}/runs")
+    }
+    (new_id,) = rerun_ids - {run_id}
+    assert R.run_artifacts(s3_prefix, new_id)[0] == {"generator": local["artifacts"]["generator"]}
