@@ -231,13 +231,13 @@ def enable_compiled_flex() -> bool:
 
     if not torch.cuda.is_available() or os.environ.get("ANYFLOW_FLEX_COMPILE", "1") == "0":
         return False
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
     # Each BlockMask (the training mask, the padded-key mask of the cache read) guards its own graph: the default
     # limit of 8 recompiles was hit on far-tiny, after which dynamo runs the eager (materialising) kernel.
     for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        if hasattr(dynamo.config, knob):
+            setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
     eager = fa.flex_attention
     compiled = torch.compile(eager)
 
