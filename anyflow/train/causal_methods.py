@@ -34,11 +34,11 @@ from anyflow.causal import (
 )
 from anyflow.config import DistillStage, FarConfig, FlowMapStage, OptimConfig
 from anyflow.dmd import critic_loss, dmd_generator_loss
-from anyflow.flowmap import FlowMapLossConfig, forward_flowmap_loss, guided_flow_matching_loss
+from anyflow.flowmap import FlowMapLossConfig, guided_flow_matching_loss
 from anyflow.rollout import FlowMapFn
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
-from anyflow.train.methods import _scalars, flowmap_loss_config, rollout_plan
+from anyflow.train.methods import ForwardAccumulator, flowmap_loss_config, rollout_plan
 
 FAR_EXTRA = ("far_patch_embedding",)  # trained in full by the causal generator (§8.1, §10)
 
@@ -68,19 +68,19 @@ def _generator_fn(models: AdapterModel, fn: FlowMapFn) -> FlowMapFn:
 
 
 def causal_forward_loss(
-    models: AdapterModel, ctx: TrainContext, batch: Mapping, negative: torch.Tensor, loss_cfg: FlowMapLossConfig,
-    far: FarConfig, num_chunks: int, scale: float,
+    models: AdapterModel, acc: ForwardAccumulator, batch: Mapping, negative: torch.Tensor,
+    loss_cfg: FlowMapLossConfig, far: FarConfig, num_chunks: int, scale: float,
 ) -> dict[str, float]:
-    """§8.4: the forward flow-map loss on the noisy window of the first ``num_chunks`` chunks (backward done)."""
+    """§8.4: the forward flow-map loss on the noisy window of the first ``num_chunks`` chunks (backward done).
+
+    Through the bidirectional stage's :class:`~anyflow.train.methods.ForwardAccumulator`, so with gradient
+    accumulation the pair split and adaptive scaling are those of the whole accumulated batch.
+    """
     split = split_teacher_forcing(batch["latents"], far.chunk_partition, num_chunks,
                                   full_chunk_limit=far.full_chunk_limit)
     u = _generator_fn(models, teacher_forced_fn(models.transformer, split))
-    loss, diag = forward_flowmap_loss(
-        u, split.window, batch["text"], negative.to(ctx.device), ctx.generator, loss_cfg,
-        rank=ctx.rank, world_size=ctx.world_size, gather=ctx.gather,
-    )
-    models.backward("generator", loss * scale, ctx.backward)
-    return {"loss": float(loss.detach()), **_scalars(diag), "num_chunks": float(num_chunks)}
+    out = acc.add(models, batch, negative, loss_cfg, scale, u=u, x=split.window)
+    return {**out, "num_chunks": float(num_chunks)}
 
 
 class CausalFlowMapMethod:
@@ -106,16 +106,18 @@ class CausalFlowMapMethod:
         accum, seed = ctx.cfg.grad_accum, ctx.cfg.seed
         n_chunks = num_chunks_for_step(self.far, seed, step, "forward")
         aux = float(torch.rand((), generator=step_generator(seed, step, "bidirectional"))) < self.far.bidirectional_prob
-        sums: dict[str, float] = {}
+        acc = ForwardAccumulator(ctx, accum)
+        aux_sum = 0.0
         for _ in range(accum):
             batch = ctx.next_batch()
-            out = causal_forward_loss(self.models, ctx, batch, self.negative, self.loss_cfg, self.far, n_chunks, 1.0 / accum)
+            causal_forward_loss(self.models, acc, batch, self.negative, self.loss_cfg, self.far, n_chunks, 1.0 / accum)
             if aux:
-                out["loss/bidirectional"] = self._bidirectional(ctx, batch, 1.0 / accum)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+                aux_sum += self._bidirectional(ctx, batch, 1.0 / accum) / accum
         ctx.clip_and_step("generator")
-        return sums
+        out = {**acc.metrics(), "num_chunks": float(n_chunks)}
+        if aux:
+            out["loss/bidirectional"] = aux_sum
+        return out
 
     def _bidirectional(self, ctx: TrainContext, batch: Mapping, scale: float) -> float:
         """§8.4 auxiliary loss on the full clip (r = t, fused guidance), backpropagated into the same grads."""
@@ -180,6 +182,7 @@ class CausalOnPolicyMethod:
             out[key] = out.get(key, 0.0) + value / accum
 
         n_chunks = num_chunks_for_step(self.far, ctx.cfg.seed, step, "onpolicy")
+        forward = ForwardAccumulator(ctx, accum) if cfg.cotrain_forward else None
         for _ in range(accum):
             batch = ctx.next_batch()
             x_hat, nfe = self._rollout(ctx, batch, n, k)
@@ -190,10 +193,11 @@ class CausalOnPolicyMethod:
             m.backward("generator", loss_dmd / accum, ctx.backward)
             add("loss/dmd", float(loss_dmd.detach()))
             add("nfe", float(nfe))
-            if cfg.cotrain_forward:  # §8.6: teacher-forced loss with long-context sampling, no auxiliary loss
-                fwd = causal_forward_loss(m, ctx, batch, self.negative, self.loss_cfg, self.far, n_chunks, 1.0 / accum)
-                for key, v in fwd.items():
-                    add(f"forward/{key}", v)
+            if forward is not None:  # §8.6: teacher-forced loss with long-context sampling, no auxiliary loss
+                causal_forward_loss(m, forward, batch, self.negative, self.loss_cfg, self.far, n_chunks, 1.0 / accum)
+        if forward is not None:
+            out.update({f"forward/{key}": v for key, v in forward.metrics().items()})
+            out["forward/num_chunks"] = float(n_chunks)
         out.update({"rollout_steps": float(n), "rollout_k": float(k)})
         ctx.clip_and_step("generator")
         return out

@@ -12,7 +12,7 @@ generator and critic updates use one (N, k) plan per update for all their micro-
 :func:`rollout_plan`). The accumulated gradient equals a single step on the A micro-batches together
 (same samples and random draws): DMD normalises per sample and the critic loss is a per-sample mean;
 the forward loss's pair split and adaptive scaling are made global over the accumulated batch
-(:class:`_ForwardAccumulator`).
+(:class:`ForwardAccumulator`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from anyflow.config import DistillStage, FlowMapStage, LossConfig, OptimConfig, TeacherStage
 from anyflow.dmd import critic_loss, dmd_generator_loss
 from anyflow.flowmap import FlowMapLossConfig, flow_matching_loss, forward_flowmap_loss
-from anyflow.rollout import fmbs_rollout
+from anyflow.rollout import FlowMapFn, fmbs_rollout
 from anyflow.timesteps import PairType
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
@@ -88,10 +88,10 @@ def _forward_loss(
     scale: float,
 ) -> dict[str, float]:
     """The forward flow-map loss (§6.7) of one batch for the generator, backpropagated with ``scale``."""
-    return _ForwardAccumulator(ctx, 1).add(models, batch, negative, loss_cfg, scale)
+    return ForwardAccumulator(ctx, 1).add(models, batch, negative, loss_cfg, scale)
 
 
-class _ForwardAccumulator:
+class ForwardAccumulator:
     """The forward flow-map loss over the ``accum`` micro-batches of one optimiser step.
 
     Micro-batch j on rank r is sample block j·W + r (W ranks) of one global batch of A·W·b samples:
@@ -131,14 +131,20 @@ class _ForwardAccumulator:
         return gather
 
     def add(
-        self, models: AdapterModel, batch: Mapping, negative: torch.Tensor, loss_cfg: FlowMapLossConfig, scale: float
+        self, models: AdapterModel, batch: Mapping, negative: torch.Tensor, loss_cfg: FlowMapLossConfig, scale: float,
+        *, u: FlowMapFn | None = None, x: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """One micro-batch: loss, backward of ``loss * scale``; returns its scalars (and accumulates them)."""
+        """One micro-batch: loss, backward of ``loss * scale``; returns its scalars (and accumulates them).
+
+        ``u`` / ``x`` replace the generator callable and the clean latents (default: ``models.fn("generator")``
+        on ``batch["latents"]``); the causal variant passes its teacher-forced callable and the window.
+        """
         ctx = self.ctx
         if self.micro >= self.accum:
             raise RuntimeError(f"forward loss: micro-batch {self.micro + 1} of a step with {self.accum}")
         loss, diag = forward_flowmap_loss(
-            models.fn("generator"), batch["latents"], batch["text"], negative.to(ctx.device), ctx.generator,
+            u if u is not None else models.fn("generator"), batch["latents"] if x is None else x, batch["text"],
+            negative.to(ctx.device), ctx.generator,
             loss_cfg, rank=self.micro * ctx.world_size + ctx.rank, world_size=self.accum * ctx.world_size,
             gather=self._gather(),
         )
@@ -177,7 +183,7 @@ class FlowMapMethod:
 
     def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
         accum = ctx.cfg.grad_accum
-        forward = _ForwardAccumulator(ctx, accum)
+        forward = ForwardAccumulator(ctx, accum)
         for _ in range(accum):
             forward.add(self.models, ctx.next_batch(), self.negative, self.loss_cfg, 1.0 / accum)
         ctx.clip_and_step("generator")
@@ -235,12 +241,12 @@ class OnPolicyMethod:
 
         Each micro-batch: fresh batch → FMBS rollout from fresh noise → DMD (per-sample normalised, so
         accumulation is exact) → backward of ``L_DMD / accum``; then the co-trained forward loss
-        (:class:`_ForwardAccumulator`, also exact). Logged losses are the means over the micro-batches.
+        (:class:`ForwardAccumulator`, also exact). Logged losses are the means over the micro-batches.
         """
         m, cfg, neg = self.models, self.cfg, self.negative.to(ctx.device)
         n, k = rollout_plan(ctx.cfg.seed, step, "generator", cfg.steps_list)
         accum = ctx.cfg.grad_accum
-        forward = _ForwardAccumulator(ctx, accum) if cfg.cotrain_forward else None
+        forward = ForwardAccumulator(ctx, accum) if cfg.cotrain_forward else None
         dmd, calls = 0.0, 0
         for _ in range(accum):
             batch = ctx.next_batch()
