@@ -91,20 +91,26 @@ def _print_run(run: Any, store: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the whole T2V pipeline through KFP's local runner."""
+    """Run the whole training pipeline (``anyflow-t2v``, or ``anyflow-far`` for a far-* preset) through KFP's
+    local runner."""
+    from anyflow.config import apply_overrides, get_preset
+    from pipelines.anyflow_far import build_far_pipeline
     from pipelines.anyflow_t2v import build_t2v_pipeline
     from pipelines.local import run_local, save_record
     from pipelines.platform import Platform
 
     overrides = _overrides(args)
+    far = apply_overrides(get_preset(args.preset), overrides).variant == "far"  # also validates before any stage
+    build = build_far_pipeline if far else build_t2v_pipeline
     _configure_s3(args)
     store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(overrides, sort_keys=True), "store": store,
               "finetune": bool(args.finetune)}
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    print(f"anyflow run: preset={args.preset} store={store} (KFP local runner, workdir {args.workdir})", flush=True)
+    print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
+          f"(KFP local runner, workdir {args.workdir})", flush=True)
     # Platform.local(): no retries (the local runner honours set_retry and would back off for minutes).
-    run = run_local(build_t2v_pipeline(Platform.local(), image=args.image), params, args.workdir, name)
+    run = run_local(build(Platform.local(), image=args.image), params, args.workdir, name)
     save_record(run, args.workdir, params)
     _print_run(run, store)
     return 0
@@ -413,7 +419,7 @@ def add_cli(subparsers: Any) -> None:
 
     p = subparsers.add_parser("compile", help="compile a pipeline to KFP YAML",
                               description="Compile a pipeline (deterministic YAML) for upload through the KFP UI.")
-    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name (default: anyflow-t2v)")
+    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
     p.add_argument("--all", action="store_true", help="compile every pipeline into --output (a folder)")
     p.add_argument("--output", "-o", default=None, help="output file (or folder with --all)")
     p.add_argument("--platform", default=None, help="platform YAML (see pipelines/README.md)")
@@ -423,7 +429,7 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("submit", help="compile and submit a pipeline run to a KFP endpoint")
     _common(p)
     _kfp(p)
-    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name (default: anyflow-t2v)")
+    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
     p.set_defaults(func=_guard(cmd_submit), command="submit")
 
     p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (dsl.importer)",

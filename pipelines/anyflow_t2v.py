@@ -8,9 +8,30 @@ from pipelines.platform import Platform
 
 PIPELINE_NAME = "anyflow-t2v"
 
+_DOC = """Train and evaluate an any-step generator{what}.
+
+        Args:
+            preset: Preset name ({presets}).
+            overrides_json: JSON object of dotted config overrides applied to every stage.
+            store: Content-addressed store URL (s3://bucket/prefix); empty keeps artifacts in KFP.
+            finetune: Also fine-tune the generator on a second dataset and evaluate it.
+            finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data.
+        """
+
 
 def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" = None):
     """Return the ``anyflow-t2v`` pipeline function bound to ``platform`` and ``image``."""
+    return build_training_pipeline(
+        platform, image, name=PIPELINE_NAME, default_preset="tiny",
+        description="AnyFlow any-step T2V: data, teacher, flow map, distill, evaluate.",
+        doc=_DOC.format(what="", presets="tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b"),
+    )
+
+
+def build_training_pipeline(
+    platform: "Platform | None", image: "str | None", *, name: str, default_preset: str, description: str, doc: str
+):
+    """The training DAG (shared by ``anyflow-t2v`` and ``anyflow-far``; the preset's variant picks the methods)."""
     from kfp import dsl
     from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
@@ -44,23 +65,13 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
         eval_metrics: Metrics
         report_html: HTML
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="AnyFlow any-step T2V: data, teacher, flow map, distill, evaluate.")
     def anyflow_t2v(
-        preset: str = "tiny",
+        preset: str = default_preset,
         overrides_json: str = "{}",
         store: str = "",
         finetune: bool = False,
         finetune_data_overrides_json: str = "{}",
     ) -> Outputs:
-        """Train and evaluate an any-step generator.
-
-        Args:
-            preset: Preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b).
-            overrides_json: JSON object of dotted config overrides applied to every stage.
-            store: Content-addressed store URL (s3://bucket/prefix); empty keeps artifacts in KFP.
-            finetune: Also fine-tune the generator on a second dataset and evaluate it.
-            finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data.
-        """
         # Every task records its output under <store>/runs/<KFP run id>/ (anyflow rerun --run ID).
         common = {"preset": preset, "overrides_json": overrides_json, "store": store,
                   "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
@@ -84,4 +95,6 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
         return Outputs(dataset=dataset, teacher=teacher, flowmap=flowmap, generator=generator,
                        report=ev.outputs["report"], eval_metrics=ev.outputs["metrics"], report_html=ev.outputs["html"])
 
-    return anyflow_t2v
+    anyflow_t2v.__doc__ = doc  # KFP reads the parameter descriptions from the docstring
+    anyflow_t2v.__name__ = name.replace("-", "_")
+    return dsl.pipeline(name=name, description=description)(anyflow_t2v)

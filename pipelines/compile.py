@@ -10,6 +10,8 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from pipelines.anyflow_far import PIPELINE_NAME as FAR
+from pipelines.anyflow_far import build_far_pipeline
 from pipelines.anyflow_t2v import PIPELINE_NAME as T2V
 from pipelines.anyflow_t2v import build_t2v_pipeline
 from pipelines.evaluate_only import PIPELINE_NAME as EVAL_ONLY
@@ -32,6 +34,7 @@ def _rerun_builder(stage: str) -> Callable:
 #: Pipeline name → builder(platform, image).
 PIPELINES: dict[str, Callable] = {
     T2V: build_t2v_pipeline,
+    FAR: build_far_pipeline,
     EVAL_ONLY: build_evaluate_only_pipeline,
     REDISTILL: build_redistill_pipeline,
     **{rerun_pipeline_name(stage): _rerun_builder(stage) for stage in STAGE_INPUTS},

@@ -74,6 +74,18 @@ def test_t2v_structure_and_platform_settings() -> None:
     assert "tolerations" not in k8s["exec-prepare-data"]
 
 
+def test_far_pipeline_is_the_training_dag_with_a_far_preset() -> None:
+    far, _ = _docs(COMPILED_DIR / "anyflow-far.yaml")
+    t2v, _ = _docs(COMPILED_DIR / "anyflow-t2v.yaml")
+    assert far["pipelineInfo"]["name"] == "anyflow-far"
+    params = far["root"]["inputDefinitions"]["parameters"]
+    assert params["preset"]["defaultValue"] == "far-tiny"
+    assert "far-1.3b" in params["preset"]["description"]
+    # the same stages and wiring; the preset's variant picks the causal methods inside the stages
+    strip = lambda tasks: {k: {kk: vv for kk, vv in v.items() if kk != "taskInfo"} for k, v in tasks.items()}  # noqa: E731
+    assert strip(far["root"]["dag"]["tasks"]) == strip(t2v["root"]["dag"]["tasks"])
+
+
 def test_platform_yaml_overrides_reach_compiled_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "platform.yaml"
     cfg.write_text(
