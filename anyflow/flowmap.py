@@ -181,6 +181,16 @@ def forward_flowmap_loss(
     return loss, diagnostics
 
 
+def _logit_normal_point(x: Tensor, generator: torch.Generator, shift: float) -> tuple[Tensor, Tensor, Tensor]:
+    """σ ~ logit-normal then shifted (one per sample, shared by its frames), ε, and z = σε + (1 − σ)x (§4)."""
+    B, F = x.shape[:2]
+    sigma = shift_sigma(sample_logit_normal(B, generator, device=x.device), shift)
+    tau = sigma_to_tau(sigma).clamp(0.0, float(NUM_TRAIN_TIMESTEPS))[:, None].expand(B, F).contiguous()
+    eps = noise_like(x, generator)
+    s = broadcast_time(tau, x) / NUM_TRAIN_TIMESTEPS
+    return tau, eps, s * eps + (1.0 - s) * x
+
+
 def flow_matching_loss(
     v: FlowMapFn,
     x: Tensor,
@@ -198,16 +208,12 @@ def flow_matching_loss(
     check_latent(x)
     if text_dropout > 0.0 and c_neg is None:
         raise ValueError("flow_matching_loss: text_dropout > 0 needs the negative embedding c_neg.")
-    B, F = x.shape[:2]
+    B = x.shape[0]
     x = x.float()
     dropped = torch.zeros(B, dtype=torch.bool, device=x.device)
     if c_neg is not None and text_dropout > 0.0:
         c, dropped = apply_text_dropout(c, c_neg, text_dropout, generator)
-    sigma = shift_sigma(sample_logit_normal(B, generator, device=x.device), shift)
-    tau = sigma_to_tau(sigma).clamp(0.0, float(NUM_TRAIN_TIMESTEPS))[:, None].expand(B, F).contiguous()
-    eps = noise_like(x, generator)
-    s = broadcast_time(tau, x) / NUM_TRAIN_TIMESTEPS
-    z = s * eps + (1.0 - s) * x
+    tau, eps, z = _logit_normal_point(x, generator, shift)
     pred = v(z, tau, tau, c).float()
     per_sample = ((pred - (eps - x)) ** 2).mean(dim=(1, 2, 3, 4))
     loss = per_sample.mean()
@@ -231,15 +237,10 @@ def guided_flow_matching_loss(
     guided prediction is p = (u_c − (1 − g)·u_∅)/g as in §6.2 (u_∅ without grad; skipped when g = 1).
     """
     check_latent(x)
-    B, F = x.shape[:2]
     g = float(guidance_scale)
     x = x.float()
     c, dropped = apply_text_dropout(c, c_neg, text_dropout, generator)
-    sigma = shift_sigma(sample_logit_normal(B, generator, device=x.device), shift)
-    tau = sigma_to_tau(sigma).clamp(0.0, float(NUM_TRAIN_TIMESTEPS))[:, None].expand(B, F).contiguous()
-    eps = noise_like(x, generator)
-    s = broadcast_time(tau, x) / NUM_TRAIN_TIMESTEPS
-    z = s * eps + (1.0 - s) * x
+    tau, eps, z = _logit_normal_point(x, generator, shift)
     u_c = u(z, tau, tau, c).float()
     with torch.no_grad():
         u_neg = u(z, tau, tau, expand_negative(c_neg, c)).float() if g != 1.0 else torch.zeros_like(u_c)

@@ -24,6 +24,7 @@ from helpers.replay import (
     SegmentedBatches,
     concat_batches,
     record_optimizer_grads,
+    record_step_metrics,
 )
 
 from anyflow.config import get_preset
@@ -85,16 +86,8 @@ def _params(method) -> dict[str, torch.Tensor]:
 
 def _run(method, tr, batches, work: Path, log):
     """fit() recording the metrics of every step and the gradients of every optimiser step."""
-    metrics: list[dict[str, float]] = []
     grads: list[list[torch.Tensor]] = []
-    inner = method.train_step
-
-    def train_step(ctx, step):
-        out = inner(ctx, step)
-        metrics.append(dict(out))
-        return out
-
-    method.train_step = train_step
+    metrics = record_step_metrics(method)
     with log.active(), record_optimizer_grads(grads):
         result = fit(method, tr, batches, work_dir=work, progress=False)
     return result, metrics, grads

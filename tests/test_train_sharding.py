@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.replay import ListBatches, Replayer, SegmentedBatches, concat_batches, record_optimizer_grads
+from helpers.replay import (
+    ListBatches,
+    Replayer,
+    SegmentedBatches,
+    concat_batches,
+    record_optimizer_grads,
+    record_step_metrics,
+)
 
 from anyflow.config import ConfigError, get_preset
 from anyflow.data.shards import LatentDataset
@@ -104,15 +111,8 @@ def _reference(dataset: str, ranks: list[dict], accum: int, work: Path):
         teacher=_random_state(probe, "t", 1),
         generator=_random_state(probe, "g", 2),
     )
-    metrics, grads = [], []
-    inner = method.train_step
-
-    def train_step(ctx, step):
-        out = inner(ctx, step)
-        metrics.append(dict(out))
-        return out
-
-    method.train_step = train_step
+    grads = []
+    metrics = record_step_metrics(method)
     rep = Replayer(groups)
     with rep.active(), record_optimizer_grads(grads):
         result = fit(method, tr, SegmentedBatches(ListBatches(batches), rep), work_dir=work, progress=False)

@@ -33,12 +33,11 @@ from anyflow.causal import (
     teacher_forced_fn,
 )
 from anyflow.config import DistillStage, FarConfig, FlowMapStage, OptimConfig
-from anyflow.dmd import critic_loss, dmd_generator_loss
 from anyflow.flowmap import FlowMapLossConfig, guided_flow_matching_loss
 from anyflow.rollout import FlowMapFn
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
-from anyflow.train.methods import ForwardAccumulator, flowmap_loss_config, rollout_plan
+from anyflow.train.methods import ForwardAccumulator, OnPolicyMethod, flowmap_loss_config
 
 FAR_EXTRA = ("far_patch_embedding",)  # trained in full by the causal generator (§8.1, §10)
 
@@ -130,10 +129,12 @@ class CausalFlowMapMethod:
         return float(loss.detach())
 
 
-class CausalOnPolicyMethod:
-    """Stage 2b (§8.6): causal FMBS rollouts scored by the bidirectional real score and critic."""
+class CausalOnPolicyMethod(OnPolicyMethod):
+    """Stage 2b (§8.6): :class:`~anyflow.train.methods.OnPolicyMethod` (same updates, optimisers, accumulation
+    and (N, k) plans) with the causal rollout and the teacher-forced co-trained loss. The teacher and critic
+    are the bidirectional model on the FAR base and score the whole video (§7.3-7.4)."""
 
-    name = "distill"
+    generator_extra = FAR_EXTRA
 
     def __init__(
         self,
@@ -148,79 +149,19 @@ class CausalOnPolicyMethod:
     ) -> None:
         if not models.is_far:
             raise TypeError("CausalOnPolicyMethod needs a FAR base (preset variant 'far').")
-        self.models, self.cfg, self.far, self.negative = models, cfg, far, negative
-        self.loss_cfg = flowmap_loss_config(cfg.loss)
-        models.add("teacher", "teacher", init=teacher, trainable=False)
-        models.add("critic", "critic", init=critic if critic is not None else teacher)
-        models.add("generator", "generator", init=generator, extra=FAR_EXTRA)
+        self.far = far
+        super().__init__(models, cfg, negative, teacher=teacher, generator=generator, critic=critic)
         self.causal = FarCausalModel(models.transformer, far.chunk_partition)
 
-    def optim_groups(self) -> dict[str, tuple[dict[str, nn.Parameter], OptimConfig]]:
-        return {
-            "generator": (self.models.params("generator"), self.cfg.generator_optim),
-            "critic": (self.models.params("critic"), self.cfg.critic_optim),
-        }
-
-    def ema_group(self) -> str:
-        return "generator"
-
-    def _rollout(self, ctx: TrainContext, batch: Mapping, n: int, k: int) -> tuple[torch.Tensor, int]:
-        """Chunk-wise FMBS from fresh noise (T2V, §8.6); gradients only within chunks when autograd is on."""
-        latents = batch["latents"]
-        noise = torch.randn(latents.shape, generator=ctx.generator, dtype=torch.float32).to(latents.device)
+    def rollout(self, ctx: TrainContext, batch: Mapping, n: int, k: int) -> tuple[torch.Tensor, int]:
+        """Chunk-wise FMBS from fresh noise (T2V, the same (N, k) in every chunk), the KV cache holding the
+        generator's own chunks under no-grad: gradients only within chunks. Returns calls incl. cache passes."""
         self.models.activate("generator")
-        x_hat, info = causal_rollout(self.causal, noise, batch["text"], num_steps=n, k=k, shift=self.cfg.loss.shift)
+        x_hat, info = causal_rollout(self.causal, self._noise(batch["latents"], ctx), batch["text"], num_steps=n,
+                                     k=k, shift=self.cfg.loss.shift)
         return x_hat, info.nfe
 
-    def generator_update(self, ctx: TrainContext, step: int) -> dict[str, float]:
-        m, cfg, neg = self.models, self.cfg, self.negative.to(ctx.device)
-        n, k = rollout_plan(ctx.cfg.seed, step, "generator", cfg.steps_list)
-        accum = ctx.cfg.grad_accum
-        out: dict[str, float] = {}
-
-        def add(key: str, value: float) -> None:
-            out[key] = out.get(key, 0.0) + value / accum
-
-        n_chunks = num_chunks_for_step(self.far, ctx.cfg.seed, step, "onpolicy")
-        forward = ForwardAccumulator(ctx, accum) if cfg.cotrain_forward else None
-        for _ in range(accum):
-            batch = ctx.next_batch()
-            x_hat, nfe = self._rollout(ctx, batch, n, k)
-            loss_dmd, _ = dmd_generator_loss(
-                x_hat, m.fn("teacher"), m.fn("critic"), batch["text"], neg, ctx.generator,
-                real_guidance_scale=cfg.real_guidance_scale, shift=cfg.loss.shift, weight=cfg.dmd_weight,
-            )
-            m.backward("generator", loss_dmd / accum, ctx.backward)
-            add("loss/dmd", float(loss_dmd.detach()))
-            add("nfe", float(nfe))
-            if forward is not None:  # §8.6: teacher-forced loss with long-context sampling, no auxiliary loss
-                causal_forward_loss(m, forward, batch, self.negative, self.loss_cfg, self.far, n_chunks, 1.0 / accum)
-        if forward is not None:
-            out.update({f"forward/{key}": v for key, v in forward.metrics().items()})
-            out["forward/num_chunks"] = float(n_chunks)
-        out.update({"rollout_steps": float(n), "rollout_k": float(k)})
-        ctx.clip_and_step("generator")
-        return out
-
-    def critic_update(self, ctx: TrainContext, step: int) -> dict[str, float]:
-        m, cfg = self.models, self.cfg
-        n, k = rollout_plan(ctx.cfg.seed, step, "critic", cfg.steps_list)
-        accum = ctx.cfg.grad_accum
-        total = 0.0
-        for _ in range(accum):
-            batch = ctx.next_batch()
-            with torch.no_grad():
-                x_hat, _ = self._rollout(ctx, batch, n, k)
-            loss, _ = critic_loss(m.fn("critic"), x_hat, batch["text"], ctx.generator, shift=cfg.loss.shift)
-            m.backward("critic", loss / accum, ctx.backward)
-            total += float(loss.detach()) / accum
-        ctx.clip_and_step("critic")
-        return {"loss/critic": total}
-
-    def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if step % self.cfg.update_ratio == 0:
-            out.update(self.generator_update(ctx, step))
-        out.update(self.critic_update(ctx, step))
-        return out
-
+    def cotrain(self, forward: ForwardAccumulator, batch: Mapping, step: int, scale: float) -> None:
+        """§8.6: the teacher-forced loss with long-context sampling and no auxiliary bidirectional loss."""
+        n_chunks = num_chunks_for_step(self.far, forward.ctx.cfg.seed, step, "onpolicy")
+        causal_forward_loss(self.models, forward, batch, self.negative, self.loss_cfg, self.far, n_chunks, scale)

@@ -222,13 +222,26 @@ class OnPolicyMethod:
         self.loss_cfg = flowmap_loss_config(cfg.loss)
         models.add("teacher", "teacher", init=teacher, trainable=False)
         models.add("critic", "critic", init=critic if critic is not None else teacher)
-        models.add("generator", "generator", init=generator)
+        models.add("generator", "generator", init=generator, extra=self.generator_extra)
+
+    #: base modules the generator adapter trains in full (the causal variant's patch embedding)
+    generator_extra: tuple[str, ...] = ()
 
     def optim_groups(self) -> dict[str, tuple[dict[str, nn.Parameter], OptimConfig]]:
         return {
             "generator": (self.models.params("generator"), self.cfg.generator_optim),
             "critic": (self.models.params("critic"), self.cfg.critic_optim),
         }
+
+    def rollout(self, ctx: TrainContext, batch: Mapping, n: int, k: int) -> tuple[torch.Tensor, int]:
+        """FMBS from fresh noise (§7.2): the sample and the network calls it made (grads if autograd is on)."""
+        x_hat, info = fmbs_rollout(self.models.fn("generator"), self._noise(batch["latents"], ctx), batch["text"],
+                                   n, k, shift=self.cfg.loss.shift)
+        return x_hat, info.calls
+
+    def cotrain(self, forward: ForwardAccumulator, batch: Mapping, step: int, scale: float) -> None:
+        """The co-trained forward flow-map loss of one micro-batch (§7.5), backward included."""
+        forward.add(self.models, batch, self.negative, self.loss_cfg, scale)
 
     def ema_group(self) -> str:
         return "generator"
@@ -250,17 +263,15 @@ class OnPolicyMethod:
         dmd, calls = 0.0, 0
         for _ in range(accum):
             batch = ctx.next_batch()
-            x_hat, info = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
-                                       shift=cfg.loss.shift)
+            x_hat, calls = self.rollout(ctx, batch, n, k)
             loss_dmd, _ = dmd_generator_loss(
                 x_hat, m.fn("teacher"), m.fn("critic"), batch["text"], neg, ctx.generator,
                 real_guidance_scale=cfg.real_guidance_scale, shift=cfg.loss.shift, weight=cfg.dmd_weight,
             )
             m.backward("generator", loss_dmd / accum, ctx.backward)
             dmd += float(loss_dmd.detach()) / accum
-            calls = info.calls
             if forward is not None:
-                forward.add(m, batch, self.negative, self.loss_cfg, 1.0 / accum)
+                self.cotrain(forward, batch, step, 1.0 / accum)
         out = {"loss/dmd": dmd, "nfe": float(calls), "rollout_steps": float(n), "rollout_k": float(k)}
         if forward is not None:
             out.update({f"forward/{k_}": v for k_, v in forward.metrics().items()})
@@ -276,8 +287,7 @@ class OnPolicyMethod:
         for _ in range(accum):
             batch = ctx.next_batch()
             with torch.no_grad():
-                x_hat, _ = fmbs_rollout(m.fn("generator"), self._noise(batch["latents"], ctx), batch["text"], n, k,
-                                        shift=cfg.loss.shift)
+                x_hat, _ = self.rollout(ctx, batch, n, k)
             loss, _ = critic_loss(m.fn("critic"), x_hat, batch["text"], ctx.generator, shift=cfg.loss.shift)
             m.backward("critic", loss / accum, ctx.backward)
             total += float(loss.detach()) / accum

@@ -15,7 +15,7 @@ import os
 import sys
 
 import torch
-from replay import Recorder, SegmentedBatches, record_optimizer_grads
+from replay import Recorder, SegmentedBatches, record_optimizer_grads, record_step_metrics
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
@@ -73,17 +73,8 @@ method = OnPolicyMethod(
 lora_names = {n for n, _ in m.transformer.named_parameters() if ".lora_" in n}
 full_base = sum(q.numel() for n, q in m.transformer.named_parameters() if n not in lora_names)
 
-metrics, grads, kept = [], [], []
-inner = method.train_step
-
-
-def train_step(ctx, step):
-    res = inner(ctx, step)
-    metrics.append(dict(res))
-    return res
-
-
-method.train_step = train_step
+grads, kept = [], []
+metrics = record_step_metrics(method)
 rec = Recorder()
 with rec.active(), record_optimizer_grads(grads):
     result = fit(

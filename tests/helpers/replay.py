@@ -194,3 +194,17 @@ def record_optimizer_grads(into: list[list[torch.Tensor]]) -> Iterator[None]:
         yield
     finally:
         torch.optim.AdamW.step = orig  # type: ignore[method-assign]
+
+
+def record_step_metrics(method: Any) -> list[dict[str, float]]:
+    """Wrap ``method.train_step`` so every step's metrics are appended to the returned list."""
+    metrics: list[dict[str, float]] = []
+    inner = method.train_step
+
+    def train_step(ctx: Any, step: int) -> dict[str, float]:
+        out = inner(ctx, step)
+        metrics.append(dict(out))
+        return out
+
+    method.train_step = train_step
+    return metrics
