@@ -177,8 +177,6 @@ def shard_frozen_base(models: Any, mode: str, accelerator: Any) -> dict[str, int
     if world == 1:
         return {}
     transformer = models.transformer
-    if getattr(models, "is_far", False):
-        raise ConfigError("train.sharding: sharding the causal (FAR) base is not supported yet; use sharding=none")
     exempt = _unshardable(models)
     if not isinstance(transformer, FSDPModule):
         device_type = accelerator.device.type
