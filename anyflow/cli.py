@@ -36,8 +36,9 @@ def _presets(args: argparse.Namespace) -> int:
     from anyflow.config import PRESETS, apply_overrides, get_preset, parse_override_args, to_dict
 
     if args.name is None:
-        for name in PRESETS:
-            print(name)
+        width = max(map(len, PRESETS))
+        for name, fn in PRESETS.items():
+            print(f"{name:<{width}}  {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     preset = apply_overrides(get_preset(args.name), parse_override_args(args.overrides))
     print(json.dumps(to_dict(preset), indent=1))

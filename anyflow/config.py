@@ -231,18 +231,22 @@ def _far(name: str, wan: Preset) -> Preset:
 
 
 def wan_1_3b() -> Preset:
+    """Wan2.1-T2V-1.3B, bidirectional, the released hyperparameters (batch 2 per GPU, 6000 iterations)."""
     return _wan("wan2.1-t2v-1.3b", "/models/Wan2.1-T2V-1.3B-Diffusers", batch=2, iters=6000)
 
 
 def wan_14b() -> Preset:
+    """Wan2.1-T2V-14B, bidirectional, the released hyperparameters (batch 1 per GPU, 4000 iterations)."""
     return _wan("wan2.1-t2v-14b", "/models/Wan2.1-T2V-14B-Diffusers", batch=1, iters=4000)
 
 
 def far_1_3b() -> Preset:
+    """AnyFlow-FAR (causal, T2V/I2V/V2V) on Wan2.1-1.3B: wan2.1-t2v-1.3b plus the FAR config of §10."""
     return _far("far-1.3b", wan_1_3b())
 
 
 def far_14b() -> Preset:
+    """AnyFlow-FAR (causal, T2V/I2V/V2V) on Wan2.1-14B: wan2.1-t2v-14b plus the FAR config of §10."""
     return _far("far-14b", wan_14b())
 
 
