@@ -11,6 +11,7 @@ Token kinds of the training sequence ``[compressed context | noisy window | clea
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,7 +66,8 @@ def sample_num_chunks(
 ) -> int:
     """§8.2.1 context-length sampling: with prob. ``long_context_ratio`` n ~ U{min..max}, else n = min.
 
-    Broadcast the result from rank 0. Two draws are always made, so the generator advances the same way.
+    Every rank must get the same n: draw from a generator seeded identically on all ranks (the training methods
+    seed it from (seed, step)). Two draws are always made, so the generator advances the same way.
     """
     if not 1 <= min_chunks <= max_chunks:
         raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {min_chunks}, {max_chunks}.")
@@ -195,6 +197,29 @@ def far_attention_mask(layout: FarTokenLayout, kind: str, device: torch.device |
     raise ValueError(f"FAR attention kind must be 'flex' or 'dense', got {kind!r}.")
 
 
+@functools.lru_cache(maxsize=16)
+def _model_layout_mask(
+    chunk_partition: tuple[int, ...], height: int, width: int, patch_size: tuple[int, ...],
+    compressed_patch_size: tuple[int, ...], full_chunk_limit: int, has_clean: bool, kind: str, device: str,
+) -> tuple[FarTokenLayout, Any]:
+    """Layout and mask, memoised: the same few shapes recur every step (masks cost an L × L evaluation)."""
+    layout = far_token_layout(chunk_partition, height, width, patch_size=patch_size,
+                              compressed_patch_size=compressed_patch_size, full_chunk_limit=full_chunk_limit,
+                              has_clean=has_clean)
+    return layout, far_attention_mask(layout, kind, device)
+
+
+def model_layout_mask(model: Any, chunk_partition: Sequence[int], height: int, width: int, *, has_clean: bool,
+                      full_chunk_limit: int | None = None, device: torch.device | str = "cpu") -> tuple[FarTokenLayout, Any]:
+    """:func:`far_token_layout` and its mask for ``model``'s patch sizes and attention kind (cached)."""
+    cfg = model.config
+    return _model_layout_mask(
+        tuple(int(n) for n in chunk_partition), int(height), int(width), tuple(cfg.patch_size),
+        tuple(cfg.compressed_patch_size), int(cfg.full_chunk_limit if full_chunk_limit is None else full_chunk_limit),
+        bool(has_clean), _attention_kind(model), str(torch.device(device)),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Teacher forcing (§8.2-8.4)
 # --------------------------------------------------------------------------------------------------
@@ -239,16 +264,11 @@ def teacher_forced_fn(model: Any, split: TeacherForcedSplit, *, mask: Any = None
     window's output is returned. Context and clean copy are fixed; ``t``/``r`` are (B, Fw) τ for the window.
     ``mask`` defaults to the five-rule mask of the model's attention kind; pass it to reuse it across calls.
     """
-    cfg = model.config
     b, fc = split.context.shape[:2]
     fw = split.window.shape[1]
     h, w = split.window.shape[-2:]
     if mask is None:
-        layout = far_token_layout(
-            split.chunk_partition, h, w, patch_size=cfg.patch_size, compressed_patch_size=cfg.compressed_patch_size,
-            full_chunk_limit=cfg.full_chunk_limit, has_clean=True,
-        )
-        mask = far_attention_mask(layout, _attention_kind(model), split.window.device)
+        _, mask = model_layout_mask(model, split.chunk_partition, h, w, has_clean=True, device=split.window.device)
     dtype = _model_dtype(model)
     ctx, clean = split.context.to(dtype), split.window.to(dtype)
     zeros_ctx = torch.zeros(b, fc, dtype=torch.float32, device=ctx.device)
@@ -277,23 +297,16 @@ def far_bidirectional_fn(model: Any) -> FlowMapFn:
     chunk, no clean copy, every real token attending every other (§8.4 auxiliary loss; the real score and the
     critic when they share the FAR base). At r = t it equals the unmodified Wan model (tests/test_far_model.py).
     """
-    masks: dict[tuple, Any] = {}
 
     def u(z: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
         if z.ndim != 5:
             raise ValueError(f"z must be (B, F, C, H, W), got shape {tuple(z.shape)}.")
-        cfg = model.config
         f, (h, w) = z.shape[1], z.shape[-2:]
-        key = (f, h, w, str(z.device))
-        if key not in masks:
-            layout = far_token_layout((f,), h, w, patch_size=cfg.patch_size,
-                                      compressed_patch_size=cfg.compressed_patch_size,
-                                      full_chunk_limit=cfg.full_chunk_limit, has_clean=False)
-            masks[key] = far_attention_mask(layout, _attention_kind(model), z.device)
+        _, mask = model_layout_mask(model, (f,), h, w, has_clean=False, device=z.device)
         dtype = _model_dtype(model)
         out = model(
             hidden_states=z.to(dtype), timestep=t.float(), r_timestep=r.float(), encoder_hidden_states=c.to(dtype),
-            chunk_partition=[f], attention_mask=masks[key],
+            chunk_partition=[f], attention_mask=mask,
         ).sample
         return out.to(z.dtype)
 
@@ -351,8 +364,8 @@ class FarCausalModel:
             raise ValueError("the cache pass needs at least one chunk of frames, got 0.")
         part = self.chunk_partition[:n]
         h, w = frames.shape[-2:]
-        layout = far_token_layout(part, h, w, patch_size=cfg.patch_size, compressed_patch_size=cfg.compressed_patch_size,
-                                  full_chunk_limit=cfg.full_chunk_limit - 1, has_clean=False)
+        layout, mask = model_layout_mask(self.model, part, h, w, has_clean=False,
+                                         full_chunk_limit=cfg.full_chunk_limit - 1, device=frames.device)
         n_comp = sum(part[: layout.num_context_chunks]) * layout.compressed_tokens_per_frame
         n_full = sum(part[layout.num_context_chunks :]) * layout.full_tokens_per_frame
         dtype = _model_dtype(self.model)
@@ -361,7 +374,7 @@ class FarCausalModel:
         zeros = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
         self.model(
             hidden_states=x, timestep=zeros, r_timestep=zeros, encoder_hidden_states=c.to(dtype),
-            chunk_partition=list(part), attention_mask=far_attention_mask(layout, _attention_kind(self.model), x.device),
+            chunk_partition=list(part), attention_mask=mask,
             kv_cache=kv, kv_cache_flag={"num_cached_chunks": n - 1, "is_cache_step": True},
         )
         self.calls["cache"] += 1

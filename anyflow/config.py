@@ -139,7 +139,8 @@ class FarConfig:
     long_context_ratio: float = 0.5  # P(n_chunks ~ U{min..max}) in teacher forcing, else n = min
     min_chunks: int = 3
     max_chunks: int = 8
-    bidirectional_prob: float = 0.1  # auxiliary bidirectional loss per forward step (§8.4); 0 on-policy
+    bidirectional_prob: float = 0.1  # auxiliary bidirectional loss per train_flowmap step (§8.4, stage 1b only;
+    # distill and finetune never add it)
     attention: str = "auto"  # "flex" (BlockMask) | "dense" (SDPA + bool mask, CPU) | "auto" = flex on CUDA
 
 

@@ -57,6 +57,9 @@ def sample_latents(
     base = common.load_models(cfg)
     models = common.adapter_model(cfg, base.transformer)
     far = cfg.variant == "far" and role == "generator"
+    if (image or video) and not far:
+        raise ValueError(f"--image/--video need a generator adapter; {checkpoint} adapter {adapter!r} is a {role} "
+                         "(the bidirectional teacher/critic)")
     models.add(adapter, role, init=ck.adapters[adapter], trainable=False,
                extra=("far_patch_embedding",) if far else ())
     context = None

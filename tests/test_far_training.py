@@ -102,6 +102,20 @@ def test_generator_owns_its_patch_embedding() -> None:
     models.backward("g1", u(torch.randn(1, 9, 4, 4, 4, generator=torch.Generator().manual_seed(2)), t, t * 0.5, c)
                     .square().mean(), lambda loss: loss.backward())
     assert torch.equal(models.params("g1")["far_patch_embedding.weight"].grad, g1_grad)
+    # a later adapter starts from the base's embedding, not from whatever is swapped in; the base's own
+    # parameters come back for adapters without extras (and for the base itself)
+    with torch.no_grad():
+        models.params("g1")["far_patch_embedding.weight"].add_(1.0)
+    models.activate("g1")
+    models.add("g3", "generator", extra=("far_patch_embedding",))
+    assert torch.equal(models.state("g3")["far_patch_embedding.weight"], base_w)
+    models.add("t", "teacher")
+    assert torch.equal(models.transformer.far_patch_embedding.weight, base_w)
+    models.activate(None)
+    assert torch.equal(models.transformer.far_patch_embedding.weight, base_w)
+    with pytest.raises(KeyError, match="no tensors for its extra modules"):
+        models.add("g4", "generator", init={k: v for k, v in init2.items() if "far_patch" not in k},
+                   extra=("far_patch_embedding",))
 
 
 def test_causal_generator_gradients_with_checkpointing_equal_without() -> None:

@@ -98,24 +98,37 @@ def init_far_parts_from_wan(far: AnyFlowFARTransformer3DModel) -> None:
     far.far_patch_embedding.bias.copy_(far.patch_embedding.bias)
 
 
-def convert_wan_to_far(wan: WanTransformer3DModel, **far_kwargs: Any) -> AnyFlowFARTransformer3DModel:
+def convert_wan_to_far(wan: WanTransformer3DModel, *, copy: bool = True, **far_kwargs: Any) -> AnyFlowFARTransformer3DModel:
     """Wan → AnyFlow-FAR: same weights, + delta embedder (copy) and the compressed patch embedding (§2.2, §8.1).
 
-    ``far_kwargs`` go to :func:`far_config_from_wan` (``chunk_partition``, ``full_chunk_limit``, …). The result
-    is fp32 (Wan weights are loaded into it exactly), on Wan's device, in eval mode.
+    ``far_kwargs`` go to :func:`far_config_from_wan` (``chunk_partition``, ``full_chunk_limit``, …). The FAR model
+    is built on the ``meta`` device (no random init, no second full-size allocation: at 14B that would be
+    53 GiB of fp32 per process) and Wan's tensors are assigned into it: cloned (default) or, with
+    ``copy=False``, shared with ``wan`` (use it only when ``wan`` is discarded). Only the FAR-only parts are
+    allocated, on Wan's device and in Wan's dtypes. The result is in eval mode.
     """
     from diffusers import AnyFlowFARTransformer3DModel
 
-    far = AnyFlowFARTransformer3DModel(**far_config_from_wan(dict(wan.config), **far_kwargs))
-    far = far.to(device=next(wan.parameters()).device)  # stays fp32: cast later, keeping fp32 modules
-    missing, unexpected = far.load_state_dict(wan.state_dict(), strict=False)
+    with torch.device("meta"):
+        far = AnyFlowFARTransformer3DModel(**far_config_from_wan(dict(wan.config), **far_kwargs))
+    state = {k: v.detach().clone() if copy else v for k, v in wan.state_dict().items()}
+    missing, unexpected = far.load_state_dict(state, strict=False, assign=True)
     far_only = {k for k in far.state_dict() if k.startswith(("condition_embedder.delta_embedder.", "far_patch_embedding."))}
     if unexpected or set(missing) != far_only:
         raise ValueError(
             f"Wan state dict does not map onto AnyFlowFARTransformer3DModel: unexpected={sorted(unexpected)}, "
             f"missing={sorted(set(missing) - far_only)}; check that the Wan config is a Wan2.1 T2V config."
         )
+    emb = far.condition_embedder
+    device = wan.patch_embedding.weight.device
+    far.far_patch_embedding.to_empty(device=device).to(wan.patch_embedding.weight.dtype)
+    emb.delta_embedder.to_empty(device=device).to(emb.time_embedder.linear_1.weight.dtype)
+    gate = float(far.config.gate_value)
+    emb.delta_emb_gate = torch.tensor([gate], dtype=torch.float32, device=device)  # non-persistent buffer
     init_far_parts_from_wan(far)
+    leftover = [n for n, t in [*far.named_parameters(), *far.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"convert_wan_to_far left tensors uninitialised: {leftover}; diffusers' FAR class changed.")
     return far.eval()
 
 

@@ -120,7 +120,7 @@ def load_base(
         from anyflow.models.far import convert_wan_to_far, set_far_attention
 
         transformer = convert_wan_to_far(
-            wan, chunk_partition=tuple(far["chunk_partition"]), full_chunk_limit=int(far["full_chunk_limit"]),
+            wan, copy=False, chunk_partition=tuple(far["chunk_partition"]), full_chunk_limit=int(far["full_chunk_limit"]),
             gate_value=gate_value, deltatime_type=deltatime_type,
         )
         transformer = _cast_like_from_pretrained(transformer, dtype)

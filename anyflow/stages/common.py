@@ -133,7 +133,7 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}")
     if "generator" in need and meta.get("variant", "bidirectional") != preset.variant:
         raise StageInputError(
-            f"{role} input {url} is a {meta.get('variant')!r} generator, but preset {preset.name!r} is variant "
+            f"{role} input {url} is a {meta.get('variant', 'bidirectional')!r} generator, but preset {preset.name!r} is variant "
             f"{preset.variant!r}; causal (far) and bidirectional generators are different models"
         )
     adapters = {}
@@ -162,7 +162,8 @@ def flowmap_method(cfg: Preset, models: Any, stage: Any, negative: torch.Tensor,
     if cfg.variant == "far":
         from anyflow.train.causal_methods import CausalFlowMapMethod
 
-        return CausalFlowMapMethod(models, stage, cfg.far, negative, init=init, name=name)
+        return CausalFlowMapMethod(models, stage, cfg.far, negative, init=init, name=name,
+                                   bidirectional=name == "train_flowmap")  # §8.4: stage 1b only
     from anyflow.train.methods import FlowMapMethod
 
     return FlowMapMethod(models, stage, negative, init=init, name=name)

@@ -139,24 +139,29 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         return merged[role]
 
     calls: dict[str, Any] = {"teacher": lambda n: 2 * n}
+    measured: dict[tuple, int] = {}
     i2v_context: torch.Tensor | None = None
     if far:
-        from anyflow.causal import FarCausalModel, causal_rollout, expected_nfe
+        from anyflow.causal import FarCausalModel, causal_rollout
 
         causal = FarCausalModel(models.transformer, cfg.far.chunk_partition)
 
         def far_sample(role: str, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
             models.activate(role)
-            return causal_rollout(causal, noise, c, num_steps=n, context=context, shift=shift)[0]
+            lat, info = causal_rollout(causal, noise, c, num_steps=n, context=context, shift=shift)
+            measured[(role, context is not None, n)] = info.nfe  # denoising calls + cache passes, counted
+            return lat
 
         if heldout is not None:
-            i2v_context = heldout[torch.arange(len(prompts)) % heldout.shape[0]].to(noise.device)
+            # prompts are expanded prompt-major (samples_per_prompt copies each): sample i is prompt i // spp
+            clip = torch.arange(len(prompts)) // ev.samples_per_prompt % heldout.shape[0]
+            i2v_context = heldout[clip].to(noise.device)
         for role in roles:
             samplers[role] = lambda n, role=role: far_sample(role, n)
-            calls[role] = lambda n: sum(expected_nfe(cfg.far.chunk_partition, n))
+            calls[role] = lambda n, role=role: measured[(role, False, n)]
             if i2v_context is not None:
                 samplers[f"{role}/i2v"] = lambda n, role=role: far_sample(role, n, i2v_context[:, :1])
-                calls[f"{role}/i2v"] = lambda n: sum(expected_nfe(cfg.far.chunk_partition, n, 1))
+                calls[f"{role}/i2v"] = lambda n, role=role: measured[(role, True, n)]
     else:
         for role in roles:
             samplers[role] = lambda n, role=role: sample_with_pipeline(base, pipeline_for(role), c, noise, n, shift=shift)

@@ -47,6 +47,7 @@ class AdapterModel:
             self._base_fn = flowmap_fn(transformer)
         self._extra: dict[str, dict[str, nn.Parameter]] = {}  # adapter -> {param name: its own copy}
         self._extra_trainable: dict[str, bool] = {}
+        self._base_extra: dict[str, nn.Parameter] = {}  # the base's own parameters of those modules
 
     @property
     def is_far(self) -> bool:
@@ -65,12 +66,16 @@ class AdapterModel:
         """
         init = dict(init) if init is not None else None
         own: dict[str, torch.Tensor] = {}
+
+        def owned(key: str) -> bool:
+            return any(key.startswith(module_name + ".") for module_name in extra)
+
         if init is not None:
-            own = {k: init.pop(k) for k in list(init) if k.split(".", 1)[0] in extra}
+            own = {k: init.pop(k) for k in list(init) if owned(k)}
+            if extra and not own:
+                raise KeyError(f"adapter {name!r}: init has no tensors for its extra modules {list(extra)} (a checkpoint "
+                               "of another variant or an older format?)")
         lora.add_lora(self.transformer, name, role, rank=self.rank, alpha=self.alpha, init_from=init, trainable=trainable)
-        for other, ps in self._extra.items():  # add_lora froze every non-LoRA parameter it could reach
-            for p in ps.values():
-                p.requires_grad_(self._extra_trainable[other])
         for p in lora.trainable_parameters(self.transformer, name).values():
             if p.dtype != torch.float32:  # bf16 base: keep the trained tensors (and Adam on them) in fp32
                 p.data = p.data.float()
@@ -80,24 +85,29 @@ class AdapterModel:
                 module = self.transformer.get_submodule(module_name)
                 for pname, p in module.named_parameters(recurse=False):
                     key = f"{module_name}.{pname}"
+                    base = self._base_extra.setdefault(key, p)  # first sight: nothing swapped in yet, this is the base's
                     value = own.pop(key, None)
-                    if value is None:
-                        value = p.detach()
                     # trained: an fp32 master (GPU training runs under bf16 autocast); frozen: the base's dtype,
                     # so no-autocast inference (evaluate, sample) feeds the conv matching tensors
-                    dtype = torch.float32 if trainable else p.dtype
-                    params[key] = nn.Parameter(value.to(p.device, dtype).clone(), requires_grad=trainable)
+                    dtype = torch.float32 if trainable else base.dtype
+                    value = base.detach() if value is None else value
+                    params[key] = nn.Parameter(value.to(base.device, dtype).clone(), requires_grad=trainable)
             if own:
                 raise KeyError(f"adapter {name!r}: unexpected extra tensors {sorted(own)}; it owns {list(params)}")
             self._extra[name] = params
             self._extra_trainable[name] = trainable
+        for other, ps in self._extra.items():  # add_lora froze every non-LoRA parameter it could reach
+            for p in ps.values():
+                p.requires_grad_(self._extra_trainable[other])
         self._swap_extra(name)
 
     def _swap_extra(self, name: str | None) -> None:
-        """Put adapter ``name``'s own copies of its extra parameters into the base modules (no copy)."""
-        for key, p in self._extra.get(name, {}).items():
+        """Put adapter ``name``'s own extra parameters into the base modules (no copy); adapters without them
+        (teacher, critic, the base itself) get the base's original parameters back."""
+        mine = self._extra.get(name, {})
+        for key, base in self._base_extra.items():
             module_name, pname = key.rsplit(".", 1)
-            self.transformer.get_submodule(module_name)._parameters[pname] = p
+            self.transformer.get_submodule(module_name)._parameters[pname] = mine.get(key, base)
 
     @property
     def active(self) -> str | None:

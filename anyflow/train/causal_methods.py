@@ -19,7 +19,6 @@ auxiliary-loss coin, N and k) are derived from (seed, step, stream), like :func:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -37,15 +36,9 @@ from anyflow.flowmap import FlowMapLossConfig, guided_flow_matching_loss
 from anyflow.rollout import FlowMapFn
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
-from anyflow.train.methods import ForwardAccumulator, OnPolicyMethod, flowmap_loss_config
+from anyflow.train.methods import ForwardAccumulator, OnPolicyMethod, flowmap_loss_config, step_generator
 
 FAR_EXTRA = ("far_patch_embedding",)  # trained in full by the causal generator (§8.1, §10)
-
-
-def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, stream): the same draws on every rank and after a resume."""
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def num_chunks_for_step(far: FarConfig, seed: int, step: int, stream: str) -> int:
@@ -87,11 +80,13 @@ class CausalFlowMapMethod:
 
     def __init__(
         self, models: AdapterModel, cfg: FlowMapStage, far: FarConfig, negative: torch.Tensor, *,
-        init: Mapping[str, torch.Tensor] | None = None, name: str = "train_flowmap",
+        init: Mapping[str, torch.Tensor] | None = None, name: str = "train_flowmap", bidirectional: bool = True,
     ) -> None:
         if not models.is_far:
             raise TypeError("CausalFlowMapMethod needs a FAR base (preset variant 'far').")
         self.models, self.cfg, self.far, self.negative, self.name = models, cfg, far, negative, name
+        # §8.4: the auxiliary loss belongs to stage 1b; downstream fine-tuning passes bidirectional=False
+        self.bidirectional_prob = far.bidirectional_prob if bidirectional else 0.0
         self.loss_cfg = flowmap_loss_config(cfg.loss)
         models.add("generator", "generator", init=init, extra=FAR_EXTRA)
 
@@ -104,7 +99,7 @@ class CausalFlowMapMethod:
     def train_step(self, ctx: TrainContext, step: int) -> dict[str, float]:
         accum, seed = ctx.cfg.grad_accum, ctx.cfg.seed
         n_chunks = num_chunks_for_step(self.far, seed, step, "forward")
-        aux = float(torch.rand((), generator=step_generator(seed, step, "bidirectional"))) < self.far.bidirectional_prob
+        aux = float(torch.rand((), generator=step_generator(seed, step, "bidirectional"))) < self.bidirectional_prob
         acc = ForwardAccumulator(ctx, accum)
         aux_sum = 0.0
         for _ in range(accum):

@@ -123,8 +123,12 @@ def load_training_state(
                     f" the model expects {tuple(p.shape)}"
                 )
             p.copy_(saved[name])
+    # safetensors loads on the CPU: keep each EMA tensor where the loop keeps it (the parameters' device;
+    # an in-place EMA update across devices would fail on the first step after a GPU resume)
+    devices = {k: v.device for k, v in ema.items()}
+    loaded = load_file(str(directory / "ema.safetensors"))
     ema.clear()
-    ema.update(load_file(str(directory / "ema.safetensors")))
+    ema.update({k: v.to(devices.get(k, v.device)) for k, v in loaded.items()})
     for name, opt in optimizers.items():
         optimizer_from_files(
             opt, load_file(str(directory / f"optim-{name}.safetensors")), state["optimizers"][name]

@@ -104,7 +104,14 @@ class TrainContext:
             # replicated plain tensors (shard_frozen_base ignores them), so this is unchanged.
             import torch.distributed as dist
 
-            for p in params:
+            # A tensor no rank used this step (e.g. the causal generator's patch embedding when no clip had
+            # compressed context) keeps grad None, as in a one-process run: AdamW then skips it instead of
+            # moving it by momentum on an all-zero gradient.
+            used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+            dist.all_reduce(used, op=dist.ReduceOp.SUM)
+            for p, n_used in zip(params, used.tolist(), strict=True):
+                if n_used == 0:
+                    continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

@@ -190,14 +190,16 @@ class FlowMapMethod:
         return forward.metrics()
 
 
-def rollout_plan(seed: int, step: int, stream: str, steps_list: tuple[int, ...]) -> tuple[int, int]:
-    """(N, k) for this step: N ~ U(steps_list), k ~ U{0..N-1} (§7.2).
-
-    Derived from (seed, step, stream) only, so every rank draws the same plan without a broadcast and
-    a resumed run continues the same sequence.
-    """
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, step, stream) only: every rank draws the same values without a
+    broadcast, and a resumed run continues the same sequence."""
     digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def rollout_plan(seed: int, step: int, stream: str, steps_list: tuple[int, ...]) -> tuple[int, int]:
+    """(N, k) for this step: N ~ U(steps_list), k ~ U{0..N-1} (§7.2), from :func:`step_generator`."""
+    g = step_generator(seed, step, stream)
     n = steps_list[int(torch.randint(len(steps_list), (1,), generator=g))]
     k = int(torch.randint(n, (1,), generator=g))
     return n, k
