@@ -234,8 +234,7 @@ def enable_compiled_flex() -> bool:
     diffusers' flex backend calls the module attribute (so that users can compile it, as its comment says).
     Uncompiled, flex attention falls back to a reference implementation that materialises the full score
     matrix: at Wan2.1 480p (≈ 22k-65k FAR training tokens) that is tens of GB per layer. The compiled function
-    (automatic dynamic shapes after the first recompile, so varying context lengths do not recompile each
-    step) is used for CUDA tensors only; CPU calls keep the eager function. ``ANYFLOW_FLEX_COMPILE=0`` opts
+    (``dynamic=True``, so varying context lengths reuse one kernel) is used for CUDA tensors only; CPU calls keep the eager function. ``ANYFLOW_FLEX_COMPILE=0`` opts
     out. Returns whether the compiled path is installed.
     """
     import os
@@ -252,7 +251,10 @@ def enable_compiled_flex() -> bool:
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
     eager = fa.flex_attention
-    compiled = torch.compile(eager)
+    # dynamic=True: one shape-generic kernel for every sequence length (3-8 context chunks, each chunk's KV
+    # length). Automatic dynamic shapes would first compile a static graph and then a dynamic one, and a
+    # gradient-checkpointing recomputation could then run a different graph than the forward did.
+    compiled = torch.compile(eager, dynamic=True)
 
     @functools.wraps(eager)
     def flex_attention(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
