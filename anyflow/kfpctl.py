@@ -435,8 +435,9 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (dsl.importer)",
                               description="Rerun one stage with inputs imported by URI: locally through the KFP "
                               "local runner, or on a cluster with --host. Inputs come from --from ROLE=URI or from "
-                              "an earlier run (--run): every stage task of a pipeline run records its artifact URL "
-                              "and manifest digest under <store>/runs/<KFP run id>/, e.g. "
+                              "an earlier run (--run): after every stage task a pipeline run records the task's artifact "
+                              "URL and manifest digest under <store>/runs/<KFP run id>/ (also when KFP took the "
+                              "task from its cache), e.g. "
                               "'anyflow rerun --stage distill --run <kfp-run-id> --store s3://bucket/prefix'.")
     _common(p)
     _kfp(p)

@@ -1,7 +1,7 @@
 """KFP v2 components for AnyFlow: one thin Python component per stage (no maths).
 
 Each ``components/<stage>/component.py`` defines a plain function whose body calls
-``anyflow.stages.run_stage``; :func:`make_component` turns it into a KFP component bound to the
+``anyflow.stages.run_stage`` (``components/record_stage`` writes a run's stage record after each); :func:`make_component` turns it into a KFP component bound to the
 project image. Building components from functions (rather than decorating at import time) lets
 ``anyflow compile --image …`` pick the image without import-order tricks.
 """
@@ -78,3 +78,10 @@ def build_components(image: str | None = None) -> dict[str, object]:
     """All stage components bound to one image, keyed by stage name."""
     img = check_image(image or default_image())
     return {name: make_component(fn, img) for name, fn in stage_functions().items()}
+
+
+def build_record_component(image: str | None = None):
+    """The CPU-only ``record_stage`` component (writes a run's stage record; see ``pipelines/records.py``)."""
+    from components.record_stage.component import record_stage
+
+    return make_component(record_stage, image)

@@ -67,29 +67,19 @@ def stage_target(output: Any, store: str) -> tuple[str | None, str | None]:
     return None, output.path
 
 
-def record_output(output: Any, result: Any, store: str, stage: str, *, run_id: str = "", record_as: str = "",
+def record_output(output: Any, result: Any, store: str, stage: str, *,
                   inputs: Mapping[str, str] | None = None) -> None:
     """Record the stage result on the KFP output artifact and print a one-line summary.
 
-    With ``store`` and ``run_id`` (the KFP run id) also write the run's stage record
-    ``<store>/runs/<run_id>/<record_as or stage>.json`` (:func:`anyflow.ops.record.write_stage_record`)
-    so ``anyflow rerun --run <run_id>`` can reuse this artifact.
+    The metadata (``anyflow_uri``, ``anyflow_stage``, ``anyflow_cached``, ``anyflow_inputs``) is all the
+    ``record_stage`` task needs to write the run's stage record (:func:`write_run_record`); a stage
+    task itself takes no run id, so KFP's cache key stays the same across runs and a KFP cache hit
+    hands the same artifact, metadata included, to the next run's ``record_stage`` task.
     """
     output.metadata[POINTER_KEY] = str(result.uri)
     output.metadata["anyflow_cached"] = bool(result.cached)
     output.metadata["anyflow_stage"] = stage
-    if run_id and not run_id.startswith("{{"):
-        output.metadata["anyflow_run_id"] = run_id
-    if run_id.startswith("{{"):  # a backend that left dsl.PIPELINE_JOB_ID_PLACEHOLDER unresolved
-        print(f"[anyflow] {stage}: run id {run_id!r} was not substituted by this KFP backend; "
-              f"no stage record written (rerun needs --from).", flush=True)
-    elif run_id and store:
-        from anyflow.ops.record import write_stage_record
-
-        write_stage_record(store, run_id, stage=stage, output=OUTPUT_ROLE[stage], uri=str(result.uri),
-                           entry=record_as or stage, cached=bool(result.cached), inputs=inputs)
-    elif run_id:
-        print(f"[anyflow] {stage}: no store, so run {run_id} keeps no stage record (rerun needs --from).", flush=True)
+    output.metadata["anyflow_inputs"] = {str(k): str(v) for k, v in (inputs or {}).items()}
     if store:
         # A small pointer file so the KFP artifact is not empty and a reader without metadata finds it.
         os.makedirs(os.path.dirname(output.path) or ".", exist_ok=True)
@@ -97,6 +87,61 @@ def record_output(output: Any, result: Any, store: str, stage: str, *, run_id: s
             json.dump({POINTER_KEY: str(result.uri), "stage": stage}, fh)
     state = "reused cached artifact" if result.cached else "wrote artifact"
     print(f"[anyflow] {stage}: {state} {result.uri}", flush=True)
+
+
+#: Environment variable naming a file the ``record_stage`` task appends ``{"run_id", "entry", "uri"}``
+#: lines to (set by :func:`pipelines.local.run_local`, so ``anyflow run`` learns the run id the local
+#: runner substituted; unset on a cluster).
+RECORD_LOG_ENV = "ANYFLOW_RECORD_LOG"
+
+
+def stored_uri(artifact: Any) -> str | None:
+    """The store URL a stage published ``artifact`` to: ``metadata["anyflow_uri"]`` or the pointer file.
+
+    ``None`` for an artifact written into the KFP output itself (no store): there is nothing in a
+    store to record. Never recomputes anything.
+    """
+    uri = input_uri(artifact)
+    return None if uri == artifact.path else uri
+
+
+def write_run_record(artifact: Any, store: str, run_id: str, entry: str = "") -> dict[str, Any] | None:
+    """Write ``<store>/runs/<run_id>/<entry>.json`` for a stage output artifact (the ``record_stage`` body).
+
+    Everything comes from the artifact as KFP hands it over, with the metadata of the task that
+    produced it (also after a KFP cache hit, when that task ran in an earlier run): the store URL,
+    the stage, its store-cache flag and input URLs; the manifest digest is read from the store
+    (:func:`anyflow.ops.record.write_stage_record`). Returns the record, or ``None`` (with a printed
+    reason) when there is no store, or the backend left the run id placeholder unresolved.
+    """
+    meta = getattr(artifact, "metadata", None) or {}
+    stage = str(meta.get("anyflow_stage") or entry)
+    entry = entry or stage
+    if run_id.startswith("{{"):  # a backend that left dsl.PIPELINE_JOB_ID_PLACEHOLDER unresolved
+        print(f"[anyflow] record {entry}: run id {run_id!r} was not substituted by this KFP backend; "
+              f"no stage record written (rerun needs --from).", flush=True)
+        return None
+    if not store or not run_id:
+        print(f"[anyflow] record {entry}: no store or run id, so no stage record (rerun needs --from).", flush=True)
+        return None
+    if stage not in OUTPUT_ROLE:
+        raise ValueError(f"record_stage: artifact {artifact.uri} names no anyflow stage (metadata anyflow_stage="
+                         f"{meta.get('anyflow_stage')!r}); connect the output of a stage task.")
+    uri = stored_uri(artifact)
+    if uri is None:
+        raise ValueError(f"record_stage: the {stage} output {artifact.uri} carries no metadata['{POINTER_KEY}'] "
+                         f"and no pointer file, so it was not published to a store; cannot record it in {store}.")
+    from anyflow.ops.record import write_stage_record
+
+    inputs = meta.get("anyflow_inputs") or {}
+    doc = write_stage_record(store, run_id, stage=stage, output=OUTPUT_ROLE[stage], uri=uri, entry=entry,
+                             cached=bool(meta.get("anyflow_cached")), inputs=dict(inputs))
+    log = os.environ.get(RECORD_LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"run_id": run_id, "entry": entry, "uri": uri}) + "\n")
+    print(f"[anyflow] record {entry}: run {run_id} -> {uri}", flush=True)
+    return doc
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -1,5 +1,6 @@
 """``anyflow-t2v``: prepare_data → train_teacher → train_flowmap → distill → evaluate,
-with an optional finetune → evaluate branch (pipeline parameter ``finetune``)."""
+with an optional finetune → evaluate branch (pipeline parameter ``finetune``); a ``record_stage`` task
+after each stage task writes the run's stage records (:mod:`pipelines.records`)."""
 
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 from typing import NamedTuple
@@ -35,12 +36,20 @@ def build_training_pipeline(
     from kfp import dsl
     from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 
-    from components import build_components, check_image, default_image, make_component
+    from components import (
+        build_components,
+        build_record_component,
+        check_image,
+        default_image,
+        make_component,
+    )
     from components.trainjob.component import trainjob
+    from pipelines.records import record
 
     img = check_image(image or default_image())
     comps = build_components(img)
     launcher = make_component(trainjob, img)
+    recorder = build_record_component(img)
     plat = platform or Platform()
 
     def train(stage: str, out_key: str, common: dict, **inputs):
@@ -49,7 +58,7 @@ def build_training_pipeline(
         if res.num_nodes <= 1:
             return plat.apply(comps[stage](**inputs, **common), stage).outputs[out_key]
         task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
-                        overrides_json=common["overrides_json"], run_id=common["run_id"],
+                        overrides_json=common["overrides_json"],
                         num_nodes=res.num_nodes, gpus_per_node=res.gpus,
                         api=plat.trainjob_api, runtime=plat.trainjob_runtime, s3_secret=plat.s3_secret,
                         s3_endpoint=plat.s3_endpoint, timeout_s=res.timeout_s, **inputs)
@@ -72,26 +81,34 @@ def build_training_pipeline(
         finetune: bool = False,
         finetune_data_overrides_json: str = "{}",
     ) -> Outputs:
-        # Every task records its output under <store>/runs/<KFP run id>/ (anyflow rerun --run ID).
-        common = {"preset": preset, "overrides_json": overrides_json, "store": store,
-                  "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        # Stage tasks take no run id (stable KFP cache keys); a record_stage task after each writes
+        # <store>/runs/<KFP run id>/<entry>.json (anyflow rerun --run ID), also after a KFP cache hit.
+        common = {"preset": preset, "overrides_json": overrides_json, "store": store}
+
+        def recorded(artifact, entry: str):
+            record(recorder, plat, artifact, store, entry)
+            return artifact
+
         data = plat.apply(comps["prepare_data"](**common), "prepare_data").set_display_name("prepare_data")
-        dataset = data.outputs["dataset"]
-        teacher = train("train_teacher", "teacher", common, dataset=dataset)
-        flowmap = train("train_flowmap", "flowmap", common, dataset=dataset)
-        generator = train("distill", "generator", common, dataset=dataset, teacher=teacher, flowmap=flowmap)
+        dataset = recorded(data.outputs["dataset"], "prepare_data")
+        teacher = recorded(train("train_teacher", "teacher", common, dataset=dataset), "train_teacher")
+        flowmap = recorded(train("train_flowmap", "flowmap", common, dataset=dataset), "train_flowmap")
+        generator = recorded(train("distill", "generator", common, dataset=dataset, teacher=teacher, flowmap=flowmap),
+                             "distill")
         ev = plat.apply(comps["evaluate"](generator=generator, teacher=teacher, dataset=dataset, flowmap=flowmap,
                                           **common), "evaluate")
+        recorded(ev.outputs["report"], "evaluate")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
             ft_data = plat.apply(comps["prepare_data"](preset=preset, overrides_json=finetune_data_overrides_json,
-                                                       store=store, run_id=common["run_id"],
-                                                       record_as="prepare_finetune_data"), "prepare_data")
+                                                       store=store), "prepare_data")
             ft_data.set_display_name("prepare_finetune_data")
-            finetuned = train("finetune", "finetuned", common, dataset=ft_data.outputs["dataset"], generator=generator)
-            ft_ev = plat.apply(comps["evaluate"](generator=finetuned, teacher=teacher,
-                                                 dataset=ft_data.outputs["dataset"], record_as="evaluate_finetuned",
-                                                 **common), "evaluate")
+            ft_dataset = recorded(ft_data.outputs["dataset"], "prepare_finetune_data")
+            finetuned = recorded(train("finetune", "finetuned", common, dataset=ft_dataset, generator=generator),
+                                 "finetune")
+            ft_ev = plat.apply(comps["evaluate"](generator=finetuned, teacher=teacher, dataset=ft_dataset, **common),
+                               "evaluate")
             ft_ev.set_display_name("evaluate_finetuned")
+            recorded(ft_ev.outputs["report"], "evaluate_finetuned")
         return Outputs(dataset=dataset, teacher=teacher, flowmap=flowmap, generator=generator,
                        report=ev.outputs["report"], eval_metrics=ev.outputs["metrics"], report_html=ev.outputs["html"])
 

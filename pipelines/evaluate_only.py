@@ -9,5 +9,6 @@ PIPELINE_NAME = "anyflow-evaluate-only"
 def build_evaluate_only_pipeline(platform: "Platform | None" = None, image: "str | None" = None,
                                  uris: "dict[str, str] | None" = None):
     """Evaluation only: importers for generator, teacher, dataset (+ flowmap when its URI is given)
-    feed one ``evaluate`` task; parameters ``generator_uri``, ``teacher_uri``, ``dataset_uri``."""
+    feed one ``evaluate`` task (then its ``record_stage`` task, :mod:`pipelines.records`); parameters
+    ``generator_uri``, ``teacher_uri``, ``dataset_uri``."""
     return build_rerun_pipeline("evaluate", uris, platform=platform, image=image, name=PIPELINE_NAME)

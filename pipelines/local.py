@@ -5,10 +5,13 @@ The local runner runs each component as a subprocess of the current Python; it i
 kfp-kubernetes settings and has no cache of its own, so stage reuse comes from the content-addressed
 store (``run_stage`` returns ``cached=True``). Outputs carry ``metadata["anyflow_uri"]``.
 
-Run ids: the pipelines pass ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` to every stage task; the local runner
-substitutes a random integer (one per pipeline run) where a cluster substitutes the KFP run UUID, and
-the tasks record their outputs under ``<store>/runs/<run id>/`` either way (:mod:`anyflow.ops.record`).
-The local run record ``<workdir>/runs/<name>.json`` maps a readable name to that run id and store.
+Run ids: the pipelines pass ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` to the ``record_stage`` task after
+each stage task (:mod:`pipelines.records`); the local runner substitutes a random integer (one per
+pipeline run) where a cluster substitutes the KFP run UUID, and the record tasks write
+``<store>/runs/<run id>/<entry>.json`` either way (:mod:`anyflow.ops.record`). :func:`run_local` learns
+that run id from the record tasks themselves: they append one line per record to the file named by
+``$ANYFLOW_RECORD_LOG`` (``components._io.RECORD_LOG_ENV``), which it sets for the run. The local run
+record ``<workdir>/runs/<name>.json`` maps a readable name to that run id and store.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class LocalRun:
     report_html: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     record: Path | None = None
-    run_id: str | None = None  # what the runner substituted for dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    run_id: str | None = None  # what the runner substituted for dsl.PIPELINE_JOB_ID_PLACEHOLDER (from the records)
 
 
 def ensure_importable() -> str:
@@ -69,14 +72,42 @@ def _failed_task(message: str) -> str:
     return match.group(1) if match else "a stage"
 
 
+def _recorded_run_id(log: Path) -> str | None:
+    """The run id the record tasks of one local run wrote their records under (``None``: none ran)."""
+    if not log.is_file():
+        return None
+    ids = {json.loads(line)["run_id"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip()}
+    if len(ids) > 1:
+        raise LocalRunError(f"the record tasks of one local run used {len(ids)} run ids ({', '.join(sorted(ids))}); "
+                            f"the KFP local runner changed how it substitutes dsl.PIPELINE_JOB_ID_PLACEHOLDER.")
+    return ids.pop() if ids else None
+
+
 def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str) -> LocalRun:
     """Run ``pipeline_func(**params)`` locally and return the anyflow URIs of its outputs."""
+    import tempfile
+
+    from components._io import RECORD_LOG_ENV
+
     init_local(workdir)
-    try:
-        task = pipeline_func(**params)
-    except RuntimeError as exc:
-        raise LocalRunError(f"{_failed_task(str(exc))} failed in the local KFP runner; its log is printed above.") from exc
-    run = LocalRun(name=name)
+    previous = os.environ.get(RECORD_LOG_ENV)
+    with tempfile.TemporaryDirectory(prefix="anyflow-records-") as tmp:
+        log = Path(tmp) / "records.jsonl"
+        os.environ[RECORD_LOG_ENV] = str(log)  # inherited by the component subprocesses
+        try:
+            task = pipeline_func(**params)
+        except RuntimeError as exc:
+            run_id = _recorded_run_id(log)
+            kept = (f" The stages that finished are recorded under run id {run_id} "
+                    f"('anyflow rerun --stage STAGE --run {run_id} --store {params.get('store')}')." if run_id else "")
+            raise LocalRunError(f"{_failed_task(str(exc))} failed in the local KFP runner; its log is printed "
+                                f"above.{kept}") from exc
+        finally:
+            if previous is None:
+                os.environ.pop(RECORD_LOG_ENV, None)
+            else:
+                os.environ[RECORD_LOG_ENV] = previous
+        run = LocalRun(name=name, run_id=_recorded_run_id(log))
     outputs = getattr(task, "outputs", None) or {}
     if not outputs and getattr(task, "output", None) is not None:
         outputs = {"output": task.output}
@@ -87,12 +118,6 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
             run.artifacts[role] = meta["anyflow_uri"]
             run.cached[role] = bool(meta.get("anyflow_cached"))
             run.stages[role] = meta.get("anyflow_stage", role)
-            if meta.get("anyflow_run_id"):
-                if run.run_id not in (None, meta["anyflow_run_id"]):
-                    raise LocalRunError(f"outputs of one local run carry two run ids ({run.run_id}, "
-                                        f"{meta['anyflow_run_id']}); the KFP local runner changed how it "
-                                        f"substitutes dsl.PIPELINE_JOB_ID_PLACEHOLDER.")
-                run.run_id = meta["anyflow_run_id"]
         if getattr(art, "schema_title", "") == "system.HTML":
             run.report_html = art.path
         if getattr(art, "schema_title", "") == "system.Metrics":

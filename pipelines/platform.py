@@ -20,6 +20,8 @@ DEFAULT_S3_SECRET_KEYS: dict[str, str] = {
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+#: Platform profile of the ``record_stage`` tasks (``stages.record_stage:`` in a platform YAML).
+RECORD_PROFILE = "record_stage"
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -80,6 +82,10 @@ def _default_stages() -> dict[str, StageResources]:
         "evaluate": _gpu_pool(1, 6 * 3600, "8", "64Gi", "16Gi"),
         "trainjob": StageResources(gpus=0, cpu_request="250m", cpu_limit="1", memory_request="512Mi",
                                    memory_limit="1Gi", timeout_s=96 * 3600, retries=0),
+        # the record task after every stage task (pipelines/records.py): CPU only, reads one manifest
+        RECORD_PROFILE: StageResources(gpus=0, cpu_request="100m", cpu_limit="500m", memory_request="256Mi",
+                                       memory_limit="1Gi", shm_size="64Mi", timeout_s=1800, retries=2,
+                                       backoff="10s", backoff_max="5m"),
     }
 
 
@@ -138,7 +144,8 @@ class Platform:
         if res.retries > 0:
             task.set_retry(num_retries=res.retries, backoff_duration=res.backoff,
                            backoff_factor=res.backoff_factor, backoff_max_duration=res.backoff_max)
-        task.set_caching_options(enable_caching=self.caching)
+        # A record task must run in every run (after a KFP cache hit of its stage too): never cached.
+        task.set_caching_options(enable_caching=self.caching and stage != RECORD_PROFILE)
         return task
 
     @classmethod

@@ -6,7 +6,7 @@ storage layer (verified manifest) instead of relying on the launcher's download.
 
 ``anyflow rerun --run RUN_ID --store URL`` fills those parameters from the stage records an earlier
 run left under ``<store>/runs/<RUN_ID>/`` (:mod:`anyflow.ops.record`); the rerun's own output is
-recorded under its own run id the same way.
+recorded under its own run id the same way (a ``record_stage`` task after the stage: :mod:`pipelines.records`).
 """
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 
@@ -65,13 +65,15 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     from kfp import dsl
     from kfp.dsl import Artifact, Dataset, Model
 
-    from components import build_components
+    from components import build_components, build_record_component
+    from pipelines.records import record
 
     uris = dict(uris or {})
     roles = check_roles(stage, uris)
     classes = {"Dataset": Dataset, "Model": Model, "Artifact": Artifact}
     out_name, out_cls = STAGE_OUTPUT[stage]
     comp = build_components(image)[stage]
+    recorder = build_record_component(image)
     plat = platform or Platform()
 
     def body(preset: str, overrides_json: str, store: str, **role_uris: str) -> None:
@@ -82,10 +84,10 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
                                metadata={"anyflow_uri": uri})
             imp.set_display_name(f"import_{role}")
             inputs[role] = imp.output
-        # the rerun's own output is recorded under <store>/runs/<its KFP run id>/ like any run's
-        task = comp(preset=preset, overrides_json=overrides_json, store=store,
-                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
+        task = comp(preset=preset, overrides_json=overrides_json, store=store, **inputs)
         plat.apply(task, stage).set_display_name(stage)
+        # the rerun's own output is recorded under <store>/runs/<its KFP run id>/ like any run's
+        record(recorder, plat, task.outputs[out_name], store, stage)
         return task.outputs[out_name]
 
     # Build an explicit signature (KFP reads parameters and defaults from it).

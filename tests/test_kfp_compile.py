@@ -39,10 +39,11 @@ def test_compile_is_deterministic(tmp_path: Path) -> None:
 def test_t2v_structure_and_platform_settings() -> None:
     spec, plat = _docs(COMPILED_DIR / "anyflow-t2v.yaml")
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare-data", "train-teacher", "train-flowmap", "distill", "evaluate", "condition-1"} <= set(tasks)
+    assert {"prepare-data", "train-teacher", "train-flowmap", "distill", "evaluate"} <= set(tasks)
     assert tasks["distill"]["dependentTasks"] == ["prepare-data", "train-flowmap", "train-teacher"]
-    assert "finetune" in tasks["condition-1"]["triggerPolicy"]["condition"]
-    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    (ft,) = [t for t in tasks.values() if t["taskInfo"]["name"] == "finetune-enabled"]
+    assert "finetune" in ft["triggerPolicy"]["condition"]
+    inner = spec["components"][ft["componentRef"]["name"]]["dag"]["tasks"]
     assert {"finetune", "evaluate-2", "prepare-data-2"} <= set(inner)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["preset"]["defaultValue"] == "tiny" and params["finetune"]["defaultValue"] is False
@@ -72,6 +73,75 @@ def test_t2v_structure_and_platform_settings() -> None:
     assert d["securityContext"]["runAsNonRoot"] is True
     assert d["activeDeadlineSeconds"] == str(72 * 3600)
     assert "tolerations" not in k8s["exec-prepare-data"]
+
+
+RUN_ID = "{{$.pipeline_job_uuid}}"  # what dsl.PIPELINE_JOB_ID_PLACEHOLDER compiles to
+#: The record entries each golden writes (one record task per stage task); redistill keeps no stage records.
+RECORD_ENTRIES = {
+    "anyflow-t2v": {"prepare_data", "train_teacher", "train_flowmap", "distill", "evaluate",
+                    "prepare_finetune_data", "finetune", "evaluate_finetuned"},
+    "anyflow-evaluate-only": {"evaluate"},
+    **{f"anyflow-rerun-{s.replace('_', '-')}": {s} for s in
+       ("prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate")},
+}
+RECORD_ENTRIES["anyflow-far"] = RECORD_ENTRIES["anyflow-t2v"]
+
+
+def _walk_tasks(spec: dict):
+    """``(dag component name, task name, task)`` for every task of the root DAG and of every sub-DAG."""
+    yield from (("root", n, t) for n, t in spec["root"]["dag"]["tasks"].items())
+    for comp, body in spec["components"].items():
+        for n, t in (body.get("dag") or {}).get("tasks", {}).items():
+            yield comp, n, t
+
+
+def _stage_and_record_tasks(spec: dict) -> tuple[dict, dict]:
+    """Stage tasks (a container executor that is not record_stage) and record tasks, by task name, plus for
+    each record task the task whose output it records (through its ``dsl.If`` sub-DAG's input)."""
+    comps = spec["components"]
+    stages, records = {}, {}
+    for dag, name, task in _walk_tasks(spec):
+        ref = task["componentRef"]["name"]
+        if "dag" in comps[ref] or "importer" in spec["deploymentSpec"]["executors"][comps[ref]["executorLabel"]]:
+            continue
+        (records if ref.startswith("comp-record-stage") else stages)[name] = (dag, task)
+    parents = {t["componentRef"]["name"]: t for _, _, t in _walk_tasks(spec) if "dag" in comps[t["componentRef"]["name"]]}
+    producers = {}
+    for name, (dag, task) in records.items():
+        channel = task["inputs"]["artifacts"]["artifact"]["componentInputArtifact"]
+        producers[name] = parents[dag]["inputs"]["artifacts"][channel]["taskOutputArtifact"]["producerTask"]
+    return stages, {n: (*records[n], producers[n]) for n in records}
+
+
+@pytest.mark.parametrize("name", sorted(RECORD_ENTRIES))
+def test_stage_tasks_are_cacheable_and_record_tasks_always_run(name: str) -> None:
+    """No stage task receives the run id (its KFP cache key is the same in every run, so KFP's cache can
+    skip it and no GPU pod starts); the run id goes only to one CPU-only, never-cached record task per
+    stage task, which runs only when a store is given."""
+    spec, plat = _docs(COMPILED_DIR / f"{name}.yaml")
+    execs = spec["deploymentSpec"]["executors"]
+    k8s = plat["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    stages, records = _stage_and_record_tasks(spec)
+    comps = spec["components"]
+    for task_name, (_dag, task) in stages.items():
+        assert RUN_ID not in yaml.safe_dump(task["inputs"]), f"{name}: {task_name} receives the run id"
+        assert not {"run_id", "record_as"} & set(comps[task["componentRef"]["name"]]["inputDefinitions"]["parameters"])
+        assert task["cachingOptions"] == {"enableCache": True}, task_name
+    assert sorted(p for *_, p in records.values()) == sorted(stages)  # one record task per stage task
+    entries = set()
+    for task_name, (dag, task, _producer) in records.items():
+        params = task["inputs"]["parameters"]
+        assert params["run_id"]["runtimeValue"]["constant"] == RUN_ID
+        entries.add(params["entry"]["runtimeValue"]["constant"])
+        assert task["cachingOptions"] == {}, f"{name}: {task_name} may be skipped by KFP's cache"
+        exe = comps[task["componentRef"]["name"]]["executorLabel"]
+        res = execs[exe]["container"]["resources"]
+        assert "accelerator" not in res and res["resourceCpuLimit"] == "500m" and res["resourceMemoryLimit"] == "1Gi"
+        assert "tolerations" not in k8s[exe] and "nodeSelector" not in k8s[exe]
+        assert k8s[exe]["secretAsEnv"][0]["secretName"] == "anyflow-s3"  # writes the record into the store
+        (guard,) = [t for _, _, t in _walk_tasks(spec) if t["componentRef"]["name"] == dag]
+        assert guard["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--store'] != ''"
+    assert entries == RECORD_ENTRIES[name]
 
 
 def test_far_pipeline_is_the_training_dag_with_a_far_preset() -> None:
@@ -129,7 +199,8 @@ def test_rerun_pipeline_imports_given_uris(tmp_path: Path) -> None:
     spec, _ = _docs(out)
     tasks = spec["root"]["dag"]["tasks"]
     importers = {n: t for n, t in tasks.items() if n.startswith("importer")}
-    assert len(importers) == 3 and set(tasks) == {*importers, "distill"}
+    assert len(importers) == 3 and set(tasks) == {*importers, "distill", "condition-1"}  # + its record task
+    assert tasks["condition-1"]["taskInfo"]["name"] == "record-distill"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {r: params[f"{r}_uri"]["defaultValue"] for r in uris} == uris
     execs = spec["deploymentSpec"]["executors"]
@@ -159,6 +230,9 @@ def test_multinode_stage_becomes_trainjob_launcher(tmp_path: Path) -> None:
     assert params["api"] == "pytorchjob" and params["image"].startswith("ghcr.io/anyflow/anyflow-train:v")
     gen = tasks["evaluate"]["inputs"]["artifacts"]["generator"]["taskOutputArtifact"]
     assert gen == {"outputArtifactKey": "result", "producerTask": "trainjob"}
+    assert RUN_ID not in yaml.safe_dump(tasks["trainjob"]["inputs"])  # cacheable like a one-pod stage
+    records = _stage_and_record_tasks(spec)[1]
+    assert {p for *_, p in records.values()} >= {"trainjob"}  # its result is recorded like any stage output
     launcher = spec["deploymentSpec"]["executors"]["exec-trainjob"]["container"]["resources"]
     assert "accelerator" not in launcher  # the launcher pod needs no GPU; the job's workers get them
     assert "tolerations" not in k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-trainjob"]

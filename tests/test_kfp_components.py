@@ -17,7 +17,7 @@ import pytest
 from kfp import dsl
 
 import components
-from components._io import flatten_metrics, input_uri, log_metrics, parse_overrides
+from components._io import flatten_metrics, input_uri, log_metrics, parse_overrides, record_output, stored_uri
 from components.trainjob import launcher
 
 EXPECTED_IO = {
@@ -45,9 +45,9 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {k: t.split("@")[0] for k, t in got_in.items()} == ins
     assert {k: t.split("@")[0] for k, t in got_out.items()} == outs
     params = {k: v for k, v in spec.inputs.items() if not v.type.startswith("system.")}
+    # no run id / record name: a stage task's KFP cache key is the same in every run (record_stage records)
     assert {k: (v.type, v.default) for k, v in params.items()} == {
-        "preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", ""),
-        "run_id": ("String", ""), "record_as": ("String", "")}
+        "preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
     for name, io in {**spec.inputs, **spec.outputs}.items():
         assert io.description, f"{stage}: parameter {name!r} has no docstring entry"
     container = spec.implementation.container
@@ -55,6 +55,32 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert "pip install" not in " ".join(container.command)
     src = inspect.getsource(components.stage_functions()[stage])
     assert f'run_stage("{stage}"' in src and "torch" not in src  # thin: calls the stage, no maths
+
+
+def test_record_stage_component_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANYFLOW_IMAGE", "registry.example/anyflow-train:v0.1.0-abc1234")
+    spec = components.build_record_component().component_spec
+    assert {k: v.type.split("@")[0] for k, v in spec.inputs.items()} == {
+        "artifact": "system.Artifact", "store": "String", "run_id": "String", "entry": "String"}
+    assert not spec.outputs and all(v.description for v in spec.inputs.values())
+    assert spec.implementation.container.image == "registry.example/anyflow-train:v0.1.0-abc1234"
+    from components.record_stage.component import record_stage
+
+    src = inspect.getsource(record_stage)
+    assert "write_run_record" in src and "run_stage" not in src  # records, never recomputes
+
+
+def test_stage_output_metadata_carries_what_the_record_needs(tmp_path: Path) -> None:
+    class Result:
+        uri, cached = "s3://b/artifacts/distill/k", True
+
+    out = dsl.Model(uri=str(tmp_path / "kfp" / "generator"))
+    record_output(out, Result(), "s3://b", "distill", inputs={"dataset": "s3://b/d", "teacher": "s3://b/t"})
+    assert out.metadata == {"anyflow_uri": Result.uri, "anyflow_cached": True, "anyflow_stage": "distill",
+                            "anyflow_inputs": {"dataset": "s3://b/d", "teacher": "s3://b/t"}}
+    assert json.loads(Path(out.path).read_text())["anyflow_uri"] == Result.uri  # pointer file
+    assert stored_uri(out) == Result.uri
+    assert stored_uri(dsl.Model(uri=str(tmp_path / "kfp" / "direct"))) is None  # written into KFP: no store URL
 
 
 def test_mutable_images_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,3 +287,4 @@ def test_trainjob_component_interface() -> None:
     assert all(spec.inputs[k].optional for k in ("dataset", "teacher", "flowmap", "generator"))
     assert set(spec.outputs) == {"result"}
     assert all(v.description for v in spec.inputs.values())
+    assert not {"run_id", "record_as"} & set(spec.inputs)  # cacheable; a record_stage task records its result

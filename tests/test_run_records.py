@@ -1,9 +1,12 @@
 """Per-run stage records (``<store>/runs/<run id>/<entry>.json``) and ``anyflow rerun --run <run id>``.
 
-The records are read back with a plain boto3 client and checked against sha256 of the manifest bytes
-computed here; the end-to-end test runs the real pipeline through KFP's local runner (which substitutes
-``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` with a random integer, as a cluster substitutes the run UUID) and
-then resolves a rerun's inputs from that run id alone, as for a cluster run.
+The records are written by the ``record_stage`` task after each stage task (the stage tasks take no
+run id, so KFP's cache can skip them) from the stage output artifact's metadata. They are read back
+with a plain boto3 client and checked against sha256 of the manifest bytes computed here; the local
+runner tests run the real record component (KFP substitutes ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` with a
+random integer, as a cluster substitutes the run UUID), once on an artifact the run did not compute (as
+after a KFP cache hit) and once in the whole pipeline, whose run id alone then resolves a rerun's inputs,
+as for a cluster run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from kfp import dsl
 import components
 from anyflow import kfpctl, storage
 from anyflow.ops import record as R
-from components._io import OUTPUT_ROLE, record_output
+from components._io import OUTPUT_ROLE, write_run_record
 from pipelines.rerun import STAGE_INPUTS, STAGE_OUTPUT
 
 pytestmark = pytest.mark.s3
@@ -168,33 +171,107 @@ def test_local_records_from_before_run_ids_still_work(s3_prefix: str, tmp_path: 
     assert kfpctl._rerun_uris(args) == {"dataset": ds}
 
 
-def test_component_records_only_with_a_run_id_and_a_store(s3_prefix: str, tmp_path: Path, capsys) -> None:
-    class Result:
-        uri, cached = _artifact(s3_prefix, tmp_path, "g", "generator"), False
+def _stage_output(tmp_path: Path, name: str, uri: str, stage: str = "distill", **meta) -> dsl.Model:
+    """A stage output artifact as KFP hands it to the record task: the stage's metadata, no payload here."""
+    return dsl.Model(uri=str(tmp_path / "kfp" / name),
+                     metadata={"anyflow_uri": uri, "anyflow_stage": stage, "anyflow_cached": False, **meta})
 
-    out = dsl.Model(uri=str(tmp_path / "kfp" / "generator"))
-    record_output(out, Result(), "", "distill", run_id="r3")  # no store: nothing to record into
-    assert "keeps no stage record" in capsys.readouterr().out
-    record_output(out, Result(), s3_prefix, "distill")  # no run id (local use without a pipeline)
-    fresh = dsl.Model(uri=str(tmp_path / "kfp" / "generator2"))
-    record_output(fresh, Result(), s3_prefix, "distill", run_id="{{$.pipeline_job_uuid}}")  # not substituted
-    assert "was not substituted" in capsys.readouterr().out and "anyflow_run_id" not in fresh.metadata
-    assert R.read_stage_records(s3_prefix, "r3") == {} and storage.list_prefix(f"{s3_prefix}/runs") == []
-    assert R.read_stage_records(s3_prefix, "r3") == {}
-    record_output(out, Result(), s3_prefix, "distill", run_id="r3", record_as="distill_again")
-    assert out.metadata["anyflow_run_id"] == "r3"
-    assert R.read_stage_records(s3_prefix, "r3")["distill_again"]["uri"] == Result.uri
+
+def test_record_task_records_only_with_a_run_id_and_a_store(s3_prefix: str, tmp_path: Path, capsys) -> None:
+    uri = _artifact(s3_prefix, tmp_path, "g", "generator")
+    out = _stage_output(tmp_path, "generator", uri, anyflow_inputs={"dataset": "s3://b/d"})
+    assert write_run_record(out, "", "r3") is None  # no store: nothing to record into (the pipelines skip it)
+    assert "no stage record" in capsys.readouterr().out
+    assert write_run_record(out, s3_prefix, "") is None  # no run id
+    assert write_run_record(out, s3_prefix, "{{$.pipeline_job_uuid}}") is None  # not substituted
+    assert "was not substituted" in capsys.readouterr().out
+    assert storage.list_prefix(f"{s3_prefix}/runs") == []
+    doc = write_run_record(out, s3_prefix, "r3", "distill_again")
+    assert R.read_stage_records(s3_prefix, "r3") == {"distill_again": doc}
+    assert doc["uri"] == uri and doc["stage"] == "distill" and doc["output"] == "generator"
+    assert doc["inputs"] == {"dataset": "s3://b/d"} and doc["cached"] is False
     assert R.run_artifacts(s3_prefix, "r3")[0] == {}  # not named after its stage: no role
+    # an output written into KFP itself (no anyflow_uri, no pointer file) is not in any store
+    with pytest.raises(ValueError, match="not published to a store"):
+        write_run_record(dsl.Model(uri=str(tmp_path / "kfp" / "raw"), metadata={"anyflow_stage": "distill"}),
+                         s3_prefix, "r3")
 
 
-def test_prepare_data_component_body_writes_its_record(tmp_path: Path) -> None:
+def test_record_task_reads_the_url_from_the_artifact_not_from_a_recomputation(
+    s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a KFP cache hit the record task gets the cached artifact: its metadata is all there is."""
+    import anyflow.stages
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the record task must not run a stage")
+
+    monkeypatch.setattr(anyflow.stages, "run_stage", no_recompute)
+    uri = _artifact(s3_prefix, tmp_path, "t", "teacher")  # a key no recomputation here could produce
+    cached = _stage_output(tmp_path, "teacher", uri, stage="train_teacher", anyflow_cached=True,
+                           anyflow_inputs={"dataset": "s3://b/d"})
+    from components.record_stage.component import record_stage
+
+    record_stage(artifact=cached, store=s3_prefix, run_id="run-9", entry="")
+    doc = R.read_stage_records(s3_prefix, "run-9")["train_teacher"]
+    assert doc["uri"] == uri and doc["output"] == "teacher" and doc["cached"] is True
+    assert doc["manifest_sha256"] == storage.manifest_digest(uri)
+    # only the pointer file (metadata lost): still the stage's store URL
+    pointer = tmp_path / "kfp" / "pointer"
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"anyflow_uri": uri, "stage": "train_teacher"}))
+    record_stage(artifact=dsl.Model(uri=str(pointer)), store=s3_prefix, run_id="run-10", entry="train_teacher")
+    assert R.run_artifacts(s3_prefix, "run-10")[0] == {"teacher": uri}
+
+
+def test_prepare_data_component_body_then_record_task_write_its_record(tmp_path: Path) -> None:
+    from components.record_stage.component import record_stage
+
     store = str(tmp_path / "store")
     out = dsl.Dataset(uri=str(tmp_path / "kfp" / "dataset"))
-    components.stage_functions()["prepare_data"](dataset=out, store=store, run_id="7", record_as="")
+    components.stage_functions()["prepare_data"](dataset=out, store=store)
+    assert not (tmp_path / "store" / "runs").exists()  # the stage task itself records nothing
+    record_stage(artifact=out, store=store, run_id="7", entry="prepare_data")
     doc = json.loads((tmp_path / "store" / "runs" / "7" / "prepare_data.json").read_text())
     manifest = Path(out.metadata["anyflow_uri"], "manifest.json").read_bytes()
-    assert doc["uri"] == out.metadata["anyflow_uri"] and doc["output"] == "dataset"
+    assert doc["uri"] == out.metadata["anyflow_uri"] and doc["output"] == "dataset" and doc["inputs"] == {}
     assert doc["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+
+
+def test_kfp_local_record_task_records_an_artifact_it_did_not_compute(
+    s3_server, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record task in KFP's local runner, fed like after a KFP cache hit: an artifact this run did not
+    produce (an importer with a stage output's metadata; the local runner has no cache of its own). The
+    record holds the URL from the metadata, and run_local learns the substituted run id from the task."""
+    from pipelines.local import run_local
+    from pipelines.platform import Platform
+    from pipelines.records import record
+
+    monkeypatch.setenv("ANYFLOW_S3_ENDPOINT", s3_server.endpoint)
+    uri = _artifact(s3_prefix, tmp_path, "fm", "flowmap", b"f")
+    image = "ghcr.io/anyflow/anyflow-train:v0.0.0-test"
+    recorder = components.build_record_component(image)
+    meta = {"anyflow_uri": uri, "anyflow_stage": "train_flowmap", "anyflow_cached": False,
+            "anyflow_inputs": {"dataset": "s3://b/artifacts/prepare_data/k"}}
+
+    def pipeline(store: str, no_store: str = "") -> dsl.Model:
+        cached = dsl.importer(artifact_uri=str(tmp_path / "earlier-run" / "flowmap"), artifact_class=dsl.Model,
+                              reimport=False, metadata=meta)
+        record(recorder, Platform.local(), cached.output, store, "train_flowmap")
+        skipped = dsl.importer(artifact_uri=str(tmp_path / "earlier-run" / "x"), artifact_class=dsl.Model,
+                               reimport=False, metadata={"anyflow_stage": "distill"})
+        record(recorder, Platform.local(), skipped.output, no_store, "distill")  # store "": the task does not run
+        return cached.output
+
+    pipeline.__annotations__ = {"store": str, "no_store": str, "return": dsl.Model}  # real types for KFP
+    pipeline = dsl.pipeline(name="record-cached-artifact")(pipeline)
+    run = run_local(pipeline, {"store": s3_prefix}, tmp_path / "w", "rec")
+    assert run.run_id and run.run_id.isdigit()
+    roles, records = R.run_artifacts(s3_prefix, run.run_id)
+    assert roles == {"flowmap": uri} and sorted(records) == ["train_flowmap"]
+    assert records["train_flowmap"]["inputs"] == meta["anyflow_inputs"]
+    assert records["train_flowmap"]["manifest_sha256"] == storage.manifest_digest(uri)
 
 
 # Fewer steps and NFEs than the tiny preset: the whole run takes a few minutes on 2 shared cores.

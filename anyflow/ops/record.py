@@ -10,12 +10,15 @@ Layout under the store (all through :mod:`anyflow.storage`)::
     <store>/redistill/<name>/runs/<run_id>/redistill-report.html  promotion history + candidate vs promoted curves
     <store>/redistill/<name>/models/<manifest sha256>.json        per candidate: its window, dataset, teacher, run
 
-**Stage records.** Every stage component that finishes with a ``run_id`` (the KFP run id:
-``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, which the cluster resolves to the run's UUID and the local runner
-to a random integer) writes one JSON object ``<store>/runs/<run_id>/<entry>.json`` (``entry`` = the
-stage name, or e.g. ``prepare_finetune_data`` for a second task of the same stage) with the artifact
-URL and its manifest digest (:func:`write_stage_record`). One object per (run id, entry), each written
-with one atomic PUT, so concurrent pods never overwrite each other's entry; a retried task rewrites its
+**Stage records.** After every stage task the pipelines run a small ``record_stage`` task
+(``components/record_stage``, :mod:`pipelines.records`; CPU only, KFP caching disabled) with the
+stage's output artifact and the run id (the KFP run id: ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, which the
+cluster resolves to the run's UUID and the local runner to a random integer). It writes one JSON object
+``<store>/runs/<run_id>/<entry>.json`` (``entry`` = the stage name, or e.g. ``prepare_finetune_data``
+for a second task of the same stage) with the artifact URL and its manifest digest
+(:func:`write_stage_record`). The stage tasks themselves take no run id, so KFP's cache can skip them;
+the record task then records the cached artifact. One object per (run id, entry), each written with
+one atomic PUT, so concurrent pods never overwrite each other's entry; a retried task rewrites its
 own. ``anyflow rerun --run <run id> --store URL`` resolves its inputs from them (:func:`run_artifacts`).
 
 The per-model record is what the *next* run reads: the data window continues from the window of the

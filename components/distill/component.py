@@ -12,8 +12,6 @@ def distill(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Distill the any-step generator from the teacher, initialised from the flow map.
 
@@ -26,9 +24,6 @@ def distill(
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         generator: Output any-step generator checkpoint (with EMA weights).
@@ -41,5 +36,5 @@ def distill(
     inputs = {"dataset": input_uri(dataset), "teacher": input_uri(teacher), "flowmap": input_uri(flowmap)}
     res = run_stage("distill", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs=inputs, store=store_url, out=out)
-    record_output(generator, res, store, "distill", run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(generator, res, store, "distill", inputs=inputs)
     log_metrics(metrics, res.metrics)

@@ -14,8 +14,6 @@ def evaluate(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Evaluate the generator at every NFE of the preset and write the report.
 
@@ -29,9 +27,6 @@ def evaluate(
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         report: Output evaluation artifact (metrics JSON, samples, report.html).
@@ -54,6 +49,6 @@ def evaluate(
     store_url, out = stage_target(report, store)
     res = run_stage("evaluate", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs=inputs, store=store_url, out=out)
-    record_output(report, res, store, "evaluate", run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(report, res, store, "evaluate", inputs=inputs)
     log_metrics(metrics, res.metrics)
     copy_report(html, res.report, str(res.uri))

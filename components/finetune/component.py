@@ -11,8 +11,6 @@ def finetune(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Fine-tune the generator on new data with the forward flow-map loss (keeps any-step).
 
@@ -24,9 +22,6 @@ def finetune(
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         finetuned: Output fine-tuned generator checkpoint.
@@ -39,5 +34,5 @@ def finetune(
     inputs = {"dataset": input_uri(dataset), "generator": input_uri(generator)}
     res = run_stage("finetune", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs=inputs, store=store_url, out=out)
-    record_output(finetuned, res, store, "finetune", run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(finetuned, res, store, "finetune", inputs=inputs)
     log_metrics(metrics, res.metrics)

@@ -8,8 +8,6 @@ def prepare_data(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Prepare the training dataset (procedural for ``tiny``; videos + captions otherwise).
 
@@ -20,9 +18,6 @@ def prepare_data(
         overrides_json: JSON object of dotted config overrides, e.g. ``{"data.num_videos": 8}``.
         store: Content-addressed artifact store URL (``s3://bucket/prefix`` or a folder); empty
             writes the artifact into the KFP output itself.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
@@ -33,4 +28,4 @@ def prepare_data(
     store_url, out = stage_target(dataset, store)
     res = run_stage("prepare_data", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs={}, store=store_url, out=out)
-    record_output(dataset, res, store, "prepare_data", run_id=run_id, record_as=record_as, inputs={})
+    record_output(dataset, res, store, "prepare_data", inputs={})

@@ -10,8 +10,6 @@ def train_flowmap(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Train the flow-map model (forward flow-map loss, fused CFG) on the dataset.
 
@@ -22,9 +20,6 @@ def train_flowmap(
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         flowmap: Output flow-map checkpoint artifact.
@@ -37,5 +32,5 @@ def train_flowmap(
     inputs = {"dataset": input_uri(dataset)}
     res = run_stage("train_flowmap", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs=inputs, store=store_url, out=out)
-    record_output(flowmap, res, store, "train_flowmap", run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(flowmap, res, store, "train_flowmap", inputs=inputs)
     log_metrics(metrics, res.metrics)

@@ -10,8 +10,6 @@ def train_teacher(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Fine-tune the teacher (LoRA flow matching, shift 5) on the prepared dataset.
 
@@ -22,9 +20,6 @@ def train_teacher(
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``); with ``store`` the task records its
-            output under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         teacher: Output teacher checkpoint artifact (trainable weights only).
@@ -37,5 +32,5 @@ def train_teacher(
     inputs = {"dataset": input_uri(dataset)}
     res = run_stage("train_teacher", preset=preset, overrides=parse_overrides(overrides_json),
                     inputs=inputs, store=store_url, out=out)
-    record_output(teacher, res, store, "train_teacher", run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(teacher, res, store, "train_teacher", inputs=inputs)
     log_metrics(metrics, res.metrics)

@@ -23,8 +23,6 @@ def trainjob(
     s3_endpoint: str = "",
     timeout_s: int = 345600,
     poll_s: int = 30,
-    run_id: str = "",
-    record_as: str = "",
 ) -> None:
     """Launch ``stage`` on ``num_nodes`` nodes (torchrun) as a TrainJob / PyTorchJob and wait for it.
 
@@ -51,9 +49,6 @@ def trainjob(
         s3_endpoint: S3 endpoint URL for the workers (empty = provider default).
         timeout_s: Give up (and delete the job) after this many seconds.
         poll_s: Seconds between status polls.
-        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``): the launcher records the stage's output
-            under ``<store>/runs/<run_id>/`` for ``anyflow rerun --run``. Empty: no record.
-        record_as: Name of this task's entry in the run's records (default: the stage name).
 
     Returns:
         result: Output artifact pointing at the published stage artifact.
@@ -88,4 +83,4 @@ def trainjob(
     res = run_stage(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, out=None)
     if not res.cached:
         print(f"[anyflow] warning: {stage} was recomputed by the launcher; the job did not publish the expected key.")
-    record_output(result, res, store, stage, run_id=run_id, record_as=record_as, inputs=inputs)
+    record_output(result, res, store, stage, inputs=inputs)
