@@ -125,7 +125,8 @@ class EvalStage:
     num_prompts: int = 4
     samples_per_prompt: int = 1
     seed: int = 1234
-    prompts: str = "procedural"  # "procedural" | "vbench" | path to a prompt file
+    prompts: str = "procedural"  # "procedural" | "vbench" | "vbench-extended" (§11: generate from the augmented
+    # prompts, name and score by the original ones) | path to a prompt file
     vbench: bool = False
     vbench_dimensions: tuple[str, ...] = ("temporal_flickering",)
 

@@ -23,6 +23,12 @@ custom-input mode accepts ``--prompt_file`` (a JSON ``{file name: prompt}``) for
 cannot hold. We do all three: the full prompt when the name fits, ``prompt[:180]`` when it does not,
 ``/`` (impossible in a file name; no standard VBench prompt has one) replaced by ``_``, and
 ``prompt_file.json`` recording the exact prompt of every file.
+
+Prompt sets (METHOD.md §11): the Wan/FAR presets generate from the augmented ("extended") VBench
+prompts, ``assets/vbench_prompts_extended.txt`` (VBench's Wan2.1 augmentation, line *i* = prompt *i* of
+``assets/vbench_prompts.txt``; source and licence in ``assets/README.md``), but VBench must name and
+score the videos by the original ``prompt_en``: :func:`vbench_names` maps each generation prompt to the
+prompt its files are named after.
 """
 
 from __future__ import annotations
@@ -259,12 +265,15 @@ def load_prompts(kind: str, *, n: int = 16, seed: int = 0) -> list[str]:
 
     Args:
         kind: ``"vbench"`` (the 946 ``prompt_en`` of VBench_full_info.json, shipped in
-            ``assets/vbench_prompts.txt``), ``"vbench-extended"`` (the augmented prompts, line-aligned
-            with ``"vbench"``; ``assets/vbench_prompts_extended.txt`` or ``$ANYFLOW_VBENCH_EXTENDED``),
-            ``"procedural"`` (captions of procedural clips ``0..n-1`` of dataset ``seed``), or a path
-            to a ``.txt`` (one prompt a line) or ``.json`` (a list of strings, or of objects with
-            ``prompt_en``) file.
+            ``assets/vbench_prompts.txt``), ``"vbench-extended"`` (the 946 augmented prompts, line-aligned
+            with ``"vbench"``, shipped in ``assets/vbench_prompts_extended.txt``; ``$ANYFLOW_VBENCH_EXTENDED``
+            names another file of the same length instead), ``"procedural"`` (captions of procedural
+            clips ``0..n-1`` of dataset ``seed``), or a path to a ``.txt`` (one prompt a line) or
+            ``.json`` (a list of strings, or of objects with ``prompt_en``) file.
         n, seed: for ``"procedural"`` only.
+
+    These are the prompts to generate from; :func:`vbench_names` gives the prompts VBench names and
+    scores the samples by (for ``"vbench-extended"``, the original ``prompt_en``).
     """
     if kind == "vbench":
         return _read_prompt_file(ASSETS / "vbench_prompts.txt")
@@ -272,9 +281,9 @@ def load_prompts(kind: str, *, n: int = 16, seed: int = 0) -> list[str]:
         path = Path(os.environ.get("ANYFLOW_VBENCH_EXTENDED", ASSETS / "vbench_prompts_extended.txt"))
         if not path.is_file():
             raise FileNotFoundError(
-                f"load_prompts('vbench-extended'): {path} does not exist; the augmented VBench prompts (~750 kB) are "
-                "not shipped — download prompts/augmented_prompts/Wan2.1-T2V-1.3B/all_dimension_aug_wanx_seed42.txt from "
-                "github.com/Vchitect/VBench to that path or point ANYFLOW_VBENCH_EXTENDED at it."
+                f"load_prompts('vbench-extended'): {path} does not exist; unset ANYFLOW_VBENCH_EXTENDED to "
+                "use the shipped copy, or point it at VBench's prompts/augmented_prompts/Wan2.1-T2V-1.3B/"
+                "all_dimension_aug_wanx_seed42.txt (github.com/Vchitect/VBench)."
             )
         prompts = _read_prompt_file(path)
         base = load_prompts("vbench")
@@ -293,6 +302,40 @@ def load_prompts(kind: str, *, n: int = 16, seed: int = 0) -> list[str]:
             f"load_prompts: {kind!r} is neither 'vbench', 'vbench-extended', 'procedural' nor an existing file."
         )
     return _read_prompt_file(path)
+
+
+def vbench_names(kind: str, prompts: Sequence[str]) -> list[str]:
+    """The prompt VBench names and scores each generation prompt by (METHOD.md §11).
+
+    With ``kind="vbench-extended"`` the samples are generated from the augmented prompts, but VBench
+    needs the original ``prompt_en``: file names ``{prompt_en}-{i}.mp4`` and ``prompt_file.json``. Each
+    augmented prompt maps to the standard prompt on the same line. Every other prompt set names files
+    by the generation prompt itself.
+
+    Args:
+        kind: the prompt set ``prompts`` came from (``evaluate.prompts``; see :func:`load_prompts`).
+        prompts: generation prompts, in any order and with repeats (e.g. ``samples_per_prompt`` copies).
+
+    Returns:
+        One name per prompt, in the order of ``prompts``.
+    """
+    if kind != "vbench-extended":
+        return list(prompts)
+    to_name: dict[str, str] = {}
+    for extended, standard in zip(load_prompts("vbench-extended"), load_prompts("vbench"), strict=True):
+        if to_name.setdefault(extended, standard) != standard:
+            raise ValueError(
+                f"vbench_names: the extended prompt {extended[:80]!r}... stands for both "
+                f"{to_name[extended]!r} and {standard!r}; use an extended prompt file with one distinct line "
+                "per VBench prompt."
+            )
+    unknown = [p for p in prompts if p not in to_name]
+    if unknown:
+        raise ValueError(
+            f"vbench_names: {len(unknown)} prompt(s) are not in the extended VBench set, e.g. "
+            f"{unknown[0][:80]!r}; pass the prompts load_prompts('vbench-extended') returned."
+        )
+    return [to_name[p] for p in prompts]
 
 
 def vbench_prompt_dimensions() -> list[tuple[str, list[str]]]:

@@ -253,8 +253,15 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
         reason = "evaluate.vbench is false in this preset (enable it and run in the eval image)"
         return {"all checkpoints": {"dimensions": {d: {"status": "not run", "reason": reason}
                                                    for d in ev.vbench_dimensions}}}
-    from anyflow.eval.vbench import aggregate, run_vbench, write_vbench_videos
+    from anyflow.eval.vbench import aggregate, run_vbench, vbench_names, write_vbench_videos
 
+    # METHOD.md §11: samples come from ``prompts`` (for "vbench-extended" the augmented text) but VBench
+    # names and scores them by the original prompt_en. ``prompts`` is prompt-major, ``samples_per_prompt``
+    # copies each, so sample i of a prompt is written as ``{name}-{i}.mp4``.
+    k = ev.samples_per_prompt
+    if len(prompts) % k or list(prompts) != [p for p in prompts[::k] for _ in range(k)]:
+        raise ValueError(f"_vbench: prompts must hold {k} consecutive copies of each prompt (samples_per_prompt)")
+    names = vbench_names(ev.prompts, prompts)
     results = {}
     for model in samplers:
         if model == "teacher" or model.endswith("/i2v"):  # I2V here uses held-out frames, not VBench-I2V's images
@@ -263,7 +270,7 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
             vdir = out_dir / "vbench" / f"{model}-nfe{n}"
             with torch.no_grad():
                 videos = [_to_uint8(v) for v in decode(samplers[model](n))]
-            write_vbench_videos(videos, prompts, vdir, samples_per_prompt=1, fps=cfg.data.fps)
+            write_vbench_videos(videos, names[::k], vdir, samples_per_prompt=k, fps=cfg.data.fps)
             dims = run_vbench(vdir, list(ev.vbench_dimensions), output_dir=vdir / "results")
             results[f"{model}/nfe{n}"] = {"dimensions": dims, "aggregate": aggregate(dims)}
     return results
