@@ -129,6 +129,16 @@ class EvalStage:
     # prompts, name and score by the original ones) | path to a prompt file
     vbench: bool = False
     vbench_dimensions: tuple[str, ...] = ("temporal_flickering",)
+    # VBench-I2V (§11; FAR presets, with vbench true): a local folder or URL (mirrored like model.base) holding
+    # the suite in VBench's published layout, vbench2_i2v_full_info.json + data/crop/<i2v_ratio>/<image_name>
+    # (docs/evaluation-vbench.md). "" = no VBench-I2V run.
+    i2v_suite: str = ""
+    i2v_ratio: str = "7-4"  # the crop folder the images come from (§11: the "7-4" crops)
+    i2v_dimensions: tuple[str, ...] = (
+        "camera_motion", "i2v_subject", "i2v_background", "subject_consistency", "background_consistency",
+        "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality",
+    )  # fmt: skip
+    i2v_limit: int = 0  # only the first N suite entries listing one of i2v_dimensions (0 = all 1118)
 
 
 @dataclass(frozen=True)
@@ -379,8 +389,32 @@ def validate(p: Preset) -> None:
         raise ConfigError("distill.steps_list must be a non-empty list of positive step counts")
     if not p.evaluate.nfes or min(p.evaluate.nfes) < 1:
         raise ConfigError("evaluate.nfes must be a non-empty list of positive step counts")
+    _validate_eval_i2v(p)
     if p.variant == "far":
         _validate_far(p)
+
+
+def _validate_eval_i2v(p: Preset) -> None:
+    import re
+
+    from anyflow.eval.vbench import I2V_RUNNABLE
+
+    ev = p.evaluate
+    if ev.i2v_suite and p.variant != "far":
+        raise ConfigError(
+            f"evaluate.i2v_suite={ev.i2v_suite!r}: VBench-I2V needs a causal FAR preset (variant 'far'), which takes the "
+            f"image as its first latent frame; preset {p.name!r} is {p.variant!r}. Leave evaluate.i2v_suite empty."
+        )
+    if not re.fullmatch(r"[1-9][0-9]*-[1-9][0-9]*", ev.i2v_ratio):
+        raise ConfigError(f"evaluate.i2v_ratio={ev.i2v_ratio!r}: a crop folder name W-H such as 7-4, 16-9, 8-5 or 1-1")
+    unknown = [d for d in ev.i2v_dimensions if d not in I2V_RUNNABLE]
+    if not ev.i2v_dimensions or unknown:
+        raise ConfigError(
+            f"evaluate.i2v_dimensions={list(ev.i2v_dimensions)}: a non-empty list of VBench-I2V dimensions"
+            + (f" ({unknown} are not)" if unknown else "") + f"; valid: {', '.join(I2V_RUNNABLE)}"
+        )
+    if ev.i2v_limit < 0:
+        raise ConfigError(f"evaluate.i2v_limit={ev.i2v_limit}: must be >= 0 (0 = every suite entry)")
 
 
 def _validate_far(p: Preset) -> None:

@@ -38,6 +38,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ p.add_argument("--prompt_file")
 p.add_argument("--full_json_dir")
 p.add_argument("--device", default="auto")
 p.add_argument("--load_ckpt_from_local", action="store_true")
+p.add_argument("--api", default="t2v", choices=["t2v", "i2v"])  # i2v: vbench2_beta_i2v.VBenchI2V
+p.add_argument("--resolution", default="1-1")  # i2v: the crop folder (VBenchI2V's ``resolution``)
+p.add_argument("--chdir")  # i2v: VBench-I2V opens vbench2_beta_i2v/data/crop/<resolution>/<image_name> from here
 a = p.parse_args()
 
 import torch
@@ -115,17 +119,37 @@ if a.prompt_file:
         prompts = json.load(f)
 print(f"anyflow-vbench-driver: vbench {importlib.metadata.version('vbench')}, torch {torch.__version__}, "
       f"device {device}, torchvision C++ ops {'loaded' if TORCHVISION_OPS else 'unavailable'}", flush=True)
-bench = VBench(torch.device(device), full_json, a.output_path)
-bench.evaluate(
-    videos_path=a.videos_path,
-    name="results_" + datetime.now().strftime("%Y-%m-%d-%H:%M:%S"),
-    prompt_list=prompts,
-    dimension_list=a.dimension,
-    local=a.load_ckpt_from_local,
-    read_frame=False,
-    mode=a.mode,
-    imaging_quality_preprocessing_mode="longer",
-)
+name = "results_" + datetime.now().strftime("%Y-%m-%d-%H:%M:%S")
+if a.api == "i2v":
+    # VBench-I2V's documented API (vbench2_beta_i2v/README.md, "Evaluation"). Its evaluate() looks the videos
+    # up as {prompt_en}-{0..4}.<ext> from the info JSON (VBench's standard mode) and pairs each with the image
+    # at the relative path vbench2_beta_i2v/data/crop/<resolution>/<image_name>, hence --chdir.
+    from vbench2_beta_i2v import VBenchI2V
+
+    bench = VBenchI2V(torch.device(device), full_json, a.output_path)
+    if a.chdir:
+        os.chdir(a.chdir)
+    bench.evaluate(
+        videos_path=a.videos_path,
+        name=name,
+        dimension_list=a.dimension,
+        local=a.load_ckpt_from_local,
+        read_frame=False,
+        resolution=a.resolution,
+        imaging_quality_preprocessing_mode="longer",
+    )
+else:
+    bench = VBench(torch.device(device), full_json, a.output_path)
+    bench.evaluate(
+        videos_path=a.videos_path,
+        name=name,
+        prompt_list=prompts,
+        dimension_list=a.dimension,
+        local=a.load_ckpt_from_local,
+        read_frame=False,
+        mode=a.mode,
+        imaging_quality_preprocessing_mode="longer",
+    )
 print("anyflow-vbench-driver: done", flush=True)
 """
 
@@ -183,6 +207,23 @@ I2V_SCORE = {"i2v_subject": 1.0, "i2v_background": 1.0, "camera_motion": 0.1}
 T2V_TOTAL = {"quality": 0.8, "semantic": 0.2}  # METHOD.md §11: Total = 0.8·Q + 0.2·S
 I2V_TOTAL = {"i2v": 0.5, "quality": 0.5}  # METHOD.md §11: Total = 0.5·I2V + 0.5·Quality
 ALL_T2V_DIMENSIONS: tuple[str, ...] = tuple(NORMALIZE_T2V)
+# VBench-I2V (METHOD.md §11): the dimensions the paper reports; ``vbench2_beta_i2v.VBenchI2V`` also runs
+# temporal_flickering (its quality list), which METHOD.md's I2V Quality leaves out.
+I2V_DIMENSIONS: tuple[str, ...] = (
+    "camera_motion", "i2v_subject", "i2v_background", "subject_consistency", "background_consistency",
+    "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality",
+)  # fmt: skip
+I2V_RUNNABLE: tuple[str, ...] = (*I2V_DIMENSIONS, "temporal_flickering")
+# The 7 camera instructions VBench-I2V's camera_motion reads back from the video's file name
+# (vbench2_beta_i2v/camera_motion.py: get_type).
+CAMERA_MOTIONS: tuple[str, ...] = (
+    "camera pans left", "camera pans right", "camera tilts up", "camera tilts down", "camera zooms in",
+    "camera zooms out", "camera static",
+)  # fmt: skip
+I2V_INFO_JSON = "vbench2_i2v_full_info.json"  # VBench repo: vbench2_beta_i2v/vbench2_i2v_full_info.json
+I2V_CROP_DIR = "data/crop"  # download_data.sh unzips crop.zip into vbench2_beta_i2v/data/crop/<ratio>/
+I2V_RATIOS = ("1-1", "8-5", "7-4", "16-9")  # the published crops (README §2.4); others via crop_to_diff_ratio.py
+I2V_MAX_SAMPLES = 5  # VBench's standard-mode lookup reads {prompt}-0 .. {prompt}-4 only
 # VBench's custom_input mode refuses these (they need the prompt suite's auxiliary info).
 CUSTOM_UNSUPPORTED = frozenset(
     {"object_class", "multiple_objects", "scene", "appearance_style", "color", "spatial_relationship"}
@@ -364,6 +405,193 @@ def _read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
+# --- VBench-I2V image suite ----------------------------------------------------------------------
+class I2VSuiteError(ValueError):
+    """The VBench-I2V suite named by ``evaluate.i2v_suite`` is missing a file or is malformed."""
+
+
+@dataclass(frozen=True)
+class I2VPair:
+    """One image-prompt pair of the suite: generate from ``image`` + ``prompt``, write ``{prompt}-{i}.mp4``."""
+
+    prompt: str  # the entry's prompt_en: the generation prompt and the video file-name stem
+    image_name: str  # the entry's image_name, a file in the suite's crop folder
+    image: Path  # crop folder / image_name
+    dimensions: tuple[str, ...]  # the entry's dimension list (merged over entries sharing the prompt)
+
+
+@dataclass(frozen=True)
+class I2VSuite:
+    """A VBench-I2V suite read by :func:`load_i2v_suite`.
+
+    ``entries`` are the info-JSON entries kept (in file order, as published); ``pairs`` the distinct
+    prompts to generate, in the same order.
+    """
+
+    source: str  # what evaluate.i2v_suite said (folder or URL)
+    root: Path  # the local folder holding the info JSON (the VBench checkout's vbench2_beta_i2v/)
+    info_json: Path
+    ratio: str
+    image_dir: Path  # root / data/crop / ratio
+    entries: tuple[dict, ...]
+    pairs: tuple[I2VPair, ...]
+    total_entries: int  # entries in the info JSON before filtering by dimension and limit
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "info_json": str(self.info_json), "ratio": self.ratio,
+                "image_dir": str(self.image_dir), "entries": len(self.entries), "pairs": len(self.pairs),
+                "entries_in_suite": self.total_entries}
+
+
+def i2v_video_name(prompt: str, index: int, ext: str = ".mp4") -> str:
+    """The file VBench-I2V looks for: exactly ``f"{prompt_en}-{index}{ext}"``.
+
+    VBenchI2V reads the videos in VBench's standard mode (``vbench/__init__.py: build_full_info_json``),
+    which builds that name from the info JSON and does not truncate or escape it, so a prompt that
+    cannot be a file name (a ``/``, a NUL, over 255 bytes) cannot be scored: :class:`I2VSuiteError`.
+    """
+    name = f"{prompt}-{int(index)}{ext}"
+    if not prompt or "/" in prompt or "\x00" in prompt or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise I2VSuiteError(
+            f"VBench-I2V prompt {prompt[:80]!r}: the video must be named {name[:100]!r}, which is not a valid file "
+            f"name (empty, contains '/' or NUL, or over {MAX_NAME_BYTES} bytes); fix the prompt_en in the info JSON."
+        )
+    return name
+
+
+def _suite_root(local: Path, source: str) -> Path:
+    for root in (local, local / "vbench2_beta_i2v"):
+        if (root / I2V_INFO_JSON).is_file():
+            return root
+    if local.is_file():
+        raise I2VSuiteError(
+            f"evaluate.i2v_suite={source!r} is a file; name the folder holding {I2V_INFO_JSON} and {I2V_CROP_DIR}/ "
+            "(VBench's vbench2_beta_i2v/ folder after vbench2_beta_i2v/download_data.sh)."
+        )
+    if not local.is_dir():
+        raise I2VSuiteError(f"evaluate.i2v_suite={source!r}: no such folder ({local}).")
+    raise I2VSuiteError(
+        f"evaluate.i2v_suite={source!r}: missing {local / I2V_INFO_JSON} (also looked for "
+        f"{local / 'vbench2_beta_i2v' / I2V_INFO_JSON}). Copy vbench2_beta_i2v/{I2V_INFO_JSON} from "
+        "github.com/Vchitect/VBench next to the data/crop/ folder that vbench2_beta_i2v/download_data.sh fetches."
+    )
+
+
+def load_i2v_suite(
+    source: str,
+    *,
+    ratio: str = "7-4",
+    dimensions: Sequence[str] = I2V_DIMENSIONS,
+    limit: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> I2VSuite:
+    """Read and validate a VBench-I2V suite in its published layout.
+
+    Layout (VBench's ``vbench2_beta_i2v/`` folder after its ``download_data.sh``)::
+
+        <root>/vbench2_i2v_full_info.json   # [{"prompt_en", "dimension": [...], "image_name", "image_type"}, ...]
+        <root>/data/crop/<ratio>/<image_name>   # e.g. data/crop/7-4/a beach with ... cliff.jpg
+
+    ``source`` may also be a folder holding ``vbench2_beta_i2v/`` (a VBench checkout), or a URL
+    (``s3://…``) of either, mirrored once into ``cache_dir`` by :func:`anyflow.storage.mirror` as base
+    models are (the whole prefix is downloaded: point it at one with only the info JSON and the crop
+    folder you use).
+
+    Args:
+        source: ``evaluate.i2v_suite``.
+        ratio: the crop folder (``evaluate.i2v_ratio``; METHOD.md §11: ``7-4``).
+        dimensions: keep the entries that list at least one of these (VBench-I2V scores each dimension
+            on the entries listing it).
+        limit: keep only the first ``limit`` such entries (0: all).
+        cache_dir: where a URL is mirrored.
+
+    Raises :class:`I2VSuiteError` naming the missing file or the malformed entry.
+    """
+    from anyflow import storage
+
+    local = Path(storage.mirror(source, cache_dir))
+    root = _suite_root(local, source)
+    info = root / I2V_INFO_JSON
+    crops = root / I2V_CROP_DIR
+    image_dir = crops / ratio
+    if not image_dir.is_dir():
+        have = sorted(p.name for p in crops.iterdir() if p.is_dir()) if crops.is_dir() else []
+        raise I2VSuiteError(
+            f"evaluate.i2v_suite: missing the crop folder {image_dir} (evaluate.i2v_ratio={ratio!r}); "
+            + (f"the suite has {have}." if have else f"no {crops} at all: unzip VBench's crop.zip there.")
+        )
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise I2VSuiteError(f"{info}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(data, list) or not data:
+        raise I2VSuiteError(f"{info}: expected a non-empty JSON list of entries {{prompt_en, dimension, image_name}}.")
+    wanted = set(dimensions)
+    entries: list[dict] = []
+    for i, e in enumerate(data):
+        where = f"{info}: entry {i}"
+        if not isinstance(e, dict):
+            raise I2VSuiteError(f"{where} is {type(e).__name__}, not an object.")
+        for key, typ in (("prompt_en", str), ("dimension", list), ("image_name", str)):
+            if not isinstance(e.get(key), typ) or not e[key]:
+                raise I2VSuiteError(
+                    f"{where} ({e.get('prompt_en', '?')!r}): needs a non-empty {key!r} ({typ.__name__}); "
+                    "the published vbench2_i2v_full_info.json gives every entry prompt_en, dimension and image_name."
+                )
+        if wanted & set(e["dimension"]):
+            entries.append(e)
+    if not entries:
+        raise I2VSuiteError(f"{info}: no entry lists any of the dimensions {sorted(wanted)}.")
+    total = len(data)
+    if limit > 0:
+        entries = entries[:limit]
+    pairs: dict[str, I2VPair] = {}
+    missing: list[str] = []
+    for e in entries:
+        prompt, image_name = e["prompt_en"], e["image_name"]
+        i2v_video_name(prompt, 0)  # the name VBench will look for must be writable
+        if "camera_motion" in e["dimension"] and not any(m in prompt for m in CAMERA_MOTIONS):
+            raise I2VSuiteError(
+                f"{info}: entry {prompt!r} lists camera_motion but its prompt names none of {list(CAMERA_MOTIONS)}; "
+                "VBench-I2V reads the intended camera motion from the video's file name."
+            )
+        image = image_dir / image_name
+        if not image.is_file() and str(image) not in missing:
+            missing.append(str(image))
+        old = pairs.get(prompt)
+        if old is not None and old.image_name != image_name:
+            raise I2VSuiteError(
+                f"{info}: prompt {prompt!r} has two images ({old.image_name!r}, {image_name!r}); its videos "
+                f"'{prompt}-<i>.mp4' cannot come from both."
+            )
+        dims = tuple(dict.fromkeys([*(old.dimensions if old else ()), *e["dimension"]]))
+        pairs[prompt] = I2VPair(prompt, image_name, image, dims)
+    if missing:
+        raise I2VSuiteError(
+            f"evaluate.i2v_suite: {len(missing)} image(s) named in {info} are missing from {image_dir}, e.g. "
+            f"{missing[0]}" + (f" (and {missing[1]})" if len(missing) > 1 else "")
+            + "; unzip VBench's crop.zip (vbench2_beta_i2v/download_data.sh) or fix image_name."
+        )
+    return I2VSuite(source=str(source), root=root, info_json=info, ratio=ratio, image_dir=image_dir,
+                    entries=tuple(entries), pairs=tuple(pairs.values()), total_entries=total)
+
+
+def _prepare_i2v_run(suite: I2VSuite, out_root: Path) -> tuple[Path, Path]:
+    """The info JSON VBench-I2V scores (the suite's kept entries only, so an ``i2v_limit`` run has no
+    missing-video warnings) and a working folder whose ``vbench2_beta_i2v/data/crop/<ratio>`` is the
+    suite's crop folder: VBench-I2V opens the images by that relative path."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    info = out_root / I2V_INFO_JSON
+    info.write_text(json.dumps(list(suite.entries), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    cwd = out_root / "i2v-cwd"
+    link = cwd / "vbench2_beta_i2v" / "data" / "crop" / suite.ratio
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(suite.image_dir.resolve(), target_is_directory=True)
+    return info, cwd
+
+
 # --- Aggregation -------------------------------------------------------------------------------
 def _score(value: Any) -> float | None:
     """A raw dimension score, or None when the entry is a 'not run' record / missing."""
@@ -520,6 +748,7 @@ def run_vbench(
     mode: str = "custom_input",
     timeout_s: float | None = None,
     device: str | None = None,
+    i2v: I2VSuite | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run VBench on ``videos_dir``, one subprocess per dimension, and collect the scores.
 
@@ -533,6 +762,11 @@ def run_vbench(
         device: ``auto`` (CUDA when the eval interpreter sees one, else CPU), ``cpu``, ``cuda`` or
             ``cuda:N``; default ``$ANYFLOW_VBENCH_DEVICE`` or ``auto``. Applies to the
             ``ANYFLOW_VBENCH_PYTHON`` route; the ``vbench`` CLI always uses CUDA.
+        i2v: score with VBench-I2V (``vbench2_beta_i2v.VBenchI2V``) against this suite instead:
+            ``videos_dir`` holds only ``{prompt_en}-{i}.mp4`` files (:func:`i2v_video_name`), ``mode`` is
+            ignored (VBench-I2V looks the videos up from the info JSON), ``{output_dir}`` also receives
+            the info JSON scored (the suite's kept entries) and ``i2v-cwd/`` (the image-folder link).
+            Needs ``ANYFLOW_VBENCH_PYTHON``: the ``vbench`` CLI has no I2V mode.
 
     Returns ``{dimension: {"status": "ok", "score": float} | {"status": "not run", "reason": str}}``.
     A dimension is "not run" when VBench is not installed, when ``mode="custom_input"`` cannot
@@ -546,14 +780,26 @@ def run_vbench(
         raise ValueError(
             f"run_vbench: unknown dimensions {unknown}; valid: {sorted(set(NORMALIZE_T2V) | set(NORMALIZE_I2V))}"
         )
+    if i2v is not None:
+        not_i2v = [d for d in dimensions if d not in I2V_RUNNABLE]
+        if not_i2v:
+            raise ValueError(f"run_vbench: VBench-I2V does not run {not_i2v}; its dimensions: {list(I2V_RUNNABLE)}")
     device = device or os.environ.get(DEVICE_ENV) or "auto"
     command, why_not = _locate_vbench()
     if command is None:
         return {d: {"status": "not run", "reason": why_not} for d in dimensions}
     driver = command[1:2] == ["-c"]
+    if i2v is not None and not driver:
+        why = ("VBench-I2V runs through ANYFLOW_VBENCH_PYTHON only (VBench's `vbench evaluate` CLI has no I2V "
+               "mode); set it to the eval interpreter")
+        return {d: {"status": "not run", "reason": why} for d in dimensions}
+    i2v_args: list[str] = []
+    if i2v is not None:
+        info, cwd = _prepare_i2v_run(i2v, out_root)
+        i2v_args = ["--api", "i2v", "--full_json_dir", str(info), "--resolution", i2v.ratio, "--chdir", str(cwd)]
     results: dict[str, dict[str, Any]] = {}
     for dim in dimensions:
-        if mode == "custom_input" and dim in CUSTOM_UNSUPPORTED:
+        if i2v is None and mode == "custom_input" and dim in CUSTOM_UNSUPPORTED:
             results[dim] = {
                 "status": "not run",
                 "reason": f"{dim} needs VBench's standard prompt suite (mode='vbench_standard')",
@@ -571,11 +817,13 @@ def run_vbench(
             dim,
             "--output_path",
             str(dim_out),
-            "--mode",
-            mode,
         ]
-        if mode == "custom_input" and (videos / PROMPT_FILE).is_file():
-            args += ["--prompt_file", str(videos / PROMPT_FILE)]
+        if i2v is not None:
+            args += i2v_args
+        else:
+            args += ["--mode", mode]
+            if mode == "custom_input" and (videos / PROMPT_FILE).is_file():
+                args += ["--prompt_file", str(videos / PROMPT_FILE)]
         if driver:
             args += ["--device", device]
         try:

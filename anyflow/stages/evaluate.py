@@ -20,6 +20,15 @@ Causal (FAR) presets: the flow-map checkpoints are sampled chunk by chunk with t
 (rows ``<checkpoint>/i2v``): the first latent frame of the held-out clip for each prompt is the context
 (chunk 0, not denoised, §8.7); ``context_max_abs`` checks it is kept exactly and ``data_mse`` is the MSE of
 the generated continuation to that clip's real frames.
+
+VBench-I2V (METHOD.md §11; FAR presets with ``evaluate.vbench`` and ``evaluate.i2v_suite``): for every
+flow-map checkpoint and NFE, each image of the suite's ``evaluate.i2v_ratio`` crop folder is resized (not
+cropped) to the preset's size, scaled to [-1, 1] and VAE-encoded as the first latent frame (the context,
+kept, §8.7); the causal rollout generates the rest from the pair's ``prompt_en`` (seed ``evaluate.seed`` +
+the running sample index), and the videos are written as ``{prompt_en}-{i}.mp4`` and scored by
+``vbench2_beta_i2v.VBenchI2V`` (:func:`anyflow.eval.vbench.run_vbench` with ``i2v=``), aggregated with
+``kind="i2v"``: entries ``"<checkpoint>/i2v-nfe<N>"`` of the VBench section (docs/evaluation-vbench.md).
+The suite is read and validated before any sampling, so a bad layout fails at once.
 """
 
 from __future__ import annotations
@@ -98,13 +107,19 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     common.require_inputs("evaluate", inputs, INPUTS, OPTIONAL)
     ev = cfg.evaluate
     shift = cfg.flowmap.loss.shift
+    far = cfg.variant == "far"
+    i2v_suite = None
+    if far and ev.vbench and ev.i2v_suite:  # read and validate before the (long) sampling
+        from anyflow.eval.vbench import load_i2v_suite
+
+        i2v_suite = load_i2v_suite(ev.i2v_suite, ratio=ev.i2v_ratio, dimensions=ev.i2v_dimensions,
+                                   limit=ev.i2v_limit, cache_dir=common.cache_dir(cfg))
     base = common.load_models(cfg)
     models = common.adapter_model(cfg, base.transformer)
     teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
     models.add("teacher", "teacher", init=teacher.adapters["teacher"], trainable=False)
     losses = {"train_teacher": _log(teacher.log_path)}
     roles = [r for r in CHECKPOINT_ROLES if r in inputs]
-    far = cfg.variant == "far"
     for role in roles:
         ck = common.read_checkpoint(inputs[role], cfg, role=role, need=("generator",))
         models.add(role, "generator", init=ck.adapters["generator"], trainable=False,
@@ -209,6 +224,12 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             bar.close()
 
     vbench = _vbench(cfg, out_dir, samplers, decode, prompts)
+    if i2v_suite is not None:
+        def i2v_rollout(role: str, n: int, z: torch.Tensor, c_b: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            models.activate(role)
+            return causal_rollout(causal, z, c_b, num_steps=n, context=ctx, shift=shift)[0]
+
+        vbench.update(_vbench_i2v(cfg, out_dir, i2v_suite, roles, i2v_rollout, base, decode))
     metrics_doc = {"metrics": table, "per_sample_coupled_mse": per_sample, "prompts": prompts,
                    "reference": {"sampler": "teacher euler+cfg", "steps": ev.reference_steps,
                                  "guidance_scale": cfg.flowmap.loss.guidance_scale},
@@ -233,6 +254,12 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                     ["*/i2v rows: image-to-video from the held-out clip's first latent frame; data_mse is the MSE of"
                      " the generated continuation to the clip's real frames, context_max_abs must be 0."]
                     if far and i2v_context is not None else []
+                ),
+                *(
+                    ["*/i2v-nfeN VBench entries: VBench-I2V on the suite's images (evaluate.i2v_suite, crop "
+                     f"{ev.i2v_ratio}), each image VAE-encoded as the kept first latent frame; scored by "
+                     "vbench2_beta_i2v, aggregated as Total = 0.5·I2V + 0.5·Quality (METHOD.md §11)."]
+                    if i2v_suite is not None else []
                 ),
                 *(
                     ["builtin:tiny uses a randomly initialised VAE and a few training steps: decoded frames and the"
@@ -273,6 +300,67 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
             write_vbench_videos(videos, names[::k], vdir, samples_per_prompt=k, fps=cfg.data.fps)
             dims = run_vbench(vdir, list(ev.vbench_dimensions), output_dir=vdir / "results")
             results[f"{model}/nfe{n}"] = {"dimensions": dims, "aggregate": aggregate(dims)}
+    return results
+
+
+I2V_BATCH = 8  # suite samples per causal rollout
+
+
+def encode_image(path: str | Path, cfg: Preset, base: Any) -> torch.Tensor:
+    """A suite image → its (1, 1, C, h, w) latent: RGB, resized (not cropped; any size) to the preset's
+    height × width with antialiased bilinear filtering, scaled to [-1, 1], VAE-encoded (METHOD.md §8.7)."""
+    from PIL import Image
+
+    from anyflow.data.video import VideoSpec, frames_to_tensor
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))  # a writable copy
+    except OSError as exc:
+        raise ValueError(f"VBench-I2V image {path}: cannot be read as an image ({exc})") from None
+    spec = VideoSpec(frames=1, fps=cfg.data.fps, height=cfg.data.height, width=cfg.data.width,
+                     max_upscale=float("inf"))
+    with torch.no_grad():
+        return base.vae.encode(frames_to_tensor(rgb[None], spec)[None])
+
+
+def _vbench_i2v(cfg: Preset, out_dir: Path, suite: Any, roles: Sequence[str], rollout: Any, base: Any,
+                decode: Any) -> dict:
+    """VBench-I2V for each checkpoint and NFE (see the module docstring): ``{"<role>/i2v-nfe<N>": entry}``."""
+    from anyflow.data.video import write_video
+    from anyflow.eval.vbench import I2V_MAX_SAMPLES, aggregate, i2v_video_name, run_vbench
+
+    ev = cfg.evaluate
+    k = min(ev.samples_per_prompt, I2V_MAX_SAMPLES)
+    shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+    latents = {p.image_name: encode_image(p.image, cfg, base) for p in suite.pairs}
+    # prompt-major, as the T2V sweep: sample j is index j % k of pair j // k, seeded with evaluate.seed + j
+    samples = [(p, i) for p in suite.pairs for i in range(k)]
+    dims = list(ev.i2v_dimensions)
+    results: dict[str, Any] = {}
+    for role in roles:
+        for n in ev.nfes:
+            vdir = out_dir / "vbench-i2v" / f"{role}-nfe{n}"
+            videos_dir = vdir / "videos"  # only the mp4s: VBench-I2V takes the extension from its first file
+            videos_dir.mkdir(parents=True, exist_ok=True)
+            context_max_abs = 0.0
+            for start in range(0, len(samples), I2V_BATCH):
+                batch = samples[start:start + I2V_BATCH]
+                with torch.no_grad():
+                    c = base.text.encode([p.prompt for p, _ in batch])
+                    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(ev.seed + start + j))
+                                     for j in range(len(batch))]).to(c.device)
+                    ctx = torch.cat([latents[p.image_name] for p, _ in batch]).to(z.device)
+                    lat = rollout(role, n, z, c, ctx)
+                    context_max_abs = max(context_max_abs, float((lat[:, :1] - ctx).abs().max()))
+                    video = decode(lat)
+                for (p, i), v in zip(batch, video, strict=True):
+                    write_video(videos_dir / i2v_video_name(p.prompt, i), _to_uint8(v), fps=cfg.data.fps)
+            dim_scores = run_vbench(videos_dir, dims, output_dir=vdir / "results", i2v=suite)
+            results[f"{role}/i2v-nfe{n}"] = {
+                "kind": "i2v", "dimensions": dim_scores, "aggregate": aggregate(dim_scores, kind="i2v"),
+                "context_max_abs": context_max_abs, "samples_per_pair": k, "suite": suite.summary(),
+            }
     return results
 
 
