@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 FAST = {
     "teacher.train.steps": 2, "flowmap.train.steps": 2, "distill.train.steps": 2,
     "evaluate.nfes": "1,2", "evaluate.reference_steps": 8, "evaluate.num_prompts": 2,
+    "evaluate.samples_per_prompt": 2,
     # every teacher-forced step has compressed context (4 chunks), so the patch embedding trains
     "far.long_context_ratio": 1.0,
 }
@@ -318,7 +319,11 @@ def test_far_stages_end_to_end(far_chain: dict) -> None:
         assert meta["variant"] == "far"
         tensors = load_file(str(Path(far_chain[role]) / meta["adapters"]["generator"]["file"]))
         assert not torch.equal(tensors["far_patch_embedding.weight"], init)  # trained in full
-    metrics = json.loads((Path(far_chain["evaluate"]) / "metrics.json").read_text())["metrics"]
+    doc = json.loads((Path(far_chain["evaluate"]) / "metrics.json").read_text())
+    metrics = doc["metrics"]
+    # prompts are expanded prompt-major (2 samples each): each I2V sample starts from its own prompt's clip
+    assert doc["prompts"][0] == doc["prompts"][1] != doc["prompts"][2]
+    assert doc["i2v_heldout_clip"] == [0, 0, 1, 1]
     for n in (1, 2):
         assert metrics["generator"][str(n)]["calls"] == 4 * n + 3  # 4 chunks × N + 3 cache passes (§8.5)
         assert metrics["generator/i2v"][str(n)]["calls"] == 3 * n + 3  # chunk 0 is the image

@@ -171,6 +171,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             # prompts are expanded prompt-major (samples_per_prompt copies each): sample i is prompt i // spp
             clip = torch.arange(len(prompts)) // ev.samples_per_prompt % heldout.shape[0]
             i2v_context = heldout[clip].to(noise.device)
+            i2v_clip = clip.tolist()
         for role in roles:
             samplers[role] = lambda n, role=role: far_sample(role, n)
             calls[role] = lambda n, role=role: measured[(role, False, n)]
@@ -234,6 +235,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                    "reference": {"sampler": "teacher euler+cfg", "steps": ev.reference_steps,
                                  "guidance_scale": cfg.flowmap.loss.guidance_scale},
                    "vbench": vbench}
+    if i2v_context is not None:  # which held-out clip's first frame conditioned each I2V sample
+        metrics_doc["i2v_heldout_clip"] = i2v_clip
     (out_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=1))
     lineage = storage.lineage(inputs["generator"])
     build_report(
