@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -193,3 +193,65 @@ def sample_with_pipeline(
         return_dict=False,
     )[0]
     return out.permute(0, 2, 1, 3, 4).float().to(noise.device)  # back to (B, F, C, h, w)
+
+
+# ------------------------------------------------------------------------------- causal (FAR) checkpoints
+
+
+def build_far_pipeline(base: BaseModel, transformer: torch.nn.Module, *, shift: float = DEFAULT_SHIFT) -> Any:
+    """An ``AnyFlowFARPipeline`` over ``base``'s text encoder and VAE and a FAR transformer (generator merged).
+
+    The transformer keeps the attention processors :func:`anyflow.models.far.set_far_attention` installed: they
+    also mask the zero padding keys diffusers' cache-read step would attend (tests/test_far_rollout.py checks
+    the pipeline then equals :func:`anyflow.causal.causal_rollout` to 2e-5).
+    """
+    from diffusers import AnyFlowFARPipeline, FlowMapEulerDiscreteScheduler
+
+    if not hasattr(transformer, "far_patch_embedding"):
+        raise TypeError(f"build_far_pipeline needs an AnyFlowFARTransformer3DModel, got {type(transformer).__name__}.")
+    pipe = AnyFlowFARPipeline(
+        tokenizer=base.text.tokenizer,
+        text_encoder=base.text.model,
+        transformer=transformer,
+        vae=base.vae.vae,
+        scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_with_far_pipeline(
+    base: BaseModel, pipe: Any, prompt_embeds: Tensor, noise: Tensor, nfe: int, *, context: Tensor | None = None,
+    shift: float = DEFAULT_SHIFT,
+) -> tuple[Tensor, int]:
+    """Sample a causal checkpoint with ``AnyFlowFARPipeline`` (N FlowMap-Euler steps per chunk, KV cache, §8.5).
+
+    ``noise`` (B, F, C, h, w) in our layout; ``context`` (B, F_ctx, C, h, w) latents for I2V (1 frame) or V2V
+    (whole chunks), kept unchanged. Returns the latents (B, F, C, h, w) fp32 and the transformer calls counted
+    during the call (denoising calls + cache passes).
+    """
+    if noise.ndim != 5:
+        raise ValueError(f"sample_with_far_pipeline: noise must be (B, F, C, h, w), got shape {tuple(noise.shape)}.")
+    check_grid(pipe, nfe, shift)
+    transformer = pipe.transformer
+    device = transformer.device
+    calls = [0]
+    hook = transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        num_frames, height, width = _frame_size(base, noise)
+        out = pipe(
+            prompt_embeds=prompt_embeds.to(device),
+            latents=noise.permute(0, 2, 1, 3, 4).to(device),  # ours (B, F, C, h, w) -> diffusers (B, C, F, h, w)
+            video_latents=None if context is None else context.to(device),
+            num_inference_steps=nfe,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            chunk_partition=list(transformer.config.chunk_partition),
+            output_type="latent",
+            guidance_scale=1.0,  # CFG is fused into the flow map (§6.2)
+        ).frames
+    finally:
+        hook.remove()
+    return out.permute(0, 2, 1, 3, 4).float().to(noise.device), calls[0]

@@ -14,9 +14,10 @@ the reference stays independent of the code under test), the flow-map checkpoint
 FlowMap-Euler sampler through diffusers' ``AnyFlowPipeline`` with the checkpoint's LoRA merged (N calls,
 no CFG).
 
-Causal (FAR) presets: the flow-map checkpoints are sampled chunk by chunk with the KV cache
-(:func:`anyflow.causal.causal_rollout`, N FlowMap-Euler steps per chunk; ``calls`` counts denoising calls
-+ cache passes, §8.5) in T2V mode against the same bidirectional teacher reference, and in **I2V** mode
+Causal (FAR) presets: the flow-map checkpoints are sampled chunk by chunk with the KV cache through diffusers'
+``AnyFlowFARPipeline`` over the merged generator (N FlowMap-Euler steps per chunk; ``calls`` counts the
+transformer's denoising calls + cache passes, §8.5; the pipeline equals :func:`anyflow.causal.causal_rollout`
+to 2e-5, tests/test_far_rollout.py) in T2V mode against the same bidirectional teacher reference, and in **I2V** mode
 (rows ``<checkpoint>/i2v``): the first latent frame of the held-out clip for each prompt is the context
 (chunk 0, not denoised, §8.7); ``context_max_abs`` checks it is kept exactly and ``data_mse`` is the MSE of
 the generated continuation to that clip's real frames.
@@ -158,13 +159,22 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     i2v_context: torch.Tensor | None = None
     if far:
         from anyflow.causal import FarCausalModel, causal_rollout
+        from anyflow.eval.pipeline import build_far_pipeline, sample_with_far_pipeline
 
-        causal = FarCausalModel(models.transformer, cfg.far.chunk_partition)
+        causal = FarCausalModel(models.transformer, cfg.far.chunk_partition)  # the VBench-I2V suite's sampler
+
+        def far_pipeline_for(role: str) -> Any:
+            # the generator LoRA and its own patch embedding merged into a copy of the FAR base, one at a time
+            if role not in merged:
+                merged.clear()
+                models.activate(role)
+                merged[role] = build_far_pipeline(base, lora.merge_adapter(models.transformer, role), shift=shift)
+            return merged[role]
 
         def far_sample(role: str, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-            models.activate(role)
-            lat, info = causal_rollout(causal, noise, c, num_steps=n, context=context, shift=shift)
-            measured[(role, context is not None, n)] = info.nfe  # denoising calls + cache passes, counted
+            ctx = None if context is None else context.expand(len(prompts), -1, -1, -1, -1)
+            lat, nfe = sample_with_far_pipeline(base, far_pipeline_for(role), c, noise, n, context=ctx, shift=shift)
+            measured[(role, context is not None, n)] = nfe  # denoising calls + cache passes, counted
             return lat
 
         if heldout is not None:
