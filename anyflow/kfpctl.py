@@ -201,6 +201,7 @@ class _RunInputs:
     uris: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     entries: list[str] = field(default_factory=list)
+    extra: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry → (URL, digest), e.g. prepare_finetune_data
 
     def where(self) -> str:
         if self.run_id is None:
@@ -225,7 +226,8 @@ def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
     except RunRecordError as exc:
         raise UserError(str(exc)) from None
     digests = {doc["output"]: doc["manifest_sha256"] for entry, doc in records.items() if entry == doc["stage"]}
-    return _RunInputs(ref, run_id, store, roles, digests, sorted(records))
+    extra = {entry: (doc["uri"], doc["manifest_sha256"]) for entry, doc in records.items() if entry != doc["stage"]}
+    return _RunInputs(ref, run_id, store, roles, digests, sorted(records), extra)
 
 
 def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
@@ -237,6 +239,9 @@ def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
         raise UserError(f"unknown stage {args.stage!r}; valid stages: {', '.join(STAGE_INPUTS)}.")
     wanted = {**STAGE_INPUTS[args.stage], **OPTIONAL_INPUTS.get(args.stage, {})}
     run = _run_inputs(args.run, args) if args.run else None
+    if run is not None and args.stage == "finetune" and "prepare_finetune_data" in run.extra:
+        # the run fine-tuned on its second dataset, not on the training one
+        run.uris["dataset"], run.digests["dataset"] = run.extra["prepare_finetune_data"]
     uris = {role: uri for role, uri in (run.uris if run else {}).items() if role in wanted}
     given: dict[str, str] = {}
     for item in args.from_ or []:

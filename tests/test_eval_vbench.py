@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -259,3 +260,52 @@ def test_temporal_flickering_with_real_vbench(tmp_path):
 
     decoded = iio.imread(tmp_path / "v" / "In a still frame, a stop sign-0.mp4")
     assert out["temporal_flickering"]["score"] == pytest.approx(flicker_score(decoded), abs=0.02)
+
+
+NAN_PYTHON = r'''
+import json, os, sys
+args = sys.argv[3:]  # called as: <this> -c <driver> ARGS
+if "--probe" in args:
+    sys.exit(0)
+out = args[args.index("--output_path") + 1]
+dim = args[args.index("--dimension") + 1]
+# what VBench writes when no video belongs to the dimension: np.mean([]) -> NaN
+open(os.path.join(out, "x_eval_results.json"), "w").write('{"%s": [NaN, []]}' % dim)
+'''
+
+
+def test_a_nan_score_is_not_run_never_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from anyflow.eval.vbench import aggregate, run_vbench, write_vbench_videos
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n{NAN_PYTHON}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("ANYFLOW_VBENCH_PYTHON", str(fake))
+    videos = tmp_path / "videos"
+    write_vbench_videos([np.zeros((4, 16, 16, 3), np.uint8)], ["a red circle"], videos, samples_per_prompt=1, fps=8)
+    dims = run_vbench(videos, ["temporal_flickering"], output_dir=tmp_path / "out")
+    assert dims["temporal_flickering"]["status"] == "not run"
+    assert "no score" in dims["temporal_flickering"]["reason"] and "score" not in dims["temporal_flickering"]
+    agg = aggregate(dims)
+    assert agg["status"] != "computed" and "temporal_flickering" in agg["missing"]
+
+
+def test_evaluate_cache_key_follows_the_vbench_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluate artifact whose VBench dimensions were all "not run" must not be reused once an eval
+    environment exists; with VBench off the environment does not matter."""
+    from anyflow.config import apply_overrides, get_preset
+    from anyflow.stages import cache_key
+
+    on = apply_overrides(get_preset("tiny"), {"evaluate.vbench": True})
+    off = get_preset("tiny")
+    monkeypatch.delenv("ANYFLOW_VBENCH_PYTHON", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vbench CLI either
+    keys = [cache_key("evaluate", c, ("evaluate",), {}) for c in (on, off)]
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\nimport sys; sys.exit(0)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("ANYFLOW_VBENCH_PYTHON", str(fake))
+    assert cache_key("evaluate", on, ("evaluate",), {}) != keys[0]
+    assert cache_key("evaluate", off, ("evaluate",), {}) == keys[1]

@@ -115,6 +115,20 @@ def test_records_one_object_per_entry_written_concurrently(s3_server, s3_prefix:
     assert R.read_stage_records(s3_prefix, "run-1")["prepare_data"]["uri"] == arts["prepare_data"]
 
 
+def test_finetune_rerun_takes_the_runs_finetune_dataset(s3_prefix: str, tmp_path: Path) -> None:
+    """A run with the finetune branch recorded two datasets; rerunning finetune uses the second one."""
+    ds, ds2 = (_artifact(s3_prefix, tmp_path, n, "dataset", p) for n, p in (("ds", b"d"), ("ds2", b"e")))
+    gen = _artifact(s3_prefix, tmp_path, "gen", "generator", b"g")
+    R.write_stage_record(s3_prefix, "run-ft", stage="prepare_data", output="dataset", uri=ds)
+    R.write_stage_record(s3_prefix, "run-ft", stage="prepare_data", output="dataset", uri=ds2,
+                         entry="prepare_finetune_data")
+    R.write_stage_record(s3_prefix, "run-ft", stage="distill", output="generator", uri=gen)
+    common = ("--run", "run-ft", "--store", s3_prefix, "--workdir", str(tmp_path / "w"))
+    assert kfpctl._rerun_uris(_rerun_args("--stage", "finetune", *common)) == {"dataset": ds2, "generator": gen}
+    # the other stages keep the training dataset
+    assert kfpctl._rerun_uris(_rerun_args("--stage", "train_teacher", *common)) == {"dataset": ds}
+
+
 def test_bad_ids_and_unpublished_artifacts_are_refused(s3_prefix: str) -> None:
     for bad in ("../other", "a/b", "", ".hidden", "{{$.pipeline_job_uuid}}"):
         with pytest.raises(R.RunRecordError, match="not usable in a store path"):

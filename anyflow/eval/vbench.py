@@ -34,6 +34,7 @@ prompt its files are named after.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -224,9 +225,11 @@ I2V_INFO_JSON = "vbench2_i2v_full_info.json"  # VBench repo: vbench2_beta_i2v/vb
 I2V_CROP_DIR = "data/crop"  # download_data.sh unzips crop.zip into vbench2_beta_i2v/data/crop/<ratio>/
 I2V_RATIOS = ("1-1", "8-5", "7-4", "16-9")  # the published crops (README §2.4); others via crop_to_diff_ratio.py
 I2V_MAX_SAMPLES = 5  # VBench's standard-mode lookup reads {prompt}-0 .. {prompt}-4 only
-# VBench's custom_input mode refuses these (they need the prompt suite's auxiliary info).
+# VBench's custom_input mode refuses these (they need the prompt suite's auxiliary info). human_action runs
+# there but divides the recognised actions by *all* videos (only 100 of the 946 prompts are action prompts),
+# so its custom_input number is not VBench's score: reported "not run" too.
 CUSTOM_UNSUPPORTED = frozenset(
-    {"object_class", "multiple_objects", "scene", "appearance_style", "color", "spatial_relationship"}
+    {"object_class", "multiple_objects", "scene", "appearance_style", "color", "spatial_relationship", "human_action"}
 )
 
 
@@ -245,6 +248,9 @@ def vbench_filename(prompt: str, index: int, ext: str = ".mp4") -> str:
     name = f"{stem}-{int(index)}{ext}"
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         name = f"{stem[:MAX_NAME_CHARS]}-{int(index)}{ext}"
+        while len(name.encode("utf-8")) > MAX_NAME_BYTES:  # multi-byte text: 180 characters can exceed 255 bytes
+            stem = stem[: len(stem) - 1] if len(stem) <= MAX_NAME_CHARS else stem[: MAX_NAME_CHARS - 1]
+            name = f"{stem}-{int(index)}{ext}"
     return name
 
 
@@ -714,6 +720,19 @@ def find_vbench() -> list[str] | None:
     return _locate_vbench()[0]
 
 
+def vbench_environment() -> dict[str, Any]:
+    """What a VBench result depends on outside the preset: which evaluator (or none), its weight cache and the
+    extended-prompt override. Part of the evaluate stage's cache key when VBench is enabled, so an artifact
+    whose dimensions were all "not run" is not reused once an eval environment exists."""
+    command, why_not = _locate_vbench()
+    return {
+        "evaluator": command[0] if command else f"none: {why_not}",
+        "device": os.environ.get("ANYFLOW_VBENCH_DEVICE", "auto"),
+        "weights": os.environ.get("VBENCH_CACHE_DIR", ""),
+        "extended_prompts": os.environ.get("ANYFLOW_VBENCH_EXTENDED", ""),
+    }
+
+
 # Signs (in VBench's stdout or stderr) that it tried to fetch weights: its own "… does not exist.
 # Downloading…" notes and wget calls, torch.hub / urllib / requests / huggingface_hub errors.
 _OFFLINE_CUES = (
@@ -839,7 +858,11 @@ def run_vbench(
             proc.stdout + "\n--- stderr ---\n" + proc.stderr, encoding="utf-8"
         )
         scores = parse_vbench_results(dim_out) if proc.returncode == 0 else {}
-        if dim in scores:
+        if dim in scores and not math.isfinite(scores[dim]):
+            # VBench averages an empty list to NaN when no video belongs to the dimension (e.g. a suite subset)
+            results[dim] = {"status": "not run", "reason": f"VBench returned no score ({scores[dim]}): no video "
+                            "of this run belongs to the dimension (a prompt or suite subset?)"}
+        elif dim in scores:
             results[dim] = {"status": "ok", "score": scores[dim]}
         else:
             results[dim] = {

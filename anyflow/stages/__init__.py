@@ -67,6 +67,10 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
         "inputs": dict(sorted(input_digests.items())),
         "version": __version__,
     }
+    if name == "evaluate" and getattr(getattr(cfg, "evaluate", None), "vbench", False):
+        from anyflow.eval.vbench import vbench_environment
+
+        payload["vbench_environment"] = vbench_environment()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:20]
 
 
