@@ -139,6 +139,7 @@ class EvalStage:
         "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality",
     )  # fmt: skip
     i2v_limit: int = 0  # only the first N suite entries listing one of i2v_dimensions (0 = all 1118)
+    batch_size: int = 8  # samples per sampling/decoding batch (decoded videos are held one batch at a time)
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,8 @@ def validate(p: Preset) -> None:
         raise ConfigError("distill.steps_list must be a non-empty list of positive step counts")
     if not p.evaluate.nfes or min(p.evaluate.nfes) < 1:
         raise ConfigError("evaluate.nfes must be a non-empty list of positive step counts")
+    if p.evaluate.batch_size < 1:
+        raise ConfigError(f"evaluate.batch_size={p.evaluate.batch_size}: must be >= 1 (samples per sampling batch)")
     _validate_eval_i2v(p)
     if p.variant == "far":
         _validate_far(p)
@@ -415,6 +418,11 @@ def _validate_eval_i2v(p: Preset) -> None:
         )
     if ev.i2v_limit < 0:
         raise ConfigError(f"evaluate.i2v_limit={ev.i2v_limit}: must be >= 0 (0 = every suite entry)")
+    from anyflow.eval.vbench import NORMALIZE_T2V
+
+    unknown = [d for d in ev.vbench_dimensions if d not in NORMALIZE_T2V]
+    if unknown:  # caught here, not after the whole sampling sweep
+        raise ConfigError(f"evaluate.vbench_dimensions: unknown {unknown}; valid: {', '.join(NORMALIZE_T2V)}")
 
 
 def _validate_far(p: Preset) -> None:

@@ -61,3 +61,10 @@ def test_unknown_preset_lists_valid_ones() -> None:
 def test_resolved_config_round_trips() -> None:
     p = apply_overrides(get_preset("wan2.1-t2v-14b"), {"distill.train.steps": 5})
     assert from_dict(to_dict(p)) == p
+
+
+def test_unknown_vbench_dimension_is_refused_before_any_sampling() -> None:
+    with pytest.raises(ConfigError, match=r"evaluate\.vbench_dimensions: unknown \['temporal_flicker'\]"):
+        apply_overrides(get_preset("tiny"), {"evaluate.vbench_dimensions": "temporal_flicker"})
+    for name in ("wan2.1-t2v-1.3b", "far-14b"):  # the presets' 16 dimensions are all valid
+        apply_overrides(get_preset(name), {})

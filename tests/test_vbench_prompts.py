@@ -108,8 +108,9 @@ def test_evaluate_generates_from_extended_and_names_by_original(tmp_path, monkey
         return {d: {"status": "ok", "score": 0.9} for d in dimensions}
 
     monkeypatch.setattr(vb, "run_vbench", fake_run_vbench)
+    monkeypatch.setattr(vb, "find_vbench", lambda: ["fake"])
     videos = torch.linspace(-1, 1, len(expanded)).view(-1, 1, 1, 1, 1).expand(-1, 3, 2, 16, 16)
-    samplers = {"teacher": lambda n: pytest.fail("the teacher is not scored"), "generator": lambda n: videos}
+    samplers = {"teacher": lambda n, sl: pytest.fail("the teacher is not scored"), "generator": lambda n, sl: videos[sl]}
     out = evaluate._vbench(cfg, tmp_path, samplers, lambda v: v, expanded)
 
     assert set(out) == {"generator/nfe1"}

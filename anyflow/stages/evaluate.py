@@ -14,6 +14,11 @@ the reference stays independent of the code under test), the flow-map checkpoint
 FlowMap-Euler sampler through diffusers' ``AnyFlowPipeline`` with the checkpoint's LoRA merged (N calls,
 no CFG).
 
+Memory. Each (model, NFE) is sampled, decoded and measured ``evaluate.batch_size`` samples at a time (the VBench
+videos too); per-sample quantities are accumulated so the metrics equal the unbatched ones
+(tests/test_eval_batching.py). Only latents are kept for every sample: the reference (decoded again per batch)
+and, when held-out data gives an energy distance, the row's own.
+
 Causal (FAR) presets: the flow-map checkpoints are sampled chunk by chunk with the KV cache through diffusers'
 ``AnyFlowFARPipeline`` over the merged generator (N FlowMap-Euler steps per chunk; ``calls`` counts the
 transformer's denoising calls + cache passes, §8.5; the pipeline equals :func:`anyflow.causal.causal_rollout`
@@ -128,19 +133,37 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         losses[role] = _log(ck.log_path)
 
     prompts, attributes, heldout = _prompts(cfg, base, inputs)
-    prompts = [p for p in prompts for _ in range(ev.samples_per_prompt)]
-    if attributes is not None:
-        attributes = [a for a in attributes for _ in range(ev.samples_per_prompt)]
+    k = ev.samples_per_prompt
     with torch.no_grad():
-        c = base.text.encode(prompts)
+        # one embedding per prompt (sample i uses row i // k, prompts are expanded prompt-major below); kept on
+        # the CPU and moved to the device one batch at a time
+        c_rows = base.text.encode(prompts)
         c_neg = base.text.encode([WAN_NEGATIVE_PROMPT])
+    device = c_rows.device
+    c_rows = c_rows.cpu()
+    prompts = [p for p in prompts for _ in range(k)]
+    if attributes is not None:
+        attributes = [a for a in attributes for _ in range(k)]
+    num = len(prompts)
+    prompt_of = torch.arange(num) // k  # sample -> its prompt's embedding row
     shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
     g = torch.Generator().manual_seed(ev.seed)
-    noise = torch.randn((len(prompts), *shape), generator=g).to(c.device)
+    noise = torch.randn((num, *shape), generator=g)  # CPU; a batch's slice goes to the device when sampled
+    # Memory: a (model, NFE) is sampled, decoded and measured ``evaluate.batch_size`` samples at a time; only
+    # latents (the reference's, and a row's own when the energy distance needs them) are kept for all samples.
+    batches = [slice(s, min(s + ev.batch_size, num)) for s in range(0, num, ev.batch_size)]
+
+    def cond(sl: slice) -> torch.Tensor:
+        return c_rows[prompt_of[sl]].to(device)
+
+    def z0(sl: slice) -> torch.Tensor:
+        return noise[sl].to(device)
 
     teacher_cfg = guided(models.fn("teacher"), c_neg, cfg.flowmap.loss.guidance_scale)
+    # samplers[model](n, sl): the latents of samples ``sl`` (a slice of the fixed noise/prompts) at NFE n
     samplers: dict[str, Any] = {
-        "teacher": lambda n: flowmap_euler_sample(teacher_cfg, noise, c, n, shift=shift, use_mean_velocity=False)
+        "teacher": lambda n, sl: flowmap_euler_sample(teacher_cfg, z0(sl), cond(sl), n, shift=shift,
+                                                      use_mean_velocity=False)
     }
     # Flow-map checkpoints are sampled the way users sample released checkpoints: diffusers'
     # AnyFlowPipeline over the generator LoRA merged into a copy of the base (W + (α/r)·B·A, §2.3).
@@ -156,7 +179,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
 
     calls: dict[str, Any] = {"teacher": lambda n: 2 * n}
     measured: dict[tuple, int] = {}
-    i2v_context: torch.Tensor | None = None
+    i2v_clip: list[int] | None = None
     if far:
         from anyflow.causal import FarCausalModel, causal_rollout
         from anyflow.eval.pipeline import build_far_pipeline, sample_with_far_pipeline
@@ -171,70 +194,110 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                 merged[role] = build_far_pipeline(base, lora.merge_adapter(models.transformer, role), shift=shift)
             return merged[role]
 
-        def far_sample(role: str, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-            ctx = None if context is None else context.expand(len(prompts), -1, -1, -1, -1)
-            lat, nfe = sample_with_far_pipeline(base, far_pipeline_for(role), c, noise, n, context=ctx, shift=shift)
-            measured[(role, context is not None, n)] = nfe  # denoising calls + cache passes, counted
+        def far_sample(role: str, n: int, sl: slice, i2v: bool = False) -> torch.Tensor:
+            ctx = i2v_context(sl)[:, :1] if i2v else None
+            lat, nfe = sample_with_far_pipeline(base, far_pipeline_for(role), cond(sl), z0(sl), n, context=ctx,
+                                                shift=shift)
+            measured[(role, i2v, n)] = nfe  # denoising calls + cache passes, counted (the same for every batch)
             return lat
 
         if heldout is not None:
             # prompts are expanded prompt-major (samples_per_prompt copies each): sample i is prompt i // spp
-            clip = torch.arange(len(prompts)) // ev.samples_per_prompt % heldout.shape[0]
-            i2v_context = heldout[clip].to(noise.device)
+            clip = torch.arange(num) // k % heldout.shape[0]
             i2v_clip = clip.tolist()
         for role in roles:
-            samplers[role] = lambda n, role=role: far_sample(role, n)
+            samplers[role] = lambda n, sl, role=role: far_sample(role, n, sl)
             calls[role] = lambda n, role=role: measured[(role, False, n)]
-            if i2v_context is not None:
-                samplers[f"{role}/i2v"] = lambda n, role=role: far_sample(role, n, i2v_context[:, :1])
+            if i2v_clip is not None:
+                samplers[f"{role}/i2v"] = lambda n, sl, role=role: far_sample(role, n, sl, i2v=True)
                 calls[f"{role}/i2v"] = lambda n, role=role: measured[(role, True, n)]
     else:
         for role in roles:
-            samplers[role] = lambda n, role=role: sample_with_pipeline(base, pipeline_for(role), c, noise, n, shift=shift)
+            samplers[role] = lambda n, sl, role=role: sample_with_pipeline(base, pipeline_for(role), cond(sl), z0(sl),
+                                                                           n, shift=shift)
             calls[role] = lambda n: n
+
+    def i2v_context(sl: slice) -> torch.Tensor:
+        """The held-out clips of samples ``sl`` (their first latent frame is the I2V context)."""
+        return heldout[clip[sl]].to(device)
 
     def decode(lat: torch.Tensor) -> torch.Tensor:
         return base.vae.decode(lat).float().cpu()  # frame metrics, previews and VBench run on the CPU
 
     with torch.no_grad():
-        ref = flowmap_euler_sample(teacher_cfg, noise, c, ev.reference_steps, shift=shift, use_mean_velocity=False)
-        ref_video = decode(ref)
+        # the reference latents (small) for every sample; decoded again one batch at a time where needed
+        ref = torch.cat([flowmap_euler_sample(teacher_cfg, z0(sl), cond(sl), ev.reference_steps, shift=shift,
+                                              use_mean_velocity=False).cpu() for sl in batches])
+        ref_videos: dict[int, torch.Tensor] = {}  # cached only when a single batch holds every sample
+
+        def ref_video(sl: slice) -> torch.Tensor:
+            if sl.start in ref_videos:
+                return ref_videos[sl.start]
+            video = decode(ref[sl].to(device))
+            if len(batches) == 1:
+                ref_videos[sl.start] = video
+            return video
+
         table: dict[str, dict[int, dict[str, float]]] = {}
         samples: dict[str, dict[int, Any]] = {}
         per_sample: dict[str, Any] = {}
         todo = [(m, n) for m in samplers for n in ev.nfes]
         bar = _bar(progress, len(todo))
         for model, n in todo:
-            lat = samplers[model](n)
-            video = decode(lat)
-            frames = [_to_uint8(v) for v in video]
-            if model.endswith("/i2v"):
-                ce = M.coupled_error(lat[:, 1:], i2v_context[:, 1:])
-                row = {
-                    "data_mse": ce["mse"],
-                    "context_max_abs": float((lat[:, :1] - i2v_context[:, :1]).abs().max()),
-                }
+            i2v = model.endswith("/i2v")
+            mse: list[float] = []  # per-sample coupled (or data) MSE
+            flicker: list[float] = []
+            psnr_sum = ssim_sum = 0.0  # batch means weighted by the batch's samples (equal frames per sample)
+            context_max_abs = 0.0
+            colour_ok = motion_ok = 0
+            lats: list[torch.Tensor] = []
+            for sl in batches:
+                lat = samplers[model](n, sl)
+                video = decode(lat)
+                frames = [_to_uint8(v) for v in video]
+                b = len(frames)
+                if i2v:
+                    ctx = i2v_context(sl).to(lat.device)
+                    mse += M.coupled_error(lat[:, 1:], ctx[:, 1:])["mse_per_sample"]
+                    context_max_abs = max(context_max_abs, float((lat[:, :1] - ctx[:, :1]).abs().max()))
+                else:
+                    mse += M.coupled_error(lat, ref[sl].to(lat.device))["mse_per_sample"]
+                    rv = ref_video(sl)
+                    psnr_sum += M.psnr(video, rv) * b
+                    ssim_sum += M.ssim(video, rv) * b
+                flicker += [M.temporal_flicker(f) for f in frames]
+                if heldout is not None:
+                    lats.append(lat.cpu())
+                if attributes is not None:
+                    adh = M.prompt_adherence(frames, attributes[sl])
+                    colour_ok += sum(p["colour_ok"] for p in adh["per_video"])
+                    motion_ok += sum(p["motion_ok"] for p in adh["per_video"])
+                if sl.start == 0:
+                    samples.setdefault(model, {})[n] = frames[0]
+                del video, frames
+            mean_mse = float(torch.tensor(mse, dtype=torch.float64).mean())
+            if i2v:
+                row = {"data_mse": mean_mse, "context_max_abs": context_max_abs}
             else:
-                ce = M.coupled_error(lat, ref)
-                row = {"coupled_mse": ce["mse"], "psnr": M.psnr(video, ref_video), "ssim": M.ssim(video, ref_video)}
-            row["flicker"] = float(np.mean([M.temporal_flicker(f) for f in frames]))
+                row = {"coupled_mse": mean_mse, "psnr": psnr_sum / num, "ssim": ssim_sum / num}
+            row["flicker"] = float(np.mean(flicker))
             row["calls"] = float(calls[model](n))
             if heldout is not None:
-                row["energy_distance"] = M.energy_distance(lat.flatten(1).cpu(), heldout.flatten(1).cpu())
+                row["energy_distance"] = M.energy_distance(torch.cat(lats).flatten(1), heldout.flatten(1).cpu())
             if attributes is not None:
-                adh = M.prompt_adherence(frames, attributes)
-                row["adherence_colour"] = adh["colour_accuracy"]
-                row["adherence_motion"] = adh["motion_accuracy"]
+                row["adherence_colour"] = colour_ok / num
+                row["adherence_motion"] = motion_ok / num
             table.setdefault(model, {})[n] = row
-            samples.setdefault(model, {})[n] = frames[0]
-            per_sample[f"{model}/nfe{n}"] = ce["mse_per_sample"]
+            per_sample[f"{model}/nfe{n}"] = mse
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(model=model, nfe=n)
         if bar is not None:
             bar.close()
+        ref_videos.clear()
 
     vbench = _vbench(cfg, out_dir, samplers, decode, prompts)
+    merged.clear()  # the sweep is done: release the merged copy (VBench-I2V samples the unmerged adapters)
     if i2v_suite is not None:
         def i2v_rollout(role: str, n: int, z: torch.Tensor, c_b: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             models.activate(role)
@@ -245,7 +308,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                    "reference": {"sampler": "teacher euler+cfg", "steps": ev.reference_steps,
                                  "guidance_scale": cfg.flowmap.loss.guidance_scale},
                    "vbench": vbench}
-    if i2v_context is not None:  # which held-out clip's first frame conditioned each I2V sample
+    if i2v_clip is not None:  # which held-out clip's first frame conditioned each I2V sample
         metrics_doc["i2v_heldout_clip"] = i2v_clip
     (out_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=1))
     lineage = storage.lineage(inputs["generator"])
@@ -266,7 +329,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                 *(
                     ["*/i2v rows: image-to-video from the held-out clip's first latent frame; data_mse is the MSE of"
                      " the generated continuation to the clip's real frames, context_max_abs must be 0."]
-                    if far and i2v_context is not None else []
+                    if far and i2v_clip is not None else []
                 ),
                 *(
                     ["*/i2v-nfeN VBench entries: VBench-I2V on the suite's images (evaluate.i2v_suite, crop "
@@ -287,7 +350,44 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     return {f"{m}/nfe{n}/{k}": v for m, rows in table.items() for n, row in rows.items() for k, v in row.items()}
 
 
+class _BatchedVideos(Sequence):
+    """``num`` uint8 videos made ``batch_size`` at a time by ``make(slice)``: only the batch holding the last
+    index read is alive (written in index order, every batch is made once)."""
+
+    def __init__(self, num: int, batch_size: int, make: Any) -> None:
+        self._num, self._bs, self._make = num, batch_size, make
+        self._start, self._batch = -1, []
+
+    def __len__(self) -> int:
+        return self._num
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        if not isinstance(i, int):
+            raise TypeError("_BatchedVideos supports integer indices only")
+        if i < 0:
+            i += self._num
+        if not 0 <= i < self._num:
+            raise IndexError(i)
+        if not self._start <= i < self._start + len(self._batch):
+            self._batch = []  # release the previous batch before making the next
+            self._start = i // self._bs * self._bs
+            self._batch = self._make(slice(self._start, min(self._start + self._bs, self._num)))
+        return self._batch[i - self._start]
+
+
+def _vbench_unavailable() -> str | None:
+    """None when VBench can run, else why not (checked before any VBench sampling)."""
+    from anyflow.eval import vbench as vb
+
+    if vb.find_vbench() is not None:
+        return None
+    locate = getattr(vb, "_locate_vbench", None)
+    return (locate()[1] if locate is not None else "") or vb.NOT_INSTALLED
+
+
 def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any, prompts: Sequence[str]) -> dict:
+    """VBench (T2V) for every flow-map checkpoint and NFE. ``samplers[model](n, sl)`` gives the latents of samples
+    ``sl`` (a slice of ``prompts``); they are sampled, decoded and written ``evaluate.batch_size`` at a time."""
     ev = cfg.evaluate
     if not ev.vbench:
         reason = "evaluate.vbench is false in this preset (enable it and run in the eval image)"
@@ -302,14 +402,24 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
     if len(prompts) % k or list(prompts) != [p for p in prompts[::k] for _ in range(k)]:
         raise ValueError(f"_vbench: prompts must hold {k} consecutive copies of each prompt (samples_per_prompt)")
     names = vbench_names(ev.prompts, prompts)
+    why_not = _vbench_unavailable()
+    if why_not is not None:  # nothing to score with: sample nothing
+        return {"all checkpoints": {"dimensions": {d: {"status": "not run", "reason": why_not}
+                                                   for d in ev.vbench_dimensions}}}
     results = {}
     for model in samplers:
         if model == "teacher" or model.endswith("/i2v"):  # I2V here uses held-out frames, not VBench-I2V's images
             continue
         for n in ev.nfes:
             vdir = out_dir / "vbench" / f"{model}-nfe{n}"
-            with torch.no_grad():
-                videos = [_to_uint8(v) for v in decode(samplers[model](n))]
+
+            def make(sl: slice, model: str = model, n: int = n) -> list[np.ndarray]:
+                with torch.no_grad():
+                    return [_to_uint8(v) for v in decode(samplers[model](n, sl))]
+
+            # write_vbench_videos reads videos[p * k + i] in order: one batch is sampled and decoded at a time,
+            # and the files (and prompt_file.json) are those of writing every video at once
+            videos = _BatchedVideos(len(prompts), ev.batch_size, make)
             write_vbench_videos(videos, names[::k], vdir, samples_per_prompt=k, fps=cfg.data.fps)
             dims = run_vbench(vdir, list(ev.vbench_dimensions), output_dir=vdir / "results")
             results[f"{model}/nfe{n}"] = {"dimensions": dims, "aggregate": aggregate(dims)}
@@ -345,11 +455,17 @@ def _vbench_i2v(cfg: Preset, out_dir: Path, suite: Any, roles: Sequence[str], ro
 
     ev = cfg.evaluate
     k = min(ev.samples_per_prompt, I2V_MAX_SAMPLES)
+    dims = list(ev.i2v_dimensions)
+    why_not = _vbench_unavailable()
+    if why_not is not None:  # nothing to score with: sample nothing
+        not_run = {d: {"status": "not run", "reason": why_not} for d in dims}
+        return {f"{role}/i2v-nfe{n}": {"kind": "i2v", "dimensions": not_run, "aggregate": aggregate(not_run, kind="i2v"),
+                                       "samples_per_pair": k, "suite": suite.summary()}
+                for role in roles for n in ev.nfes}
     shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
     latents = {p.image_name: encode_image(p.image, cfg, base) for p in suite.pairs}
     # prompt-major, as the T2V sweep: sample j is index j % k of pair j // k, seeded with evaluate.seed + j
     samples = [(p, i) for p in suite.pairs for i in range(k)]
-    dims = list(ev.i2v_dimensions)
     results: dict[str, Any] = {}
     for role in roles:
         for n in ev.nfes:
