@@ -59,14 +59,22 @@ def build_pipeline(base: BaseModel, transformer: torch.nn.Module, *, shift: floa
 
     The pipeline's progress bar is disabled (the evaluate stage has its own).
     """
-    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+    from diffusers import AnyFlowPipeline
 
     if not hasattr(transformer, "condition_embedder") or not hasattr(transformer.condition_embedder, "delta_embedder"):
         raise TypeError(
             f"build_pipeline needs an AnyFlowTransformer3DModel (with a delta embedder), got {type(transformer).__name__};"
             " convert a Wan model with anyflow.models.convert.wan_to_anyflow first."
         )
-    pipe = AnyFlowPipeline(
+    return _assemble(AnyFlowPipeline, base, transformer, shift)
+
+
+def _assemble(pipeline_cls: Any, base: BaseModel, transformer: torch.nn.Module, shift: float) -> Any:
+    """``pipeline_cls`` over ``base``'s tokenizer, text encoder and VAE, ``transformer`` and a FlowMap-Euler
+    scheduler with ``shift``; no progress bar."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    pipe = pipeline_cls(
         tokenizer=base.text.tokenizer,
         text_encoder=base.text.model,
         transformer=transformer,
@@ -205,19 +213,11 @@ def build_far_pipeline(base: BaseModel, transformer: torch.nn.Module, *, shift: 
     also mask the zero padding keys diffusers' cache-read step would attend (tests/test_far_rollout.py checks
     the pipeline then equals :func:`anyflow.causal.causal_rollout` to 2e-5).
     """
-    from diffusers import AnyFlowFARPipeline, FlowMapEulerDiscreteScheduler
+    from diffusers import AnyFlowFARPipeline
 
     if not hasattr(transformer, "far_patch_embedding"):
         raise TypeError(f"build_far_pipeline needs an AnyFlowFARTransformer3DModel, got {type(transformer).__name__}.")
-    pipe = AnyFlowFARPipeline(
-        tokenizer=base.text.tokenizer,
-        text_encoder=base.text.model,
-        transformer=transformer,
-        vae=base.vae.vae,
-        scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift)),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(AnyFlowFARPipeline, base, transformer, shift)
 
 
 @torch.no_grad()
