@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from anyflow import registry, storage
@@ -83,39 +83,34 @@ def plan_step(store: str, source: str, teacher: str, *, flowmap: str = "", eval_
     return plan["action"], plan_url
 
 
-def distill_step(plan_url: str) -> str:
-    """Train the candidate under the run lease (heartbeat); returns the URL of ``candidate.json``."""
-    plan = storage.read_json(plan_url)
+def _leased_task(plan: Mapping[str, Any], plan_url: str, out_name: str, work: Callable[[], Any]) -> str:
+    """Run ``work()`` under the run's resumed lease (heartbeat + guard), hand the lease on renewed, and write
+    the result next to the plan as ``out_name``; returns its URL."""
     lease = resume_lease(plan)
     try:
         with _guarded(lease):
-            candidate = RD.train_candidate(plan)
+            result = work()
         if lease is not None:
             lease.handoff()
     finally:
         if lease is not None:
             lease.stop()
-    url = plan_url.rsplit("/", 1)[0] + "/candidate.json"
-    storage.write_json_atomic(url, candidate)
+    url = plan_url.rsplit("/", 1)[0] + "/" + out_name
+    storage.write_json_atomic(url, result)
     return url
+
+
+def distill_step(plan_url: str) -> str:
+    """Train the candidate under the run lease (heartbeat); returns the URL of ``candidate.json``."""
+    plan = storage.read_json(plan_url)
+    return _leased_task(plan, plan_url, "candidate.json", lambda: RD.train_candidate(plan))
 
 
 def evaluate_step(plan_url: str, candidate_url: str) -> str:
     """Evaluate candidate and live model under the run lease; returns the URL of ``evals.json``."""
     plan = storage.read_json(plan_url)
     candidate = storage.read_json(candidate_url)
-    lease = resume_lease(plan)
-    try:
-        with _guarded(lease):
-            evals = RD.evaluate_models(plan, candidate)
-        if lease is not None:
-            lease.handoff()
-    finally:
-        if lease is not None:
-            lease.stop()
-    url = plan_url.rsplit("/", 1)[0] + "/evals.json"
-    storage.write_json_atomic(url, evals)
-    return url
+    return _leased_task(plan, plan_url, "evals.json", lambda: RD.evaluate_models(plan, candidate))
 
 
 def decide_step(plan_url: str, candidate_url: str, evals_url: str) -> dict[str, Any]:
