@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.states import random_adapter_state as _random_state
 
 from anyflow.config import ConfigError, StageInputError, apply_overrides, get_preset
 from anyflow.train.adapters import AdapterModel
@@ -29,10 +30,6 @@ def _far_base():
 
     return load_base("builtin:tiny", far={"chunk_partition": (1, 3, 3, 3), "full_chunk_limit": 3, "attention": "dense"})
 
-
-def _random_state(models: AdapterModel, name: str, seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * scale for k, v in models.state(name).items()}
 
 
 # ------------------------------------------------------------------------------------------ shared base

@@ -26,6 +26,7 @@ from helpers.replay import (
     record_optimizer_grads,
     record_step_metrics,
 )
+from helpers.states import random_adapter_state as _random_state
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
@@ -38,10 +39,6 @@ from anyflow.train.methods import FlowMapMethod, OnPolicyMethod, rollout_plan
 STEPS = 3
 STEPS_LIST = (2, 4, 50)
 
-
-def _random_state(models: AdapterModel, name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in models.state(name).items()}
 
 
 def _build(kind: str, neg: torch.Tensor, *, accum: int, batch: int, steps: int = STEPS):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.states import random_adapter_state as _random_state
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
@@ -19,10 +20,6 @@ from anyflow.train.methods import FlowMapMethod, OnPolicyMethod
 
 STEPS = 4
 
-
-def _random_state(models: AdapterModel, name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in models.state(name).items()}
 
 
 def _build(kind: str, dataset: str):

@@ -26,6 +26,7 @@ from helpers.replay import (
     record_optimizer_grads,
     record_step_metrics,
 )
+from helpers.states import random_adapter_state as _random_state
 
 from anyflow.config import ConfigError, get_preset
 from anyflow.data.shards import LatentDataset
@@ -68,10 +69,6 @@ def _launch(dataset: str, out: Path, mode: str, world: int, accum: int, *extra: 
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
-
-def _random_state(models: AdapterModel, name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in models.state(name).items()}
 
 
 def _reference(dataset: str, ranks: list[dict], accum: int, work: Path):

@@ -16,6 +16,7 @@ import sys
 
 import torch
 from replay import Recorder, SegmentedBatches, record_optimizer_grads, record_step_metrics
+from states import random_adapter_state as random_state
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
@@ -47,10 +48,6 @@ device = acc.device
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 rank, world = acc.process_index, acc.num_processes
 
-
-def random_state(models: AdapterModel, name: str, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in models.state(name).items()}
 
 
 m = AdapterModel(
