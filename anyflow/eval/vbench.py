@@ -691,8 +691,22 @@ def parse_vbench_results(output_dir: str | os.PathLike[str]) -> dict[str, float]
     return scores
 
 
+_LOCATED: dict[tuple[str | None, str | None], tuple[list[str] | None, str]] = {}
+
+
 def _locate_vbench() -> tuple[list[str] | None, str]:
-    """``(command prefix, "")`` for the first VBench found, else ``(None, why not)``."""
+    """``(command prefix, "")`` for the first VBench found, else ``(None, why not)``.
+
+    The probe starts the eval interpreter and imports vbench (seconds): it runs once per process for each
+    (``ANYFLOW_VBENCH_PYTHON``, ``PATH``), not for every dimension, check and cache key.
+    """
+    key = (os.environ.get("ANYFLOW_VBENCH_PYTHON"), os.environ.get("PATH"))
+    if key not in _LOCATED:
+        _LOCATED[key] = _probe_vbench()
+    return _LOCATED[key]
+
+
+def _probe_vbench() -> tuple[list[str] | None, str]:
     python = os.environ.get("ANYFLOW_VBENCH_PYTHON")
     if python:
         try:
@@ -718,6 +732,13 @@ def find_vbench() -> list[str] | None:
     ``vbench evaluate`` CLI on PATH (GPU only).
     """
     return _locate_vbench()[0]
+
+
+def vbench_unavailable_reason() -> str | None:
+    """None when :func:`find_vbench` finds an evaluator, else why not (checked before any VBench sampling)."""
+    if find_vbench() is not None:
+        return None
+    return _locate_vbench()[1] or NOT_INSTALLED
 
 
 def vbench_environment() -> dict[str, Any]:

@@ -375,16 +375,6 @@ class _BatchedVideos(Sequence):
         return self._batch[i - self._start]
 
 
-def _vbench_unavailable() -> str | None:
-    """None when VBench can run, else why not (checked before any VBench sampling)."""
-    from anyflow.eval import vbench as vb
-
-    if vb.find_vbench() is not None:
-        return None
-    locate = getattr(vb, "_locate_vbench", None)
-    return (locate()[1] if locate is not None else "") or vb.NOT_INSTALLED
-
-
 def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any, prompts: Sequence[str]) -> dict:
     """VBench (T2V) for every flow-map checkpoint and NFE. ``samplers[model](n, sl)`` gives the latents of samples
     ``sl`` (a slice of ``prompts``); they are sampled, decoded and written ``evaluate.batch_size`` at a time."""
@@ -393,7 +383,13 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
         reason = "evaluate.vbench is false in this preset (enable it and run in the eval image)"
         return {"all checkpoints": {"dimensions": {d: {"status": "not run", "reason": reason}
                                                    for d in ev.vbench_dimensions}}}
-    from anyflow.eval.vbench import aggregate, run_vbench, vbench_names, write_vbench_videos
+    from anyflow.eval.vbench import (
+        aggregate,
+        run_vbench,
+        vbench_names,
+        vbench_unavailable_reason,
+        write_vbench_videos,
+    )
 
     # METHOD.md §11: samples come from ``prompts`` (for "vbench-extended" the augmented text) but VBench
     # names and scores them by the original prompt_en. ``prompts`` is prompt-major, ``samples_per_prompt``
@@ -402,7 +398,7 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
     if len(prompts) % k or list(prompts) != [p for p in prompts[::k] for _ in range(k)]:
         raise ValueError(f"_vbench: prompts must hold {k} consecutive copies of each prompt (samples_per_prompt)")
     names = vbench_names(ev.prompts, prompts)
-    why_not = _vbench_unavailable()
+    why_not = vbench_unavailable_reason()
     if why_not is not None:  # nothing to score with: sample nothing
         return {"all checkpoints": {"dimensions": {d: {"status": "not run", "reason": why_not}
                                                    for d in ev.vbench_dimensions}}}
@@ -424,9 +420,6 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
             dims = run_vbench(vdir, list(ev.vbench_dimensions), output_dir=vdir / "results")
             results[f"{model}/nfe{n}"] = {"dimensions": dims, "aggregate": aggregate(dims)}
     return results
-
-
-I2V_BATCH = 8  # suite samples per causal rollout
 
 
 def encode_image(path: str | Path, cfg: Preset, base: Any) -> torch.Tensor:
@@ -451,12 +444,18 @@ def _vbench_i2v(cfg: Preset, out_dir: Path, suite: Any, roles: Sequence[str], ro
                 decode: Any) -> dict:
     """VBench-I2V for each checkpoint and NFE (see the module docstring): ``{"<role>/i2v-nfe<N>": entry}``."""
     from anyflow.data.video import write_video
-    from anyflow.eval.vbench import I2V_MAX_SAMPLES, aggregate, i2v_video_name, run_vbench
+    from anyflow.eval.vbench import (
+        I2V_MAX_SAMPLES,
+        aggregate,
+        i2v_video_name,
+        run_vbench,
+        vbench_unavailable_reason,
+    )
 
     ev = cfg.evaluate
     k = min(ev.samples_per_prompt, I2V_MAX_SAMPLES)
     dims = list(ev.i2v_dimensions)
-    why_not = _vbench_unavailable()
+    why_not = vbench_unavailable_reason()
     if why_not is not None:  # nothing to score with: sample nothing
         not_run = {d: {"status": "not run", "reason": why_not} for d in dims}
         return {f"{role}/i2v-nfe{n}": {"kind": "i2v", "dimensions": not_run, "aggregate": aggregate(not_run, kind="i2v"),
@@ -473,8 +472,8 @@ def _vbench_i2v(cfg: Preset, out_dir: Path, suite: Any, roles: Sequence[str], ro
             videos_dir = vdir / "videos"  # only the mp4s: VBench-I2V takes the extension from its first file
             videos_dir.mkdir(parents=True, exist_ok=True)
             context_max_abs = 0.0
-            for start in range(0, len(samples), I2V_BATCH):
-                batch = samples[start:start + I2V_BATCH]
+            for start in range(0, len(samples), ev.batch_size):  # seeds follow the sample index, not the batch
+                batch = samples[start:start + ev.batch_size]
                 with torch.no_grad():
                     c = base.text.encode([p.prompt for p, _ in batch])
                     z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(ev.seed + start + j))
