@@ -118,12 +118,14 @@ class AdapterModel:
             lora.set_active_adapter(self.transformer, name)
             self._swap_extra(name)
 
-    def fn(self, name: str | None) -> FlowMapFn:
-        """The model callable u(z, t, r, c) with adapter ``name`` active for each call."""
+    def fn(self, name: str | None, inner: FlowMapFn | None = None) -> FlowMapFn:
+        """The model callable u(z, t, r, c) with adapter ``name`` active for each call: the base's own callable,
+        or ``inner`` (another callable over :attr:`transformer`, e.g. the causal teacher-forced one)."""
+        call = self._base_fn if inner is None else inner
 
         def u(z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             self.activate(name)
-            return self._base_fn(z, t, r, c)
+            return call(z, t, r, c)
 
         return u
 

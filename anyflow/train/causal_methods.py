@@ -33,7 +33,6 @@ from anyflow.causal import (
 )
 from anyflow.config import DistillStage, FarConfig, FlowMapStage, OptimConfig
 from anyflow.flowmap import FlowMapLossConfig, guided_flow_matching_loss
-from anyflow.rollout import FlowMapFn
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext
 from anyflow.train.methods import ForwardAccumulator, OnPolicyMethod, flowmap_loss_config, step_generator
@@ -49,16 +48,6 @@ def num_chunks_for_step(far: FarConfig, seed: int, step: int, stream: str) -> in
     )
 
 
-def _generator_fn(models: AdapterModel, fn: FlowMapFn) -> FlowMapFn:
-    """``fn`` (which calls the FAR transformer directly) with the generator adapter active for each call."""
-
-    def u(z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        models.activate("generator")
-        return fn(z, t, r, c)
-
-    return u
-
-
 def causal_forward_loss(
     models: AdapterModel, acc: ForwardAccumulator, batch: Mapping, negative: torch.Tensor,
     loss_cfg: FlowMapLossConfig, far: FarConfig, num_chunks: int, scale: float,
@@ -70,7 +59,7 @@ def causal_forward_loss(
     """
     split = split_teacher_forcing(batch["latents"], far.chunk_partition, num_chunks,
                                   full_chunk_limit=far.full_chunk_limit)
-    u = _generator_fn(models, teacher_forced_fn(models.transformer, split))
+    u = models.fn("generator", teacher_forced_fn(models.transformer, split))
     out = acc.add(models, batch, negative, loss_cfg, scale, u=u, x=split.window)
     return {**out, "num_chunks": float(num_chunks)}
 
