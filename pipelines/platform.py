@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anyflow.stages import RUN_ENV
+
 #: Secret key → environment variable, for ``use_secret_as_env`` (keys of manifests' S3 secret).
 DEFAULT_S3_SECRET_KEYS: dict[str, str] = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
@@ -22,6 +24,9 @@ DEFAULT_S3_SECRET_KEYS: dict[str, str] = {
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 #: Platform profile of the ``record_stage`` tasks (``stages.record_stage:`` in a platform YAML).
 RECORD_PROFILE = "record_stage"
+#: Where Kubernetes takes the pod env anyflow.stages.RUN_ENV (the KFP run of a stage attempt) from:
+#: Argo labels every pod of a workflow (= one KFP run) with its name.
+RUN_FIELD_PATH = "metadata.labels['workflows.argoproj.io/workflow']"
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -144,6 +149,10 @@ class Platform:
         if res.retries > 0:
             task.set_retry(num_retries=res.retries, backoff_duration=res.backoff,
                            backoff_factor=res.backoff_factor, backoff_max_duration=res.backoff_max)
+            # KFP retries every failure; tagging each attempt with its run (the Argo workflow every
+            # pod of the run is labelled with) lets a retry of a bad-input failure stop at once
+            # (anyflow.stages: FAILED.json). A pod env, not a task input: the cache key is unchanged.
+            kubernetes.use_field_path_as_env(task, RUN_ENV, RUN_FIELD_PATH)
         # A record task must run in every run (after a KFP cache hit of its stage too): never cached.
         task.set_caching_options(enable_caching=self.caching and stage != RECORD_PROFILE)
         return task

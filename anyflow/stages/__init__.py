@@ -5,6 +5,13 @@
 content-addressed: the key hashes the stage, the preset sections it reads, the input artifacts'
 manifest digests and the code version, so a rerun with unchanged inputs is a cache hit, and training
 checkpoints for a (stage, key) live at a deterministic place from which a retried pod resumes.
+
+Retries and bad input: KFP's retry policy retries every failure, and it cannot filter on exit codes.
+So a stage that fails on bad input (config, input artifacts, data, a diverged loss -- the failures a
+retry reproduces) writes ``FAILED.json`` next to its checkpoints, tagged with the KFP run
+(``ANYFLOW_KFP_RUN``, which the platform layer fills from the pod's Argo workflow label). A retry in
+the same run finds it and stops at once with the original error, before loading data or models;
+another run (the user fixed the input in place) ignores and removes it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +31,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from anyflow.config import StageInputError
+
 STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate")
+
+#: The KFP run a stage attempt belongs to (the Argo workflow name; set by ``Platform.apply``).
+RUN_ENV = "ANYFLOW_KFP_RUN"
+#: Written under a stage's checkpoint folder when an attempt fails on bad input.
+FAILURE_MARKER = "FAILED.json"
 
 
 @dataclass
@@ -92,7 +107,7 @@ def run_stage(
     module = stage_module(name)
     cfg = apply_overrides(get_preset(preset), overrides)
     inputs = dict(inputs or {})
-    from anyflow.stages.common import StageInputError, require_inputs
+    from anyflow.stages.common import require_inputs
 
     require_inputs(name, inputs, module.INPUTS, getattr(module, "OPTIONAL", ()))
     digests = {}
@@ -115,13 +130,22 @@ def run_stage(
         if manifest.get("extra", {}).get("cache_key") == key:
             return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
     ckpt_url = storage.join(store, "checkpoints", name, key) if store else None
+    run_id = os.environ.get(RUN_ENV, "").strip()
+    marker = storage.join(ckpt_url, FAILURE_MARKER) if ckpt_url else None
+    if marker:
+        _stop_if_failed_before(name, marker, run_id)
     remote = storage.is_remote(out)
     staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{name}-")) if remote else Path(out)
     if not remote:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     try:
-        metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress)
+        try:
+            metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress)
+        except _permanent_failures() as exc:
+            if marker and run_id:
+                _record_failure(marker, run_id, name, exc)
+            raise
         manifest = storage.publish(
             staging, out, kind=module.KIND, parents=list(inputs.values()), config=to_dict(cfg), metrics=metrics,
             extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
@@ -130,6 +154,49 @@ def run_stage(
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
+
+
+class RepeatedStageFailure(StageInputError):
+    """A retry of a stage attempt that already failed on bad input in the same KFP run."""
+
+
+def _permanent_failures() -> tuple[type[BaseException], ...]:
+    """Failures a retry reproduces (the ones the CLI maps to exit 2, plus a diverged loss: the resume is exact)."""
+    from anyflow.config import ConfigError
+    from anyflow.data.prepare import DataPrepError
+    from anyflow.train.loop import TrainingDiverged
+
+    return (ConfigError, StageInputError, FileNotFoundError, DataPrepError, TrainingDiverged)
+
+
+def _record_failure(marker: str, run_id: str, name: str, exc: BaseException) -> None:
+    from anyflow import storage
+
+    record = {"run": run_id, "stage": name, "error": type(exc).__name__, "message": str(exc)[:2000],
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pod": os.environ.get("HOSTNAME", "")}
+    try:
+        storage.write_json_atomic(marker, record)
+    except Exception as write_exc:  # never mask the stage's own error
+        print(f"[anyflow] {name}: could not write {marker}: {write_exc}", file=sys.stderr, flush=True)
+
+
+def _stop_if_failed_before(name: str, marker: str, run_id: str) -> None:
+    from anyflow import storage
+
+    if not storage.exists(marker):
+        return
+    try:
+        record = storage.read_json(marker)
+    except Exception:  # unreadable marker: treat as absent
+        record = {}
+    if run_id and isinstance(record, dict) and record.get("run") == run_id:
+        raise RepeatedStageFailure(
+            f"{name}: an earlier attempt of this run ({run_id}, pod {record.get('pod') or '?'}, {record.get('time')}) "
+            f"failed on bad input -- {record.get('error')}: {record.get('message')} -- and a retry cannot fix that, "
+            f"so this attempt stops before loading anything. Fix the input and start a new run "
+            f"(other runs ignore {marker}).")
+    print(f"[anyflow] {name}: ignoring {marker} from run {record.get('run')!r} (this is a new run)", flush=True)
+    storage.delete([marker])
 
 
 def _report(module: ModuleType, uri: str, manifest: Mapping[str, Any]) -> str | None:
