@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
+from pipeline_fixtures import FAST
 
 from anyflow.config import StageInputError
 from anyflow.stages import FAILURE_MARKER, RUN_ENV, RepeatedStageFailure, run_stage
-from pipeline_fixtures import FAST
 
 
 def _markers(store: Path) -> list[Path]:

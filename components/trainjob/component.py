@@ -53,11 +53,10 @@ def trainjob(
     Returns:
         result: Output artifact pointing at the published stage artifact.
     """
+    import os
     import uuid
 
     from kubernetes import client, config
-
-    import os
 
     from anyflow.stages import RUN_ENV, run_stage
     from components._io import input_uri, parse_overrides, record_output
