@@ -381,6 +381,11 @@ def _guard(handler):
         except (UserError, KfpClientError, LocalRunError, CronError) as exc:
             print(f"anyflow {args.command}: {exc}", file=sys.stderr)
             return 2
+        except (PermissionError, NotADirectoryError) as exc:  # e.g. --workdir on a read-only root filesystem
+            where = exc.filename or getattr(args, "workdir", "")
+            print(f"anyflow {args.command}: cannot write {where}: {exc.strerror} (choose a writable folder "
+                  f"with --workdir)", file=sys.stderr)
+            return 2
 
     wrapped.__doc__ = handler.__doc__
     return wrapped

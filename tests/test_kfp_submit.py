@@ -166,3 +166,16 @@ def test_cli_errors_for_unknown_preset_and_pipeline(kfp_server, capsys, tmp_path
     assert "is not an anyflow artifact" in capsys.readouterr().err
     assert kfpctl.main(["rerun", "--stage", "distil"]) == 2
     assert "unknown stage 'distil'" in capsys.readouterr().err
+
+
+def test_run_with_unwritable_workdir_is_one_sentence(capsys, tmp_path: Path) -> None:
+    # In the train image the root filesystem is read-only: `anyflow run` in the image's working folder
+    # must say where it cannot write, not print a traceback (seen building the image). Root ignores
+    # file modes, so the unwritable places here are a path through a file and sysfs.
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for workdir, reason in ((a_file / "runs", "Not a directory"), ("/sys/anyflow-test/runs", "not permitted")):
+        assert kfpctl.main(["run", "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert "anyflow run: cannot write" in err and reason in err and "--workdir" in err, err
+        assert "Traceback" not in err
