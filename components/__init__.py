@@ -17,7 +17,6 @@ from anyflow import __version__
 #: ``v<version>``; ``images/build.sh`` pushes ``v<version>-<gitsha>`` and prints the
 #: ``ANYFLOW_IMAGE=…`` to export so cluster runs pin an immutable tag (KFP caching keys on it).
 IMAGE_REPOSITORY = "ghcr.io/anyflow/anyflow-train"
-EVAL_IMAGE_REPOSITORY = "ghcr.io/anyflow/anyflow-eval"
 
 STAGE_NAMES: tuple[str, ...] = (
     "prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate",
@@ -41,6 +40,25 @@ def check_image(image: str) -> str:
             f"image {image!r} has no immutable tag; use <repo>:v<version>-<gitsha> from images/build.sh "
             "(set ANYFLOW_IMAGE or pass --image)."
         )
+    return image
+
+
+def eval_image_for(image: str) -> str:
+    """The image the evaluate step runs on, for a pipeline whose other steps run on ``image``.
+
+    ``$ANYFLOW_EVAL_IMAGE`` if set; else ``image`` with its repository ``…/anyflow-train`` renamed
+    ``…/anyflow-eval`` (images/build.sh gives both the same registry and tag). The eval image is the train
+    image plus VBench in its own virtual environment (``images/eval/Dockerfile``), so the evaluate stage
+    runs there unchanged and VBench is found through ``ANYFLOW_VBENCH_PYTHON``. Any other train image
+    (another name, or pinned by digest) is used as is: VBench then reports "not run" unless it holds one.
+    """
+    explicit = os.environ.get("ANYFLOW_EVAL_IMAGE")
+    if explicit:
+        return check_image(explicit)
+    check_image(image)
+    repo, sep, tag = image.rpartition(":")
+    if "@sha256:" not in image and repo.rsplit("/", 1)[-1] == "anyflow-train":
+        return f"{repo[: -len('anyflow-train')]}anyflow-eval{sep}{tag}"
     return image
 
 
@@ -75,9 +93,10 @@ def stage_functions() -> dict[str, Callable]:
 
 
 def build_components(image: str | None = None) -> dict[str, object]:
-    """All stage components bound to one image, keyed by stage name."""
+    """All stage components keyed by stage name: evaluate on :func:`eval_image_for` ``image``, the rest on ``image``."""
     img = check_image(image or default_image())
-    return {name: make_component(fn, img) for name, fn in stage_functions().items()}
+    return {name: make_component(fn, eval_image_for(img) if name == "evaluate" else img)
+            for name, fn in stage_functions().items()}
 
 
 def build_record_component(image: str | None = None):

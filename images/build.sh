@@ -3,7 +3,9 @@
 #   images/build.sh                 build train + eval
 #   images/build.sh --push          build and push
 #   images/build.sh --print-tag     print the train image reference only
-# Env: REGISTRY (default ghcr.io/anyflow), GIT_SHA (default: git rev-parse --short=12 HEAD).
+# Env: REGISTRY (default ghcr.io/anyflow), GIT_SHA (default: git rev-parse --short=12 HEAD),
+#      ENGINE (default docker; e.g. "podman"), BUILD_FLAGS (extra flags for `build`).
+# The eval image is built FROM the train image just built (same tag), adding VBench's own venv.
 # Afterwards: export ANYFLOW_IMAGE=<printed train image> and run `anyflow compile/submit`.
 set -euo pipefail
 
@@ -30,10 +32,15 @@ case "${1:-}" in
   *) echo "build.sh: unknown option ${1}; use --push or --print-tag" >&2; exit 2 ;;
 esac
 
-docker build -f "${root}/images/train/Dockerfile" --build-arg VERSION="${version}" --build-arg GIT_SHA="${GIT_SHA}" -t "${train}" "${root}"
-docker build -f "${root}/images/eval/Dockerfile" --build-arg VERSION="${version}" --build-arg GIT_SHA="${GIT_SHA}" -t "${eval_image}" "${root}"
+read -r -a engine <<< "${ENGINE:-docker}"
+read -r -a flags <<< "${BUILD_FLAGS:-}"
+"${engine[@]}" build "${flags[@]}" -f "${root}/images/train/Dockerfile" --build-arg VERSION="${version}" \
+  --build-arg GIT_SHA="${GIT_SHA}" -t "${train}" "${root}"
+"${engine[@]}" build "${flags[@]}" -f "${root}/images/eval/Dockerfile" --build-arg VERSION="${version}" \
+  --build-arg GIT_SHA="${GIT_SHA}" --build-arg TRAIN_IMAGE="${train}" -t "${eval_image}" "${root}"
 if [[ "${1:-}" == "--push" ]]; then
-  docker push "${train}"
-  docker push "${eval_image}"
+  "${engine[@]}" push "${train}"
+  "${engine[@]}" push "${eval_image}"
 fi
+# The pipelines run evaluate steps on the eval image derived from this tag (components.eval_image_for).
 echo "export ANYFLOW_IMAGE=${train}"

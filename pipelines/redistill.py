@@ -113,13 +113,14 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
     """Return the ``anyflow-redistill`` pipeline function bound to ``platform`` and ``image``."""
     from kfp import dsl
 
-    from components import make_component
+    from components import check_image, default_image, eval_image_for, make_component
 
     plat = platform or Platform()
-    plan_c, distill_c, eval_c, decide_c, finish_c = (
-        make_component(f, image)
-        for f in (redistill_plan, redistill_distill, redistill_evaluate, redistill_decide, redistill_finish)
+    img = check_image(image or default_image())
+    plan_c, distill_c, decide_c, finish_c = (
+        make_component(f, img) for f in (redistill_plan, redistill_distill, redistill_decide, redistill_finish)
     )
+    eval_c = make_component(redistill_evaluate, eval_image_for(img))  # candidate vs live, VBench included
 
     @dsl.pipeline(name=PIPELINE_NAME, description="AnyFlow periodic re-distillation: new data, warm start, "
                   "evaluation gate at every NFE, atomic promotion.")

@@ -55,7 +55,7 @@ def test_non_root_pinned_no_secrets(path: Path) -> None:
             image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image)
             if image in {"build"}:
                 continue
-            assert re.search(r":\d[\w.-]*$|@sha256:[0-9a-f]{64}$", image), f"base image {image!r} is not pinned"
+            assert re.search(r":v?\d[\w.-]*$|@sha256:[0-9a-f]{64}$", image), f"base image {image!r} is not pinned"
             assert not image.endswith(":latest")
     text = path.read_text()
     for pattern in (r"AKIA[0-9A-Z]{16}", r"(?i)(secret|password|token)[_A-Z]*\s*=\s*\S+", r"-----BEGIN"):

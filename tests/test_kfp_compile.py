@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import anyflow
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_pipeline, compile_pipeline_func
 from pipelines.platform import Platform, PlatformError
 from pipelines.rerun import RerunError, build_rerun_pipeline
@@ -49,9 +50,11 @@ def test_t2v_structure_and_platform_settings() -> None:
     assert params["preset"]["defaultValue"] == "tiny" and params["finetune"]["defaultValue"] is False
 
     execs = spec["deploymentSpec"]["executors"]
-    for exe in execs.values():
+    for name, exe in execs.items():
         image = exe["container"]["image"]
-        assert image.startswith("ghcr.io/anyflow/anyflow-train:v") and not image.endswith(":latest")
+        # evaluate steps run on the eval image (the train image + VBench's own venv), with the same tag
+        repo = "anyflow-eval" if name.startswith("exec-evaluate") else "anyflow-train"
+        assert image == f"ghcr.io/anyflow/{repo}:v{anyflow.__version__}", (name, image)
         assert "pip install" not in " ".join(exe["container"]["command"])  # no packages_to_install
     gpu = execs["exec-distill"]["container"]["resources"]
     assert gpu["accelerator"]["resourceType"] == "nvidia.com/gpu" and gpu["accelerator"]["resourceCount"] == "8"
@@ -246,3 +249,27 @@ def test_multinode_stage_becomes_trainjob_launcher(tmp_path: Path) -> None:
     assert "tolerations" not in k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-trainjob"]
     with pytest.raises(PlatformError, match="num_nodes"):
         Platform.from_dict({"stages": {"distill": {"num_nodes": 0}}})
+
+
+def test_eval_image_follows_the_train_image(monkeypatch, tmp_path: Path) -> None:
+    from components import eval_image_for
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+    from pipelines.redistill import build_redistill_pipeline
+
+    monkeypatch.delenv("ANYFLOW_EVAL_IMAGE", raising=False)
+    train = "registry.example/team/anyflow-train:v0.1.0-0123456789ab"
+    assert eval_image_for(train) == "registry.example/team/anyflow-eval:v0.1.0-0123456789ab"
+    assert eval_image_for("registry.example/my-image:v1") == "registry.example/my-image:v1"  # not ours: as is
+    digest = "registry.example/anyflow-train@sha256:" + "a" * 64
+    assert eval_image_for(digest) == digest  # a digest belongs to one repository
+    for build in (build_t2v_pipeline, build_redistill_pipeline):
+        spec, _ = _docs(compile_pipeline_func(build(image=train), tmp_path / "p.yaml"))
+        images = {n: e["container"]["image"] for n, e in spec["deploymentSpec"]["executors"].items()}
+        evaluate = {n for n in images if "evaluate" in n}
+        assert evaluate and all(images[n] == eval_image_for(train) for n in evaluate), images
+        assert all(images[n] == train for n in set(images) - evaluate), images
+    monkeypatch.setenv("ANYFLOW_EVAL_IMAGE", "registry.example/vbench-eval:v2")
+    assert eval_image_for(train) == "registry.example/vbench-eval:v2"
+    monkeypatch.setenv("ANYFLOW_EVAL_IMAGE", "registry.example/vbench-eval:latest")
+    with pytest.raises(ValueError, match="immutable tag"):
+        eval_image_for(train)
