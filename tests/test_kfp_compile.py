@@ -16,6 +16,7 @@ from pipelines.rerun import RerunError, build_rerun_pipeline
 @pytest.fixture(autouse=True)
 def _release_image(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)  # goldens use the release tag
+    monkeypatch.delenv("ANYFLOW_EVAL_IMAGE", raising=False)
 
 
 def _docs(path: Path) -> tuple[dict, dict]:

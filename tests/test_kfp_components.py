@@ -37,6 +37,7 @@ EXPECTED_IO = {
 @pytest.mark.parametrize("stage", sorted(EXPECTED_IO))
 def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANYFLOW_IMAGE", "registry.example/anyflow-train:v0.1.0-abc1234")
+    monkeypatch.delenv("ANYFLOW_EVAL_IMAGE", raising=False)
     comp = components.build_components()[stage]
     spec = comp.component_spec
     ins, outs = EXPECTED_IO[stage]
@@ -51,7 +52,8 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     for name, io in {**spec.inputs, **spec.outputs}.items():
         assert io.description, f"{stage}: parameter {name!r} has no docstring entry"
     container = spec.implementation.container
-    assert container.image == "registry.example/anyflow-train:v0.1.0-abc1234"
+    repo = "anyflow-eval" if stage == "evaluate" else "anyflow-train"  # evaluate: train image + VBench venv
+    assert container.image == f"registry.example/{repo}:v0.1.0-abc1234"
     assert "pip install" not in " ".join(container.command)
     src = inspect.getsource(components.stage_functions()[stage])
     assert f'run_stage("{stage}"' in src and "torch" not in src  # thin: calls the stage, no maths
