@@ -106,6 +106,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(overrides, sort_keys=True), "store": store,
               "finetune": bool(args.finetune)}
+    if args.finetune_set:
+        if not args.finetune:
+            raise UserError("--finetune-set needs --finetune (it configures the fine-tuning dataset).")
+        from anyflow.config import ConfigError, apply_overrides, get_preset, parse_override_args
+
+        try:
+            ft = parse_override_args(list(args.finetune_set))
+            apply_overrides(get_preset(args.preset), {**overrides, **ft})  # validate before any stage
+        except ConfigError as exc:
+            raise UserError(f"--finetune-set: {exc}") from None
+        params["finetune_data_overrides_json"] = json.dumps(ft, sort_keys=True)
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
           f"(KFP local runner, workdir {args.workdir})", flush=True)
@@ -424,6 +435,9 @@ def add_cli(subparsers: Any) -> None:
                               "data through KFP's local runner; stages already in the store are reused.")
     _common(p)
     p.add_argument("--finetune", action="store_true", help="also run the finetune → evaluate branch")
+    p.add_argument("--finetune-set", action="append", metavar="KEY=VALUE",
+                   help="override for the fine-tuning dataset, applied over --set (repeatable), e.g. "
+                   "data.source=procedural:n=16,seed=1 (default: the training data)")
     p.add_argument("--name", default=None, help="run record name (default: run-<UTC time>)")
     p.set_defaults(func=_guard(cmd_run), command="run")
 

@@ -16,7 +16,8 @@ _DOC = """Train and evaluate an any-step generator{what}.
             overrides_json: JSON object of dotted config overrides applied to every stage.
             store: Content-addressed store URL (s3://bucket/prefix); empty keeps artifacts in KFP.
             finetune: Also fine-tune the generator on a second dataset and evaluate it.
-            finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data.
+            finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data, applied
+                over overrides_json (e.g. its own data.source).
         """
 
 
@@ -99,8 +100,8 @@ def build_training_pipeline(
                                           **common), "evaluate")
         recorded(ev.outputs["report"], "evaluate")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
-            ft_data = plat.apply(comps["prepare_data"](preset=preset, overrides_json=finetune_data_overrides_json,
-                                                       store=store), "prepare_data")
+            ft_data = plat.apply(comps["prepare_data"](**common, extra_overrides_json=finetune_data_overrides_json),
+                                 "prepare_data")
             ft_data.set_display_name("prepare_finetune_data")
             ft_dataset = recorded(ft_data.outputs["dataset"], "prepare_finetune_data")
             finetuned = recorded(train("finetune", "finetuned", common, dataset=ft_dataset, generator=generator),

@@ -47,8 +47,10 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {k: t.split("@")[0] for k, t in got_out.items()} == outs
     params = {k: v for k, v in spec.inputs.items() if not v.type.startswith("system.")}
     # no run id / record name: a stage task's KFP cache key is the same in every run (record_stage records)
-    assert {k: (v.type, v.default) for k, v in params.items()} == {
-        "preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
+    expected = {"preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
+    if stage == "prepare_data":  # the finetune branch's own data overrides, over the common ones
+        expected["extra_overrides_json"] = ("String", "{}")
+    assert {k: (v.type, v.default) for k, v in params.items()} == expected
     for name, io in {**spec.inputs, **spec.outputs}.items():
         assert io.description, f"{stage}: parameter {name!r} has no docstring entry"
     container = spec.implementation.container

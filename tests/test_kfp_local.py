@@ -71,3 +71,29 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else [f"{prefix}{k}"]
     return out
+
+
+@pytest.mark.slow
+def test_finetune_dataset_takes_common_overrides_then_its_own(tmp_path: Path, capsys,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The finetune branch prepares its dataset with the run's --set overrides and then --finetune-set on top
+    # (before, it got only its own and silently fell back to the preset for everything else).
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    workdir = tmp_path / "runs"
+    base = ["run", "--workdir", str(workdir), *SETS, "--set", "data.heldout_fraction=0.5"]
+    assert kfpctl.main([*base, "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 2
+    assert "--finetune-set needs --finetune" in capsys.readouterr().err
+    assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.sorce=x"]) == 2
+    assert "--finetune-set" in (err := capsys.readouterr().err) and "sorce" in err
+
+    assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 0
+    capsys.readouterr()
+    datasets = {}
+    for manifest_url in storage.list_prefix(str(workdir / "store" / "artifacts" / "prepare_data")):
+        if manifest_url.endswith("/manifest.json"):
+            uri = manifest_url.rsplit("/", 1)[0]
+            storage.verify(uri)
+            datasets[uri] = storage.read_json(f"{uri}/config.json")["data"]
+    by_source = {d["source"]: d for d in datasets.values()}
+    assert set(by_source) == {"procedural:n=16,seed=0", "procedural:n=8,seed=3"}, datasets
+    assert all(d["heldout_fraction"] == 0.5 for d in by_source.values()), datasets

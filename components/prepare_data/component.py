@@ -8,6 +8,7 @@ def prepare_data(
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
+    extra_overrides_json: str = "{}",
 ) -> None:
     """Prepare the training dataset (procedural for ``tiny``; videos + captions otherwise).
 
@@ -18,6 +19,8 @@ def prepare_data(
         overrides_json: JSON object of dotted config overrides, e.g. ``{"data.num_videos": 8}``.
         store: Content-addressed artifact store URL (``s3://bucket/prefix`` or a folder); empty
             writes the artifact into the KFP output itself.
+        extra_overrides_json: Overrides applied over ``overrides_json`` (the pipeline's fine-tuning
+            dataset: the run's common overrides, then its own data source and settings).
 
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
@@ -26,6 +29,6 @@ def prepare_data(
     from components._io import parse_overrides, record_output, stage_target
 
     store_url, out = stage_target(dataset, store)
-    res = run_stage("prepare_data", preset=preset, overrides=parse_overrides(overrides_json),
-                    inputs={}, store=store_url, out=out)
+    overrides = {**parse_overrides(overrides_json), **parse_overrides(extra_overrides_json)}
+    res = run_stage("prepare_data", preset=preset, overrides=overrides, inputs={}, store=store_url, out=out)
     record_output(dataset, res, store, "prepare_data", inputs={})
