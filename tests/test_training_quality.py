@@ -176,19 +176,26 @@ def _single_threaded(run):
         torch.set_num_threads(threads)
 
 
+def _setup(*, bimodal: bool, std: float):
+    """Toy, pre-trained base, 512 evaluation prompts/labels/noises, the stage-1 student, the guided base
+    sampler and its 100-step reference endpoints from that noise."""
+    toy = _Toy(bimodal=bimodal, std=std)
+    wan = _pretrained_wan(toy)
+    ge = torch.Generator().manual_seed(123)
+    _, c, lab = toy.batch(512, ge)
+    z = torch.randn((512, *ITEM), generator=ge)
+    student = _stage1(toy, wan)
+    base = _cfg(student.fn(None), toy.neg)
+    ref = _sample(base, z, c, REFERENCE_STEPS, use_mean_velocity=False)
+    return toy, wan, c, lab, z, student, base, ref
+
+
 @pytest.fixture(scope="module")
 def stage1_coupled() -> dict[str, dict[int, float]]:
     """Coupled MSE to the teacher reference on the one-mode-per-prompt toy."""
 
     def run():
-        toy = _Toy(bimodal=False, std=0.3)
-        wan = _pretrained_wan(toy)
-        ge = torch.Generator().manual_seed(123)
-        _, c, _ = toy.batch(512, ge)
-        z = torch.randn((512, *ITEM), generator=ge)
-        student = _stage1(toy, wan)
-        base = _cfg(student.fn(None), toy.neg)
-        ref = _sample(base, z, c, REFERENCE_STEPS, use_mean_velocity=False)
+        _, _, c, _, z, student, base, ref = _setup(bimodal=False, std=0.3)
 
         def coupled(u):
             return {n: float(((_sample(u, z, c, n) - ref) ** 2).mean()) for n in NS}
@@ -205,15 +212,8 @@ def stage2_energy() -> dict[str, dict[int, float]]:
     """Energy distance to independent teacher samples on the bimodal toy (and the estimator's noise)."""
 
     def run():
-        toy = _Toy(bimodal=True, std=0.1)
-        wan = _pretrained_wan(toy)
-        ge = torch.Generator().manual_seed(123)
-        _, c, lab = toy.batch(512, ge)
-        z = torch.randn((512, *ITEM), generator=ge)
+        toy, wan, c, lab, z, student, base, ref = _setup(bimodal=True, std=0.1)  # ref: same noise (coupled)
         z_ref = torch.randn((512, *ITEM), generator=torch.Generator().manual_seed(999))
-        student = _stage1(toy, wan)
-        base = _cfg(student.fn(None), toy.neg)
-        ref = _sample(base, z, c, REFERENCE_STEPS, use_mean_velocity=False)  # same noise: coupled error
         ref2 = _sample(base, z_ref, c, REFERENCE_STEPS, use_mean_velocity=False)  # independent: energy
 
         def energy(x, y):
