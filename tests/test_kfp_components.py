@@ -182,7 +182,8 @@ def _job_args() -> dict:
     cmd = launcher.stage_command("distill", preset="wan2.1-t2v-14b", overrides={"distill.train.steps": 10},
                                  inputs={"teacher": "s3://b/t", "dataset": "s3://b/d"}, store="s3://b/store")
     return dict(name=launcher.job_name("distill", "ab12cd34"), namespace="anyflow", image="r/anyflow-train:v0.1.0-abc",
-                command=cmd, num_nodes=4, gpus_per_node=8, env=launcher.s3_env("anyflow-s3", ["AWS_ACCESS_KEY_ID"]))
+                command=cmd, num_nodes=4, gpus_per_node=8,
+                env=launcher.s3_env("anyflow-s3", ["AWS_ACCESS_KEY_ID"], run="anyflow-t2v-abc12"))
 
 
 def test_trainjob_object_matches_crd_shape() -> None:
@@ -196,6 +197,8 @@ def test_trainjob_object_matches_crd_shape() -> None:
                                       "--in", "dataset=s3://b/d", "--in", "teacher=s3://b/t",
                                       "--set", "distill.train.steps=10"]
     assert trainer["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "anyflow-s3", "key": "AWS_ACCESS_KEY_ID"}
+    # the workers tag a bad-input failure with the launcher's KFP run (issue 9: its retry stops at once)
+    assert {"name": "ANYFLOW_KFP_RUN", "value": "anyflow-t2v-abc12"} in trainer["env"]
     assert body["spec"]["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                                           "kind": "ClusterTrainingRuntime"}
     bad = json.loads(json.dumps(body))

@@ -72,9 +72,8 @@ def trainjob(
     ns = namespace or launcher.in_cluster_namespace()
     name = launcher.job_name(stage, uuid.uuid4().hex[:8])
     command = launcher.stage_command(stage, preset=preset, overrides=overrides, inputs=inputs, store=store)
-    env = launcher.s3_env(s3_secret, ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], s3_endpoint)
-    if os.environ.get(RUN_ENV):  # the workers' bad-input marker is tagged with this KFP run too
-        env.append({"name": RUN_ENV, "value": os.environ[RUN_ENV]})
+    env = launcher.s3_env(s3_secret, ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], s3_endpoint,
+                          run=os.environ.get(RUN_ENV, ""))
     common = dict(name=name, namespace=ns, image=image, command=command, num_nodes=num_nodes,
                   gpus_per_node=gpus_per_node, env=env, labels={"anyflow/stage": stage})
     if api == "trainer":

@@ -55,13 +55,19 @@ def stage_command(stage: str, *, preset: str, overrides: Mapping[str, Any], inpu
     return cmd
 
 
-def s3_env(secret: str, keys: Sequence[str], endpoint: str = "") -> list[dict[str, Any]]:
-    """Env vars taking S3 credentials from a Kubernetes secret (+ the endpoint when set)."""
+def s3_env(secret: str, keys: Sequence[str], endpoint: str = "", run: str = "") -> list[dict[str, Any]]:
+    """Env vars of the job's workers: S3 credentials from a Kubernetes secret, the endpoint when set, and
+    the launcher's KFP run (``anyflow.stages.RUN_ENV``) so a worker's bad-input marker is tagged with it and
+    a retried launcher's new job stops at once."""
+    from anyflow.stages import RUN_ENV
+
     env: list[dict[str, Any]] = [
         {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in keys
     ]
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    if run:
+        env.append({"name": RUN_ENV, "value": run})
     return env
 
 
