@@ -178,3 +178,50 @@ def test_s3_prefix_source_matches_local(videos: dict[str, Path], tmp_path: Path,
     client.put_object(Bucket=bucket, Key=f"{prefix}/videos/index.csv", Body=b"video,caption\ngood_b.mp4,hello\n")
     [row] = list(open_source(f"{s3_prefix}/videos/index.csv"))
     assert row.caption == "hello" and row.load(SPEC).equal(local["good_b.mp4"])
+
+
+class _FailingStream(io.RawIOBase):
+    """A tar shard that reads fine for ``good`` bytes, then fails like the store would, or ends early."""
+
+    def __init__(self, data: bytes, good: int, exc: BaseException | None) -> None:
+        self.data, self.good, self.exc, self.pos = data, good, exc, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.pos >= self.good:
+            if self.exc is not None:
+                raise self.exc
+            return 0
+        n = min(len(buf), self.good - self.pos)
+        buf[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_tar_shard_store_failure_propagates_while_truncation_is_skipped() -> None:
+    # A network/store error mid-shard must reach the stage (KFP retries it; it is not bad input, so no
+    # FAILED.json marker), while a genuinely truncated shard is a skipped record.
+    from anyflow.data import sources
+    from anyflow.storage import StorageError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            payload = b"x" * 4096
+            info = tarfile.TarInfo(f"clip{i}.mp4")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    cut = 512 + 4096 + 700  # inside the second member
+
+    def read(exc):
+        tar = tarfile.open(fileobj=io.BufferedReader(_FailingStream(data, cut, exc)), mode="r|*")
+        return list(sources._tar_samples(tar, "s3://bucket/shard-0.tar"))
+
+    for exc in (StorageError("GET s3://bucket/shard-0.tar: connection reset"), ConnectionResetError("reset")):
+        with pytest.raises(type(exc)):
+            read(exc)
+    records = read(None)  # the stream simply ends: a truncated shard
+    assert isinstance(records[-1], SkippedRecord) and "truncated or corrupt" in records[-1].detail

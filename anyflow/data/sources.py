@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import torch
 
+from anyflow._storage_s3 import StorageError
 from anyflow.data.procedural import describe, make_clip
 from anyflow.data.video import (
     BAD_METADATA,
@@ -279,6 +280,8 @@ def _tar_samples(tar: tarfile.TarFile, url: str) -> Iterator[Record]:
             current = key
             fobj = tar.extractfile(member)
             sample[ext] = fobj.read() if fobj is not None else b""
+    except (StorageError, ConnectionError, TimeoutError):
+        raise  # the store or network failed, not the shard: a retry may succeed (not "bad input")
     except (tarfile.TarError, OSError, EOFError) as e:
         yield SkippedRecord(url, BAD_METADATA, f"{url} is truncated or corrupt after {current!r}: {e}")
         return
