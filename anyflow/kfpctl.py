@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -379,6 +380,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: errnos of "this place cannot be written": permission, read-only filesystem, a file where a folder should be.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
 def _guard(handler):
     """Turn the errors users hit into one sentence on stderr and exit code 2."""
 
@@ -392,10 +397,13 @@ def _guard(handler):
         except (UserError, KfpClientError, LocalRunError, CronError) as exc:
             print(f"anyflow {args.command}: {exc}", file=sys.stderr)
             return 2
-        except (PermissionError, NotADirectoryError) as exc:  # e.g. --workdir on a read-only root filesystem
-            where = exc.filename or getattr(args, "workdir", "")
-            print(f"anyflow {args.command}: cannot write {where}: {exc.strerror} (choose a writable folder "
-                  f"with --workdir)", file=sys.stderr)
+        except OSError as exc:  # e.g. --workdir on a read-only root filesystem (a container's)
+            if exc.errno not in _UNWRITABLE:
+                raise
+            where = exc.filename or getattr(args, "workdir", "") or "the output folder"
+            hint = " (choose a writable folder with --workdir)" if getattr(args, "workdir", None) else ""
+            print(f"anyflow {args.command}: cannot write {where}: {exc.strerror or os.strerror(exc.errno)}{hint}",
+                  file=sys.stderr)
             return 2
 
     wrapped.__doc__ = handler.__doc__

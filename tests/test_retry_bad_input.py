@@ -91,3 +91,23 @@ def test_transient_failures_leave_no_marker(tiny_chain, tmp_path: Path, monkeypa
     monkeypatch.setenv(RUN_ENV, "anyflow-t2v-run-c")
     res = run_stage("distill", store=str(store), overrides=FAST, inputs=inputs, progress=False)
     assert not res.cached and (Path(res.uri) / "manifest.json").exists()
+
+
+def test_prelaunch_check_for_multi_node_launchers(tiny_chain, tmp_path: Path, monkeypatch) -> None:
+    # The TrainJob launcher asks before scheduling GPU nodes: cached -> the artifact, failed on bad input
+    # earlier in this run -> stop, otherwise -> launch.
+    from anyflow.stages import prelaunch_check
+
+    store = tmp_path / "store"
+    ds, fm = tiny_chain["dataset"].uri, tiny_chain["flowmap"].uri
+    bad = {"dataset": ds, "teacher": ds, "flowmap": fm}
+    args = dict(preset="tiny", overrides=FAST, store=str(store))
+    monkeypatch.setenv(RUN_ENV, "anyflow-t2v-run-d")
+    assert prelaunch_check("distill", inputs=bad, **args) is None  # nothing known yet: launch
+    with pytest.raises(StageInputError):
+        run_stage("distill", inputs=bad, progress=False, **args)  # what the job's workers do
+    with pytest.raises(RepeatedStageFailure, match="earlier attempt of this run"):
+        prelaunch_check("distill", inputs=bad, **args)
+    good = {"dataset": ds, "teacher": tiny_chain["teacher"].uri, "flowmap": fm}
+    res = run_stage("distill", inputs=good, progress=False, **args)
+    assert prelaunch_check("distill", inputs=good, **args) == res.uri

@@ -102,21 +102,9 @@ def run_stage(
 ) -> StageResult:
     """Run (or reuse) one stage and publish its artifact; see the module docstring."""
     from anyflow import storage
-    from anyflow.config import apply_overrides, get_preset, to_dict
+    from anyflow.config import to_dict
 
-    module = stage_module(name)
-    cfg = apply_overrides(get_preset(preset), overrides)
-    inputs = dict(inputs or {})
-    from anyflow.stages.common import require_inputs
-
-    require_inputs(name, inputs, module.INPUTS, getattr(module, "OPTIONAL", ()))
-    digests = {}
-    for role, url in inputs.items():
-        try:
-            digests[role] = storage.manifest_digest(url)
-        except storage.ArtifactError as exc:
-            raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
-    key = cache_key(name, cfg, module.SECTIONS, digests)
+    module, cfg, inputs, key = _resolve(name, preset, overrides, inputs)
     if out is None:
         if not store:
             raise ValueError("run_stage needs either store (content-addressed output) or out")
@@ -143,7 +131,7 @@ def run_stage(
         try:
             metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress)
         except _permanent_failures() as exc:
-            if marker and run_id:
+            if marker and run_id and _is_rank_zero():  # one writer under torchrun
                 _record_failure(marker, run_id, name, exc)
             raise
         manifest = storage.publish(
@@ -154,6 +142,50 @@ def run_stage(
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
+
+
+def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
+             inputs: Mapping[str, str] | None) -> tuple[ModuleType, Any, dict[str, str], str]:
+    """(stage module, config, inputs, content key): validates the config and the input artifacts."""
+    from anyflow import storage
+    from anyflow.config import apply_overrides, get_preset
+    from anyflow.stages.common import require_inputs
+
+    module = stage_module(name)
+    cfg = apply_overrides(get_preset(preset), overrides)
+    inputs = dict(inputs or {})
+    require_inputs(name, inputs, module.INPUTS, getattr(module, "OPTIONAL", ()))
+    digests = {}
+    for role, url in inputs.items():
+        try:
+            digests[role] = storage.manifest_digest(url)
+        except storage.ArtifactError as exc:
+            raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
+    return module, cfg, inputs, cache_key(name, cfg, module.SECTIONS, digests)
+
+
+def prelaunch_check(name: str, *, preset: str, overrides: Mapping[str, Any] | None,
+                    inputs: Mapping[str, str] | None, store: str) -> str | None:
+    """For a launcher about to start a multi-node job that runs stage ``name`` into ``store``.
+
+    Raises :class:`RepeatedStageFailure` when an earlier attempt of this KFP run (``RUN_ENV``) failed on
+    bad input (so a retried launcher does not schedule GPU nodes only to stop); returns the artifact URL
+    when the store already holds it (no job needed), else ``None``. Config and input errors raise as
+    in :func:`run_stage`.
+    """
+    from anyflow import storage
+
+    _, _, _, key = _resolve(name, preset, overrides, inputs)
+    out = storage.join(store, "artifacts", name, key)
+    if storage.exists(storage.join(out, "manifest.json")):
+        try:
+            if storage.read_manifest(out).get("extra", {}).get("cache_key") == key:
+                return out
+        except storage.ArtifactError:
+            pass
+    _stop_if_failed_before(name, storage.join(store, "checkpoints", name, key, FAILURE_MARKER),
+                           os.environ.get(RUN_ENV, "").strip())
+    return None
 
 
 class RepeatedStageFailure(StageInputError):
@@ -195,8 +227,13 @@ def _stop_if_failed_before(name: str, marker: str, run_id: str) -> None:
             f"failed on bad input -- {record.get('error')}: {record.get('message')} -- and a retry cannot fix that, "
             f"so this attempt stops before loading anything. Fix the input and start a new run "
             f"(other runs ignore {marker}).")
-    print(f"[anyflow] {name}: ignoring {marker} from run {record.get('run')!r} (this is a new run)", flush=True)
-    storage.delete([marker])
+    if _is_rank_zero():  # other ranks must not delete a marker rank 0 may have just written for this run
+        print(f"[anyflow] {name}: ignoring {marker} from run {record.get('run')!r} (this is a new run)", flush=True)
+        storage.delete([marker])
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _report(module: ModuleType, uri: str, manifest: Mapping[str, Any]) -> str | None:

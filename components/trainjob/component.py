@@ -58,7 +58,7 @@ def trainjob(
 
     from kubernetes import client, config
 
-    from anyflow.stages import RUN_ENV, run_stage
+    from anyflow.stages import RUN_ENV, prelaunch_check, run_stage
     from components._io import input_uri, parse_overrides, record_output
     from components.trainjob import launcher
 
@@ -80,8 +80,11 @@ def trainjob(
         body = launcher.build_trainjob(runtime=runtime, **common)
     else:
         body = launcher.build_pytorchjob(**common)
-    config.load_incluster_config()
-    launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
+    # Before asking for GPU nodes: already in the store -> no job; this run's earlier attempt failed on bad
+    # input -> stop now (a KFP retry cannot fix it).
+    if prelaunch_check(stage, preset=preset, overrides=overrides, inputs=inputs, store=store) is None:
+        config.load_incluster_config()
+        launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
     res = run_stage(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, out=None)
     if not res.cached:
         print(f"[anyflow] warning: {stage} was recomputed by the launcher; the job did not publish the expected key.")
