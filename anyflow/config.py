@@ -350,6 +350,20 @@ def apply_overrides(preset: Preset, overrides: Mapping[str, Any] | None) -> Pres
     return preset
 
 
+def merge_overrides(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Later layers win: nested mappings merge key by key (``{"data": {"height": 64}}`` and
+    ``{"data": {"source": "…"}}`` keep both), dotted keys are applied after the earlier layers' keys."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_overrides(out[key], value)
+            else:
+                out.pop(key, None)  # re-insert: apply_overrides applies keys in order, so this one comes last
+                out[key] = value
+    return out
+
+
 def parse_override_args(items: list[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` → ``{"a.b": "1", "c": "x"}`` (values are coerced against the schema later)."""
     out: dict[str, Any] = {}

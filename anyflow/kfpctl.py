@@ -117,6 +117,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             apply_overrides(get_preset(args.preset), {**overrides, **ft})  # validate before any stage
         except ConfigError as exc:
             raise UserError(f"--finetune-set: {exc}") from None
+        other = sorted(k for k in ft if not k.startswith("data."))
+        if other:  # the branch's prepare_data reads only the data section; anything else would be ignored
+            raise UserError(f"--finetune-set takes data.* keys only (the fine-tuning dataset); got {', '.join(other)}; "
+                            "use --set for the stages.")
         params["finetune_data_overrides_json"] = json.dumps(ft, sort_keys=True)
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
@@ -445,7 +449,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--finetune", action="store_true", help="also run the finetune → evaluate branch")
     p.add_argument("--finetune-set", action="append", metavar="KEY=VALUE",
                    help="override for the fine-tuning dataset, applied over --set (repeatable), e.g. "
-                   "data.source=procedural:n=16,seed=1 (default: the training data)")
+                   "data.source=procedural:n=16,seed=1; data.* keys only (default: the training data)")
     p.add_argument("--name", default=None, help="run record name (default: run-<UTC time>)")
     p.set_defaults(func=_guard(cmd_run), command="run")
 

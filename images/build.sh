@@ -34,9 +34,10 @@ esac
 
 read -r -a engine <<< "${ENGINE:-docker}"
 read -r -a flags <<< "${BUILD_FLAGS:-}"
-"${engine[@]}" build "${flags[@]}" -f "${root}/images/train/Dockerfile" --build-arg VERSION="${version}" \
+# ${flags[@]+"${flags[@]}"}: an empty array under `set -u` on bash < 4.4 (macOS) is otherwise an error
+"${engine[@]}" build ${flags[@]+"${flags[@]}"} -f "${root}/images/train/Dockerfile" --build-arg VERSION="${version}" \
   --build-arg GIT_SHA="${GIT_SHA}" -t "${train}" "${root}"
-"${engine[@]}" build "${flags[@]}" -f "${root}/images/eval/Dockerfile" --build-arg VERSION="${version}" \
+"${engine[@]}" build ${flags[@]+"${flags[@]}"} -f "${root}/images/eval/Dockerfile" --build-arg VERSION="${version}" \
   --build-arg GIT_SHA="${GIT_SHA}" --build-arg TRAIN_IMAGE="${train}" -t "${eval_image}" "${root}"
 if [[ "${1:-}" == "--push" ]]; then
   "${engine[@]}" push "${train}"

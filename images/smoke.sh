@@ -17,8 +17,9 @@ image="${1:?usage: images/smoke.sh [--eval] IMAGE}"
 read -r -a engine <<< "${ENGINE:-docker}"
 read -r -a extra <<< "${ENGINE_RUN_FLAGS:-}"
 read -r -a cache <<< "${CACHE_MOUNT:---tmpfs /cache:rw,uid=1000,gid=1000}"
-run=("${engine[@]}" run --rm --network none --read-only --tmpfs /tmp:rw,size=4g,mode=1777 "${cache[@]}" "${extra[@]}"
-     "${image}")
+# ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4 (macOS) is otherwise an error
+run=("${engine[@]}" run --rm --network none --read-only --tmpfs /tmp:rw,size=4g,mode=1777
+     ${cache[@]+"${cache[@]}"} ${extra[@]+"${extra[@]}"} "${image}")
 
 fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
 
@@ -27,13 +28,15 @@ uid="$("${run[@]}" id -u)"
 echo "smoke: runs as uid ${uid}"
 
 "${run[@]}" anyflow --help > /dev/null || fail "anyflow --help"
-if "${run[@]}" sh -c 'touch /opt/anyflow/x' 2> /dev/null; then fail "the root filesystem is writable"; fi
+# $HOME belongs to uid 1000, so only a read-only root filesystem can refuse this write
+if "${run[@]}" sh -c 'touch "$HOME/x"' 2> /dev/null; then fail "the root filesystem is writable"; fi
 
 log="$(mktemp)"
 trap 'rm -f "${log}"' EXIT
 # Both runs in one container: /tmp (the store) lives as long as the container.
+# Only the second run's output goes to ${log} (the first run's tail goes to stderr).
 "${run[@]}" sh -c 'anyflow run --workdir /tmp/runs > /tmp/first.log 2>&1 || { tail -40 /tmp/first.log; exit 1; }
-                   tail -3 /tmp/first.log
+                   tail -3 /tmp/first.log >&2
                    anyflow run --workdir /tmp/runs 2>&1' > "${log}" || { cat "${log}"; fail "anyflow run"; }
 grep -q "report.html: /tmp/runs/runs/" "${log}" || { cat "${log}"; fail "no report"; }
 for stage in prepare_data train_teacher train_flowmap distill evaluate; do

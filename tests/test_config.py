@@ -68,3 +68,19 @@ def test_unknown_vbench_dimension_is_refused_before_any_sampling() -> None:
         apply_overrides(get_preset("tiny"), {"evaluate.vbench_dimensions": "temporal_flicker"})
     for name in ("wan2.1-t2v-1.3b", "far-14b"):  # the presets' 16 dimensions are all valid
         apply_overrides(get_preset(name), {})
+
+
+def test_merge_overrides_later_layers_win_and_nested_keys_merge() -> None:
+    from anyflow.config import apply_overrides, get_preset, merge_overrides
+
+    common = {"data": {"height": 64, "width": 64}, "distill.train.steps": 3}
+    finetune = {"data": {"source": "procedural:n=8,seed=3", "width": 48}}
+    merged = merge_overrides(common, finetune)
+    assert merged["data"] == {"height": 64, "width": 48, "source": "procedural:n=8,seed=3"}
+    data = apply_overrides(get_preset("tiny"), merged).data
+    assert (data.height, data.width, data.source) == (64, 48, "procedural:n=8,seed=3")
+    # dotted after nested (and the other way round): the later layer wins
+    assert apply_overrides(get_preset("tiny"), merge_overrides({"data": {"height": 64}}, {"data.height": 48})).data.height == 48
+    assert apply_overrides(get_preset("tiny"), merge_overrides({"data.height": 64}, {"data": {"height": 48}})).data.height == 48
+    assert apply_overrides(get_preset("tiny"), merge_overrides({"data.height": 64}, {"data.height": 48})).data.height == 48
+    assert merge_overrides(None, {}) == {}

@@ -85,6 +85,8 @@ def test_finetune_dataset_takes_common_overrides_then_its_own(tmp_path: Path, ca
     assert "--finetune-set needs --finetune" in capsys.readouterr().err
     assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.sorce=x"]) == 2
     assert "--finetune-set" in (err := capsys.readouterr().err) and "sorce" in err
+    assert kfpctl.main([*base, "--finetune", "--finetune-set", "finetune.train.steps=1"]) == 2
+    assert "data.* keys only" in capsys.readouterr().err
 
     assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 0
     capsys.readouterr()

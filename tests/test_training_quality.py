@@ -40,7 +40,9 @@ Measured (this file's seeds, one thread; 2026-11-27):
   With other seeds for the evaluation set and the on-policy data (512 samples each): N = 1 0.59 vs 1.20
   and 0.49 vs 1.00, N = 2 0.195 vs 0.251 and 0.065 vs 0.114, N = 4 0.143 vs 0.148 and 0.033 vs 0.030 —
   so N = 4 does not reliably improve at this budget (200 on-policy steps; 400 steps did not change
-  that) and is asserted as "not worse than twice the estimator's noise", like N = 16 / 50.
+  that) and is asserted as "not worse than 1.5× stage 1 plus the estimator's noise", like N = 16 / 50.
+  N = 2 improves on all four seeds tried (0.105 vs 0.128 here, a gap smaller than the estimator's
+  noise on this seed alone; 0.016 vs 0.178 on another).
 """
 
 from __future__ import annotations
@@ -260,5 +262,5 @@ def test_onpolicy_improves_one_and_two_steps(stage2_energy) -> None:
 
 def test_onpolicy_keeps_four_and_many_step_quality(stage2_energy) -> None:
     fm, op, noise = stage2_energy["flowmap"], stage2_energy["onpolicy"], stage2_energy["noise"][0]
-    for n in (4, 16, 50):
-        assert op[n] <= fm[n] + 2 * noise, (n, stage2_energy)
+    for n in (4, 16, 50):  # a 1.5x regression beyond the estimator's noise fails (5x at N=16 would)
+        assert op[n] <= 1.5 * fm[n] + noise, (n, stage2_energy)

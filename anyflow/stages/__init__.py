@@ -226,7 +226,7 @@ def _stop_if_failed_before(name: str, marker: str, run_id: str) -> None:
             f"{name}: an earlier attempt of this run ({run_id}, pod {record.get('pod') or '?'}, {record.get('time')}) "
             f"failed on bad input -- {record.get('error')}: {record.get('message')} -- and a retry cannot fix that, "
             f"so this attempt stops before loading anything. Fix the input and start a new run "
-            f"(other runs ignore {marker}).")
+            f"(other runs ignore {marker}; KFP's Retry button reuses this run: delete that file first).")
     if _is_rank_zero():  # other ranks must not delete a marker rank 0 may have just written for this run
         print(f"[anyflow] {name}: ignoring {marker} from run {record.get('run')!r} (this is a new run)", flush=True)
         storage.delete([marker])

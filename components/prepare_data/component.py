@@ -25,10 +25,11 @@ def prepare_data(
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
     """
+    from anyflow.config import merge_overrides
     from anyflow.stages import run_stage
     from components._io import parse_overrides, record_output, stage_target
 
     store_url, out = stage_target(dataset, store)
-    overrides = {**parse_overrides(overrides_json), **parse_overrides(extra_overrides_json)}
+    overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
     res = run_stage("prepare_data", preset=preset, overrides=overrides, inputs={}, store=store_url, out=out)
     record_output(dataset, res, store, "prepare_data", inputs={})
