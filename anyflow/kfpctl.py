@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
           f"(KFP local runner, workdir {args.workdir})", flush=True)
     # Platform.local(): no retries (the local runner honours set_retry and would back off for minutes).
-    run = run_local(build(Platform.local(), image=args.image), params, args.workdir, name)
+    run = run_local(build(Platform.local(), image=args.image), params, args.workdir, name, verbose=args.verbose)
     save_record(run, args.workdir, params)
     _print_run(run, store)
     return 0
@@ -305,7 +305,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
-    run = run_local(func, params, args.workdir, name)
+    run = run_local(func, params, args.workdir, name, verbose=getattr(args, "verbose", False))
     save_record(run, args.workdir, params)
     _print_run(run, store)
     return 0
@@ -451,6 +451,9 @@ def add_cli(subparsers: Any) -> None:
                    help="override for the fine-tuning dataset, applied over --set (repeatable), e.g. "
                    "data.source=procedural:n=16,seed=1; data.* keys only (default: the training data)")
     p.add_argument("--name", default=None, help="run record name (default: run-<UTC time>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream the local runner's full output (default: progress per stage; all of it goes to "
+                   "<workdir>/runs/<name>.log)")
     p.set_defaults(func=_guard(cmd_run), command="run")
 
     p = subparsers.add_parser("compile", help="compile a pipeline to KFP YAML",
@@ -484,6 +487,7 @@ def add_cli(subparsers: Any) -> None:
                    help="take the inputs from an earlier run: a KFP run id (its stage records under "
                    "<store>/runs/<id>/, so pass the run's --store) or a local run name or id from 'anyflow run' "
                    "(see 'anyflow runs'); --from overrides single roles")
+    p.add_argument("--verbose", action="store_true", help="local rerun: stream the local runner's full output")
     p.set_defaults(func=_guard(cmd_rerun), command="rerun")
 
     p = subparsers.add_parser("schedule", help="create a KFP recurring run from a cron expression",

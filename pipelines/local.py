@@ -16,9 +16,14 @@ record ``<workdir>/runs/<name>.json`` maps a readable name to that run id and st
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
+import re
+import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,85 @@ from typing import Any
 
 class LocalRunError(RuntimeError):
     """A stage failed in the local runner; the message names it."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXECUTING = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_PIPELINE = re.compile(r"(Running pipeline: '[^']+'|Pipeline '[^']+' finished with status \w+)")
+#: Warnings of the local runner that do not apply to anyflow's use of it (it runs our own Python
+#: components in this environment on purpose; platform settings only matter on a cluster).
+_IRRELEVANT_WARNINGS = (r".*have no effect in the current local runner.*",
+                        r".*may be attemping to run a task that uses custom or non-Python base image.*")
+
+
+class ProgressLog(io.TextIOBase):
+    """Stand-in for ``sys.stdout`` while the local runner runs: everything goes to a log file, and a
+    short progress view (task started / finished with its time, anyflow's one-line results) to ``echo``.
+
+    The KFP local runner prints each component's executor input/output JSON and logs (hundreds of lines
+    per run); ``anyflow run --verbose`` shows those instead.
+    """
+
+    def __init__(self, path: Path, echo: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._log = open(path, "w", encoding="utf-8")
+        self._echo = echo
+        self._pending = ""
+        self._started: dict[str, float] = {}
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        self.failed: str | None = None  # the first task that finished with another status than SUCCESS
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            self._line(_ANSI.sub("", line).rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._echo.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._pending:
+            self._line(_ANSI.sub("", self._pending).rstrip())
+            self._pending = ""
+        super().close()  # flushes
+        self._log.close()
+
+    def _show(self, text: str) -> None:
+        self._echo.write(text + "\n")
+        self._echo.flush()
+
+    def _line(self, line: str) -> None:
+        # tail: the current task's own lines, without the runner's executor JSON (kept in the log file)
+        if line.strip() and line.strip()[0] not in '{}[]"':
+            self.tail.append(line)
+        if (m := _EXECUTING.search(line)) is not None:
+            self.tail.clear()
+            self.tail.append(line)
+            self._started[m.group(1)] = time.perf_counter()
+            if not m.group(1).startswith("record-stage"):
+                self._show(f"▶ {m.group(1)}")
+        elif (m := _FINISHED.search(line)) is not None:
+            task, status = m.groups()
+            took = time.perf_counter() - self._started.get(task, time.perf_counter())
+            if status != "SUCCESS" and self.failed is None:
+                self.failed = task
+            if not (task.startswith("record-stage") and status == "SUCCESS"):
+                self._show(f"  {task}: {status} in {took:.1f} s")
+        elif (m := _PIPELINE.search(line)) is not None:
+            self._show(m.group(1))
+        elif "[anyflow]" in line and "[anyflow] record " not in line:
+            self._show("  " + line.strip())
 
 
 @dataclass
@@ -83,26 +167,47 @@ def _recorded_run_id(log: Path) -> str | None:
     return ids.pop() if ids else None
 
 
-def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str) -> LocalRun:
-    """Run ``pipeline_func(**params)`` locally and return the anyflow URIs of its outputs."""
+def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str, *,
+              verbose: bool = False) -> LocalRun:
+    """Run ``pipeline_func(**params)`` locally and return the anyflow URIs of its outputs.
+
+    The runner's full output goes to ``<workdir>/runs/<name>.log``; the terminal gets a progress view
+    (:class:`ProgressLog`), or everything with ``verbose``. On a failure the log's tail is printed.
+    """
     import tempfile
 
     from components._io import RECORD_LOG_ENV
 
     init_local(workdir)
     previous = os.environ.get(RECORD_LOG_ENV)
+    log_path = Path(workdir).resolve() / "runs" / f"{name}.log"
+    progress = None if verbose else ProgressLog(log_path, sys.stdout)
     with tempfile.TemporaryDirectory(prefix="anyflow-records-") as tmp:
         log = Path(tmp) / "records.jsonl"
         os.environ[RECORD_LOG_ENV] = str(log)  # inherited by the component subprocesses
+        real_stdout = sys.stdout
         try:
-            task = pipeline_func(**params)
+            with warnings.catch_warnings():
+                for pattern in _IRRELEVANT_WARNINGS:
+                    warnings.filterwarnings("ignore", message=pattern)
+                if progress is not None:
+                    sys.stdout = progress
+                    print(f"(full log: {log_path})", file=real_stdout, flush=True)
+                task = pipeline_func(**params)
         except RuntimeError as exc:
             run_id = _recorded_run_id(log)
             kept = (f" The stages that finished are recorded under run id {run_id} "
                     f"('anyflow rerun --stage STAGE --run {run_id} --store {params.get('store')}')." if run_id else "")
-            raise LocalRunError(f"{_failed_task(str(exc))} failed in the local KFP runner; its log is printed "
-                                f"above.{kept}") from exc
+            where, task = "its log is printed above", _failed_task(str(exc))
+            if progress is not None:
+                print("\n".join(progress.tail), file=real_stdout, flush=True)
+                where = f"the end of its log is printed above (all of it: {log_path})"
+                task = f"task '{progress.failed}'" if progress.failed else task
+            raise LocalRunError(f"{task} failed in the local KFP runner; {where}.{kept}") from exc
         finally:
+            sys.stdout = real_stdout
+            if progress is not None:
+                progress.close()
             if previous is None:
                 os.environ.pop(RECORD_LOG_ENV, None)
             else:

@@ -99,3 +99,53 @@ def test_finetune_dataset_takes_common_overrides_then_its_own(tmp_path: Path, ca
     by_source = {d["source"]: d for d in datasets.values()}
     assert set(by_source) == {"procedural:n=16,seed=0", "procedural:n=8,seed=3"}, datasets
     assert all(d["heldout_fraction"] == 0.5 for d in by_source.values()), datasets
+
+
+def test_progress_view_keeps_the_terminal_short_and_the_log_whole(tmp_path: Path) -> None:
+    import io
+
+    from pipelines.local import ProgressLog
+
+    echo = io.StringIO()
+    log = ProgressLog(tmp_path / "runs" / "x.log", echo)
+    lines = [
+        "06:10:00.000 - INFO - Running pipeline: \x1b[95m'anyflow-t2v'\x1b[0m",
+        "06:10:00.001 - INFO - Executing task \x1b[96m'prepare-data'\x1b[0m",
+        '    {"inputs": {"parameterValues": {"store": "/s"}}}',
+        "    prepare_data: 13clip [00:00, 96.05clip/s, skipped=0, written=12]",
+        "    [anyflow] prepare_data: wrote artifact /s/artifacts/prepare_data/abc",
+        "06:10:04.000 - INFO - Task \x1b[96m'prepare-data'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m",
+        "06:10:04.001 - INFO - Executing task 'record-stage'",
+        "    [anyflow] record prepare_data: run 1 -> /s/artifacts/prepare_data/abc",
+        "06:10:04.100 - INFO - Task 'record-stage' finished with status SUCCESS",
+        "06:10:04.200 - INFO - Executing task 'distill'",
+        "    ValueError: distill: input teacher=/s/x is not a teacher checkpoint",
+        "06:10:05.000 - ERROR - Task 'distill' finished with status FAILURE",
+    ]
+    for line in lines:  # the runner writes in pieces; lines may arrive split
+        log.write(line[:10])
+        log.write(line[10:] + "\n")
+    log.close()
+    shown = echo.getvalue().splitlines()
+    assert shown[0] == "Running pipeline: 'anyflow-t2v'"
+    assert shown[1:3] == ["▶ prepare-data", "  [anyflow] prepare_data: wrote artifact /s/artifacts/prepare_data/abc"]
+    assert shown[3].startswith("  prepare-data: SUCCESS in ") and shown[3].endswith(" s")
+    assert shown[4] == "▶ distill" and shown[5].startswith("  distill: FAILURE in ")
+    assert len(shown) == 6  # no JSON, progress bars or record-stage lines
+    assert log.failed == "distill" and "is not a teacher checkpoint" in "\n".join(log.tail)
+    full = (tmp_path / "runs" / "x.log").read_text()
+    assert all(line in full for line in lines)  # the log keeps everything, colour codes included
+
+
+def test_failed_local_run_names_the_task_and_shows_the_log_tail(tmp_path: Path, capsys,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    workdir = tmp_path / "runs"
+    bad = str(tmp_path / "no-such-folder")
+    assert kfpctl.main(["run", "--workdir", str(workdir), "--set", f"data.source={bad}", "--name", "broken"]) == 2
+    out, err = capsys.readouterr()
+    assert "▶ prepare-data" in out and f"data source {bad} is not a folder" in out  # the tail of the log
+    assert "task 'prepare-data' failed in the local KFP runner" in err and str(workdir / "runs" / "broken.log") in err
+    assert "non-Python base image" not in out + err  # the local runner's irrelevant warnings are filtered
+    assert '"parameterValues"' not in out  # executor JSON stays in the log
+    assert '"parameterValues"' in (workdir / "runs" / "broken.log").read_text()
