@@ -57,8 +57,14 @@ def save_training_state(
     generators: Mapping[str, torch.Generator],
     data_state: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    ranks: list[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write the state into ``directory`` atomically (a temp sibling renamed into place)."""
+    """Write the state into ``directory`` atomically (a temp sibling renamed into place).
+
+    ``ranks`` (multi-process runs, written by rank 0 for all): each rank's own random state
+    (``{"generators": {name: state}, "torch_cpu": state}``) and data-loader position (``"data"``), so
+    every rank resumes its own stream; the rest of the state is the same on every rank.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +87,13 @@ def save_training_state(
         "data": dict(data_state),
         "extra": dict(extra or {}),
     }
+    if ranks:
+        rng_ranks = {}
+        for r, rs in enumerate(ranks):
+            rng_ranks |= {f"rank{r}.rng.{k}": v for k, v in rs["generators"].items()}
+            rng_ranks[f"rank{r}.rng.torch_cpu"] = rs["torch_cpu"]
+        save_file(rng_ranks, str(tmp / "rng-ranks.safetensors"))
+        state["ranks"] = [{"data": dict(rs["data"])} for rs in ranks]
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     if directory.exists():
         shutil.rmtree(directory)
@@ -104,8 +117,13 @@ def load_training_state(
     optimizers: Mapping[str, torch.optim.Optimizer],
     schedulers: Mapping[str, Any],
     generators: Mapping[str, torch.Generator],
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore in place; returns ``{"step", "data", "extra"}``."""
+    """Restore in place; returns ``{"step", "data", "extra"}``.
+
+    In a multi-process run each rank restores its own random state and data position (``rank``) from
+    the per-rank entries rank 0 wrote; a checkpoint without them (one process) restores rank 0's.
+    """
     directory = Path(directory)
     state = json.loads((directory / "state.json").read_text())
     saved = load_file(str(directory / "params.safetensors"))
@@ -136,7 +154,16 @@ def load_training_state(
     for name, sch in schedulers.items():
         sch.load_state_dict(state["schedulers"][name])
     rng = load_file(str(directory / "rng.safetensors"))
+    data = state["data"]
+    per_rank = state.get("ranks")
+    if per_rank is not None:
+        if rank >= len(per_rank):
+            raise ValueError(f"checkpoint {directory} was written by {len(per_rank)} processes; rank {rank} has no "
+                             "state in it (resume with the same number of processes)")
+        mine = load_file(str(directory / "rng-ranks.safetensors"))
+        rng = {k[len(f"rank{rank}."):]: v for k, v in mine.items() if k.startswith(f"rank{rank}.")}
+        data = per_rank[rank]["data"]
     for name, g in generators.items():
         g.set_state(rng[f"rng.{name}"])
     torch.set_rng_state(rng["rng.torch_cpu"])
-    return {"step": state["step"], "data": state["data"], "extra": state["extra"]}
+    return {"step": state["step"], "data": data, "extra": state["extra"]}

@@ -326,7 +326,7 @@ def fit(
     if resume_from is not None:
         restored = load_training_state(
             resume_from, params=flat_params, ema=ema, optimizers=optimizers,
-            schedulers=schedulers, generators={"train": generator},
+            schedulers=schedulers, generators={"train": generator}, rank=accelerator.process_index,
         )
         start = restored["step"]
         batches.load_state_dict(restored["data"])
@@ -343,16 +343,45 @@ def fit(
     t0 = time.perf_counter()
     bar = _progress(progress and accelerator.is_main_process, start, cfg.steps, method.name)
 
+    world = accelerator.num_processes
+
     def checkpoint(step: int) -> None:
+        """Rank 0 writes (and publishes) one checkpoint for all ranks. Adapters, optimisers, EMA and
+        schedulers are identical on every rank; each rank's random state and data position are gathered
+        into it (every rank resumes its own stream). Every rank returns with the same label."""
         nonlocal last_ckpt
-        save_training_state(
-            ckpt_dir, step=step, params=flat_params, ema=ema, optimizers=optimizers,
-            schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
-        )
-        log.flush()
-        if log_path.exists():
-            shutil.copy(log_path, ckpt_dir / log_name)
-        last_ckpt = checkpoint_sync(ckpt_dir, step) if checkpoint_sync is not None else str(ckpt_dir)
+        ranks = None
+        if world > 1:
+            import torch.distributed as dist
+
+            ranks = [None] * world
+            mine = {"generators": {"train": generator.get_state()}, "torch_cpu": torch.get_rng_state(),
+                    "data": batches.state_dict()}
+            dist.all_gather_object(ranks, mine)
+        if accelerator.is_main_process:
+            save_training_state(
+                ckpt_dir, step=step, params=flat_params, ema=ema, optimizers=optimizers,
+                schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
+                ranks=ranks,
+            )
+            log.flush()
+            if log_path.exists():
+                shutil.copy(log_path, ckpt_dir / log_name)
+            last_ckpt = checkpoint_sync(ckpt_dir, step) if checkpoint_sync is not None else str(ckpt_dir)
+        if world > 1:  # also keeps the other ranks from running ahead while rank 0 publishes
+            label = [last_ckpt]
+            dist.broadcast_object_list(label, src=0)
+            last_ckpt = label[0]
+
+    def sigterm_seen() -> bool:
+        """Whether any rank got SIGTERM (all ranks must agree, or one would wait in a collective forever)."""
+        if world == 1:
+            return sigterm.raised
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if sigterm.raised else 0.0], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, end):
@@ -397,7 +426,7 @@ def fit(
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 checkpoint(step + 1)
-            if sigterm.raised:
+            if sigterm_seen():
                 if (step + 1) % cfg.checkpoint_every != 0 and step + 1 != end:
                     checkpoint(step + 1)
                 raise Preempted(f"{method.name}: SIGTERM at step {step + 1}; checkpoint written to {last_ckpt}")
