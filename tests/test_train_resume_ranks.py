@@ -5,7 +5,8 @@ data positions differ, so the published checkpoint mixed ranks (its manifest cou
 files) and on resume every rank loaded one rank's loader state -- which the loader refuses ("loader state
 has rank=0 but this loader … has rank=1"). Now rank 0 publishes one checkpoint holding every rank's random
 state and data position, and a 2-rank run interrupted after 2 of 4 steps and resumed ends bit-for-bit
-where the uninterrupted run ends, on both ranks.
+where the uninterrupted run ends, on both ranks. Likewise every rank published the stage's final
+artifact (rank 1 with an empty training log); now only rank 0 does.
 """
 
 from __future__ import annotations
@@ -52,3 +53,31 @@ def test_two_rank_run_resumed_midway_equals_the_straight_run(tiny_chain, tmp_pat
                 assert torch.equal(resumed[r][key][name], value), (r, key, name)
     # the control: the ranks really draw different batches/noise (else per-rank state would not matter)
     assert straight[0]["data"] != straight[1]["data"]
+
+
+@pytest.mark.slow
+def test_a_stage_under_torchrun_publishes_one_complete_artifact(tiny_chain, tmp_path: Path) -> None:
+    # Every rank runs the stage; only rank 0 (which writes the training log) publishes the artifact.
+    import json
+
+    from anyflow import storage
+    from pipeline_fixtures import FAST
+
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun not found next to the interpreter")
+    overrides = {**FAST, "flowmap.train.steps": 4, "flowmap.train.batch_size": 2}
+    proc = subprocess.run(
+        [exe, "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "helpers" / "stage_worker.py"),
+         "train_flowmap", str(tmp_path / "store"), tiny_chain["dataset"].uri, json.dumps(overrides)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (uri,) = {r["uri"] for r in records if "uri" in r}  # both ranks name the same artifact
+    publishers = {(r["published"], r["rank"]) for r in records if "published" in r}
+    assert {rank for _, rank in publishers} == {0}, publishers  # checkpoints and the artifact: rank 0 only
+    manifest = storage.verify(uri)  # re-hashes every file
+    log = (Path(uri) / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log][-1] == 4, log  # rank 0's log, not an empty one
+    assert manifest["extra"]["stage"] == "train_flowmap"

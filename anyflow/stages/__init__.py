@@ -134,10 +134,13 @@ def run_stage(
             if marker and run_id and _is_rank_zero():  # one writer under torchrun
                 _record_failure(marker, run_id, name, exc)
             raise
-        manifest = storage.publish(
-            staging, out, kind=module.KIND, parents=list(inputs.values()), config=to_dict(cfg), metrics=metrics,
-            extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
-        )
+        if _is_rank_zero():
+            manifest = storage.publish(
+                staging, out, kind=module.KIND, parents=list(inputs.values()), config=to_dict(cfg), metrics=metrics,
+                extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
+            )
+        else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it
+            manifest = {"metrics": metrics}
     finally:
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
