@@ -60,8 +60,9 @@ def test_a_stage_under_torchrun_publishes_one_complete_artifact(tiny_chain, tmp_
     # Every rank runs the stage; only rank 0 (which writes the training log) publishes the artifact.
     import json
 
-    from anyflow import storage
     from pipeline_fixtures import FAST
+
+    from anyflow import storage
 
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if exe is None:
