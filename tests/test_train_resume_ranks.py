@@ -20,18 +20,23 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).parent / "helpers" / "resume_worker.py"
+HELPERS = Path(__file__).parent / "helpers"
 
 
-def _launch(dataset: str, ckpt: Path, out: Path, steps: int, world: int = 2) -> list[dict]:
+def _torchrun(worker: str, *args: str, world: int = 2) -> subprocess.CompletedProcess:
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if exe is None:
         pytest.skip("torchrun not found next to the interpreter")
     proc = subprocess.run(
-        [exe, "--standalone", "--nproc_per_node", str(world), str(WORKER), dataset, str(ckpt), str(out), str(steps)],
+        [exe, "--standalone", "--nproc_per_node", str(world), str(HELPERS / worker), *args],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _launch(dataset: str, ckpt: Path, out: Path, steps: int, world: int = 2) -> list[dict]:
+    _torchrun("resume_worker.py", dataset, str(ckpt), str(out), str(steps), world=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -64,16 +69,9 @@ def test_a_stage_under_torchrun_publishes_one_complete_artifact(tiny_chain, tmp_
 
     from anyflow import storage
 
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not found next to the interpreter")
     overrides = {**FAST, "flowmap.train.steps": 4, "flowmap.train.batch_size": 2}
-    proc = subprocess.run(
-        [exe, "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "helpers" / "stage_worker.py"),
-         "train_flowmap", str(tmp_path / "store"), tiny_chain["dataset"].uri, json.dumps(overrides)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _torchrun("stage_worker.py", "train_flowmap", str(tmp_path / "store"), tiny_chain["dataset"].uri,
+                     json.dumps(overrides))
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     (uri,) = {r["uri"] for r in records if "uri" in r}  # both ranks name the same artifact
     publishers = {(r["published"], r["rank"]) for r in records if "published" in r}
