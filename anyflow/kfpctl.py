@@ -21,14 +21,19 @@ class UserError(Exception):
     """An error a user fixes: printed as one sentence, exit code 2."""
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace, items: list[str] | None = None, *, over: dict[str, Any] | None = None,
+               flag: str = "") -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` items (default: ``--set``) and validate them against the preset, applied over
+    ``over``, before any stage runs; a bad key or value is a ``UserError`` (prefixed with ``flag``)."""
     from anyflow.config import ConfigError, apply_overrides, get_preset, parse_override_args
 
+    if items is None:
+        items = list(getattr(args, "set", None) or [])
     try:
-        overrides = parse_override_args(list(getattr(args, "set", None) or []))
-        apply_overrides(get_preset(args.preset), overrides)  # validate early: unknown preset/key
+        overrides = parse_override_args(items)
+        apply_overrides(get_preset(args.preset), {**(over or {}), **overrides})  # unknown preset/key
     except ConfigError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{flag}: {exc}" if flag else str(exc)) from None
     return overrides
 
 
@@ -110,13 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.finetune_set:
         if not args.finetune:
             raise UserError("--finetune-set needs --finetune (it configures the fine-tuning dataset).")
-        from anyflow.config import ConfigError, apply_overrides, get_preset, parse_override_args
-
-        try:
-            ft = parse_override_args(list(args.finetune_set))
-            apply_overrides(get_preset(args.preset), {**overrides, **ft})  # validate before any stage
-        except ConfigError as exc:
-            raise UserError(f"--finetune-set: {exc}") from None
+        ft = _overrides(args, list(args.finetune_set), over=overrides, flag="--finetune-set")
         other = sorted(k for k in ft if not k.startswith("data."))
         if other:  # the branch's prepare_data reads only the data section; anything else would be ignored
             raise UserError(f"--finetune-set takes data.* keys only (the fine-tuning dataset); got {', '.join(other)}; "

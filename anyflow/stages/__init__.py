@@ -110,13 +110,9 @@ def run_stage(
             raise ValueError("run_stage needs either store (content-addressed output) or out")
         out = storage.join(store, "artifacts", name, key)
     t0 = time.perf_counter()
-    if not force and storage.exists(storage.join(out, "manifest.json")):
-        try:
-            manifest = storage.read_manifest(out)
-        except storage.ArtifactError:
-            manifest = {}
-        if manifest.get("extra", {}).get("cache_key") == key:
-            return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
+    manifest = None if force else _cached_manifest(out, key)
+    if manifest is not None:
+        return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
     ckpt_url = storage.join(store, "checkpoints", name, key) if store else None
     run_id = os.environ.get(RUN_ENV, "").strip()
     marker = storage.join(ckpt_url, FAILURE_MARKER) if ckpt_url else None
@@ -167,6 +163,19 @@ def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
     return module, cfg, inputs, cache_key(name, cfg, module.SECTIONS, digests)
 
 
+def _cached_manifest(out: str, key: str) -> dict[str, Any] | None:
+    """The manifest of the artifact at ``out`` if it is complete and was made for ``key``, else None."""
+    from anyflow import storage
+
+    if not storage.exists(storage.join(out, "manifest.json")):
+        return None
+    try:
+        manifest = storage.read_manifest(out)
+    except storage.ArtifactError:
+        return None
+    return manifest if manifest.get("extra", {}).get("cache_key") == key else None
+
+
 def prelaunch_check(name: str, *, preset: str, overrides: Mapping[str, Any] | None,
                     inputs: Mapping[str, str] | None, store: str) -> str | None:
     """For a launcher about to start a multi-node job that runs stage ``name`` into ``store``.
@@ -180,12 +189,8 @@ def prelaunch_check(name: str, *, preset: str, overrides: Mapping[str, Any] | No
 
     _, _, _, key = _resolve(name, preset, overrides, inputs)
     out = storage.join(store, "artifacts", name, key)
-    if storage.exists(storage.join(out, "manifest.json")):
-        try:
-            if storage.read_manifest(out).get("extra", {}).get("cache_key") == key:
-                return out
-        except storage.ArtifactError:
-            pass
+    if _cached_manifest(out, key) is not None:
+        return out
     _stop_if_failed_before(name, storage.join(store, "checkpoints", name, key, FAILURE_MARKER),
                            os.environ.get(RUN_ENV, "").strip())
     return None
