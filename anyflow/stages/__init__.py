@@ -118,9 +118,11 @@ def run_stage(
     marker = storage.join(ckpt_url, FAILURE_MARKER) if ckpt_url else None
     if marker:
         _stop_if_failed_before(name, marker, run_id)
-    remote = storage.is_remote(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{name}-")) if remote else Path(out)
-    if not remote:
+    # A local output folder is written in place by the one process that publishes it; other torchrun ranks
+    # (and remote outputs) stage in a private temporary folder, so no rank clears or overwrites another's files.
+    private = storage.is_remote(out) or not _is_rank_zero()
+    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{name}-")) if private else Path(out)
+    if not private:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     try:
@@ -138,7 +140,7 @@ def run_stage(
         else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it
             manifest = {"metrics": metrics}
     finally:
-        if remote:
+        if private:
             shutil.rmtree(staging, ignore_errors=True)
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
 
