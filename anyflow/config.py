@@ -68,6 +68,10 @@ class TrainConfig:
     # frozen-base parameter sharding across ranks (FSDP2, anyflow/train/loop.py): "none" (replicated),
     # "fsdp" (shard over all ranks) or "hsdp" (shard within a node, replicate across nodes)
     sharding: str = "none"
+    # ZeRO-1 (anyflow/train/loop.py): with several processes each rank keeps the AdamW moments of about
+    # 1/world of the trainable tensors and broadcasts them after its step (torch ZeroRedundancyOptimizer);
+    # the update is the same and checkpoints hold the whole, layout-independent state. No effect on 1 process.
+    shard_optimizer: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ def _wan(name: str, base: str, batch: int, iters: int) -> Preset:
     """The released hyperparameters (METHOD.md §10); sizes differ only in base, batch and iterations."""
     stage_train = TrainConfig(
         steps=iters, batch_size=batch, seed=0, ema_decay=0.999, ema_warmup_step=1000,
-        checkpoint_every=500, log_every=10, mixed_precision="bf16",
+        checkpoint_every=500, log_every=10, mixed_precision="bf16", shard_optimizer=True,
     )
     stage_optim = OptimConfig(lr=5e-5, beta1=0.9, beta2=0.95, warmup_steps=1000, grad_clip=1.0)
     distill_optim = OptimConfig(lr=2e-6, beta1=0.0, beta2=0.999, warmup_steps=0, grad_clip=1.0)

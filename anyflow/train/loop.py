@@ -215,6 +215,37 @@ def shard_frozen_base(models: Any, mode: str, accelerator: Any) -> dict[str, int
     }
 
 
+def make_optimizer(params: list[nn.Parameter], oc: OptimConfig, *, shard: bool) -> torch.optim.Optimizer:
+    """AdamW over ``params``. ``shard`` (ZeRO-1, ``train.shard_optimizer`` with several processes): PyTorch's
+    ``ZeroRedundancyOptimizer`` assigns each tensor to one rank (greedy by size, the same on every rank), that
+    rank alone keeps its AdamW moments and updates it, then broadcasts the new values. Every rank still
+    holds every parameter and its (all-reduced, clipped) gradient, so the update is exactly plain AdamW's
+    (tests/test_train_zero.py); the moments cost 1/world per rank. Needs ``torch.distributed`` set up."""
+    kwargs: dict[str, Any] = {"lr": oc.lr, "betas": (oc.beta1, oc.beta2), "weight_decay": oc.weight_decay}
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def is_sharded_optimizer(opt: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(opt, ZeroRedundancyOptimizer)
+
+
+def optimizer_partition(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, int]:
+    """``{"params", "local_params"}``: trainable elements over all optimisers, and the elements whose moments
+    this rank keeps (all of them without ZeRO-1)."""
+    total = local = 0
+    for opt in optimizers.values():
+        total += sum(p.numel() for g in opt.param_groups for p in g["params"])
+        inner = opt.optim if is_sharded_optimizer(opt) else opt
+        local += sum(p.numel() for g in inner.param_groups for p in g["params"])
+    return {"params": total, "local_params": local}
+
+
 def _check_launch(cfg: TrainConfig, accelerator: Any, method: Any) -> None:
     """Refuse launch layouts the loop does not implement, instead of silently running something else."""
     kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
@@ -241,6 +272,8 @@ class FitResult:
     ema: dict[str, torch.Tensor]
     seconds: float
     shard: dict[str, int] = field(default_factory=dict)  # shard_frozen_base's counts ({} when not sharded)
+    # optimizer_partition: trainable elements, and those whose AdamW moments this rank holds
+    optimizer_shard: dict[str, int] = field(default_factory=dict)
 
 
 class _SigtermFlag:
@@ -298,12 +331,8 @@ def fit(
     work_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
     groups = method.optim_groups()
-    optimizers = {
-        name: torch.optim.AdamW(
-            list(params.values()), lr=oc.lr, betas=(oc.beta1, oc.beta2), weight_decay=oc.weight_decay
-        )
-        for name, (params, oc) in groups.items()
-    }
+    zero = cfg.shard_optimizer and accelerator.num_processes > 1
+    optimizers = {name: make_optimizer(list(params.values()), oc, shard=zero) for name, (params, oc) in groups.items()}
     schedulers = {
         name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], _warmup_constant(oc.warmup_steps))
         for name, (_, oc) in groups.items()
@@ -358,6 +387,9 @@ def fit(
             mine = {"generators": {"train": generator.get_state()}, "torch_cpu": torch.get_rng_state(),
                     "data": batches.state_dict()}
             dist.all_gather_object(ranks, mine)
+            for opt in optimizers.values():
+                if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
+                    opt.consolidate_state_dict(to=0)
         if accelerator.is_main_process:
             save_training_state(
                 ckpt_dir, step=step, params=flat_params, ema=ema, optimizers=optimizers,
@@ -368,6 +400,11 @@ def fit(
             if log_path.exists():
                 shutil.copy(log_path, ckpt_dir / log_name)
             last_ckpt = checkpoint_sync(ckpt_dir, step) if checkpoint_sync is not None else str(ckpt_dir)
+            for opt in optimizers.values():
+                if is_sharded_optimizer(opt):
+                    # drop rank 0's consolidated copy (a second full set of moments, on the CPU) until the
+                    # next checkpoint; torch keeps it in this private list and offers no call to free it
+                    opt._all_state_dicts.clear()
         if world > 1:  # also keeps the other ranks from running ahead while rank 0 publishes
             label = [last_ckpt]
             dist.broadcast_object_list(label, src=0)
@@ -435,7 +472,7 @@ def fit(
     if tb is not None:
         tb.close()
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
-                     shard=shard)
+                     shard=shard, optimizer_shard=optimizer_partition(optimizers))
 
 
 @torch.no_grad()

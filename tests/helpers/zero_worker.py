@@ -1,0 +1,69 @@
+"""Worker for tests/test_train_zero.py: on-policy training (two optimisers: generator and critic) under
+torchrun with preemption-safe checkpoints in a store folder, as the stages run it
+(``anyflow.stages.common.train_resumable``), with or without ZeRO-1 (``train.shard_optimizer``).
+
+    torchrun --nproc_per_node W zero_worker.py DATASET CKPT_URL OUT STEPS SHARD
+
+Trains to ``STEPS`` (resuming from the newest checkpoint under ``CKPT_URL`` if there is one); SHARD is 0 or 1.
+Writes OUT/rankR.pt: the trained adapters, the EMA, the step it resumed from, the optimiser partition
+counts and the number of moment elements this rank's optimisers really hold.
+"""
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+from states import random_adapter_state as random_state
+
+from anyflow.config import get_preset
+from anyflow.data.shards import LatentDataset
+from anyflow.models.loading import load_base
+from anyflow.stages.common import train_resumable
+from anyflow.train.adapters import AdapterModel
+from anyflow.train.loop import TrainContext, is_sharded_optimizer
+from anyflow.train.methods import OnPolicyMethod
+
+dataset, ckpt_url, out, steps, shard = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+p = get_preset("tiny")
+tr = dataclasses.replace(p.distill.train, steps=steps, batch_size=1, checkpoint_every=2, ema_warmup_step=2,
+                         shard_optimizer=shard)
+models = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
+probe = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
+probe.add("t", "teacher")
+probe.add("g", "generator")
+data = LatentDataset(dataset, batch_size=tr.batch_size, seed=tr.seed, rank=rank, world_size=world)
+method = OnPolicyMethod(
+    models, dataclasses.replace(p.distill, train=tr, steps_list=(2, 4)), data.negative_embedding(),
+    teacher=random_state(probe, "t", 1), generator=random_state(probe, "g", 2),
+)
+held: list[int] = []  # after every optimiser step: moment elements this rank's optimisers really hold
+
+
+def _spied(clip_and_step):
+    def wrapper(self, name):
+        norm = clip_and_step(self, name)
+        n = 0
+        for opt in self.optimizers.values():
+            inner = opt.optim if is_sharded_optimizer(opt) else opt  # ZeRO-1: the rank's local AdamW
+            n += sum(v.numel() for st in inner.state.values() for k, v in st.items() if k.startswith("exp_avg"))
+        held.append(n)
+        return norm
+    return wrapper
+
+
+TrainContext.clip_and_step = _spied(TrainContext.clip_and_step)
+(out / f"r{rank}").mkdir(parents=True, exist_ok=True)
+result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False)
+torch.save(
+    {
+        "params": {f"{g}/{k}": v.detach().clone() for g in ("generator", "critic") for k, v in models.params(g).items()},
+        "ema": {k: v.detach().clone() for k, v in result.ema.items()},
+        "resumed_from": result.resumed_from,
+        "optimizer_shard": result.optimizer_shard,
+        "moments_held": max(held),
+    },
+    out / f"rank{rank}.pt",
+)
