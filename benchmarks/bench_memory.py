@@ -12,8 +12,12 @@ rank from the preset) and from how ``anyflow.train.loop.shard_frozen_base`` lays
   forward (FSDP2 ``reshard_after_forward`` is False for the root), plus two all-gathered blocks (the
   block running and the one prefetched). Transient, but it is part of the peak.
 * **adapter state** of the on-policy stage (the largest): three LoRA adapters (teacher, critic,
-  generator; fp32), gradients and AdamW moments of the two trained ones, the generator's fp32 EMA.
-  Replicated on every GPU in every layout (the loop all-reduces their gradients; nothing shards them).
+  generator), gradients and AdamW moments of the two trained ones, the generator's fp32 EMA. The trained
+  adapters, gradients, moments and EMA are fp32; the frozen teacher is kept in bf16 under bf16 mixed
+  precision (``AdapterModel.store_frozen_adapters``). Replicated on every GPU, except the moments and
+  the EMA with ZeRO-1 (``train.shard_optimizer``, on in the Wan presets): each rank holds them for the
+  tensors ``ZeroRedundancyOptimizer`` assigns it (greedy by size, computed here exactly; the table uses
+  the largest rank).
 
 Activations are not counted (gradient checkpointing keeps them per block). GB = 10⁹ bytes.
 
@@ -27,7 +31,7 @@ import math
 from typing import Any
 
 PRESETS = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
-LAYOUTS = (("replicated", 1), ("fsdp", 8), ("fsdp", 16))
+LAYOUTS = (("replicated", 1, False), ("fsdp", 8, False), ("fsdp + zero1", 8, True), ("fsdp + zero1", 16, True))
 GB = 1e9
 
 
@@ -54,9 +58,27 @@ def _bytes(params: list[Any], world: int) -> int:
     return total
 
 
+def _zero1_largest(sizes: list[int], world: int) -> int:
+    """Elements on the busiest rank when ``ZeroRedundancyOptimizer`` partitions tensors of ``sizes``: largest
+    first, each to the rank with the fewest elements so far (its algorithm, per parameter group)."""
+    load = [0] * world
+    for n in sorted(sizes, reverse=True):
+        load[load.index(min(load))] += n
+    return max(load)
+
+
+def _lora_sizes(model: Any, role: str, rank: int) -> list[int]:
+    from anyflow.models.lora import lora_target_modules
+
+    out = []
+    for name in lora_target_modules(model, role):
+        m = model.get_submodule(name)
+        out += [rank * m.in_features, rank * m.out_features]  # lora_A, lora_B
+    return out
+
+
 def analytic_table(shape: str) -> dict[str, Any]:
     from anyflow.config import get_preset
-    from benchmarks.bench_training import lora_params
 
     preset = get_preset(PRESETS[shape])
     model = _model(shape)
@@ -65,23 +87,26 @@ def analytic_table(shape: str) -> dict[str, Any]:
     in_blocks = {id(p) for ps in blocks for p in ps}
     root = [p for p in model.parameters() if id(p) not in in_blocks]
     every = [*root, *(p for ps in blocks for p in ps)]
-    lora = {role: lora_params(model, role, rank) for role in ("teacher", "critic", "generator")}
+    sizes = {role: _lora_sizes(model, role, rank) for role in ("teacher", "critic", "generator")}
+    lora = {role: sum(v) for role, v in sizes.items()}
     trained = lora["critic"] + lora["generator"]
-    adapter_state = 4 * (
-        sum(lora.values()) + trained + 2 * trained + lora["generator"]
-    )  # params, grads, Adam, EMA
+    fixed = 2 * lora["teacher"] + 4 * (trained + trained)  # adapters, gradients
     rows = []
-    for layout, world in LAYOUTS:
+    for layout, world, zero in LAYOUTS:
         base = _bytes(every, world)
         gathered = 0 if world == 1 else _bytes(root, 1) + 2 * max(_bytes(ps, 1) for ps in blocks)
+        # AdamW: exp_avg + exp_avg_sq per trained tensor; ZeRO-1 partitions each optimiser separately
+        moments = 8 * (sum(_zero1_largest(sizes[g], world) for g in ("critic", "generator")) if zero else trained)
+        ema = 4 * (_zero1_largest(sizes["generator"], world) if zero else lora["generator"])
         rows.append(
             {
                 "layout": layout,
                 "gpus": world,
                 "base": base,
                 "gathered": gathered,
-                "adapters": adapter_state,
-                "total": base + gathered + adapter_state,
+                "adapters": fixed + moments + ema,
+                "moments": moments + ema,
+                "total": base + gathered + fixed + moments + ema,
             }
         )
     return {
@@ -98,11 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", action="append", choices=sorted(PRESETS), help="model shape (default: both)")
     args = p.parse_args(argv)
     print("## Parameter memory per GPU, on-policy stage, bf16 base (analytic, from the preset configs)\n")
-    print(
-        "| model | layout | GPUs | frozen base | gathered while computing | adapter state (fp32, replicated)"
-        " | total |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| model | layout | GPUs | frozen base | gathered while computing | adapter state | of which AdamW moments + EMA"
+          " | total |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shape or ("1.3b", "14b"):
         t = analytic_table(shape)
         for r in t["rows"]:
@@ -110,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {shape} ({t['base_params'] / 1e9:.2f} B, LoRA {t['rank']}) | {r['layout']} | {gpus} "
                 f"| {r['base'] / GB:.2f} GB | {r['gathered'] / GB:.2f} GB | {r['adapters'] / GB:.1f} GB "
-                f"| {r['total'] / GB:.1f} GB |"
+                f"| {r['moments'] / GB:.1f} GB | {r['total'] / GB:.1f} GB |"
             )
     print(
-        "\nHSDP with nodes of 8 GPUs holds what FSDP over 8 holds. Adapter state = 3 LoRA adapters + gradients"
-        " and AdamW moments of generator and critic + generator EMA, all fp32; activations not counted."
+        "\nHSDP with nodes of 8 GPUs holds the base as FSDP over 8 does (zero1 always partitions over every GPU of the job). Adapter state = 3 LoRA adapters (teacher bf16,"
+        " critic and generator fp32) + gradients and AdamW moments (fp32) of generator and critic + generator EMA"
+        " (fp32); zero1 = train.shard_optimizer (moments and EMA partitioned across the GPUs); activations not counted."
     )
     return 0
 

@@ -1,5 +1,6 @@
 """Exact resume: N steps straight == N/2 steps, stop, resume, N/2 steps (bit-for-bit on CPU) for the
-flow-map and on-policy methods (issue 4)."""
+flow-map and on-policy methods (issue 4); and, on the same tiny on-policy run, the loop's bf16 storage of the
+frozen teacher adapter under bf16 mixed precision changes nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from helpers.states import random_adapter_state as _random_state
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
+from anyflow.models import lora
 from anyflow.models.loading import load_base
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.checkpoint import load_training_state
@@ -22,17 +24,17 @@ STEPS = 4
 
 
 
-def _build(kind: str, dataset: str):
+def _build(kind: str, dataset: str, **train):
     preset = get_preset("tiny")
     base = load_base("builtin:tiny")
     models = AdapterModel(base.transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
     data = LatentDataset(dataset, batch_size=2, seed=0)
     neg = data.negative_embedding()
     if kind == "flowmap":
-        tr = dataclasses.replace(preset.flowmap.train, steps=STEPS, checkpoint_every=2)
+        tr = dataclasses.replace(preset.flowmap.train, steps=STEPS, checkpoint_every=2, **train)
         method = FlowMapMethod(models, dataclasses.replace(preset.flowmap, train=tr), neg)
     else:
-        tr = dataclasses.replace(preset.distill.train, steps=STEPS, checkpoint_every=2, ema_warmup_step=2)
+        tr = dataclasses.replace(preset.distill.train, steps=STEPS, checkpoint_every=2, ema_warmup_step=2, **train)
         probe = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
         probe.add("t", "teacher")
         probe.add("g", "generator")
@@ -101,3 +103,35 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_chain, tmp_path: Pat
     params = {f"{g}/{k}": p for g, (ps, _) in teacher.optim_groups().items() for k, p in ps.items()}
     with pytest.raises(ValueError, match="does not match this model"):
         load_training_state(tmp_path / "a" / "checkpoint", params=params, ema={}, optimizers={}, schedulers={}, generators={})
+
+
+def test_bf16_loop_stores_the_frozen_teacher_in_bf16_without_changing_training(tiny_chain, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    # Under bf16 autocast every matmul rounds the fp32 teacher LoRA weights to bf16; storing them rounded
+    # (half the memory) must give the same run bit for bit. Reference: the same run with the storage left fp32.
+    from accelerate.state import AcceleratorState
+
+    def fresh_precision() -> None:  # accelerate's process-wide state fixes the precision; monkeypatch restores it
+        monkeypatch.setattr(AcceleratorState, "_shared_state", {})
+
+    fresh_precision()
+    dataset = tiny_chain["dataset"].uri
+    method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
+    run = fit(method, tr, data, work_dir=tmp_path / "bf16", progress=False)
+    got, teacher = _final_state(run, models, method), lora.trainable_parameters(models.transformer, "teacher")
+    assert {p.dtype for p in teacher.values()} == {torch.bfloat16}
+    assert {p.dtype for g, (ps, _) in method.optim_groups().items() for p in ps.values()} == {torch.float32}
+
+    monkeypatch.setattr(AdapterModel, "store_frozen_adapters", lambda self, dtype: 0)
+    method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
+    ref = fit(method, tr, data, work_dir=tmp_path / "fp32", progress=False)
+    assert {p.dtype for p in lora.trainable_parameters(models.transformer, "teacher").values()} == {torch.float32}
+    want = _final_state(ref, models, method)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    # the control: bf16 autocast really rounds (the fp32 run of the same method ends elsewhere)
+    fresh_precision()
+    method, tr, data, models = _build("onpolicy", dataset, mixed_precision="no")
+    full = _final_state(fit(method, tr, data, work_dir=tmp_path / "no", progress=False), models, method)
+    assert any(not torch.equal(full[k], want[k]) for k in want)

@@ -251,3 +251,8 @@ def test_sharded_bf16_on_gpus_equals_data_parallel(tiny_chain, tmp_path: Path) -
     for k, v in dp[0]["params"].items():
         torch.testing.assert_close(sh[0]["params"][k], v, rtol=1e-3, atol=1e-6, msg=k)
     assert sh[0]["control"] > 1e-6
+    # and with the optimiser state and EMA split too (ZeRO-1, as the Wan presets run): the same training
+    zero = _launch(dataset, tmp_path / "zero", "fsdp", 2, 2, "zero")
+    for key in ("params", "ema"):
+        for k, v in dp[0][key].items():
+            torch.testing.assert_close(zero[0][key][k].to(v.device), v, rtol=1e-3, atol=1e-6, msg=k)

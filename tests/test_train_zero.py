@@ -1,11 +1,11 @@
 """ZeRO-1 optimiser-state sharding (``train.shard_optimizer``) under torchrun on CPU (gloo), issue 4.
 
 The reference is plain AdamW on every rank (the replicated layout, itself tested against one process in
-tests/test_train_distributed.py). With ZeRO-1 each rank keeps the AdamW moments of about half of the
-trainable tensors and broadcasts its updated tensors; the update must be exactly AdamW's. A 2-rank
+tests/test_train_distributed.py). With ZeRO-1 each rank keeps the AdamW moments (and the EMA) of about half
+of the trainable tensors and broadcasts its updated tensors; the update must be exactly AdamW's. A 2-rank
 on-policy run (two optimisers: generator and critic) with ZeRO-1, interrupted after 2 of 4 steps and
 resumed, must end bit for bit where the plain run ends -- adapters, EMA, and the published checkpoint's
-optimiser state, which is consolidated from both ranks into the same files the plain run writes (so a
+optimiser state and EMA, consolidated from both ranks into the same files the plain run writes (so a
 checkpoint moves between layouts). The resumed run starts from a checkpoint written with ZeRO-1.
 """
 
@@ -64,17 +64,25 @@ def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, tmp_path: Path
         assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
         for k in pa:
             assert torch.equal(pa[k], pb[k]), (group, k)
+    ema_a, ema_b = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys() == plain[0]["ema"].keys()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     meta_a = json.loads((a / "state.json").read_text())["optimizers"]
     meta_b = json.loads((b / "state.json").read_text())["optimizers"]
     assert meta_a == meta_b
 
     # and the moments really are split: each rank holds part of them, together all of them once
     total = plain[0]["optimizer_shard"]["params"]
-    assert [p["optimizer_shard"] for p in plain] == [{"params": total, "local_params": total}] * 2
+    assert [p["optimizer_shard"]["local_params"] for p in plain] == [total] * 2
     local = [z["optimizer_shard"]["local_params"] for z in zero]
     assert sum(local) == total and max(local) < 0.6 * total, (local, total)
     assert [p["moments_held"] for p in plain] == [2 * total] * 2  # exp_avg + exp_avg_sq of everything
     assert [z["moments_held"] for z in zero] == [2 * n for n in local]
+    # so is the EMA (the generator's), which is whole again in the result every rank exports
+    ema_total = plain[0]["optimizer_shard"]["ema_params"]
+    assert [p["optimizer_shard"]["local_ema_params"] for p in plain] == [ema_total] * 2
+    ema_local = [z["optimizer_shard"]["local_ema_params"] for z in zero]
+    assert sum(ema_local) == ema_total and max(ema_local) < 0.6 * ema_total, (ema_local, ema_total)
 
 
 def test_big_presets_shard_the_optimizer_and_tiny_does_not() -> None:

@@ -189,6 +189,11 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(_registry(model))
 
 
+def is_trainable(model: nn.Module, adapter_name: str) -> bool:
+    """Whether adapter ``adapter_name`` was added ``trainable`` (frozen adapters keep ``requires_grad`` off)."""
+    return bool(_require_adapter(model, adapter_name)["trainable"])
+
+
 def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """The adapter's ``lora_A`` / ``lora_B`` parameters, by full parameter name (for the optimiser)."""
     _require_adapter(model, adapter_name)

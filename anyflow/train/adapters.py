@@ -145,6 +145,27 @@ class AdapterModel:
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     @torch.no_grad()
+    def store_frozen_adapters(self, dtype: torch.dtype) -> int:
+        """Keep the LoRA tensors of every frozen adapter (the on-policy teacher) in ``dtype``; returns the bytes
+        saved. peft keeps adapters in fp32 over a bf16 base; a frozen one needs no fp32 master copy.
+
+        Only for code that calls the model under autocast to ``dtype`` (the training loop under bf16 mixed
+        precision): autocast rounds each fp32 weight and input to ``dtype`` before the matmul, which is what
+        storing them rounded does (peft casts the input to the LoRA weight's dtype), so outputs and gradients
+        are bit for bit unchanged (``tests/test_train_adapters.py``). Without autocast it would change them.
+        """
+        saved = 0
+        for name in lora.adapter_names(self.transformer):
+            if lora.is_trainable(self.transformer, name):
+                continue
+            for p in lora.trainable_parameters(self.transformer, name).values():
+                if p.dtype != dtype:
+                    before = p.numel() * p.element_size()
+                    p.data = p.data.to(dtype)
+                    saved += before - p.numel() * p.element_size()
+        return saved
+
+    @torch.no_grad()
     def load_params(self, name: str, values: Mapping[str, torch.Tensor]) -> None:
         """Copy ``values`` (keyed like :meth:`params`, e.g. an EMA) into the adapter's parameters."""
         for k, p in self.params(name).items():

@@ -2,8 +2,9 @@
 
 The loop owns: device / mixed precision / distributed setup (accelerate), sharding of the frozen base
 across ranks (``train.sharding``: FSDP2 ``fully_shard`` per transformer block + root, see
-:func:`shard_frozen_base`), optimisers and the LR warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy before
-``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
+:func:`shard_frozen_base`) and of the optimiser state and EMA (``train.shard_optimizer``: ZeRO-1),
+optimisers and the LR warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy
+before ``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
 logging (JSONL + TensorBoard) and the progress bar. A *method* (teacher, flowmap, onpolicy, finetune)
 owns its losses and optimiser steps and is called once per iteration with a :class:`TrainContext`.
 """
@@ -246,6 +247,28 @@ def optimizer_partition(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict
     return {"params": total, "local_params": local}
 
 
+def _owned(opt: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]) -> set[str]:
+    """Names of ``params`` whose moments this rank keeps in the ZeRO-1 optimiser ``opt``."""
+    mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+    return {n for n, p in params.items() if id(p) in mine}
+
+
+def _gather_ema(ema: dict[str, torch.Tensor], accelerator: Any, *, to: int | None) -> dict[str, torch.Tensor]:
+    """The whole EMA from every rank's part, as CPU tensors: on rank ``to`` (others get ``{}``) or, with
+    ``to=None``, on every rank."""
+    import torch.distributed as dist
+
+    mine = {k: v.detach().cpu() for k, v in ema.items()}
+    parts: list[Any] = [None] * accelerator.num_processes
+    if to is None:
+        dist.all_gather_object(parts, mine)
+    else:
+        dist.gather_object(mine, parts if accelerator.process_index == to else None, dst=to)
+        if accelerator.process_index != to:
+            return {}
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def _check_launch(cfg: TrainConfig, accelerator: Any, method: Any) -> None:
     """Refuse launch layouts the loop does not implement, instead of silently running something else."""
     kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
@@ -321,11 +344,16 @@ def fit(
 
     ``cfg.sharding`` ("fsdp" / "hsdp") shards the frozen base of ``method.models`` (the method's
     ``AdapterModel``) across the ranks before the first step (:func:`shard_frozen_base`); adapters,
-    optimiser state, EMA and checkpoints are unchanged by it. Launching under an accelerate DeepSpeed
-    config, or an accelerate FSDP config with ``sharding="none"``, is refused (``ConfigError``).
+    optimiser state, EMA and checkpoints are unchanged by it. ``cfg.shard_optimizer`` (several processes)
+    splits the AdamW moments and the EMA across the ranks (ZeRO-1, :func:`make_optimizer`); checkpoints and
+    the returned EMA are whole. Under bf16 mixed precision frozen adapters are stored in bf16
+    (:meth:`AdapterModel.store_frozen_adapters`). Launching under an accelerate DeepSpeed config, or an
+    accelerate FSDP config with ``sharding="none"``, is refused (``ConfigError``).
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_launch(cfg, accelerator, method)
+    if accelerator.mixed_precision == "bf16" and getattr(method, "models", None) is not None:
+        method.models.store_frozen_adapters(torch.bfloat16)  # every call below runs under bf16 autocast
     shard = shard_frozen_base(method.models, cfg.sharding, accelerator) if cfg.sharding != "none" else {}
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -339,8 +367,10 @@ def fit(
     }
     flat_params = {f"{g}/{n}": p for g, (ps, _) in groups.items() for n, p in ps.items()}
     ema_group = method.ema_group()
+    # ZeRO-1 also splits the EMA: each rank averages the tensors whose moments it keeps (ema_owned)
+    ema_owned = _owned(optimizers[ema_group], groups[ema_group][0]) if zero else set(groups[ema_group][0])
     ema: dict[str, torch.Tensor] = {
-        n: p.detach().float().clone() for n, p in groups[ema_group][0].items()
+        n: p.detach().float().clone() for n, p in groups[ema_group][0].items() if n in ema_owned
     }
     ctx = TrainContext(
         accelerator=accelerator,
@@ -358,6 +388,8 @@ def fit(
             schedulers=schedulers, generators={"train": generator}, rank=accelerator.process_index,
         )
         start = restored["step"]
+        for name in [k for k in ema if k not in ema_owned]:  # the checkpoint holds the whole EMA
+            del ema[name]
         batches.load_state_dict(restored["data"])
     ckpt_dir = work_dir / "checkpoint"
     log_path = work_dir / log_name
@@ -375,9 +407,10 @@ def fit(
     world = accelerator.num_processes
 
     def checkpoint(step: int) -> None:
-        """Rank 0 writes (and publishes) one checkpoint for all ranks. Adapters, optimisers, EMA and
-        schedulers are identical on every rank; each rank's random state and data position are gathered
-        into it (every rank resumes its own stream). Every rank returns with the same label."""
+        """Rank 0 writes (and publishes) one checkpoint for all ranks. Adapters and schedulers are identical
+        on every rank, and so are the optimisers and EMA unless ZeRO-1 splits them, in which case every rank's
+        part is gathered to rank 0 (one whole, layout-independent state); each rank's random state and data
+        position are gathered too (every rank resumes its own stream). Every rank returns with the same label."""
         nonlocal last_ckpt
         ranks = None
         if world > 1:
@@ -390,9 +423,10 @@ def fit(
             for opt in optimizers.values():
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
+        whole_ema = _gather_ema(ema, accelerator, to=0) if zero else ema
         if accelerator.is_main_process:
             save_training_state(
-                ckpt_dir, step=step, params=flat_params, ema=ema, optimizers=optimizers,
+                ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=optimizers,
                 schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
                 ranks=ranks,
             )
@@ -471,13 +505,19 @@ def fit(
         bar.close()
     if tb is not None:
         tb.close()
+    partition = optimizer_partition(optimizers)
+    partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
+                  "local_ema_params": sum(v.numel() for v in ema.values())}
+    if zero:  # every rank exports the whole EMA (on the CPU)
+        ema = _gather_ema(ema, accelerator, to=None)
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
-                     shard=shard, optimizer_shard=optimizer_partition(optimizers))
+                     shard=shard, optimizer_shard=partition)
 
 
 @torch.no_grad()
 def _ema_update(ema: dict[str, torch.Tensor], params: Mapping[str, nn.Parameter], decay: float) -> None:
-    for name, p in params.items():
+    for name in ema:  # this rank's part of the EMA (all of it without ZeRO-1)
+        p = params[name]
         if decay == 0.0:
             ema[name].copy_(p.detach().float())
         else:

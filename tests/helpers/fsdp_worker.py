@@ -1,6 +1,6 @@
 """Worker for tests/test_train_sharding.py: on-policy steps under torchrun with ``train.sharding``.
 
-    torchrun --nproc_per_node W fsdp_worker.py DATASET OUT MODE ACCUM [CKPT]
+    torchrun --nproc_per_node W fsdp_worker.py DATASET OUT MODE ACCUM [nockpt] [zero]
 
 MODE is none / fsdp / hsdp (hsdp treats every 2 ranks as one node: LOCAL_WORLD_SIZE=2). On CPU (gloo) the
 base is fp32; on CUDA (NCCL, one GPU per rank) it is bf16 with Wan's fp32 modules, as the stages load it.
@@ -29,7 +29,8 @@ from anyflow.train.methods import OnPolicyMethod
 
 STEPS, BATCH, STEPS_LIST = 3, 1, (2, 4, 50)
 dataset, out, mode, accum = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-ckpt = len(sys.argv) < 6 or sys.argv[5] != "nockpt"
+ckpt = "nockpt" not in sys.argv[5:]
+zero = "zero" in sys.argv[5:]  # also train.shard_optimizer (ZeRO-1)
 if mode == "hsdp":
     os.environ["LOCAL_WORLD_SIZE"] = "2"  # two "nodes" of two ranks on one machine
 
@@ -42,6 +43,7 @@ tr = dataclasses.replace(
     checkpoint_every=100,
     ema_warmup_step=2,
     sharding=mode,
+    shard_optimizer=zero,
 )
 acc = make_accelerator(tr)
 device = acc.device
