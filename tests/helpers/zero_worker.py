@@ -36,7 +36,13 @@ probe.add("t", "teacher")
 probe.add("g", "generator")
 data = LatentDataset(dataset, batch_size=tr.batch_size, seed=tr.seed, rank=rank, world_size=world)
 method = OnPolicyMethod(
-    models, dataclasses.replace(p.distill, train=tr, steps_list=(2, 4)), data.negative_embedding(),
+    models,
+    dataclasses.replace(  # an LR warm-up and weight decay, so the wrapper must pass both to the local AdamW
+        p.distill, train=tr, steps_list=(2, 4),
+        generator_optim=dataclasses.replace(p.distill.generator_optim, warmup_steps=3),
+        critic_optim=dataclasses.replace(p.distill.critic_optim, weight_decay=0.01),
+    ),
+    data.negative_embedding(),
     teacher=random_state(probe, "t", 1), generator=random_state(probe, "g", 2),
 )
 held: list[int] = []  # after every optimiser step: moment elements this rank's optimisers really hold
