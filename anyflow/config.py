@@ -68,9 +68,10 @@ class TrainConfig:
     # frozen-base parameter sharding across ranks (FSDP2, anyflow/train/loop.py): "none" (replicated),
     # "fsdp" (shard over all ranks) or "hsdp" (shard within a node, replicate across nodes)
     sharding: str = "none"
-    # ZeRO-1 (anyflow/train/loop.py): with several processes each rank keeps the AdamW moments of about
-    # 1/world of the trainable tensors and broadcasts them after its step (torch ZeroRedundancyOptimizer);
-    # the update is the same and checkpoints hold the whole, layout-independent state. No effect on 1 process.
+    # ZeRO-1 (anyflow/train/loop.py): with several processes each rank keeps the AdamW moments and the EMA
+    # of about 1/world of the trainable tensors, updates those tensors and broadcasts their new values (torch
+    # ZeroRedundancyOptimizer); the update is the same and checkpoints hold the whole, layout-independent
+    # state. No effect on 1 process.
     shard_optimizer: bool = False
 
 

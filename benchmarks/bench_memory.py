@@ -14,7 +14,7 @@ rank from the preset) and from how ``anyflow.train.loop.shard_frozen_base`` lays
 * **adapter state** of the on-policy stage (the largest): three LoRA adapters (teacher, critic,
   generator), gradients and AdamW moments of the two trained ones, the generator's fp32 EMA. The trained
   adapters, gradients, moments and EMA are fp32; the frozen teacher is kept in bf16 under bf16 mixed
-  precision (``AdapterModel.store_frozen_adapters``). Replicated on every GPU, except the moments and
+  precision (``AdapterModel.frozen_adapters_stored_in``). Replicated on every GPU, except the moments and
   the EMA with ZeRO-1 (``train.shard_optimizer``, on in the Wan presets): each rank holds them for the
   tensors ``ZeroRedundancyOptimizer`` assigns it (greedy by size, computed here exactly; the table uses
   the largest rank).

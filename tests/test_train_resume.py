@@ -4,6 +4,7 @@ frozen teacher adapter under bf16 mixed precision changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -117,15 +118,21 @@ def test_bf16_loop_stores_the_frozen_teacher_in_bf16_without_changing_training(t
     fresh_precision()
     dataset = tiny_chain["dataset"].uri
     method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
+    teacher = lora.trainable_parameters(models.transformer, "teacher")
+    before = {k: p.detach().clone() for k, p in teacher.items()}
+    seen: set[torch.dtype] = set()
+    step = method.train_step
+    method.train_step = lambda ctx, i: (seen.update(p.dtype for p in teacher.values()), step(ctx, i))[1]
     run = fit(method, tr, data, work_dir=tmp_path / "bf16", progress=False)
-    got, teacher = _final_state(run, models, method), lora.trainable_parameters(models.transformer, "teacher")
-    assert {p.dtype for p in teacher.values()} == {torch.bfloat16}
+    got = _final_state(run, models, method)
+    assert seen == {torch.bfloat16}  # while training
     assert {p.dtype for g, (ps, _) in method.optim_groups().items() for p in ps.values()} == {torch.float32}
+    assert all(torch.equal(p, before[k]) for k, p in teacher.items())  # after: the exact fp32 values again
+    assert any(b.float().ne(b.bfloat16().float()).any() for b in before.values())  # which bf16 cannot hold
 
-    monkeypatch.setattr(AdapterModel, "store_frozen_adapters", lambda self, dtype: 0)
+    monkeypatch.setattr(AdapterModel, "frozen_adapters_stored_in", lambda self, dtype: contextlib.nullcontext(0))
     method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
     ref = fit(method, tr, data, work_dir=tmp_path / "fp32", progress=False)
-    assert {p.dtype for p in lora.trainable_parameters(models.transformer, "teacher").values()} == {torch.float32}
     want = _final_state(ref, models, method)
     assert want.keys() == got.keys()
     for k in want:

@@ -5,8 +5,8 @@ tests/test_train_distributed.py). With ZeRO-1 each rank keeps the AdamW moments 
 of the trainable tensors and broadcasts its updated tensors; the update must be exactly AdamW's. A 2-rank
 on-policy run (two optimisers: generator and critic) with ZeRO-1, interrupted after 2 of 4 steps and
 resumed, must end bit for bit where the plain run ends -- adapters, EMA, and the published checkpoint's
-optimiser state and EMA, consolidated from both ranks into the same files the plain run writes (so a
-checkpoint moves between layouts). The resumed run starts from a checkpoint written with ZeRO-1.
+optimiser state and EMA, consolidated from both ranks into the same files the plain run writes; and that
+checkpoint, written with ZeRO-1, also resumes without it.
 """
 
 from __future__ import annotations
@@ -45,15 +45,21 @@ def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, tmp_path: Path
     ds = tiny_chain["dataset"].uri
     plain = _launch(ds, tmp_path / "ckpt-plain", tmp_path / "plain", 4, shard=False)
     first = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero1", 2, shard=True)  # "preempted" at step 2
+    shutil.copytree(tmp_path / "ckpt-zero", tmp_path / "ckpt-cross")
     zero = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero2", 4, shard=True)
+    # the checkpoint ZeRO-1 wrote resumes in the other layout too
+    cross = _launch(ds, tmp_path / "ckpt-cross", tmp_path / "cross", 4, shard=False)
 
     assert first[0]["resumed_from"] == 0 and zero[0]["resumed_from"] == 2
     # identical training on every rank
-    for r in range(2):
-        for key in ("params", "ema"):
-            assert plain[r][key].keys() == zero[r][key].keys()
-            for name, value in plain[r][key].items():
-                assert torch.equal(zero[r][key][name], value), (r, key, name)
+    for run in (zero, cross):
+        for r in range(2):
+            for key in ("params", "ema"):
+                assert plain[r][key].keys() == run[r][key].keys()
+                for name, value in plain[r][key].items():
+                    assert torch.equal(run[r][key][name], value), (r, key, name)
+    assert cross[0]["resumed_from"] == 2
+    assert [z["wrapper_state"] for z in zero] == [0, 0]  # no second copy of the moments after the resume
     # the control: steps 3-4 (after the resume) moved the adapters, so the equality is not vacuous
     assert any(not torch.equal(first[0]["params"][n], v) for n, v in plain[0]["params"].items())
 

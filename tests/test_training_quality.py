@@ -38,11 +38,18 @@ Measured (this file's seeds, one thread; 2026-11-27):
 * stage 2, energy distance — flow-map 1.077 0.128 0.044 0.017 0.012 · on-policy 0.540 0.105 0.056
   0.018 0.021; reference-vs-reference 0.034. Coupled MSE (printed) gets worse, 0.27 → 0.31 at N = 2.
   With other seeds for the evaluation set and the on-policy data (512 samples each): N = 1 0.59 vs 1.20
-  and 0.49 vs 1.00, N = 2 0.195 vs 0.251 and 0.065 vs 0.114, N = 4 0.143 vs 0.148 and 0.033 vs 0.030 —
-  so N = 4 does not reliably improve at this budget (200 on-policy steps; 400 steps did not change
-  that) and is asserted as "not worse than 1.5× stage 1 plus the estimator's noise", like N = 16 / 50.
-  N = 2 improves on all four seeds tried (0.105 vs 0.128 here, a gap smaller than the estimator's
-  noise on this seed alone; 0.016 vs 0.178 on another).
+  and 0.49 vs 1.00, N = 2 0.195 vs 0.251 and 0.065 vs 0.114, N = 4 0.143 vs 0.148 and 0.033 vs 0.030.
+* Only N = 1 improves reliably on this toy, and only that is asserted as an improvement. A sweep (17
+  settings: more on-policy steps, more critic updates, higher lr, N lists restricted to {1, 2, 4}, no
+  guidance, a shorter stage 1, four modes per prompt, other seeds) found on-policy better at N = 1 in
+  every run; with 2,048 evaluation samples (reference-vs-reference 0.003–0.018) it was worse than stage 1
+  at N = 2 in 5 of 8 runs and never better at N = 4 beyond the noise; with four modes per prompt N = 4
+  improved on two seeds (0.292 → 0.166, 0.167 → 0.047) and regressed on others (0.175 → 0.336). The energy distance here is dominated by how
+  samples split between a prompt's two modes (a split error δ costs ≈ 24·δ²): on-policy training does
+  cut the samples stranded between the modes at N = 4 (e.g. 8–14 % → 3–7 %), but every run also moved
+  the split by 2–12 %, which costs more. So N = 2 / 4 / 16 / 50 are asserted as "not worse than 1.5×
+  stage 1 plus the estimator's noise". Showing the N = 2–4 gain needs a toy whose mode weights the
+  models cannot shift, or the split and the stranded share scored separately; not done.
 """
 
 from __future__ import annotations
@@ -254,13 +261,12 @@ def test_flowmap_training_reduces_coupled_error_at_one_two_four_steps(stage1_cou
         assert fm[n] < 0.8 * base[n], (n, stage1_coupled)
 
 
-def test_onpolicy_improves_one_and_two_steps(stage2_energy) -> None:
+def test_onpolicy_improves_one_step(stage2_energy) -> None:
     fm, op = stage2_energy["flowmap"], stage2_energy["onpolicy"]
     assert op[1] < 0.7 * fm[1], stage2_energy
-    assert op[2] < 0.9 * fm[2], stage2_energy
 
 
-def test_onpolicy_keeps_four_and_many_step_quality(stage2_energy) -> None:
+def test_onpolicy_keeps_two_four_and_many_step_quality(stage2_energy) -> None:
     fm, op, noise = stage2_energy["flowmap"], stage2_energy["onpolicy"], stage2_energy["noise"][0]
-    for n in (4, 16, 50):  # a 1.5x regression beyond the estimator's noise fails (5x at N=16 would)
+    for n in (2, 4, 16, 50):  # a 1.5x regression beyond the estimator's noise fails (5x at N=16 would)
         assert op[n] <= 1.5 * fm[n] + noise, (n, stage2_energy)

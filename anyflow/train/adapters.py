@@ -21,7 +21,8 @@ chunk over the whole clip, which equals Wan at r = t); the causal generator path
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -144,26 +145,34 @@ class AdapterModel:
         out.update({k: p.detach() for k, p in self._extra.get(name, {}).items()})
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
-    @torch.no_grad()
-    def store_frozen_adapters(self, dtype: torch.dtype) -> int:
-        """Keep the LoRA tensors of every frozen adapter (the on-policy teacher) in ``dtype``; returns the bytes
-        saved. peft keeps adapters in fp32 over a bf16 base; a frozen one needs no fp32 master copy.
+    @contextmanager
+    def frozen_adapters_stored_in(self, dtype: torch.dtype) -> Iterator[int]:
+        """Within the block, keep the LoRA tensors of every frozen adapter (the on-policy teacher) in ``dtype``;
+        yields the bytes saved. peft keeps adapters in fp32 over a bf16 base; a frozen one needs no fp32
+        copy on the device while training. The original values are kept on the CPU and put back on exit.
 
         Only for code that calls the model under autocast to ``dtype`` (the training loop under bf16 mixed
         precision): autocast rounds each fp32 weight and input to ``dtype`` before the matmul, which is what
         storing them rounded does (peft casts the input to the LoRA weight's dtype), so outputs and gradients
-        are bit for bit unchanged (``tests/test_train_adapters.py``). Without autocast it would change them.
+        are bit for bit unchanged (``tests/test_train_resume.py``). Without autocast it would change them.
         """
+        kept: list[tuple[nn.Parameter, torch.Tensor]] = []
         saved = 0
-        for name in lora.adapter_names(self.transformer):
-            if lora.is_trainable(self.transformer, name):
-                continue
-            for p in lora.trainable_parameters(self.transformer, name).values():
-                if p.dtype != dtype:
-                    before = p.numel() * p.element_size()
-                    p.data = p.data.to(dtype)
-                    saved += before - p.numel() * p.element_size()
-        return saved
+        with torch.no_grad():
+            for name in lora.adapter_names(self.transformer):
+                if lora.is_trainable(self.transformer, name):
+                    continue
+                for p in lora.trainable_parameters(self.transformer, name).values():
+                    if p.dtype != dtype:
+                        kept.append((p, p.data.to("cpu", copy=True)))
+                        saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+                        p.data = p.data.to(dtype)
+        try:
+            yield saved
+        finally:
+            with torch.no_grad():
+                for p, original in kept:
+                    p.data = original.to(p.device)
 
     @torch.no_grad()
     def load_params(self, name: str, values: Mapping[str, torch.Tensor]) -> None:

@@ -231,6 +231,8 @@ def make_optimizer(params: list[nn.Parameter], oc: OptimConfig, *, shard: bool) 
 
 
 def is_sharded_optimizer(opt: torch.optim.Optimizer) -> bool:
+    if not torch.distributed.is_available():  # a torch build without distributed has no ZeRO-1 optimisers
+        return False
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return isinstance(opt, ZeroRedundancyOptimizer)
@@ -253,17 +255,27 @@ def _owned(opt: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]) -> se
     return {n for n, p in params.items() if id(p) in mine}
 
 
-def _gather_ema(ema: dict[str, torch.Tensor], accelerator: Any, *, to: int | None) -> dict[str, torch.Tensor]:
+def _cpu_group() -> Any:
+    """A gloo process group over all ranks for object collectives on CPU tensors (``None``: the default group
+    already is gloo). Every rank must call it, in the same order."""
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _gather_ema(
+    ema: dict[str, torch.Tensor], accelerator: Any, *, to: int | None, group: Any = None
+) -> dict[str, torch.Tensor]:
     """The whole EMA from every rank's part, as CPU tensors: on rank ``to`` (others get ``{}``) or, with
-    ``to=None``, on every rank."""
+    ``to=None``, on every rank. ``group``: a gloo group (:func:`_cpu_group`) or ``None`` for the default."""
     import torch.distributed as dist
 
     mine = {k: v.detach().cpu() for k, v in ema.items()}
     parts: list[Any] = [None] * accelerator.num_processes
     if to is None:
-        dist.all_gather_object(parts, mine)
+        dist.all_gather_object(parts, mine, group=group)
     else:
-        dist.gather_object(mine, parts if accelerator.process_index == to else None, dst=to)
+        dist.gather_object(mine, parts if accelerator.process_index == to else None, dst=to, group=group)
         if accelerator.process_index != to:
             return {}
     return {k: v for part in parts for k, v in part.items()}
@@ -295,6 +307,7 @@ class FitResult:
     ema: dict[str, torch.Tensor]
     seconds: float
     shard: dict[str, int] = field(default_factory=dict)  # shard_frozen_base's counts ({} when not sharded)
+    # ema: whole on every rank; on the parameters' device, or CPU tensors with ZeRO-1 (gathered from the ranks)
     # optimizer_partition: trainable elements, and those whose AdamW moments this rank holds
     optimizer_shard: dict[str, int] = field(default_factory=dict)
 
@@ -346,20 +359,24 @@ def fit(
     ``AdapterModel``) across the ranks before the first step (:func:`shard_frozen_base`); adapters,
     optimiser state, EMA and checkpoints are unchanged by it. ``cfg.shard_optimizer`` (several processes)
     splits the AdamW moments and the EMA across the ranks (ZeRO-1, :func:`make_optimizer`); checkpoints and
-    the returned EMA are whole. Under bf16 mixed precision frozen adapters are stored in bf16
-    (:meth:`AdapterModel.store_frozen_adapters`). Launching under an accelerate DeepSpeed config, or an
+    the returned EMA are whole. Under bf16 mixed precision frozen adapters are stored in bf16 while the
+    loop runs and restored to their exact values after it (:meth:`AdapterModel.frozen_adapters_stored_in`). Launching under an accelerate DeepSpeed config, or an
     accelerate FSDP config with ``sharding="none"``, is refused (``ConfigError``).
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_launch(cfg, accelerator, method)
-    if accelerator.mixed_precision == "bf16" and getattr(method, "models", None) is not None:
-        method.models.store_frozen_adapters(torch.bfloat16)  # every call below runs under bf16 autocast
+    # frozen adapters in bf16 while the loop runs (every call is under bf16 autocast), fp32 again after it
+    bf16_frozen = (method.models.frozen_adapters_stored_in(torch.bfloat16)
+                   if accelerator.mixed_precision == "bf16" and getattr(method, "models", None) is not None
+                   else nullcontext())
     shard = shard_frozen_base(method.models, cfg.sharding, accelerator) if cfg.sharding != "none" else {}
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
     groups = method.optim_groups()
     zero = cfg.shard_optimizer and accelerator.num_processes > 1
+    # ZeRO-1's EMA gathers run on CPU tensors over gloo (over NCCL rank 0 would stage the whole EMA on its GPU)
+    cpu_group = _cpu_group() if zero else None
     optimizers = {name: make_optimizer(list(params.values()), oc, shard=zero) for name, (params, oc) in groups.items()}
     schedulers = {
         name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], _warmup_constant(oc.warmup_steps))
@@ -387,6 +404,12 @@ def fit(
             resume_from, params=flat_params, ema=ema, optimizers=optimizers,
             schedulers=schedulers, generators={"train": generator}, rank=accelerator.process_index,
         )
+        for opt in optimizers.values():
+            if is_sharded_optimizer(opt):
+                # torch's ZeroRedundancyOptimizer.load_state_dict also copies this rank's moments into the
+                # wrapper's own (never used) state: on a GPU a second copy for the whole run. state_dict()
+                # rebuilds from the rank-local optimisers, so nothing needs it.
+                opt.state.clear()
         start = restored["step"]
         for name in [k for k in ema if k not in ema_owned]:  # the checkpoint holds the whole EMA
             del ema[name]
@@ -423,7 +446,7 @@ def fit(
             for opt in optimizers.values():
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
-        whole_ema = _gather_ema(ema, accelerator, to=0) if zero else ema
+        whole_ema = _gather_ema(ema, accelerator, to=0, group=cpu_group) if zero else ema
         if accelerator.is_main_process:
             save_training_state(
                 ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=optimizers,
@@ -438,7 +461,8 @@ def fit(
                 if is_sharded_optimizer(opt):
                     # drop rank 0's consolidated copy (a second full set of moments, on the CPU) until the
                     # next checkpoint; torch keeps it in this private list and offers no call to free it
-                    opt._all_state_dicts.clear()
+                    # (an assignment, which cannot raise here on rank 0 alone while the others wait)
+                    opt._all_state_dicts = []
         if world > 1:  # also keeps the other ranks from running ahead while rank 0 publishes
             label = [last_ckpt]
             dist.broadcast_object_list(label, src=0)
@@ -454,7 +478,7 @@ def fit(
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log:
+    with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log, bf16_frozen:
         for step in range(start, end):
             ctx.step = step
             ts = time.perf_counter()
@@ -508,8 +532,8 @@ def fit(
     partition = optimizer_partition(optimizers)
     partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
                   "local_ema_params": sum(v.numel() for v in ema.values())}
-    if zero:  # every rank exports the whole EMA (on the CPU)
-        ema = _gather_ema(ema, accelerator, to=None)
+    if zero:  # every rank exports the whole EMA (CPU tensors)
+        ema = _gather_ema(ema, accelerator, to=None, group=cpu_group)
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
                      shard=shard, optimizer_shard=partition)
 

@@ -56,7 +56,10 @@ def _spied(clip_and_step):
             inner = opt.optim if is_sharded_optimizer(opt) else opt  # ZeRO-1: the rank's local AdamW
             n += sum(v.numel() for st in inner.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         held.append(n)
+        # the ZeRO wrapper's own state must stay empty (a resume used to leave a copy of the moments there)
+        wrapper.extra = max(wrapper.extra, sum(len(o.state) for o in self.optimizers.values() if is_sharded_optimizer(o)))
         return norm
+    wrapper.extra = 0
     return wrapper
 
 
@@ -70,6 +73,7 @@ torch.save(
         "resumed_from": result.resumed_from,
         "optimizer_shard": result.optimizer_shard,
         "moments_held": max(held),
+        "wrapper_state": TrainContext.clip_and_step.extra,
     },
     out / f"rank{rank}.pt",
 )
