@@ -252,7 +252,9 @@ def test_sharded_bf16_on_gpus_equals_data_parallel(tiny_chain, tmp_path: Path) -
         torch.testing.assert_close(sh[0]["params"][k], v, rtol=1e-3, atol=1e-6, msg=k)
     assert sh[0]["control"] > 1e-6
     # and with the optimiser state and EMA split too (ZeRO-1, as the Wan presets run): the same training
+    # (exact on CPU; a tolerance here only for GPU kernels that are not run-to-run deterministic)
     zero = _launch(dataset, tmp_path / "zero", "fsdp", 2, 2, "zero")
-    for key in ("params", "ema"):
-        for k, v in dp[0][key].items():
-            torch.testing.assert_close(zero[0][key][k].to(v.device), v, rtol=1e-3, atol=1e-6, msg=k)
+    for r in range(2):
+        for key in ("params", "ema"):
+            for k, v in sh[r][key].items():
+                torch.testing.assert_close(zero[r][key][k].to(v.device), v, rtol=1e-4, atol=1e-7, msg=k)
