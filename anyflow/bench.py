@@ -25,6 +25,7 @@ BENCHMARKS = {
     "storage": "benchmarks.bench_storage",
     "dataprep": "benchmarks.bench_dataprep",
     "sampling": "benchmarks.bench_sampling",
+    "zero": "benchmarks.bench_zero",
 }
 # What --quick means in each benchmark's own options.
 QUICK_ARGS: dict[str, list[str]] = {
@@ -32,8 +33,9 @@ QUICK_ARGS: dict[str, list[str]] = {
     "storage": ["--size-mb", "8", "--repeat", "1"],
     "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2"],
     "sampling": ["--quick"],
+    "zero": ["--steps", "2"],
 }
-DEVICE_AWARE = {"training", "dataprep", "sampling"}  # benchmarks with a --device option
+DEVICE_AWARE = {"training", "dataprep", "sampling", "zero"}  # benchmarks with a --device option
 
 
 def benchmark_argv(name: str, *, quick: bool, device: str | None, e2e: bool) -> list[str]:
