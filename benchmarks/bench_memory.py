@@ -12,7 +12,8 @@ rank from the preset) and from how ``anyflow.train.loop.shard_frozen_base`` lays
   forward (FSDP2 ``reshard_after_forward`` is False for the root), plus two all-gathered blocks (the
   block running and the one prefetched). Transient, but it is part of the peak.
 * **adapter state** of the on-policy stage (the largest): three LoRA adapters (teacher, critic,
-  generator), gradients and AdamW moments of the two trained ones, the generator's fp32 EMA. The trained
+  generator), the gradients of one trained adapter at a time (each update steps and frees its own
+  before the next backward), AdamW moments of the two trained ones, the generator's fp32 EMA. The trained
   adapters, gradients, moments and EMA are fp32; the frozen teacher is kept in bf16 under bf16 mixed
   precision (``AdapterModel.frozen_adapters_stored_in``). Replicated on every GPU, except the moments and
   the EMA with ZeRO-1 (``train.shard_optimizer``, on in the Wan presets): each rank holds them for the
@@ -90,7 +91,9 @@ def analytic_table(shape: str) -> dict[str, Any]:
     sizes = {role: _lora_sizes(model, role, rank) for role in ("teacher", "critic", "generator")}
     lora = {role: sum(v) for role, v in sizes.items()}
     trained = lora["critic"] + lora["generator"]
-    fixed = 2 * lora["teacher"] + 4 * (trained + trained)  # adapters, gradients
+    # adapters; gradients of one trained adapter at a time (the generator update steps and frees its gradients
+    # before the critic update's backward; DMD evaluates the critic and teacher without autograd)
+    fixed = 2 * lora["teacher"] + 4 * trained + 4 * max(lora["critic"], lora["generator"])
     rows = []
     for layout, world, zero in LAYOUTS:
         base = _bytes(every, world)
@@ -137,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         "\nHSDP with nodes of 8 GPUs holds the base as FSDP over 8 does (zero1 always partitions over every GPU of the job). Adapter state = 3 LoRA adapters (teacher bf16,"
-        " critic and generator fp32) + gradients and AdamW moments (fp32) of generator and critic + generator EMA"
-        " (fp32); zero1 = train.shard_optimizer (moments and EMA partitioned across the GPUs); activations not counted."
+        " critic and generator fp32) + gradients of one of them at a time + AdamW moments (fp32) of generator and"
+        " critic + generator EMA (fp32); zero1 = train.shard_optimizer (moments and EMA partitioned across the GPUs); activations not counted."
     )
     return 0
 

@@ -6,6 +6,8 @@ Every rank reports what it really holds, counted from the tensors (not from the 
 
 * **moments**: the AdamW ``exp_avg`` / ``exp_avg_sq`` tensors in its (local) optimisers' state;
 * **EMA**: the EMA tensors ``fit`` keeps on that rank during training;
+* **gradients**: the most gradient bytes alive at once over all trainable tensors (the generator and
+  critic updates each step and free their own, so this is one group's, not both);
 * **frozen teacher adapter**: the teacher LoRA tensors while the loop runs (bf16 under bf16 mixed
   precision, ``AdapterModel.frozen_adapters_stored_in``; fp32 otherwise);
 * **step time**: mean seconds of a training step (the method's ``train_step``, which includes the gradient
@@ -92,6 +94,8 @@ def child(args: argparse.Namespace) -> None:
     inner_clip = loop.TrainContext.clip_and_step
 
     def clip_and_step(ctx: Any, name: str) -> float:
+        grads = _bytes(q.grad for ps in ctx.params.values() for q in ps.values() if q.grad is not None)
+        seen["grads"] = max(seen.get("grads", 0), grads)  # every group's gradients alive at this moment
         norm = inner_clip(ctx, name)
         held = 0
         for opt in ctx.optimizers.values():
@@ -132,6 +136,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "rank": rank, "moments": seen["moments"], "ema": max(ema_local), "teacher": seen["teacher"],
         "step_s": sum(times) / len(times), "fit_s": total, "trainable": result.optimizer_shard["params"] * 4,
+        "grads": seen["grads"], "groups": {g: _bytes(ps.values()) for g, (ps, _) in method.optim_groups().items()},
     }), flush=True)
 
 
@@ -180,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2**20
     print(f"## ZeRO-1 on {args.nproc} {args.device} ranks, on-policy stage, {args.shape} config, "
           f"mixed precision {args.mixed_precision} (measured per rank)\n")
-    print(f"trainable tensors (generator + critic): {plain[0]['trainable'] / mib:.2f} MiB fp32\n")
+    groups = ", ".join(f"{g} {b / mib:.2f} MiB" for g, b in plain[0]["groups"].items())
+    print(f"trainable tensors (fp32): {groups}; most gradient bytes alive at once: "
+          f"{max(row['grads'] for row in plain + zero) / mib:.2f} MiB (one update's group at a time)\n")
     print("| rank | AdamW moments plain | ZeRO-1 | ratio | EMA plain | ZeRO-1 | ratio | frozen teacher | step plain "
           "| step ZeRO-1 | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
