@@ -371,9 +371,10 @@ def test_sample_t2v_i2v_v2v_from_a_far_checkpoint(far_chain: dict, tmp_path: Pat
 
 @pytest.mark.slow
 def test_sharded_far_base_trains_like_the_replicated_one(far_dataset: str, tmp_path: Path) -> None:
-    """``train.sharding=fsdp`` on the causal on-policy stage (2 gloo ranks, checkpointing on): the same per-rank
-    batches and draws as a replicated data-parallel run, so adapters (incl. the generator's own patch
-    embedding) and losses must agree; each rank holds about half of the frozen FAR base."""
+    """``train.sharding=fsdp`` + ``train.shard_optimizer`` (ZeRO-1) on the causal on-policy stage (2 gloo ranks,
+    checkpointing on): the same per-rank batches and draws as a replicated data-parallel run, so adapters (incl.
+    the generator's own patch embedding), EMA and losses must agree; each rank holds about half of the frozen
+    FAR base and of the optimiser state."""
     import os
     import shutil
     import subprocess
@@ -394,10 +395,15 @@ def test_sharded_far_base_trains_like_the_replicated_one(far_dataset: str, tmp_p
     for r, ref in zip(runs["fsdp"], runs["none"], strict=True):  # rank by rank: metrics are per-rank losses
         s = r["shard"]
         assert s["shard_group"] == 2 and 0.4 < s["local_base_params"] / s["base_params"] < 0.6, s
+        o = r["optimizer_shard"]
+        assert 0.3 < o["local_params"] / o["params"] < 0.7 and ref["optimizer_shard"]["local_params"] == o["params"], o
         assert r["params"].keys() == ref["params"].keys()
         assert any("far_patch_embedding" in k for k in ref["params"])
         for k, v in ref["params"].items():
             torch.testing.assert_close(r["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert r["ema"].keys() == ref["ema"].keys()
+        for k, v in ref["ema"].items():
+            torch.testing.assert_close(r["ema"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         for k, v in ref["ema"].items():
             torch.testing.assert_close(r["ema"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         for a, b in zip(r["metrics"], ref["metrics"], strict=True):

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 far_fsdp_worker.py DATASET OUT MODE
 
-MODE none (data parallel, replicated base) or fsdp (the frozen FAR base sharded with FSDP2). Both runs see the
+MODE none (data parallel, replicated base) or fsdp (the frozen FAR base sharded with FSDP2, and the optimiser
+state and EMA with ZeRO-1: the layout of the FAR presets). Both runs see the
 same per-rank batches and draws, so their adapters must agree: sharding may not change the maths. Gradient
 checkpointing is on (recomputation all-gathers the blocks again, under the adapter the graph was built with).
 Each rank writes OUT/rankR.pt: final generator/critic tensors (incl. the far_patch_embedding extra), EMA, the
@@ -24,7 +25,7 @@ from anyflow.train.loop import fit, make_accelerator
 dataset, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 p = apply_overrides(get_preset("far-tiny"), {"far.long_context_ratio": 1.0})
 tr = dataclasses.replace(p.distill.train, steps=2, batch_size=1, checkpoint_every=100, ema_warmup_step=1,
-                         sharding=mode)
+                         sharding=mode, shard_optimizer=mode == "fsdp")
 acc = make_accelerator(tr)
 rank, world = acc.process_index, acc.num_processes
 far = {"chunk_partition": p.far.chunk_partition, "full_chunk_limit": 3, "attention": "dense"}
@@ -61,4 +62,5 @@ torch.save({
     "ema": {k: v.cpu() for k, v in result.ema.items()},
     "metrics": metrics,
     "shard": result.shard,
+    "optimizer_shard": result.optimizer_shard,
 }, f"{out}/{mode}-rank{rank}.pt")
