@@ -71,6 +71,13 @@ def test_rerun_is_a_cache_hit_and_a_changed_config_is_not(tiny_chain, tiny_store
     same = run_stage("train_teacher", store=str(tiny_store), overrides={**FAST, "evaluate.num_prompts": 3},
                      inputs={"dataset": ds}, progress=False)
     assert same.cached
+    # nor are the operational train fields (logging/checkpoint cadence, ZeRO-1): same results, same artifact
+    operational = {"teacher.train.log_every": 7, "teacher.train.checkpoint_every": 5,
+                   "teacher.train.shard_optimizer": True}
+    for key, value in operational.items():
+        res = run_stage("train_teacher", store=str(tiny_store), overrides={**FAST, key: value}, inputs={"dataset": ds},
+                        progress=False)
+        assert res.cached and res.uri == tiny_chain["teacher"].uri, key
 
 
 def test_finetune_and_evaluate(tiny_chain, tiny_store) -> None:

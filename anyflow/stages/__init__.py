@@ -2,8 +2,9 @@
 ``main(argv)``, ``KIND``, ``INPUTS`` and the preset ``SECTIONS`` it reads.
 
 :func:`run_stage` is the one entry point the CLI and the KFP components use. Artifacts are
-content-addressed: the key hashes the stage, the preset sections it reads, the input artifacts'
-manifest digests and the code version, so a rerun with unchanged inputs is a cache hit, and training
+content-addressed: the key hashes the stage, the preset sections it reads (less the operational
+``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' manifest digests and the code
+version, so a rerun with unchanged inputs is a cache hit, and training
 checkpoints for a (stage, key) live at a deterministic place from which a retried pod resumes.
 
 Retries and bad input: KFP's retry policy retries every failure, and it cannot filter on exit codes.
@@ -39,6 +40,10 @@ STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "finetune
 RUN_ENV = "ANYFLOW_KFP_RUN"
 #: Written under a stage's checkpoint folder when an attempt fails on bad input.
 FAILURE_MARKER = "FAILED.json"
+#: ``train`` fields that change how a run is carried out, never what it computes (logging and checkpoint
+#: cadence; ZeRO-1 is bit for bit plain AdamW, tests/test_train_zero.py): left out of the cache key, so
+#: changing them reuses the cached artifact and resumes the same training checkpoints.
+OPERATIONAL_TRAIN_FIELDS = ("log_every", "checkpoint_every", "shard_optimizer")
 
 
 @dataclass
@@ -74,10 +79,13 @@ def stage_module(name: str) -> ModuleType:
 def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mapping[str, str]) -> str:
     from anyflow import __version__
 
+    config = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"}
+    for section in config.values():  # the far section only matters to the causal variant (above)
+        for field in OPERATIONAL_TRAIN_FIELDS:
+            section.get("train", {}).pop(field, None)
     payload = {
         "stage": name,
-        # the far section only matters to the causal variant: a bidirectional key ignores it
-        "config": {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"},
+        "config": config,
         "variant": cfg.variant,
         "inputs": dict(sorted(input_digests.items())),
         "version": __version__,
