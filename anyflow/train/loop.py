@@ -288,7 +288,8 @@ def _check_launch(cfg: TrainConfig, accelerator: Any, method: Any) -> None:
         raise ConfigError(
             "DeepSpeed is not supported by anyflow's training loop (one DeepSpeed engine holds one optimiser, the "
             "on-policy stage steps two adapter groups over one shared frozen base); launch with "
-            "configs/accelerate/multi_gpu_ddp.yaml and set <stage>.train.sharding=fsdp (or hsdp) to shard the base"
+            "configs/accelerate/multi_gpu_ddp.yaml and set <stage>.train.sharding=fsdp (or hsdp) to shard the base; "
+            "<stage>.train.shard_optimizer=true (the Wan presets' default) shards the optimiser state (ZeRO-1)"
         )
     if kind == "FSDP" and cfg.sharding == "none":
         raise ConfigError(
