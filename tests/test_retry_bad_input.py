@@ -101,7 +101,7 @@ def test_prelaunch_check_for_multi_node_launchers(tiny_chain, tmp_path: Path, mo
     store = tmp_path / "store"
     ds, fm = tiny_chain["dataset"].uri, tiny_chain["flowmap"].uri
     bad = {"dataset": ds, "teacher": ds, "flowmap": fm}
-    args = dict(preset="tiny", overrides=FAST, store=str(store))
+    args = dict(preset="tiny", overrides=FAST, store=str(store), world_size=1)
     monkeypatch.setenv(RUN_ENV, "anyflow-t2v-run-d")
     assert prelaunch_check("distill", inputs=bad, **args) is None  # nothing known yet: launch
     with pytest.raises(StageInputError):
@@ -111,3 +111,5 @@ def test_prelaunch_check_for_multi_node_launchers(tiny_chain, tmp_path: Path, mo
     good = {"dataset": ds, "teacher": tiny_chain["teacher"].uri, "flowmap": fm}
     res = run_stage("distill", inputs=good, progress=False, **args)
     assert prelaunch_check("distill", inputs=good, **args) == res.uri
+    # a job of another size trains something else (per-rank batches and draws): not a cache hit
+    assert prelaunch_check("distill", inputs=good, **{**args, "world_size": 16}) is None

@@ -80,3 +80,10 @@ def test_a_stage_under_torchrun_publishes_one_complete_artifact(tiny_chain, tmp_
     log = (Path(uri) / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log][-1] == 4, log  # rank 0's log, not an empty one
     assert manifest["extra"]["stage"] == "train_flowmap"
+    # the key holds the 2 processes: a launcher of a 2-process job finds this artifact, a 1-process run does not
+    from anyflow.stages import prelaunch_check
+
+    args = dict(preset="tiny", overrides=overrides, inputs={"dataset": tiny_chain["dataset"].uri},
+                store=str(tmp_path / "store"))
+    assert prelaunch_check("train_flowmap", world_size=2, **args) == uri
+    assert prelaunch_check("train_flowmap", world_size=1, **args) is None

@@ -3,8 +3,8 @@
 
 :func:`run_stage` is the one entry point the CLI and the KFP components use. Artifacts are
 content-addressed: the key hashes the stage, the preset sections it reads (less the operational
-``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' manifest digests and the code
-version, so a rerun with unchanged inputs is a cache hit, and training
+``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' manifest digests, the code
+version and the number of processes when more than one, so a rerun with unchanged inputs is a cache hit, and training
 checkpoints for a (stage, key) live at a deterministic place from which a retried pod resumes.
 
 Retries and bad input: KFP's retry policy retries every failure, and it cannot filter on exit codes.
@@ -76,7 +76,11 @@ def stage_module(name: str) -> ModuleType:
     return m
 
 
-def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mapping[str, str]) -> str:
+def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mapping[str, str],
+              world_size: int = 1) -> str:
+    """The content key of a stage's artifact. ``world_size``: the processes that train it (``train.batch_size``
+    is per rank and every rank draws its own data and noise, so 8 processes compute something else than 4);
+    one process adds nothing, so single-process keys do not depend on it."""
     from anyflow import __version__
 
     config = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"}
@@ -90,6 +94,8 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
         "inputs": dict(sorted(input_digests.items())),
         "version": __version__,
     }
+    if world_size > 1:
+        payload["world_size"] = int(world_size)
     if name == "evaluate" and getattr(getattr(cfg, "evaluate", None), "vbench", False):
         from anyflow.eval.vbench import vbench_environment
 
@@ -107,12 +113,17 @@ def run_stage(
     out: str | None = None,
     force: bool = False,
     progress: bool = True,
+    world_size: int | None = None,
 ) -> StageResult:
-    """Run (or reuse) one stage and publish its artifact; see the module docstring."""
+    """Run (or reuse) one stage and publish its artifact; see the module docstring.
+
+    ``world_size`` (part of the key, :func:`cache_key`): the processes that run it, by default this process's
+    ``WORLD_SIZE`` (torchrun sets it; 1 otherwise). A launcher that only collects what its multi-node job
+    published passes the job's size."""
     from anyflow import storage
     from anyflow.config import to_dict
 
-    module, cfg, inputs, key = _resolve(name, preset, overrides, inputs)
+    module, cfg, inputs, key = _resolve(name, preset, overrides, inputs, world_size)
     if out is None:
         if not store:
             raise ValueError("run_stage needs either store (content-addressed output) or out")
@@ -154,7 +165,7 @@ def run_stage(
 
 
 def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
-             inputs: Mapping[str, str] | None) -> tuple[ModuleType, Any, dict[str, str], str]:
+             inputs: Mapping[str, str] | None, world_size: int | None = None) -> tuple[ModuleType, Any, dict[str, str], str]:
     """(stage module, config, inputs, content key): validates the config and the input artifacts."""
     from anyflow import storage
     from anyflow.config import apply_overrides, get_preset
@@ -170,7 +181,11 @@ def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
             digests[role] = storage.manifest_digest(url)
         except storage.ArtifactError as exc:
             raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
-    return module, cfg, inputs, cache_key(name, cfg, module.SECTIONS, digests)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size < 1:
+        raise ValueError(f"{name}: world_size must be >= 1, got {world_size}")
+    return module, cfg, inputs, cache_key(name, cfg, module.SECTIONS, digests, world_size)
 
 
 def _cached_manifest(out: str, key: str) -> dict[str, Any] | None:
@@ -187,8 +202,8 @@ def _cached_manifest(out: str, key: str) -> dict[str, Any] | None:
 
 
 def prelaunch_check(name: str, *, preset: str, overrides: Mapping[str, Any] | None,
-                    inputs: Mapping[str, str] | None, store: str) -> str | None:
-    """For a launcher about to start a multi-node job that runs stage ``name`` into ``store``.
+                    inputs: Mapping[str, str] | None, store: str, world_size: int) -> str | None:
+    """For a launcher about to start a job of ``world_size`` processes that runs stage ``name`` into ``store``.
 
     Raises :class:`RepeatedStageFailure` when an earlier attempt of this KFP run (``RUN_ENV``) failed on
     bad input (so a retried launcher does not schedule GPU nodes only to stop); returns the artifact URL
@@ -197,7 +212,7 @@ def prelaunch_check(name: str, *, preset: str, overrides: Mapping[str, Any] | No
     """
     from anyflow import storage
 
-    _, _, _, key = _resolve(name, preset, overrides, inputs)
+    _, _, _, key = _resolve(name, preset, overrides, inputs, world_size)
     out = storage.join(store, "artifacts", name, key)
     if _cached_manifest(out, key) is not None:
         return out

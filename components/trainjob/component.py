@@ -82,10 +82,11 @@ def trainjob(
         body = launcher.build_pytorchjob(**common)
     # Before asking for GPU nodes: already in the store -> no job; this run's earlier attempt failed on bad
     # input -> stop now (a KFP retry cannot fix it).
-    if prelaunch_check(stage, preset=preset, overrides=overrides, inputs=inputs, store=store) is None:
+    world = num_nodes * max(gpus_per_node, 1)  # the job's processes (numProcPerNode = max(GPUs, 1)): in the key
+    if prelaunch_check(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world) is None:
         config.load_incluster_config()
         launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
-    res = run_stage(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, out=None)
+    res = run_stage(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, out=None, world_size=world)
     if not res.cached:
         print(f"[anyflow] warning: {stage} was recomputed by the launcher; the job did not publish the expected key.")
     record_output(result, res, store, stage, inputs=inputs)
