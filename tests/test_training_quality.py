@@ -2,8 +2,11 @@
 
 Everything is built here in code, seeds fixed, single-threaded (the tiny model is op-overhead bound):
 
-* **Data.** 2 prompts over a (1, 4, 4, 4) latent, each a Gaussian mixture with modes ±p_k or +p_k. The
-  negative/null prompt is the zero embedding (text dropout 0.1 trains it).
+* **Data.** 2 prompts over a (1, 4, 4, 4) latent. Stage 1: one Gaussian mode +p_k per prompt (std 0.3).
+  Stage 2: per prompt a **ring**, a Gaussian mixture of 24 components (std 0.6) evenly spaced on the
+  circle of radius 6 in a 2-D plane (U_k, V_k) of the latent; the spacing 1.57 is 2.6 std, so the density
+  along the ring is continuous (no separated modes). The negative/null prompt is the zero embedding
+  (text dropout 0.1 trains it).
 * **Base.** The tiny ``WanTransformer3DModel`` pre-trained here by plain flow matching on that data
   (stands in for a pre-trained Wan), then converted with ``wan_to_anyflow``: the "untrained converted
   model".
@@ -20,40 +23,50 @@ Everything is built here in code, seeds fixed, single-threaded (the tiny model i
 Which metric for which stage, and why two toys:
 
 * Stage 1 is judged by the **coupled error** (MSE to the reference endpoint from the same noise), as the
-  issue asks, on **one mode per prompt** (std 0.3). With two modes per prompt the coupled error is
-  dominated by samples near the boundary between the modes that land on the other mode: measured on
-  the bimodal toy, the stage-1 student's 50-step samples were 0.19 (coupled MSE) from the reference while
-  their distribution matched it to the estimator's noise (energy distance 0.07 vs 0.06 between two
-  reference sets), and whether N = 2 beat the baseline by 10 % flipped with the evaluation seed.
-* Stage 2 (DMD) matches **distributions**, not the noise→sample coupling, so it is judged by the energy
-  distance to an independent set of reference samples (per prompt, 512 samples), on the **bimodal** toy
-  where few-step samplers visibly fail (1-step Euler lands between the modes). Its coupled error is
-  printed, not asserted. The estimator's own noise is measured as the energy distance between two
-  reference sets from independent noise.
+  issue asks, on one mode per prompt. With two modes per prompt the coupled error is dominated by
+  samples near the boundary between the modes that land on the other mode: measured on a bimodal toy,
+  the stage-1 student's 50-step samples were 0.19 (coupled MSE) from the reference while their
+  distribution matched it to the estimator's noise, and whether N = 2 beat the baseline flipped with
+  the evaluation seed.
+* Stage 2 (DMD) matches **distributions**, not the noise→sample coupling, so it is judged against an
+  independent set of teacher samples (2,048, from other noise) by the **energy distance** (64-D, per
+  prompt, averaged), and in the ring plane by the **radial W1** (Wasserstein-1 between the radii: the
+  few-step failure pulls samples into the ring's interior) and the **angular energy distance** (between
+  the angles' unit vectors: a collapse along the ring would show here). The estimator's noise is the
+  same distance between two teacher sets from independent noise. 512 samples were too few: on one
+  setting the noise was 0.019 and N = 4 / 16 / 50 flipped to "worse".
+* Why a ring: stage 2 was first judged on 2 well-separated modes per prompt (±p_k, std 0.1). There only
+  N = 1 improved reliably (energy 1.08 → 0.54); over 17 settings (more steps, lr, critic updates, N lists,
+  no guidance, four modes, other seeds) on-policy was worse than stage 1 at N = 2 in 5 of 8 runs with
+  2,048 samples and never better at N = 4 beyond the noise. The energy distance there is dominated by
+  the split of samples between a prompt's two modes (a split error δ costs ≈ 24·δ²): DMD, being
+  mode-seeking, moved the split by 2–12 % in every run, hiding its real few-step gain (samples stranded
+  between the modes at N = 4 cut from 8–14 % to 3–7 %). A ring has no mode weights to shift.
 
-Measured (this file's seeds, one thread; 2026-11-27):
+Measured (one thread; 2026-11-27):
 
 * stage 1, coupled MSE, N = 1 / 2 / 4 / 16 / 50 — converted+CFG 0.657 0.038 0.011 0.0004 0.0000 ·
   flow-map 0.085 0.011 0.0069 0.0048 0.0043.
-* stage 2, energy distance — flow-map 1.077 0.128 0.044 0.017 0.012 · on-policy 0.540 0.105 0.056
-  0.018 0.021; reference-vs-reference 0.034. Coupled MSE (printed) gets worse, 0.27 → 0.31 at N = 2.
-  With other seeds for the evaluation set and the on-policy data (512 samples each): N = 1 0.59 vs 1.20
-  and 0.49 vs 1.00, N = 2 0.195 vs 0.251 and 0.065 vs 0.114, N = 4 0.143 vs 0.148 and 0.033 vs 0.030.
-* Only N = 1 improves reliably on this toy, and only that is asserted as an improvement. A sweep (17
-  settings: more on-policy steps, more critic updates, higher lr, N lists restricted to {1, 2, 4}, no
-  guidance, a shorter stage 1, four modes per prompt, other seeds) found on-policy better at N = 1 in
-  every run; with 2,048 evaluation samples (reference-vs-reference 0.003–0.018) it was worse than stage 1
-  at N = 2 in 5 of 8 runs and never better at N = 4 beyond the noise; with four modes per prompt N = 4
-  improved on two seeds (0.292 → 0.166, 0.167 → 0.047) and regressed on others (0.175 → 0.336). The energy distance here is dominated by how
-  samples split between a prompt's two modes (a split error δ costs ≈ 24·δ²): on-policy training does
-  cut the samples stranded between the modes at N = 4 (e.g. 8–14 % → 3–7 %), but every run also moved
-  the split by 2–12 %, which costs more. So N = 2 / 4 / 16 / 50 are asserted as "not worse than 1.5×
-  stage 1 plus the estimator's noise". Showing the N = 2–4 gain needs a toy whose mode weights the
-  models cannot shift, or the split and the stranded share scored separately; not done.
+* stage 2, ring, this file's seeds — energy: flow-map 0.254 0.181 0.107 0.090 0.084 · on-policy 0.077
+  0.046 0.038 0.042 0.043 (teacher-vs-teacher 0.003). Radial W1: 0.95 0.80 0.54 0.41 0.25 → 0.73 0.26
+  0.18 0.23 0.16 (0.04). Angular energy: 0.025 0.019 0.017 0.016 0.017 → 0.010 0.006 0.006 0.008 0.008
+  (0.001). Mean radius (teacher 6.18): flow-map 5.29 5.38 5.63 5.77 5.93 · on-policy 6.03 6.23 6.11
+  5.95 6.01: the stage-1 few-step samples sit inside the ring, on-policy puts them back on it.
+* Other seeds (pre-training / stage-1 / stage-2 data and seeds, and evaluation noise and references
+  varied together; 6 settings with 2,048 samples): energy ratio on-policy / flow-map ≤ 0.35 at N = 1,
+  ≤ 0.31 at N = 2, ≤ 0.66 at N = 4, ≤ 0.71 at N = 16 / 50; angular energy better at every N in every
+  setting (ratio ≤ 0.54); radial W1 better at N = 1 / 2 (ratio ≤ 0.81 / 0.49). Caveat: on-policy lands
+  at mean radius 6.0–6.4 whatever the teacher's 100-step radius (5.84–6.20 across seeds), so where the
+  teacher's radius is small its radial W1 at N ≥ 4 gets worse (train seed 1: N = 16 0.04 → 0.28) while
+  the energy distance still improves; radial W1 is asserted only at N = 1 / 2.
+* Asserted: energy distance ≤ 0.7× stage 1 minus the noise at N = 1 / 2 / 4; radial W1 ≤ 0.9× at
+  N = 1 / 2; energy not worse than stage 1 plus the noise at N = 16 / 50; angular energy not worse than
+  stage 1 plus the noise at every N.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 
 import pytest
@@ -78,19 +91,35 @@ G, SHIFT = 2.0, 1.0
 NS = (1, 2, 4, 16, 50)
 REFERENCE_STEPS = 100
 PRETRAIN_STEPS, FLOWMAP_STEPS, ONPOLICY_STEPS = 400, 300, 200
+RING_M, RING_R, RING_STD = 24, 6.0, 0.6  # spacing 2πR/M = 1.57 ≈ 2.6 std: a continuous ring
+N_STAGE2 = 2048  # stage-2 evaluation samples (512 left N = 4 / 16 / 50 at the mercy of the estimator's noise)
 
 
 class _Toy:
-    """Prompt k owns the modes +p_k (and −p_k if ``bimodal``) with the given std."""
+    """Prompt k owns one mode +p_k (std ``std``), or with ``ring`` a ring: RING_M components of std ``std``
+    evenly spaced on the circle of radius RING_R in the plane spanned by the unit latents U_k, V_k."""
 
-    def __init__(self, *, bimodal: bool, std: float) -> None:
+    def __init__(self, *, std: float, ring: bool = False) -> None:
         gen = torch.Generator().manual_seed(0)
-        pat = torch.randn((K, 1, 4, 1, 1), generator=gen).expand((K, *ITEM)).clone()
-        pat = pat / pat.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1) * 6.0
-        modes = torch.stack([pat, -pat], dim=1) if bimodal else pat[:, None]  # (K, modes, *ITEM)
+        if ring:  # U_k, V_k: orthonormal per-channel patterns, constant over the 4x4 spatial grid
+            basis = torch.linalg.qr(torch.randn(K, 4, 2, generator=gen))[0] / 4.0  # x16 copies: unit norm
+            self.u, self.v = (basis[:, :, i].reshape(K, 1, 4, 1, 1).expand(K, *ITEM).clone() for i in (0, 1))
+            th = torch.arange(RING_M) * 2 * math.pi / RING_M
+            cos, sin = (f(th).view(1, -1, 1, 1, 1, 1) for f in (torch.cos, torch.sin))
+            modes = RING_R * (cos * self.u[:, None] + sin * self.v[:, None])  # (K, RING_M, *ITEM)
+        else:
+            pat = torch.randn((K, 1, 4, 1, 1), generator=gen).expand((K, *ITEM)).clone()
+            modes = (pat / pat.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1) * 6.0)[:, None]  # (K, 1, *ITEM)
         self.mix = [GaussianMixture(modes[k], std=std) for k in range(K)]
         self.emb = torch.randn(K, L, D, generator=gen)
         self.neg = torch.zeros(1, L, D)
+
+    def polar(self, x: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Radius and angle of each sample's projection on its prompt's ring plane (ring toy only)."""
+        xf = x.flatten(1)
+        a = (xf * self.u[lab].flatten(1)).sum(1)
+        b = (xf * self.v[lab].flatten(1)).sum(1)
+        return torch.sqrt(a**2 + b**2), torch.atan2(b, a)
 
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lab = torch.randint(K, (n,), generator=g)
@@ -185,18 +214,14 @@ def _single_threaded(run):
         torch.set_num_threads(threads)
 
 
-def _setup(*, bimodal: bool, std: float):
-    """Toy, pre-trained base, 512 evaluation prompts/labels/noises, the stage-1 student, the guided base
-    sampler and its 100-step reference endpoints from that noise."""
-    toy = _Toy(bimodal=bimodal, std=std)
+def _setup(toy: _Toy, n: int):
+    """Pre-trained base, n evaluation prompts/labels/noises, the stage-1 student and the guided base sampler."""
     wan = _pretrained_wan(toy)
     ge = torch.Generator().manual_seed(123)
-    _, c, lab = toy.batch(512, ge)
-    z = torch.randn((512, *ITEM), generator=ge)
+    _, c, lab = toy.batch(n, ge)
+    z = torch.randn((n, *ITEM), generator=ge)
     student = _stage1(toy, wan)
-    base = _cfg(student.fn(None), toy.neg)
-    ref = _sample(base, z, c, REFERENCE_STEPS, use_mean_velocity=False)
-    return toy, wan, c, lab, z, student, base, ref
+    return wan, c, lab, z, student, _cfg(student.fn(None), toy.neg)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +229,8 @@ def stage1_coupled() -> dict[str, dict[int, float]]:
     """Coupled MSE to the teacher reference on the one-mode-per-prompt toy."""
 
     def run():
-        _, _, c, _, z, student, base, ref = _setup(bimodal=False, std=0.3)
+        _, c, _, z, student, base = _setup(_Toy(std=0.3), 512)
+        ref = _sample(base, z, c, REFERENCE_STEPS, use_mean_velocity=False)
 
         def coupled(u):
             return {n: float(((_sample(u, z, c, n) - ref) ** 2).mean()) for n in NS}
@@ -216,25 +242,41 @@ def stage1_coupled() -> dict[str, dict[int, float]]:
     return _single_threaded(run)
 
 
+def _w1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Wasserstein-1 distance between two equal-size 1-D samples."""
+    return float((a.sort().values - b.sort().values).abs().mean())
+
+
 @pytest.fixture(scope="module")
-def stage2_energy() -> dict[str, dict[int, float]]:
-    """Energy distance to independent teacher samples on the bimodal toy (and the estimator's noise)."""
+def stage2_ring() -> dict[str, dict[str, dict[int, float]]]:
+    """Distances to independent teacher samples on the ring toy, per prompt then averaged: energy distance
+    (64-D), radial W1 and angular energy distance (unit vectors of the angle) in the ring plane; and the
+    estimator's noise, the same distances between two teacher sets from independent noise."""
 
     def run():
-        toy, wan, c, lab, z, student, base, ref = _setup(bimodal=True, std=0.1)  # ref: same noise (coupled)
-        z_ref = torch.randn((512, *ITEM), generator=torch.Generator().manual_seed(999))
-        ref2 = _sample(base, z_ref, c, REFERENCE_STEPS, use_mean_velocity=False)  # independent: energy
+        toy = _Toy(std=RING_STD, ring=True)
+        wan, c, lab, z, student, base = _setup(toy, N_STAGE2)
+        refs = [_sample(base, torch.randn((N_STAGE2, *ITEM), generator=torch.Generator().manual_seed(s)), c,
+                        REFERENCE_STEPS, use_mean_velocity=False) for s in (999, 555)]
+        ref_r, ref_th = toy.polar(refs[0], lab)
 
-        def energy(x, y):
-            return sum(energy_distance(x[lab == k], y[lab == k]) for k in range(K)) / K
+        def dist(x):
+            r, th = toy.polar(x, lab)
+            out = {"energy": 0.0, "radial_w1": 0.0, "angle_energy": 0.0}
+            for k in range(K):
+                i = lab == k
+                out["energy"] += energy_distance(x[i], refs[0][i]) / K
+                out["radial_w1"] += _w1(r[i], ref_r[i]) / K
+                unit, ref_unit = (torch.stack([a[i].cos(), a[i].sin()], 1) for a in (th, ref_th))
+                out["angle_energy"] += energy_distance(unit, ref_unit) / K
+            out["mean_radius"] = float(r.mean())
+            return out
 
         def rows(u):
-            xs = {n: _sample(u, z, c, n) for n in NS}
-            return ({n: energy(x, ref2) for n, x in xs.items()}, {n: float(((x - ref) ** 2).mean()) for n, x in xs.items()})
+            d = {n: dist(_sample(u, z, c, n)) for n in NS}
+            return {m: {n: d[n][m] for n in NS} for m in d[NS[0]]}
 
-        out, coupled = {}, {}
-        out["flowmap"], coupled["flowmap"] = rows(student.fn("generator"))
-
+        out = {"flowmap": rows(student.fn("generator"))}
         onp = AdapterModel(wan_to_anyflow(wan).eval(), rank=8, alpha=8.0, gradient_checkpointing=False)
         onp.add("zero", "teacher")
         teacher = onp.state("zero")  # lora_B = 0: the teacher adapter is the base itself
@@ -246,10 +288,16 @@ def stage2_energy() -> dict[str, dict[int, float]]:
         with tempfile.TemporaryDirectory() as work:
             r2 = fit(m2, ds.train, _Batches(toy, 32, 7), work_dir=work, progress=False)
         onp.load_params("generator", r2.ema)
-        out["onpolicy"], coupled["onpolicy"] = rows(onp.fn("generator"))
-        out["noise"] = {0: abs(energy(ref, ref2))}
-        _print("stage 2, two modes per prompt: energy distance to independent base+CFG 100-step samples", out)
-        _print("(coupled MSE, not asserted: DMD does not keep the noise->sample coupling)", coupled)
+        out["onpolicy"] = rows(onp.fn("generator"))
+        noise = dist(refs[1])
+        out["noise"] = {m: {0: abs(v)} for m, v in noise.items() if m != "mean_radius"}
+        print(f"\nstage 2, ring toy, vs independent base+CFG 100-step samples; teacher mean radius "
+              f"{float(ref_r.mean()):.3f}")
+        for m in ("energy", "radial_w1", "angle_energy", "mean_radius"):
+            rows_m = {name: out[name][m] for name in ("flowmap", "onpolicy")}
+            if m in out["noise"]:
+                rows_m["noise"] = out["noise"][m]
+            _print(m, rows_m)
         return out
 
     return _single_threaded(run)
@@ -261,12 +309,18 @@ def test_flowmap_training_reduces_coupled_error_at_one_two_four_steps(stage1_cou
         assert fm[n] < 0.8 * base[n], (n, stage1_coupled)
 
 
-def test_onpolicy_improves_one_step(stage2_energy) -> None:
-    fm, op = stage2_energy["flowmap"], stage2_energy["onpolicy"]
-    assert op[1] < 0.7 * fm[1], stage2_energy
+def test_onpolicy_improves_one_two_four_steps(stage2_ring) -> None:
+    fm, op, noise = stage2_ring["flowmap"]["energy"], stage2_ring["onpolicy"]["energy"], stage2_ring["noise"]
+    for n in (1, 2, 4):  # at least 30 % closer to the teacher, beyond the estimator's noise
+        assert op[n] <= 0.7 * fm[n] - noise["energy"][0], (n, stage2_ring)
+    rfm, rop = stage2_ring["flowmap"]["radial_w1"], stage2_ring["onpolicy"]["radial_w1"]
+    for n in (1, 2):  # the few-step failure: samples pulled into the ring's interior
+        assert rop[n] <= 0.9 * rfm[n], (n, stage2_ring)
 
 
-def test_onpolicy_keeps_two_four_and_many_step_quality(stage2_energy) -> None:
-    fm, op, noise = stage2_energy["flowmap"], stage2_energy["onpolicy"], stage2_energy["noise"][0]
-    for n in (2, 4, 16, 50):  # a 1.5x regression beyond the estimator's noise fails (5x at N=16 would)
-        assert op[n] <= 1.5 * fm[n] + noise, (n, stage2_energy)
+def test_onpolicy_keeps_many_step_quality_and_ring_coverage(stage2_ring) -> None:
+    fm, op, noise = stage2_ring["flowmap"], stage2_ring["onpolicy"], stage2_ring["noise"]
+    for n in (16, 50):
+        assert op["energy"][n] <= fm["energy"][n] + noise["energy"][0], (n, stage2_ring)
+    for n in NS:  # no collapse along the ring (DMD is mode-seeking)
+        assert op["angle_energy"][n] <= fm["angle_energy"][n] + noise["angle_energy"][0], (n, stage2_ring)
