@@ -100,14 +100,21 @@ def _record(root: str, name: str, event: dict) -> dict:
     event = {"at": _now(), "name": name, **event}
     for _ in range(20):
         seq = len([u for u in storage.list_prefix(hdir) if u.endswith(".json")]) + 1
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:] + "Z"
-        fname = f"{stamp}-{seq:06d}.json"
+        fname = f"{_stamp(time.time())}-{seq:06d}.json"
         try:
             storage.write_bytes_if(storage.join(hdir, fname), _bytes({**event, "seq": seq}), if_none_match=True)
             return {**event, "seq": seq, "file": fname}
         except storage.PreconditionFailed:
             continue
     raise RegistryError(f"{hdir}: could not add a history entry after 20 tries; check for a runaway writer.")
+
+
+def _stamp(t: float) -> str:
+    """``YYYYmmddTHHMMSS.ffffffZ`` of one clock reading: seconds and microseconds from the same ``t`` (two
+    readings could straddle a second and sort an entry a second early), microseconds truncated (rounding
+    0.9999996 would give .000000 of the same second)."""
+    whole = math.floor(t)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(whole)) + f".{min(int((t - whole) * 1e6), 999_999):06d}Z"
 
 
 def history(root: str, name: str) -> list[dict]:

@@ -90,6 +90,18 @@ def test_compare_and_swap_conflicts(root: str, tmp_path: Path) -> None:
     assert registry.promoted(root, "gen")["uri"] == a2
 
 
+def test_history_stamps_sort_like_the_clock_across_a_second_boundary(root: str, monkeypatch) -> None:
+    # The stamp took its seconds and its microseconds from two clock readings; when they straddled a second,
+    # an entry sorted a second early (seen in CI: a later "conflict" listed before the first "promote").
+    clock = iter([999.9999999, 1000.0000001, 1000.4])
+    monkeypatch.setattr(registry.time, "time", lambda: next(clock))
+    for event in ("a", "b", "c"):
+        registry._record(root, "gen", {"event": event})
+    assert [e["event"] for e in registry.history(root, "gen")] == ["a", "b", "c"]
+    stamps = [registry._stamp(t) for t in (999.9999999, 1000.0, 1000.0000001, 1000.999999)]
+    assert stamps == sorted(stamps) and stamps[0].endswith("39.999999Z") and stamps[1].endswith("40.000000Z")
+
+
 def test_overlapping_promotions_leave_one_winner(tmp_path: Path) -> None:
     """Real threads racing on a local store (flock-serialised CAS): one wins, the others conflict."""
     root = str(tmp_path / "store")
