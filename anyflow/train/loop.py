@@ -361,8 +361,9 @@ def fit(
     optimiser state, EMA and checkpoints are unchanged by it. ``cfg.shard_optimizer`` (several processes)
     splits the AdamW moments and the EMA across the ranks (ZeRO-1, :func:`make_optimizer`); checkpoints and
     the returned EMA are whole. Under bf16 mixed precision frozen adapters are stored in bf16 while the
-    loop runs and restored to their exact values after it (:meth:`AdapterModel.frozen_adapters_stored_in`). Launching under an accelerate DeepSpeed config, or an
-    accelerate FSDP config with ``sharding="none"``, is refused (``ConfigError``).
+    loop runs and restored to their exact values after it (:meth:`AdapterModel.frozen_adapters_stored_in`).
+    Launching under an accelerate DeepSpeed config, or an accelerate FSDP config with ``sharding="none"``,
+    is refused (``ConfigError``).
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_launch(cfg, accelerator, method)
