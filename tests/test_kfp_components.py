@@ -207,6 +207,19 @@ def test_trainjob_object_matches_crd_shape() -> None:
         jsonschema.validate(bad, TRAINJOB_SCHEMA)
 
 
+def test_the_launchers_key_size_is_the_jobs_process_count() -> None:
+    # The launcher keys the stage with job_world_size; the workers key it with torchrun's WORLD_SIZE =
+    # nodes x processes per node as written into the job objects. They must agree, or the launcher misses.
+    for nodes, gpus in ((4, 8), (2, 0), (1, 1)):
+        args = {**_job_args(), "num_nodes": nodes, "gpus_per_node": gpus}
+        tj = launcher.build_trainjob(**args)["spec"]["trainer"]
+        pj = launcher.build_pytorchjob(**args)["spec"]
+        replicas = sum(r["replicas"] for r in pj["pytorchReplicaSpecs"].values())
+        assert tj["numNodes"] * tj["numProcPerNode"] == launcher.job_world_size(nodes, gpus)
+        assert replicas * int(pj["nprocPerNode"]) == launcher.job_world_size(nodes, gpus)
+    assert launcher.job_world_size(4, 8) == 32 and launcher.job_world_size(2, 0) == 2
+
+
 def test_pytorchjob_object_matches_crd_shape() -> None:
     body = launcher.build_pytorchjob(**_job_args())
     jsonschema.validate(body, PYTORCHJOB_SCHEMA)

@@ -82,11 +82,16 @@ def trainjob(
         body = launcher.build_pytorchjob(**common)
     # Before asking for GPU nodes: already in the store -> no job; this run's earlier attempt failed on bad
     # input -> stop now (a KFP retry cannot fix it).
-    world = num_nodes * max(gpus_per_node, 1)  # the job's processes (numProcPerNode = max(GPUs, 1)): in the key
-    if prelaunch_check(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world) is None:
+    world = launcher.job_world_size(num_nodes, gpus_per_node)  # the job's processes: part of the key
+    check = dict(preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world)
+    if prelaunch_check(stage, **check) is None:
         config.load_incluster_config()
         launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
-    res = run_stage(stage, preset=preset, overrides=overrides, inputs=inputs, store=store, out=None, world_size=world)
-    if not res.cached:
-        print(f"[anyflow] warning: {stage} was recomputed by the launcher; the job did not publish the expected key.")
+        # Never fall back to computing the stage here (one small CPU pod, and under the job's key).
+        if prelaunch_check(stage, **check) is None:
+            raise RuntimeError(
+                f"{stage}: the {api} job {name} succeeded but published no artifact for this stage's key in {store} "
+                f"(did its workers run with WORLD_SIZE={world}, i.e. {num_nodes} nodes x the GPUs per node?)"
+            )
+    res = run_stage(stage, out=None, **check)  # a store cache hit: collects the artifact's metrics
     record_output(result, res, store, stage, inputs=inputs)

@@ -43,6 +43,16 @@ def job_name(stage: str, suffix: str) -> str:
     return name[:63].rstrip("-")
 
 
+def procs_per_node(gpus_per_node: int) -> int:
+    """Processes torchrun starts per node: one per GPU (one on a CPU-only node)."""
+    return max(int(gpus_per_node), 1)
+
+
+def job_world_size(num_nodes: int, gpus_per_node: int) -> int:
+    """The job's processes (torchrun's ``WORLD_SIZE`` in every worker): part of the stage's cache key."""
+    return int(num_nodes) * procs_per_node(gpus_per_node)
+
+
 def stage_command(stage: str, *, preset: str, overrides: Mapping[str, Any], inputs: Mapping[str, str],
                   store: str) -> list[str]:
     """``torchrun -m anyflow.stages.<stage> …``; torchrun reads nodes/rank/master from the ``PET_*``
@@ -91,7 +101,7 @@ def build_trainjob(*, name: str, namespace: str, image: str, command: Sequence[s
                 "image": image,
                 "command": list(command),
                 "numNodes": int(num_nodes),
-                "numProcPerNode": int(max(gpus_per_node, 1)),
+                "numProcPerNode": procs_per_node(gpus_per_node),
                 "resourcesPerNode": resources,
                 "env": [dict(e) for e in env],
             },
@@ -134,7 +144,7 @@ def build_pytorchjob(*, name: str, namespace: str, image: str, command: Sequence
         "kind": PYTORCHJOB.kind,
         "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "anyflow", **(labels or {})}},
         "spec": {
-            "nprocPerNode": str(max(gpus_per_node, 1)),
+            "nprocPerNode": str(procs_per_node(gpus_per_node)),
             "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0},
             "pytorchReplicaSpecs": specs,
         },
