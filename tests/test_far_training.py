@@ -375,21 +375,11 @@ def test_sharded_far_base_trains_like_the_replicated_one(far_dataset: str, tmp_p
     checkpointing on): the same per-rank batches and draws as a replicated data-parallel run, so adapters (incl.
     the generator's own patch embedding), EMA and losses must agree; each rank holds about half of the frozen
     FAR base and of the optimiser state."""
-    import os
-    import shutil
-    import subprocess
-    import sys
+    from helpers.launch import torchrun
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found next to the interpreter")
-    worker = Path(__file__).parent / "helpers" / "far_fsdp_worker.py"
     runs = {}
     for mode in ("none", "fsdp"):
-        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(worker), far_dataset,
-                               str(tmp_path), mode], capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        torchrun("far_fsdp_worker.py", far_dataset, tmp_path, mode, timeout=900)
         runs[mode] = [torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=True) for r in range(2)]
     assert runs["none"][0]["shard"] == {}
     for r, ref in zip(runs["fsdp"], runs["none"], strict=True):  # rank by rank: metrics are per-rank losses

@@ -11,32 +11,15 @@ artifact (rank 1 with an empty training log); now only rank 0 does.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-HELPERS = Path(__file__).parent / "helpers"
-
-
-def _torchrun(worker: str, *args: str, world: int = 2) -> subprocess.CompletedProcess:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not found next to the interpreter")
-    proc = subprocess.run(
-        [exe, "--standalone", "--nproc_per_node", str(world), str(HELPERS / worker), *args],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+from helpers.launch import torchrun
 
 
 def _launch(dataset: str, ckpt: Path, out: Path, steps: int, world: int = 2) -> list[dict]:
-    _torchrun("resume_worker.py", dataset, str(ckpt), str(out), str(steps), world=world)
+    torchrun("resume_worker.py", dataset, str(ckpt), str(out), str(steps), world=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -70,7 +53,7 @@ def test_a_stage_under_torchrun_publishes_one_complete_artifact(tiny_chain, tmp_
     from anyflow import storage
 
     overrides = {**FAST, "flowmap.train.steps": 4, "flowmap.train.batch_size": 2}
-    proc = _torchrun("stage_worker.py", "train_flowmap", str(tmp_path / "store"), tiny_chain["dataset"].uri,
+    proc = torchrun("stage_worker.py", "train_flowmap", str(tmp_path / "store"), tiny_chain["dataset"].uri,
                      json.dumps(overrides))
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     (uri,) = {r["uri"] for r in records if "uri" in r}  # both ranks name the same artifact

@@ -10,14 +10,11 @@ checkpoint recomputation must run under the adapter that is active at backward t
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.launch import torchrun
 from helpers.replay import (
     ListBatches,
     Replayer,
@@ -35,38 +32,12 @@ from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import fit, shard_frozen_base
 from anyflow.train.methods import OnPolicyMethod
 
-WORKER = Path(__file__).parent / "helpers" / "fsdp_worker.py"
+WORKER = "fsdp_worker.py"
 STEPS, BATCH, STEPS_LIST = 3, 1, (2, 4, 50)  # as in the worker
 
 
-def _torchrun() -> str:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not found next to the interpreter")
-    return exe
-
-
 def _launch(dataset: str, out: Path, mode: str, world: int, accum: int, *extra: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            _torchrun(),
-            "--standalone",
-            "--nproc_per_node",
-            str(world),
-            str(WORKER),
-            dataset,
-            str(out),
-            mode,
-            str(accum),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, dataset, out, mode, accum, *extra, world=world, timeout=900)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

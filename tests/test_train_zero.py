@@ -12,31 +12,19 @@ checkpoint, written with ZeRO-1, also resumes without it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.launch import torchrun
 from safetensors.torch import load_file
 
 from anyflow.config import get_preset
 
-HELPERS = Path(__file__).parent / "helpers"
-
 
 def _launch(dataset: str, ckpt: Path, out: Path, steps: int, shard: bool) -> list[dict]:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not found next to the interpreter")
-    proc = subprocess.run(
-        [exe, "--standalone", "--nproc_per_node", "2", str(HELPERS / "zero_worker.py"), dataset, str(ckpt),
-         str(out), str(steps), "1" if shard else "0"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("zero_worker.py", dataset, ckpt, out, steps, "1" if shard else "0")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
