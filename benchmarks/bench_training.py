@@ -159,11 +159,17 @@ def _build(shape: str, device: str, frames: int | None, variant: str = "bidirect
 
 
 class _Batches:
-    def __init__(self, spec: dict[str, Any], device: str) -> None:
+    """Random latents/text of the shape's batch, from ``seed``; the resumable-loader interface ``fit`` calls
+    (nothing to resume)."""
+
+    def __init__(self, spec: dict[str, Any], device: str, seed: int = 0) -> None:
         import torch
 
-        self.g = torch.Generator().manual_seed(0)
+        self.g = torch.Generator().manual_seed(seed)
         self.spec, self.device = spec, device
+
+    def __iter__(self) -> _Batches:
+        return self
 
     def __next__(self) -> dict[str, Any]:
         import torch
@@ -171,6 +177,12 @@ class _Batches:
         b = self.spec["batch"]
         return {"latents": torch.randn((b, *self.spec["latent"]), generator=self.g).to(self.device),
                 "text": torch.randn((b, *self.spec["text"]), generator=self.g).to(self.device)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

@@ -36,32 +36,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-class _Batches:
-    """Random latents/text per rank; resumable interface for ``fit`` (nothing to resume)."""
-
-    def __init__(self, spec: dict[str, Any], device: str, rank: int) -> None:
-        import torch
-
-        self.g = torch.Generator().manual_seed(rank)
-        self.spec, self.device = spec, device
-
-    def __iter__(self) -> _Batches:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        import torch
-
-        b = self.spec["batch"]
-        return {"latents": torch.randn((b, *self.spec["latent"]), generator=self.g).to(self.device),
-                "text": torch.randn((b, *self.spec["text"]), generator=self.g).to(self.device)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 def _bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -74,7 +48,7 @@ def child(args: argparse.Namespace) -> None:
     from anyflow.train import loop
     from anyflow.train.adapters import AdapterModel
     from anyflow.train.methods import OnPolicyMethod
-    from benchmarks.bench_training import _build, _synthetic_adapter
+    from benchmarks.bench_training import _Batches, _build, _synthetic_adapter
 
     rank = int(os.environ["RANK"])
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -128,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-zero-"))
     try:
         t0 = time.perf_counter()
-        result = loop.fit(method, tr, _Batches(spec, device, rank), work_dir=work, progress=False)
+        result = loop.fit(method, tr, _Batches(spec, device, seed=rank), work_dir=work, progress=False)
         total = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
