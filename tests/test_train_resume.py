@@ -130,7 +130,7 @@ def test_bf16_loop_stores_the_frozen_teacher_in_bf16_without_changing_training(t
     assert all(torch.equal(p, before[k]) for k, p in teacher.items())  # after: the exact fp32 values again
     assert any(b.float().ne(b.bfloat16().float()).any() for b in before.values())  # which bf16 cannot hold
 
-    monkeypatch.setattr(AdapterModel, "frozen_adapters_stored_in", lambda self, dtype: contextlib.nullcontext(0))
+    monkeypatch.setattr(AdapterModel, "frozen_adapters_stored_in", lambda self, dtype: contextlib.nullcontext())
     method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
     ref = fit(method, tr, data, work_dir=tmp_path / "fp32", progress=False)
     want = _final_state(ref, models, method)

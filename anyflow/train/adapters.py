@@ -146,9 +146,9 @@ class AdapterModel:
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     @contextmanager
-    def frozen_adapters_stored_in(self, dtype: torch.dtype) -> Iterator[int]:
-        """Within the block, keep the LoRA tensors of every frozen adapter (the on-policy teacher) in ``dtype``;
-        yields the bytes saved. peft keeps adapters in fp32 over a bf16 base; a frozen one needs no fp32
+    def frozen_adapters_stored_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """Within the block, keep the LoRA tensors of every frozen adapter (the on-policy teacher) in ``dtype``.
+        peft keeps adapters in fp32 over a bf16 base; a frozen one needs no fp32
         copy on the device while training. The original values are kept on the CPU and put back on exit.
 
         Only for code that calls the model under autocast to ``dtype`` (the training loop under bf16 mixed
@@ -157,7 +157,6 @@ class AdapterModel:
         are bit for bit unchanged (``tests/test_train_resume.py``). Without autocast it would change them.
         """
         kept: list[tuple[nn.Parameter, torch.Tensor]] = []
-        saved = 0
         with torch.no_grad():
             for name in lora.adapter_names(self.transformer):
                 if lora.is_trainable(self.transformer, name):
@@ -165,10 +164,9 @@ class AdapterModel:
                 for p in lora.trainable_parameters(self.transformer, name).values():
                     if p.dtype != dtype:
                         kept.append((p, p.data.to("cpu", copy=True)))
-                        saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
                         p.data = p.data.to(dtype)
         try:
-            yield saved
+            yield
         finally:
             with torch.no_grad():
                 for p, original in kept:
