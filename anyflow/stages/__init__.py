@@ -4,8 +4,9 @@
 :func:`run_stage` is the one entry point the CLI and the KFP components use. Artifacts are
 content-addressed: the key hashes the stage, the preset sections it reads (less the operational
 ``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' manifest digests, the code
-version and the number of processes when more than one, so a rerun with unchanged inputs is a cache hit, and training
-checkpoints for a (stage, key) live at a deterministic place from which a retried pod resumes.
+version and the number of processes when more than one, so a rerun with unchanged inputs is a cache
+hit, and training checkpoints for a (stage, key) live at a deterministic place from which a retried pod
+resumes.
 
 Retries and bad input: KFP's retry policy retries every failure, and it cannot filter on exit codes.
 So a stage that fails on bad input (config, input artifacts, data, a diverged loss -- the failures a
