@@ -73,6 +73,9 @@ class TrainConfig:
     # ZeroRedundancyOptimizer); the update is the same and checkpoints hold the whole, layout-independent
     # state. No effect on 1 process.
     shard_optimizer: bool = False
+    # DeepSpeed ZeRO stage 1/2 for the trainable adapters (anyflow/train/deepspeed_zero.py): "" (off), a built-in
+    # config (zero1, zero2, zero2_offload) or a DeepSpeed JSON file. Replaces shard_optimizer when set.
+    deepspeed: str = ""
 
 
 @dataclass(frozen=True)

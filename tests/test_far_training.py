@@ -371,18 +371,20 @@ def test_sample_t2v_i2v_v2v_from_a_far_checkpoint(far_chain: dict, tmp_path: Pat
 
 @pytest.mark.slow
 def test_sharded_far_base_trains_like_the_replicated_one(far_dataset: str, tmp_path: Path) -> None:
-    """``train.sharding=fsdp`` + ``train.shard_optimizer`` (ZeRO-1) on the causal on-policy stage (2 gloo ranks,
-    checkpointing on): the same per-rank batches and draws as a replicated data-parallel run, so adapters (incl.
-    the generator's own patch embedding), EMA and losses must agree; each rank holds about half of the frozen
-    FAR base and of the optimiser state."""
+    """``train.sharding=fsdp`` + ``train.shard_optimizer`` (ZeRO-1), and ``train.sharding=fsdp`` + DeepSpeed ZeRO-2
+    (``train.deepspeed=zero2``), on the causal on-policy stage (2 gloo ranks, checkpointing on): the same
+    per-rank batches and draws as a replicated data-parallel run, so adapters (incl. the generator's own patch
+    embedding), EMA and losses must agree; each rank holds about half of the frozen FAR base and of the
+    optimiser state."""
     from helpers.launch import torchrun
 
     runs = {}
-    for mode in ("none", "fsdp"):
+    for mode in ("none", "fsdp", "fsdp-zero2"):
         torchrun("far_fsdp_worker.py", far_dataset, tmp_path, mode, timeout=900)
         runs[mode] = [torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=True) for r in range(2)]
     assert runs["none"][0]["shard"] == {}
-    for r, ref in zip(runs["fsdp"], runs["none"], strict=True):  # rank by rank: metrics are per-rank losses
+    for r, ref in [*zip(runs["fsdp"], runs["none"], strict=True),  # rank by rank: metrics are per-rank losses
+                   *zip(runs["fsdp-zero2"], runs["none"], strict=True)]:
         s = r["shard"]
         assert s["shard_group"] == 2 and 0.4 < s["local_base_params"] / s["base_params"] < 0.6, s
         o = r["optimizer_shard"]

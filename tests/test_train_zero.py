@@ -23,20 +23,35 @@ from safetensors.torch import load_file
 from anyflow.config import get_preset
 
 
-def _launch(dataset: str, ckpt: Path, out: Path, steps: int, shard: bool) -> list[dict]:
-    torchrun("zero_worker.py", dataset, ckpt, out, steps, "1" if shard else "0")
+def _launch(dataset: str, ckpt: Path, out: Path, steps: int, mode: str) -> list[dict]:
+    torchrun("zero_worker.py", dataset, ckpt, out, steps, mode)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.fixture(scope="module")
+def plain_run(tiny_chain, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """The reference: 4 on-policy steps on 2 ranks with plain AdamW; the results and the checkpoint store."""
+    root = tmp_path_factory.mktemp("plain")
+    return _launch(tiny_chain["dataset"].uri, root / "ckpt", root / "out", 4, "plain"), root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def plain_step2(tiny_chain, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint store holding plain AdamW's state after 2 of the 4 steps (a run "preempted" there)."""
+    root = tmp_path_factory.mktemp("plain2")
+    _launch(tiny_chain["dataset"].uri, root / "ckpt", root / "out", 2, "plain")
+    return root / "ckpt"
+
+
 @pytest.mark.slow
-def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, tmp_path: Path) -> None:
+def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, plain_run, tmp_path: Path) -> None:
     ds = tiny_chain["dataset"].uri
-    plain = _launch(ds, tmp_path / "ckpt-plain", tmp_path / "plain", 4, shard=False)
-    first = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero1", 2, shard=True)  # "preempted" at step 2
+    plain, plain_ckpt = plain_run
+    first = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero1", 2, "zero1")  # "preempted" at step 2
     shutil.copytree(tmp_path / "ckpt-zero", tmp_path / "ckpt-cross")
-    zero = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero2", 4, shard=True)
+    zero = _launch(ds, tmp_path / "ckpt-zero", tmp_path / "zero2", 4, "zero1")
     # the checkpoint ZeRO-1 wrote resumes in the other layout too
-    cross = _launch(ds, tmp_path / "ckpt-cross", tmp_path / "cross", 4, shard=False)
+    cross = _launch(ds, tmp_path / "ckpt-cross", tmp_path / "cross", 4, "plain")
 
     assert first[0]["resumed_from"] == 0 and zero[0]["resumed_from"] == 2
     # identical training on every rank
@@ -52,7 +67,7 @@ def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, tmp_path: Path
     assert any(not torch.equal(first[0]["params"][n], v) for n, v in plain[0]["params"].items())
 
     # the published checkpoints hold the same optimiser state, consolidated from both ranks
-    a, b = tmp_path / "ckpt-plain" / "step-00000004", tmp_path / "ckpt-zero" / "step-00000004"
+    a, b = plain_ckpt / "step-00000004", tmp_path / "ckpt-zero" / "step-00000004"
     for group in ("generator", "critic"):
         pa, pb = load_file(str(a / f"optim-{group}.safetensors")), load_file(str(b / f"optim-{group}.safetensors"))
         assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
@@ -85,3 +100,53 @@ def test_big_presets_shard_the_optimizer_and_tiny_does_not() -> None:
     for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
         p = get_preset(name)
         assert all(getattr(p, s).train.shard_optimizer for s in ("teacher", "flowmap", "distill", "finetune")), name
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_equals_plain_adamw_and_checkpoints_cross_layouts(
+    tiny_chain, plain_run, plain_step2, tmp_path: Path
+) -> None:
+    """train.deepspeed: one DeepSpeed ZeRO engine per optimiser group (generator, critic) over the shared base.
+    ZeRO-2 interrupted after 2 of 4 steps and resumed ends where plain AdamW ends (on 2 gloo ranks the
+    averaging and clipping round the same, so bit for bit); its checkpoint is the plain layout (the same
+    files, optimiser tensors and metadata) and resumes without DeepSpeed; a plain checkpoint resumes under
+    ZeRO-1 and under ZeRO-2 with the optimiser state offloaded to the CPU."""
+    ds = tiny_chain["dataset"].uri
+    plain, plain_ckpt = plain_run
+    _launch(ds, tmp_path / "ckpt-ds", tmp_path / "ds-a", 2, "ds:zero2")  # "preempted" at step 2
+    shutil.copytree(tmp_path / "ckpt-ds", tmp_path / "ckpt-cross")
+    zero2 = _launch(ds, tmp_path / "ckpt-ds", tmp_path / "ds-b", 4, "ds:zero2")
+    cross = _launch(ds, tmp_path / "ckpt-cross", tmp_path / "cross", 4, "plain")
+    runs = {"zero2": zero2, "zero2 -> plain": cross}
+    for mode in ("ds:zero1", "ds:zero2_offload"):  # the plain run's step-2 checkpoint, resumed under DeepSpeed
+        store = tmp_path / f"ckpt-{mode[3:]}"
+        shutil.copytree(plain_step2, store)
+        runs[f"plain -> {mode}"] = _launch(ds, store, tmp_path / mode[3:], 4, mode)
+
+    for label, run in runs.items():
+        assert [r["resumed_from"] for r in run] == [2, 2], label
+        for r in range(2):
+            for key in ("params", "ema"):
+                assert plain[r][key].keys() == run[r][key].keys(), (label, key)
+                for name, value in plain[r][key].items():
+                    assert torch.equal(run[r][key][name], value), (label, r, key, name)
+    assert [z["zero_stage"] for z in zero2] == [2, 2]
+    assert [z["zero_stage"] for z in runs["plain -> ds:zero1"]] == [1, 1]
+    assert [z["zero_stage"] for z in cross] == [0, 0]
+
+    a, b = plain_ckpt / "step-00000004", tmp_path / "ckpt-ds" / "step-00000004"
+    for group in ("generator", "critic"):
+        pa, pb = load_file(str(a / f"optim-{group}.safetensors")), load_file(str(b / f"optim-{group}.safetensors"))
+        assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), (group, k)
+    meta_a = json.loads((a / "state.json").read_text())
+    meta_b = json.loads((b / "state.json").read_text())
+    assert meta_a["optimizers"] == meta_b["optimizers"] and meta_a["schedulers"] == meta_b["schedulers"]
+
+    # each rank keeps the AdamW moments of about half of the trainable elements
+    total = plain[0]["optimizer_shard"]["params"]
+    for run in (zero2, runs["plain -> ds:zero1"], runs["plain -> ds:zero2_offload"]):
+        local = [z["optimizer_shard"]["local_params"] for z in run]
+        assert sum(local) == total and max(local) < 0.6 * total, (local, total)
+        assert [z["moments_held"] for z in run] == [2 * n for n in local]

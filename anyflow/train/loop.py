@@ -28,6 +28,7 @@ from torch import nn
 
 from anyflow.config import ConfigError, OptimConfig, TrainConfig
 from anyflow.train.checkpoint import load_training_state, save_training_state
+from anyflow.train.deepspeed_zero import Snapshot
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: retryable (pod preempted, SIGTERM); bad input exits 2
 
@@ -71,6 +72,11 @@ class TrainContext:
     clip: dict[str, float] = field(default_factory=dict)
     step: int = 0
     last_grad_norm: dict[str, float] = field(default_factory=dict)
+    # train.deepspeed: optimiser group -> its DeepSpeed engine (anyflow/train/deepspeed_zero.py), and which
+    # group a backward belongs to when the method does not say (the active adapter: adapters and optimiser
+    # groups share names)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    active_group: Callable[[], str | None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -91,11 +97,25 @@ class TrainContext:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(t.contiguous()) if self.world_size > 1 else t
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def backward(self, loss: torch.Tensor, group: str | None = None) -> None:
+        """Backpropagate ``loss`` (accumulating gradients until the group's ``clip_and_step``). Under
+        ``train.deepspeed`` the gradients go to ``group``'s engine (default: the active adapter's group)."""
+        if not self.deepspeed:
+            self.accelerator.backward(loss)
+            return
+        name = group if group is not None else (self.active_group() if self.active_group is not None else None)
+        if name not in self.deepspeed:
+            raise RuntimeError(f"backward for optimiser group {name!r}: the DeepSpeed groups are {sorted(self.deepspeed)}")
+        self.deepspeed[name].accumulate(loss)
 
     def clip_and_step(self, name: str) -> float:
         """Clip the group's gradient norm, refuse non-finite gradients, step and zero the optimiser."""
+        if self.deepspeed:  # DeepSpeed averages over the ranks, clips and steps
+            value = self.deepspeed[name].step()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"gradient norm of {name!r} is {value}")
+            self.last_grad_norm[name] = value
+            return value
         params = list(self.params[name].values())
         if self.world_size > 1:
             # Data-parallel gradient averaging for the (small) trainable adapter set. The frozen base is
@@ -286,10 +306,10 @@ def _check_launch(cfg: TrainConfig, accelerator: Any, method: Any) -> None:
     kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
     if kind == "DEEPSPEED":
         raise ConfigError(
-            "DeepSpeed is not supported by anyflow's training loop (one DeepSpeed engine holds one optimiser, the "
-            "on-policy stage steps two adapter groups over one shared frozen base); launch with "
-            "configs/accelerate/multi_gpu_ddp.yaml and set <stage>.train.sharding=fsdp (or hsdp) to shard the base; "
-            "<stage>.train.shard_optimizer=true (the Wan presets' default) shards the optimiser state (ZeRO-1)"
+            "launched with an accelerate DeepSpeed config: anyflow drives DeepSpeed itself, one ZeRO engine per "
+            "optimiser group over the shared frozen base (accelerate's integration wraps one model and one "
+            "optimiser). Launch with configs/accelerate/multi_gpu_ddp.yaml (or torchrun) and set "
+            "--set <stage>.train.deepspeed=zero2 (or zero1, zero2_offload, or a DeepSpeed JSON file)"
         )
     if kind == "FSDP" and cfg.sharding == "none":
         raise ConfigError(
@@ -376,12 +396,23 @@ def fit(
     work_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
     groups = method.optim_groups()
-    zero = cfg.shard_optimizer and accelerator.num_processes > 1
+    ds: dict[str, Any] = {}
+    if cfg.deepspeed:  # one DeepSpeed ZeRO engine per optimiser group; it replaces torch's ZeRO-1 below
+        from anyflow.train.deepspeed_zero import make_groups
+
+        ds = make_groups(cfg.deepspeed, groups, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         device=accelerator.device)
+    zero = cfg.shard_optimizer and accelerator.num_processes > 1 and not ds
     # ZeRO-1's EMA gathers run on CPU tensors over gloo (over NCCL rank 0 would stage the whole EMA on its GPU)
     cpu_group = _cpu_group() if zero else None
-    optimizers = {name: make_optimizer(list(params.values()), oc, shard=zero) for name, (params, oc) in groups.items()}
+    # what checkpoints save and restore (a DeepSpeed group gathers / scatters the whole AdamW state) ...
+    optimizers: dict[str, Any] = dict(ds) or {
+        name: make_optimizer(list(params.values()), oc, shard=zero) for name, (params, oc) in groups.items()
+    }
+    # ... and what the LR schedule drives (under DeepSpeed: torch AdamW over this rank's partition)
     schedulers = {
-        name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], _warmup_constant(oc.warmup_steps))
+        name: torch.optim.lr_scheduler.LambdaLR(ds[name].optimizer if ds else optimizers[name],
+                                                _warmup_constant(oc.warmup_steps))
         for name, (_, oc) in groups.items()
     }
     flat_params = {f"{g}/{n}": p for g, (ps, _) in groups.items() for n, p in ps.items()}
@@ -399,6 +430,8 @@ def fit(
         optimizers=optimizers,
         params={g: ps for g, (ps, _) in groups.items()},
         clip={g: oc.grad_clip for g, (_, oc) in groups.items()},
+        deepspeed=ds,
+        active_group=(lambda: method.models.active) if getattr(method, "models", None) is not None else None,
     )
     start = 0
     if resume_from is not None:
@@ -449,9 +482,11 @@ def fit(
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
         whole_ema = _gather_ema(ema, accelerator, to=0, group=cpu_group) if zero else ema
+        # DeepSpeed groups gather their whole AdamW state on every rank (a collective), rank 0 writes it
+        saved = {n: Snapshot(g.state_dict()) for n, g in ds.items()} if ds else optimizers
         if accelerator.is_main_process:
             save_training_state(
-                ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=optimizers,
+                ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=saved,
                 schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
                 ranks=ranks,
             )
@@ -531,7 +566,11 @@ def fit(
         bar.close()
     if tb is not None:
         tb.close()
-    partition = optimizer_partition(optimizers)
+    if ds:
+        partition = {"params": sum(p.numel() for p in flat_params.values()),
+                     "local_params": sum(g.local_params() for g in ds.values())}
+    else:
+        partition = optimizer_partition(optimizers)
     partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
                   "local_ema_params": sum(v.numel() for v in ema.values())}
     if zero:  # every rank exports the whole EMA (CPU tensors)

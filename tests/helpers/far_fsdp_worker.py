@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 far_fsdp_worker.py DATASET OUT MODE
 
-MODE none (data parallel, replicated base) or fsdp (the frozen FAR base sharded with FSDP2, and the optimiser
-state and EMA with ZeRO-1: the layout of the FAR presets). Both runs see the
+MODE none (data parallel, replicated base), fsdp (the frozen FAR base sharded with FSDP2, and the optimiser
+state and EMA with ZeRO-1: the layout of the FAR presets) or fsdp-zero2 (FSDP2 for the base, DeepSpeed ZeRO-2
+for the adapters: ``train.deepspeed=zero2``). All runs see the
 same per-rank batches and draws, so their adapters must agree: sharding may not change the maths. Gradient
 checkpointing is on (recomputation all-gathers the blocks again, under the adapter the graph was built with).
 Each rank writes OUT/rankR.pt: final generator/critic tensors (incl. the far_patch_embedding extra), EMA, the
@@ -25,7 +26,8 @@ from anyflow.train.loop import fit, make_accelerator
 dataset, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 p = apply_overrides(get_preset("far-tiny"), {"far.long_context_ratio": 1.0})
 tr = dataclasses.replace(p.distill.train, steps=2, batch_size=1, checkpoint_every=100, ema_warmup_step=1,
-                         sharding=mode, shard_optimizer=mode == "fsdp")
+                         sharding=mode.split("-")[0], shard_optimizer=mode == "fsdp",
+                         deepspeed="zero2" if mode == "fsdp-zero2" else "")
 acc = make_accelerator(tr)
 rank, world = acc.process_index, acc.num_processes
 far = {"chunk_partition": p.far.chunk_partition, "full_chunk_limit": 3, "attention": "dense"}

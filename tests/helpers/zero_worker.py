@@ -1,10 +1,12 @@
 """Worker for tests/test_train_zero.py: on-policy training (two optimisers: generator and critic) under
 torchrun with preemption-safe checkpoints in a store folder, as the stages run it
-(``anyflow.stages.common.train_resumable``), with or without ZeRO-1 (``train.shard_optimizer``).
+(``anyflow.stages.common.train_resumable``), with plain AdamW, torch's ZeRO-1 (``train.shard_optimizer``) or
+DeepSpeed ZeRO (``train.deepspeed``).
 
-    torchrun --nproc_per_node W zero_worker.py DATASET CKPT_URL OUT STEPS SHARD
+    torchrun --nproc_per_node W zero_worker.py DATASET CKPT_URL OUT STEPS MODE
 
-Trains to ``STEPS`` (resuming from the newest checkpoint under ``CKPT_URL`` if there is one); SHARD is 0 or 1.
+Trains to ``STEPS`` (resuming from the newest checkpoint under ``CKPT_URL`` if there is one); MODE is ``plain``,
+``zero1`` (torch) or ``ds:<train.deepspeed value>``, e.g. ``ds:zero2``.
 Writes OUT/rankR.pt: the trained adapters, the EMA, the step it resumed from, the optimiser partition
 counts and the number of moment elements this rank's optimisers really hold.
 """
@@ -25,11 +27,11 @@ from anyflow.train.adapters import AdapterModel
 from anyflow.train.loop import TrainContext, is_sharded_optimizer
 from anyflow.train.methods import OnPolicyMethod
 
-dataset, ckpt_url, out, steps, shard = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+dataset, ckpt_url, out, steps, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 p = get_preset("tiny")
 tr = dataclasses.replace(p.distill.train, steps=steps, batch_size=1, checkpoint_every=2, ema_warmup_step=2,
-                         shard_optimizer=shard)
+                         shard_optimizer=mode == "zero1", deepspeed=mode.removeprefix("ds:") if mode.startswith("ds:") else "")
 models = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
 probe = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
 probe.add("t", "teacher")
@@ -52,14 +54,18 @@ def _spied(clip_and_step):
     def wrapper(self, name):
         norm = clip_and_step(self, name)
         n = 0
-        for opt in self.optimizers.values():
-            inner = opt.optim if is_sharded_optimizer(opt) else opt  # ZeRO-1: the rank's local AdamW
+        # ZeRO-1: the rank's local AdamW; DeepSpeed: torch AdamW over the rank's flat partition
+        inner_opts = [g.optimizer for g in self.deepspeed.values()] or [
+            opt.optim if is_sharded_optimizer(opt) else opt for opt in self.optimizers.values()]
+        for inner in inner_opts:
             n += sum(v.numel() for st in inner.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         held.append(n)
+        wrapper.stage = max([g.stage for g in self.deepspeed.values()], default=0)
         # the ZeRO wrapper's own state must stay empty (a resume used to leave a copy of the moments there)
         wrapper.extra = max(wrapper.extra, sum(len(o.state) for o in self.optimizers.values() if is_sharded_optimizer(o)))
         return norm
     wrapper.extra = 0
+    wrapper.stage = 0  # the DeepSpeed ZeRO stage that ran (0: none)
     return wrapper
 
 
@@ -74,6 +80,7 @@ torch.save(
         "optimizer_shard": result.optimizer_shard,
         "moments_held": max(held),
         "wrapper_state": TrainContext.clip_and_step.extra,
+        "zero_stage": TrainContext.clip_and_step.stage,
     },
     out / f"rank{rank}.pt",
 )

@@ -1,0 +1,137 @@
+"""DeepSpeed ZeRO for the training loop (``train.deepspeed``, anyflow/train/deepspeed_zero.py), issue 4.
+
+The multi-rank cases (ZeRO-1, ZeRO-2, ZeRO-2 with CPU offload; interrupted, resumed and crossing layouts
+against plain AdamW) are in tests/test_train_zero.py. Here: one process (DeepSpeed gets a one-rank process
+group), gradient accumulation with several backward passes per micro-batch under bf16 autocast, a NaN,
+and the config checks that name the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.states import random_adapter_state as _random_state
+
+from anyflow.config import ConfigError, get_preset
+from anyflow.data.shards import LatentDataset
+from anyflow.models.loading import load_base
+from anyflow.train.adapters import AdapterModel
+from anyflow.train.deepspeed_zero import BUILTIN, engine_config, load_config
+from anyflow.train.loop import TrainingDiverged, fit
+from anyflow.train.methods import OnPolicyMethod
+
+pytest.importorskip("deepspeed")
+
+
+def _onpolicy(dataset: str, **train):
+    preset = get_preset("tiny")
+    models = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=True)
+    probe = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
+    probe.add("t", "teacher")
+    probe.add("g", "generator")
+    data = LatentDataset(dataset, batch_size=1, seed=0)
+    tr = dataclasses.replace(preset.distill.train, steps=3, batch_size=1, checkpoint_every=2, ema_warmup_step=2, **train)
+    method = OnPolicyMethod(
+        models,
+        dataclasses.replace(preset.distill, train=tr, steps_list=(2, 4),
+                            critic_optim=dataclasses.replace(preset.distill.critic_optim, weight_decay=0.01)),
+        data.negative_embedding(), teacher=_random_state(probe, "t", 1), generator=_random_state(probe, "g", 2),
+    )
+    return method, tr, data, models
+
+
+def _state(result, method) -> dict[str, torch.Tensor]:
+    out = {f"param/{g}/{k}": p.detach().clone() for g, (ps, _) in method.optim_groups().items() for k, p in ps.items()}
+    return out | {f"ema/{k}": v.clone() for k, v in result.ema.items()}
+
+
+@pytest.mark.slow
+def test_one_process_zero2_with_accumulation_under_bf16_equals_plain_adamw(tiny_chain, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    # grad_accum 2: the generator update backpropagates the DMD loss and the co-trained forward loss of each
+    # micro-batch separately (4 backward passes per step), all summed before DeepSpeed's one reduction
+    from accelerate.state import AcceleratorState
+
+    dataset = tiny_chain["dataset"].uri
+    runs = {}
+    for mode in ("", "zero2"):
+        monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # the precision is process-wide in accelerate
+        method, tr, data, models = _onpolicy(dataset, grad_accum=2, mixed_precision="bf16", deepspeed=mode)
+        result = fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False)
+        runs[mode] = (_state(result, method), result)
+    plain, zero = runs[""][0], runs["zero2"][0]
+    assert plain.keys() == zero.keys()
+    for k in plain:
+        assert torch.equal(plain[k], zero[k]), k
+    assert runs["zero2"][1].optimizer_shard["local_params"] == runs["zero2"][1].optimizer_shard["params"]
+    # the grad norm DeepSpeed reports (before clipping) is the one plain clipping reports
+    logs = {m: [json.loads(x) for x in (tmp_path / (m or "plain") / "log.jsonl").read_text().splitlines()]
+            for m in runs}
+    for a, b in zip(logs[""], logs["zero2"], strict=True):
+        for k in ("grad_norm/generator", "grad_norm/critic"):
+            if k in a:
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a[k], b[k])
+    # the control: the runs trained (the adapters moved from their start)
+    method0, *_ = _onpolicy(dataset)
+    assert any(not torch.equal(p, plain[f"param/generator/{k}"]) for k, p in method0.models.params("generator").items())
+
+
+@pytest.mark.slow
+def test_nan_under_deepspeed_stops_with_the_step_and_last_checkpoint(tiny_chain, tmp_path: Path) -> None:
+    method, tr, data, models = _onpolicy(tiny_chain["dataset"].uri, deepspeed="zero1")
+    step = method.train_step
+
+    def poisoned(ctx, i):
+        if i == 2:  # the third step: one generator tensor's gradient becomes NaN
+            p = next(iter(models.params("generator").values()))
+            p.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return step(ctx, i)
+
+    method.train_step = poisoned
+    with pytest.raises(TrainingDiverged, match=r"step 3; last good checkpoint: .*checkpoint"):
+        fit(method, tr, data, work_dir=tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_builtin_configs_pass_deepspeeds_own_parser() -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for name in BUILTIN:
+        raw, source = load_config(name)
+        cfg = DeepSpeedConfig(engine_config(raw, source, micro_batch=2, grad_clip=1.0, grad_accum=4), world_size=1)
+        assert cfg.zero_optimization_stage in (1, 2) and cfg.gradient_clipping == 1.0, name
+        assert not cfg.bfloat16_enabled and not cfg.fp16_enabled
+        assert (cfg.zero_config.offload_optimizer is not None) == name.endswith("offload"), name
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ({"zero_optimization": {"stage": 3}}, r"zero_optimization.stage=3.*train.sharding=fsdp"),
+        ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, r"bf16.enabled=True.*mixed_precision"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, r"sets 'optimizer'"),
+        ({"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}, r"gradient_clipping=0.5 but the optimiser's grad_clip is 1.0"),
+        ({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8}, r"train.batch_size is 2"),
+        ([1, 2], r"must hold a JSON object"),
+    ],
+)
+def test_bad_deepspeed_config_names_the_file_and_field(tmp_path: Path, content, match: str) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=match) as info:
+        raw, source = load_config(str(path))
+        engine_config(raw, source, micro_batch=2, grad_clip=1.0, grad_accum=1)
+    assert "train.deepspeed" in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_or_broken_deepspeed_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.deepspeed='zero4': no such file.*zero1, zero2, zero2_offload"):
+        load_config("zero4")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON"):
+        load_config(str(tmp_path / "bad.json"))
