@@ -1,6 +1,6 @@
-"""The distributed configs in configs/ load with accelerate's and DeepSpeed's own config classes, name
-things that exist, and the README's launch commands point at real files and stage modules (issue 4).
-No GPU and no process group are needed."""
+"""The accelerate configs in configs/ load with accelerate's own config classes, name things that exist, and
+the README's launch commands point at real files, stage modules and DeepSpeed configs (issue 4). No GPU and
+no process group are needed. (anyflow's DeepSpeed configs are package data: tests/test_train_deepspeed.py.)"""
 
 from __future__ import annotations
 
@@ -14,13 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = ROOT / "configs" / "accelerate"
-DS = ROOT / "configs" / "deepspeed"
 EXPECTED = {
     "single_gpu.yaml": "NO",
     "multi_gpu_ddp.yaml": "MULTI_GPU",
     "fsdp_1.3b.yaml": "FSDP",
-    "deepspeed_zero2.yaml": "DEEPSPEED",
-    "deepspeed_zero3.yaml": "DEEPSPEED",
 }
 
 
@@ -38,7 +35,7 @@ def _launch_options() -> set[str]:
 
 def test_every_config_is_present_and_nothing_else() -> None:
     assert sorted(p.name for p in ACC.glob("*.yaml")) == sorted(EXPECTED)
-    assert sorted(p.name for p in DS.glob("*.json")) == ["zero2.json", "zero3.json"]
+    assert not (ROOT / "configs" / "deepspeed").exists()  # one copy: anyflow/train/deepspeed_configs/
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -66,39 +63,6 @@ def test_fsdp_wraps_a_block_class_of_the_converted_model() -> None:
     assert wrap in classes, f"{wrap} not among {sorted(c for c in classes if 'Block' in c)}"
 
 
-@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
-def test_deepspeed_config_loads(name: str, stage: int) -> None:
-    from accelerate.utils.deepspeed import HfDeepSpeedConfig
-
-    ds_cfg = _cluster(name).deepspeed_config
-    path = ROOT / ds_cfg["deepspeed_config_file"]  # relative to the repository root (launch from there)
-    assert path.is_file(), path
-    hf = HfDeepSpeedConfig(str(path))
-    assert (hf.is_zero2(), hf.is_zero3()) == (stage == 2, stage == 3)
-    raw = json.loads(path.read_text())
-    # batch and accumulation come from the preset through accelerate ("auto"), never twice
-    assert raw["train_micro_batch_size_per_gpu"] == "auto" and raw["gradient_accumulation_steps"] == "auto"
-    assert raw["bf16"]["enabled"] is True and "fp16" not in raw
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_json_is_accepted_by_deepspeed(stage: int) -> None:
-    """DeepSpeed's own parser, with the "auto" values filled as accelerate does (14B preset batch)."""
-    pytest.importorskip("deepspeed")
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from anyflow.config import get_preset
-
-    tr = get_preset("wan2.1-t2v-14b").distill.train
-    raw = json.loads((DS / f"zero{stage}.json").read_text())
-    raw.update(train_micro_batch_size_per_gpu=tr.batch_size, gradient_accumulation_steps=tr.grad_accum)
-    cfg = DeepSpeedConfig(raw)
-    assert cfg.zero_optimization_stage == stage
-    assert cfg.train_batch_size == tr.batch_size * tr.grad_accum  # world size 1 here
-    assert cfg.gradient_clipping == get_preset("wan2.1-t2v-14b").distill.generator_optim.grad_clip
-    assert cfg.bfloat16_config.enabled
-
-
 def _readme_launches() -> list[list[str]]:
     text = (ROOT / "configs" / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
@@ -113,7 +77,7 @@ def test_readme_launch_commands_name_real_configs_and_stages() -> None:
 
     cmds = _readme_launches()
     assert len(cmds) >= 4
-    used = set()
+    used, deepspeed = set(), set()
     opts = _launch_options()
     for cmd in cmds:
         cfg = cmd[cmd.index("--config_file") + 1]
@@ -131,4 +95,12 @@ def test_readme_launch_commands_name_real_configs_and_stages() -> None:
         add_stage_arguments(p)
         args = p.parse_args([module.split(".")[-1], *cmd[m + 2:]])
         assert args.preset in PRESETS and (args.store or args.out) and args.inputs
+        for override in args.overrides or []:  # --set <stage>.train.deepspeed=<name or file> names a real config
+            key, _, value = override.partition("=")
+            if key.endswith(".train.deepspeed"):
+                from anyflow.train.deepspeed_zero import load_config
+
+                load_config(value)
+                deepspeed.add(value)
     assert used == set(EXPECTED), f"README never launches {set(EXPECTED) - used}"
+    assert deepspeed, "README shows no train.deepspeed launch"

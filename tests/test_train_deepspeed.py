@@ -99,13 +99,18 @@ def test_nan_under_deepspeed_stops_with_the_step_and_last_checkpoint(tiny_chain,
 
 
 def test_builtin_configs_pass_deepspeeds_own_parser() -> None:
+    """Filled for the 14B on-policy stage: its batch, accumulation (ours: the engine sees 1) and clipping."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    p = get_preset("wan2.1-t2v-14b").distill
     for name in BUILTIN:
         raw, source = load_config(name)
-        cfg = DeepSpeedConfig(engine_config(raw, source, micro_batch=2, grad_clip=1.0, grad_accum=4), world_size=1)
-        assert cfg.zero_optimization_stage in (1, 2) and cfg.gradient_clipping == 1.0, name
-        assert not cfg.bfloat16_enabled and not cfg.fp16_enabled
+        cfg = DeepSpeedConfig(engine_config(raw, source, micro_batch=p.train.batch_size,
+                                            grad_clip=p.generator_optim.grad_clip, grad_accum=p.train.grad_accum))
+        assert cfg.zero_optimization_stage == int(name[4]), name
+        assert cfg.train_micro_batch_size_per_gpu == p.train.batch_size and cfg.gradient_accumulation_steps == 1
+        assert cfg.gradient_clipping == p.generator_optim.grad_clip
+        assert not cfg.bfloat16_config.enabled and not cfg.float16_config.enabled
         assert (cfg.zero_config.offload_optimizer is not None) == name.endswith("offload"), name
 
 
@@ -135,3 +140,27 @@ def test_missing_or_broken_deepspeed_config_is_named(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"bad.json is not valid JSON"):
         load_config(str(tmp_path / "bad.json"))
+
+
+def test_a_stage_key_holds_the_deepspeed_config_content(tmp_path: Path) -> None:
+    """Off adds nothing (keys from before the field stay valid); on, the key holds the config's content, so the
+    same content under another name is the same artifact and an edited file is not."""
+    from anyflow.config import apply_overrides
+    from anyflow.stages import cache_key, stage_module
+
+    sections = stage_module("distill").SECTIONS
+
+    def key(spec: str | None) -> str:
+        over = {} if spec is None else {"distill.train.deepspeed": spec}
+        return cache_key("distill", apply_overrides(get_preset("tiny"), over), sections, {"dataset": "d"})
+
+    off = key(None)
+    assert key("") == off
+    copy = tmp_path / "mine.json"
+    copy.write_text(json.dumps(load_config("zero2")[0], indent=4))
+    assert key("zero2") == key(str(copy)) != off
+    edited = json.loads(copy.read_text())
+    edited["zero_optimization"]["reduce_bucket_size"] = 1e6
+    copy.write_text(json.dumps(edited))
+    assert key(str(copy)) not in (key("zero2"), off)
+    assert key("zero1") not in (key("zero2"), off)

@@ -184,7 +184,7 @@ def test_unsupported_launch_layouts_are_refused(tmp_path: Path) -> None:
     class NoModels:
         name = "x"
 
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+    with pytest.raises(ConfigError, match=r"accelerate DeepSpeed config.*train.deepspeed=zero2"):
         loop._check_launch(tr, _FakeAccelerator("DEEPSPEED"), NoModels())
     with pytest.raises(ConfigError, match="sharding is 'none'"):
         loop._check_launch(tr, _FakeAccelerator("FSDP"), NoModels())

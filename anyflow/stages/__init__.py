@@ -86,8 +86,15 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
 
     config = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"}
     for section in config.values():  # the far section only matters to the causal variant (above)
+        train = section.get("train", {})
         for field in OPERATIONAL_TRAIN_FIELDS:
-            section.get("train", {}).pop(field, None)
+            train.pop(field, None)
+        if "deepspeed" in train:  # off: no entry (keys from before the field existed stay valid); on: its content
+            spec = train.pop("deepspeed")
+            if spec:
+                from anyflow.train.deepspeed_zero import load_config
+
+                train["deepspeed"] = load_config(spec)[0]
     payload = {
         "stage": name,
         "config": config,

@@ -2,7 +2,8 @@
 
 The loop owns: device / mixed precision / distributed setup (accelerate), sharding of the frozen base
 across ranks (``train.sharding``: FSDP2 ``fully_shard`` per transformer block + root, see
-:func:`shard_frozen_base`) and of the optimiser state and EMA (``train.shard_optimizer``: ZeRO-1),
+:func:`shard_frozen_base`) and of the optimiser state and EMA (``train.shard_optimizer``: ZeRO-1; or
+``train.deepspeed``: a DeepSpeed ZeRO-1/2 engine per optimiser group, :mod:`anyflow.train.deepspeed_zero`),
 optimisers and the LR warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy
 before ``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
 logging (JSONL + TensorBoard) and the progress bar. A *method* (teacher, flowmap, onpolicy, finetune)
@@ -382,6 +383,8 @@ def fit(
     splits the AdamW moments and the EMA across the ranks (ZeRO-1, :func:`make_optimizer`); checkpoints and
     the returned EMA are whole. Under bf16 mixed precision frozen adapters are stored in bf16 while the
     loop runs and restored to their exact values after it (:meth:`AdapterModel.frozen_adapters_stored_in`).
+    ``cfg.deepspeed`` (a built-in name or a DeepSpeed JSON file) gives each optimiser group its own DeepSpeed
+    ZeRO-1/2 engine (:mod:`anyflow.train.deepspeed_zero`) instead; checkpoints and the EMA are unchanged by it.
     Launching under an accelerate DeepSpeed config, or an accelerate FSDP config with ``sharding="none"``,
     is refused (``ConfigError``).
     """
