@@ -1,13 +1,18 @@
-"""ZeRO-1 (``train.shard_optimizer``) measured: optimiser-state and EMA bytes per rank, and step time.
+"""ZeRO measured: optimiser-state and EMA bytes per rank, and step time, for plain AdamW, torch's ZeRO-1
+(``train.shard_optimizer``) and DeepSpeed ZeRO-2 (``train.deepspeed=zero2``).
 
 The on-policy stage (two optimisers: generator and critic) runs ``anyflow.train.loop.fit`` under torchrun
-on W ranks, once with plain AdamW on every rank and once with ZeRO-1, side by side in one invocation.
+on W ranks, once with plain AdamW on every rank, once with ZeRO-1 and once with DeepSpeed ZeRO-2, side by
+side in one invocation.
 Every rank reports what it really holds, counted from the tensors (not from the configs):
 
 * **moments**: the AdamW ``exp_avg`` / ``exp_avg_sq`` tensors in its (local) optimisers' state;
 * **EMA**: the EMA tensors ``fit`` keeps on that rank during training;
 * **gradients**: the most gradient bytes alive at once over all trainable tensors (the generator and
-  critic updates each step and free their own, so this is one group's, not both);
+  critic updates each step and free their own, so this is one group's, not both; under DeepSpeed the
+  loop's summed gradients before the engine takes them);
+* **fp32 master** (DeepSpeed): the fp32 copy of this rank's partition of the trainable tensors DeepSpeed
+  steps (the tensors themselves are its flat buffer);
 * **frozen teacher adapter**: the teacher LoRA tensors while the loop runs (bf16 under bf16 mixed
   precision, ``AdapterModel.frozen_adapters_stored_in``; fp32 otherwise);
 * **step time**: mean seconds of a training step (the method's ``train_step``, which includes the gradient
@@ -58,7 +63,8 @@ def child(args: argparse.Namespace) -> None:
     r = spec["rank"]
     models = AdapterModel(transformer, rank=r, alpha=float(r), gradient_checkpointing=spec["ckpt"])
     tr = TrainConfig(steps=args.steps + 1, batch_size=spec["batch"], checkpoint_every=10**9, log_every=10**9,
-                     mixed_precision=args.mixed_precision, shard_optimizer=args.zero)
+                     mixed_precision=args.mixed_precision, shard_optimizer=args.mode == "zero1",
+                     deepspeed="zero2" if args.mode == "zero2" else "")
     method = OnPolicyMethod(models, DistillStage(train=tr), torch.zeros(1, *spec["text"], device=device),
                             teacher=_synthetic_adapter(transformer, "teacher", r, 1),
                             generator=_synthetic_adapter(transformer, "generator", r, 2))
@@ -69,13 +75,17 @@ def child(args: argparse.Namespace) -> None:
 
     def clip_and_step(ctx: Any, name: str) -> float:
         grads = _bytes(q.grad for ps in ctx.params.values() for q in ps.values() if q.grad is not None)
+        grads += sum(_bytes(g._grads.values()) for g in ctx.deepspeed.values())  # the loop's sums under DeepSpeed
         seen["grads"] = max(seen.get("grads", 0), grads)  # every group's gradients alive at this moment
         norm = inner_clip(ctx, name)
         held = 0
-        for opt in ctx.optimizers.values():
-            local = opt.optim if loop.is_sharded_optimizer(opt) else opt
+        # ZeRO-1: the rank's local AdamW; DeepSpeed: torch AdamW over the rank's flat partition
+        locals_ = [g.optimizer for g in ctx.deepspeed.values()] or [
+            opt.optim if loop.is_sharded_optimizer(opt) else opt for opt in ctx.optimizers.values()]
+        for local in locals_:
             held += _bytes(v for st in local.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         seen["moments"] = max(seen.get("moments", 0), held)
+        seen["master"] = sum(_bytes(g.zero.single_partition_of_fp32_groups) for g in ctx.deepspeed.values())
         return norm
 
     def train_step(ctx: Any, step: int) -> dict[str, float]:
@@ -110,16 +120,15 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "rank": rank, "moments": seen["moments"], "ema": max(ema_local), "teacher": seen["teacher"],
         "step_s": sum(times) / len(times), "fit_s": total, "trainable": result.optimizer_shard["params"] * 4,
-        "grads": seen["grads"], "groups": {g: _bytes(ps.values()) for g, (ps, _) in method.optim_groups().items()},
+        "grads": seen["grads"], "master": seen["master"], "groups": {g: _bytes(ps.values()) for g, (ps, _) in method.optim_groups().items()},
     }), flush=True)
 
 
-def _launch(args: argparse.Namespace, zero: bool) -> list[dict[str, Any]]:
+def _launch(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [exe, "--standalone", "--nproc_per_node", str(args.nproc), "-m", "benchmarks.bench_zero", "--child",
            "--device", args.device, "--shape", args.shape, "--steps", str(args.steps),
-           "--mixed-precision", args.mixed_precision]
-    cmd += ["--zero"] if zero else []
+           "--mixed-precision", args.mixed_precision, "--mode", mode]
     cmd += ["--frames", str(args.frames)] if args.frames else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument("--mixed-precision", default=None, choices=("no", "bf16"),
                    help="default: bf16 on CUDA, no on CPU (bf16 also works on CPU, slowly)")
-    p.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=("plain", "zero1", "zero2"), default="plain", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mixed_precision is None:
@@ -153,23 +162,24 @@ def main(argv: list[str] | None = None) -> int:
 
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.nproc < 2:
-        print(f"bench_zero: ZeRO-1 needs at least 2 ranks ({args.nproc} {args.device} devices); skipped")
+        print(f"bench_zero: ZeRO needs at least 2 ranks ({args.nproc} {args.device} devices); skipped")
         return 0
-    plain, zero = _launch(args, zero=False), _launch(args, zero=True)
+    runs = {"plain": _launch(args, "plain"), "ZeRO-1": _launch(args, "zero1"), "DeepSpeed ZeRO-2": _launch(args, "zero2")}
+    plain = runs["plain"]
     mib = 2**20
-    print(f"## ZeRO-1 on {args.nproc} {args.device} ranks, on-policy stage, {args.shape} config, "
+    print(f"## ZeRO on {args.nproc} {args.device} ranks, on-policy stage, {args.shape} config, "
           f"mixed precision {args.mixed_precision} (measured per rank)\n")
     groups = ", ".join(f"{g} {b / mib:.2f} MiB" for g, b in plain[0]["groups"].items())
-    print(f"trainable tensors (fp32): {groups}; most gradient bytes alive at once: "
-          f"{max(row['grads'] for row in plain + zero) / mib:.2f} MiB (one update's group at a time)\n")
-    print("| rank | AdamW moments plain | ZeRO-1 | ratio | EMA plain | ZeRO-1 | ratio | frozen teacher | step plain "
-          "| step ZeRO-1 | time ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for a, b in zip(plain, zero, strict=True):
-        print(f"| {a['rank']} | {a['moments'] / mib:.2f} MiB | {b['moments'] / mib:.2f} MiB "
-              f"| {b['moments'] / a['moments']:.2f} | {a['ema'] / mib:.2f} MiB | {b['ema'] / mib:.2f} MiB "
-              f"| {b['ema'] / a['ema']:.2f} | {b['teacher'] / mib:.2f} MiB | {a['step_s']:.3f} s | {b['step_s']:.3f} s "
-              f"| {b['step_s'] / a['step_s']:.2f} |")
+    print(f"trainable tensors (fp32): {groups}; frozen teacher adapter {plain[0]['teacher'] / mib:.2f} MiB; most "
+          "gradient bytes alive at once: " + ", ".join(f"{k} {max(r['grads'] for r in v) / mib:.2f} MiB"
+                                                       for k, v in runs.items()) + "\n")
+    print("| layout | rank | AdamW moments | ratio to plain | EMA | ratio | fp32 master copy | step | time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, rows in runs.items():
+        for a, b in zip(plain, rows, strict=True):
+            print(f"| {name} | {b['rank']} | {b['moments'] / mib:.2f} MiB | {b['moments'] / a['moments']:.2f} "
+                  f"| {b['ema'] / mib:.2f} MiB | {b['ema'] / a['ema']:.2f} | {b['master'] / mib:.2f} MiB "
+                  f"| {b['step_s']:.3f} s | {b['step_s'] / a['step_s']:.2f} |")
     return 0
 
 

@@ -5,7 +5,6 @@ no process group are needed. (anyflow's DeepSpeed configs are package data: test
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shlex
 from pathlib import Path

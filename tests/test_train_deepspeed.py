@@ -61,7 +61,7 @@ def test_one_process_zero2_with_accumulation_under_bf16_equals_plain_adamw(tiny_
     runs = {}
     for mode in ("", "zero2"):
         monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # the precision is process-wide in accelerate
-        method, tr, data, models = _onpolicy(dataset, grad_accum=2, mixed_precision="bf16", deepspeed=mode)
+        method, tr, data, _ = _onpolicy(dataset, grad_accum=2, mixed_precision="bf16", deepspeed=mode)
         result = fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False)
         runs[mode] = (_state(result, method), result)
     plain, zero = runs[""][0], runs["zero2"][0]
