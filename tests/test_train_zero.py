@@ -28,6 +28,21 @@ def _launch(dataset: str, ckpt: Path, out: Path, steps: int, mode: str) -> list[
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+def _assert_same_checkpoint(a: Path, b: Path, ema: dict) -> None:
+    """Checkpoints ``a`` and ``b`` hold the same optimiser tensors, EMA (with the names of ``ema``), optimiser
+    metadata and scheduler state: one layout, whoever wrote it."""
+    for group in ("generator", "critic"):
+        pa, pb = load_file(str(a / f"optim-{group}.safetensors")), load_file(str(b / f"optim-{group}.safetensors"))
+        assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), (group, k)
+    ema_a, ema_b = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys() == ema.keys()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    meta_a, meta_b = (json.loads((c / "state.json").read_text()) for c in (a, b))
+    assert meta_a["optimizers"] == meta_b["optimizers"] and meta_a["schedulers"] == meta_b["schedulers"]
+
+
 @pytest.fixture(scope="module")
 def plain_run(tiny_chain, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     """The reference: 4 on-policy steps on 2 ranks with plain AdamW; the results and the checkpoint store."""
@@ -66,19 +81,8 @@ def test_zero1_equals_plain_adamw_and_resumes_exactly(tiny_chain, plain_run, tmp
     # the control: steps 3-4 (after the resume) moved the adapters, so the equality is not vacuous
     assert any(not torch.equal(first[0]["params"][n], v) for n, v in plain[0]["params"].items())
 
-    # the published checkpoints hold the same optimiser state, consolidated from both ranks
-    a, b = plain_ckpt / "step-00000004", tmp_path / "ckpt-zero" / "step-00000004"
-    for group in ("generator", "critic"):
-        pa, pb = load_file(str(a / f"optim-{group}.safetensors")), load_file(str(b / f"optim-{group}.safetensors"))
-        assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
-        for k in pa:
-            assert torch.equal(pa[k], pb[k]), (group, k)
-    ema_a, ema_b = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
-    assert ema_a.keys() == ema_b.keys() == plain[0]["ema"].keys()
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    meta_a = json.loads((a / "state.json").read_text())["optimizers"]
-    meta_b = json.loads((b / "state.json").read_text())["optimizers"]
-    assert meta_a == meta_b
+    # the published checkpoints hold the same optimiser state and EMA, consolidated from both ranks
+    _assert_same_checkpoint(plain_ckpt / "step-00000004", tmp_path / "ckpt-zero" / "step-00000004", plain[0]["ema"])
 
     # and the moments really are split: each rank holds part of them, together all of them once
     total = plain[0]["optimizer_shard"]["params"]
@@ -134,15 +138,7 @@ def test_deepspeed_zero_equals_plain_adamw_and_checkpoints_cross_layouts(
     assert [z["zero_stage"] for z in runs["plain -> ds:zero1"]] == [1, 1]
     assert [z["zero_stage"] for z in cross] == [0, 0]
 
-    a, b = plain_ckpt / "step-00000004", tmp_path / "ckpt-ds" / "step-00000004"
-    for group in ("generator", "critic"):
-        pa, pb = load_file(str(a / f"optim-{group}.safetensors")), load_file(str(b / f"optim-{group}.safetensors"))
-        assert pa.keys() == pb.keys() and any(k.endswith(".exp_avg_sq") for k in pa), group
-        for k in pa:
-            assert torch.equal(pa[k], pb[k]), (group, k)
-    meta_a = json.loads((a / "state.json").read_text())
-    meta_b = json.loads((b / "state.json").read_text())
-    assert meta_a["optimizers"] == meta_b["optimizers"] and meta_a["schedulers"] == meta_b["schedulers"]
+    _assert_same_checkpoint(plain_ckpt / "step-00000004", tmp_path / "ckpt-ds" / "step-00000004", plain[0]["ema"])
 
     # each rank keeps the AdamW moments of about half of the trainable elements
     total = plain[0]["optimizer_shard"]["params"]
