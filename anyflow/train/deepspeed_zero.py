@@ -8,7 +8,8 @@ trainable tensors (:class:`_GroupTensors`); the forward passes keep running thro
 outside the engines. DeepSpeed then does what ZeRO is for: it averages the group's gradients over the
 ranks (stage 2: reduce-scattered, each rank keeps its partition), clips them, keeps the fp32 AdamW state
 of 1/world of the tensors per rank (optionally in CPU memory: ``offload_optimizer``) and all-gathers the
-updated tensors.
+updated tensors. The EMA group's engine also keeps the EMA of its tensors as one more optimiser-state entry
+beside the moments: each rank averages its own fp32 partition, and it is gathered like the moments.
 
 Gradient accumulation stays the loop's (``train.grad_accum``; methods may call backward several times per
 micro-batch): :meth:`DeepSpeedGroup.accumulate` adds each backward's gradients into a buffer with
@@ -167,7 +168,7 @@ class DeepSpeedGroup:
 
     def __init__(
         self, name: str, params: Mapping[str, nn.Parameter], oc: OptimConfig, raw: Mapping[str, Any], source: str,
-        *, micro_batch: int, grad_accum: int, device: torch.device,
+        *, micro_batch: int, grad_accum: int, device: torch.device, ema: bool = False,
     ) -> None:
         import deepspeed
 
@@ -192,6 +193,26 @@ class DeepSpeedGroup:
         # torch AdamW over this rank's flat fp32 partition: what the LR scheduler drives
         self.optimizer: torch.optim.Optimizer = self.zero.optimizer
         self._grads: dict[str, torch.Tensor] = {}
+        self.has_ema = ema
+        self._init_state()
+
+    def _partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions (the master copy AdamW steps; one per param group)."""
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    @torch.no_grad()
+    def _init_state(self) -> None:
+        """Create AdamW's state now, exactly as its first step would (step 0, zero moments), plus the EMA entry,
+        and let DeepSpeed link each tensor to its slice of every entry. Torch creates the state lazily and
+        DeepSpeed links only after the first step, which leaves nothing to restore a checkpoint into and no way
+        to gather an EMA kept beside the moments."""
+        for flat in self._partitions():
+            st = self.optimizer.state[flat]
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+            if self.has_ema:
+                st["ema"] = flat.detach().clone()
+        self.zero._lazy_init_hp_params_optimizer_state()
 
     @property
     def stage(self) -> int:
@@ -223,8 +244,41 @@ class DeepSpeedGroup:
         return float(self.engine.get_global_grad_norm())
 
     def local_params(self) -> int:
-        """Elements of this group whose AdamW moments this rank keeps."""
-        return sum(t.numel() for t in self.zero.single_partition_of_fp32_groups)
+        """Elements of this group's tensors whose AdamW moments (and EMA, if kept) this rank keeps (DeepSpeed's
+        per-tensor fragments of this rank's partition; the partition's alignment padding not counted)."""
+        return sum(p._hp_mapping.hp_fragment_address.numel for p in self.params.values()
+                   if getattr(p, "_hp_mapping", None) is not None)
+
+    # -- the EMA of the group's tensors (``ema=True``): split like the moments, each rank averages its partition --
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """``ema = decay * ema + (1 - decay) * tensors`` on this rank's partition (a plain copy at ``decay`` 0),
+        element for element what the replicated EMA computes."""
+        for flat in self._partitions():
+            ema = self.optimizer.state[flat]["ema"]
+            if decay == 0.0:
+                ema.copy_(flat)
+            else:
+                ema.mul_(decay).add_(flat, alpha=1.0 - decay)
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
+        """The whole EMA, by tensor name, as CPU tensors. Collective: every rank must call it."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return {n: safe_get_full_optimizer_state(p, "ema").detach().cpu().reshape(p.shape)
+                for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_ema(self, whole: Mapping[str, torch.Tensor]) -> None:
+        """Keep this rank's partition of ``whole`` (a checkpoint's EMA). Collective: every rank must call it."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        missing = sorted(set(self.params) - set(whole))
+        if missing:
+            raise ValueError(f"the checkpoint's EMA has no {missing[:3]} (group {self.name!r})")
+        for n, p in self.params.items():
+            safe_set_full_optimizer_state(p, whole[n].to(p.device, torch.float32).reshape(p.shape), "ema")
 
     # -- checkpoints: whole AdamW state in the plain-AdamW layout (every rank must call these, in order) --
 
@@ -236,12 +290,12 @@ class DeepSpeedGroup:
         Collective: every rank must call it."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        steps = [st["step"] for st in self.optimizer.state.values() if "step" in st]
+        step = self.optimizer.state[self._partitions()[0]]["step"]
         state: dict[int, dict[str, Any]] = {}
         for i, p in enumerate(self.params.values()):
             moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-            if steps and all(v is not None for v in moments.values()):
-                state[i] = {"step": steps[0].detach().clone().cpu(),
+            if float(step) > 0:  # AdamW has no state before its first step
+                state[i] = {"step": step.detach().clone().cpu(),
                             **{k: v.detach().cpu().reshape(p.shape) for k, v in moments.items()}}
         group = self._group_hparams() | {"params": list(range(len(self.params)))}
         return {"state": state, "param_groups": [group]}
@@ -263,13 +317,6 @@ class DeepSpeedGroup:
         state = {int(k): v for k, v in sd["state"].items()}
         steps = [st["step"] for st in state.values() if "step" in st]
         with torch.no_grad():
-            for flat in self.zero.single_partition_of_fp32_groups:
-                # torch AdamW creates its state at the first step, and DeepSpeed links each tensor to its slice
-                # of it only then: create it as AdamW would, and link it, so there is somewhere to restore into
-                if flat not in self.optimizer.state:
-                    self.optimizer.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                                  "exp_avg_sq": torch.zeros_like(flat)}
-            self.zero._lazy_init_hp_params_optimizer_state()
             for i, p in enumerate(self.params.values()):
                 safe_set_full_fp32_param(p, p.detach().clone())
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -277,10 +324,9 @@ class DeepSpeedGroup:
                     value = torch.zeros_like(p) if value is None else value.to(p.device, torch.float32)
                     safe_set_full_optimizer_state(p, value.reshape(p.shape), key)
             step = float(steps[0]) if steps else 0.0
-            for st in self.optimizer.state.values():
-                if "step" in st:
-                    st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device) \
-                        if torch.is_tensor(st["step"]) else step
+            for flat in self._partitions():
+                st = self.optimizer.state[flat]
+                st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)
 
 
 class Snapshot:
@@ -295,12 +341,13 @@ class Snapshot:
 
 def make_groups(
     spec: str, groups: Mapping[str, tuple[Mapping[str, nn.Parameter], OptimConfig]], *, micro_batch: int,
-    grad_accum: int, device: torch.device,
+    grad_accum: int, device: torch.device, ema_group: str | None = None,
 ) -> dict[str, DeepSpeedGroup]:
-    """One :class:`DeepSpeedGroup` per optimiser group, for the config ``spec`` names."""
+    """One :class:`DeepSpeedGroup` per optimiser group, for the config ``spec`` names; ``ema_group`` keeps the
+    EMA of its tensors beside its moments."""
     raw, source = load_config(spec)
     return {
         name: DeepSpeedGroup(name, params, oc, raw, source, micro_batch=micro_batch, grad_accum=grad_accum,
-                             device=device)
+                             device=device, ema=name == ema_group)
         for name, (params, oc) in groups.items()
     }

@@ -329,7 +329,7 @@ class FitResult:
     ema: dict[str, torch.Tensor]
     seconds: float
     shard: dict[str, int] = field(default_factory=dict)  # shard_frozen_base's counts ({} when not sharded)
-    # ema: whole on every rank; on the parameters' device, or CPU tensors with ZeRO-1 (gathered from the ranks)
+    # ema: whole on every rank; on the parameters' device, or CPU tensors with ZeRO-1 or DeepSpeed (gathered)
     # optimizer_partition: trainable elements, and those whose AdamW moments this rank holds
     optimizer_shard: dict[str, int] = field(default_factory=dict)
 
@@ -399,12 +399,13 @@ def fit(
     work_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
     groups = method.optim_groups()
+    ema_group = method.ema_group()
     ds: dict[str, Any] = {}
     if cfg.deepspeed:  # one DeepSpeed ZeRO engine per optimiser group; it replaces torch's ZeRO-1 below
         from anyflow.train.deepspeed_zero import make_groups
 
         ds = make_groups(cfg.deepspeed, groups, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         device=accelerator.device)
+                         device=accelerator.device, ema_group=ema_group)
     zero = cfg.shard_optimizer and accelerator.num_processes > 1 and not ds
     # ZeRO-1's EMA gathers run on CPU tensors over gloo (over NCCL rank 0 would stage the whole EMA on its GPU)
     cpu_group = _cpu_group() if zero else None
@@ -419,9 +420,12 @@ def fit(
         for name, (_, oc) in groups.items()
     }
     flat_params = {f"{g}/{n}": p for g, (ps, _) in groups.items() for n, p in ps.items()}
-    ema_group = method.ema_group()
-    # ZeRO-1 also splits the EMA: each rank averages the tensors whose moments it keeps (ema_owned)
-    ema_owned = _owned(optimizers[ema_group], groups[ema_group][0]) if zero else set(groups[ema_group][0])
+    # ZeRO-1 also splits the EMA: each rank averages the tensors whose moments it keeps (ema_owned); under
+    # DeepSpeed the EMA group's engine keeps it beside the moments, over this rank's partition (none here)
+    if ds:
+        ema_owned: set[str] = set()
+    else:
+        ema_owned = _owned(optimizers[ema_group], groups[ema_group][0]) if zero else set(groups[ema_group][0])
     ema: dict[str, torch.Tensor] = {
         n: p.detach().float().clone() for n, p in groups[ema_group][0].items() if n in ema_owned
     }
@@ -449,6 +453,8 @@ def fit(
                 # rebuilds from the rank-local optimisers, so nothing needs it.
                 opt.state.clear()
         start = restored["step"]
+        if ds:
+            ds[ema_group].load_ema(ema)
         for name in [k for k in ema if k not in ema_owned]:  # the checkpoint holds the whole EMA
             del ema[name]
         batches.load_state_dict(restored["data"])
@@ -484,7 +490,10 @@ def fit(
             for opt in optimizers.values():
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
-        whole_ema = _gather_ema(ema, accelerator, to=0, group=cpu_group) if zero else ema
+        if ds:
+            whole_ema = ds[ema_group].full_ema()
+        else:
+            whole_ema = _gather_ema(ema, accelerator, to=0, group=cpu_group) if zero else ema
         # DeepSpeed groups gather their whole AdamW state on every rank (a collective), rank 0 writes it
         saved = {n: Snapshot(g.state_dict()) for n, g in ds.items()} if ds else optimizers
         if accelerator.is_main_process:
@@ -538,7 +547,10 @@ def fit(
                 )
             for sch in schedulers.values():
                 sch.step()
-            _ema_update(ema, groups[ema_group][0], cfg.ema_decay if step + 1 >= cfg.ema_warmup_step else 0.0)
+            decay = cfg.ema_decay if step + 1 >= cfg.ema_warmup_step else 0.0
+            _ema_update(ema, groups[ema_group][0], decay)
+            if ds:
+                ds[ema_group].update_ema(decay)
             dt = time.perf_counter() - ts
             samples = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
             record = {
@@ -575,8 +587,10 @@ def fit(
     else:
         partition = optimizer_partition(optimizers)
     partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
-                  "local_ema_params": sum(v.numel() for v in ema.values())}
-    if zero:  # every rank exports the whole EMA (CPU tensors)
+                  "local_ema_params": ds[ema_group].local_params() if ds else sum(v.numel() for v in ema.values())}
+    if ds:  # every rank exports the whole EMA (CPU tensors)
+        ema = ds[ema_group].full_ema()
+    elif zero:
         ema = _gather_ema(ema, accelerator, to=None, group=cpu_group)
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
                      shard=shard, optimizer_shard=partition)
