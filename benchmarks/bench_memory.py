@@ -19,6 +19,11 @@ rank from the preset) and from how ``anyflow.train.loop.shard_frozen_base`` lays
   the EMA with ZeRO-1 (``train.shard_optimizer``, on in the Wan presets): each rank holds them for the
   tensors ``ZeroRedundancyOptimizer`` assigns it (greedy by size, computed here exactly; the table uses
   the largest rank).
+* **DeepSpeed ZeRO-2** (``train.deepspeed=zero2``, one engine per trained adapter,
+  ``anyflow/train/deepspeed_zero.py``): moments and EMA split evenly by flat range (⌈n/W⌉ per rank), plus
+  DeepSpeed's fp32 master copy of the rank's partition and its gradient buckets (two buffers of
+  ``reduce_bucket_size`` fp32 elements per engine with ``overlap_comm``, as in the built-in config). With
+  ``zero2_offload`` the moments, EMA and master copy live in CPU memory; the buckets stay on the GPU.
 
 Activations are not counted (gradient checkpointing keeps them per block). GB = 10⁹ bytes.
 
@@ -32,7 +37,8 @@ import math
 from typing import Any
 
 PRESETS = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
-LAYOUTS = (("replicated", 1, False), ("fsdp", 8, False), ("fsdp + zero1", 8, True), ("fsdp + zero1", 16, True))
+LAYOUTS = (("replicated", 1, ""), ("fsdp", 8, ""), ("fsdp + zero1", 8, "zero1"), ("fsdp + zero1", 16, "zero1"),
+           ("fsdp + deepspeed zero2", 8, "zero2"), ("fsdp + deepspeed zero2_offload", 8, "zero2_offload"))
 GB = 1e9
 
 
@@ -57,6 +63,13 @@ def _bytes(params: list[Any], world: int) -> int:
         rest = p.numel() // max(rows, 1)
         total += math.ceil(rows / world) * rest * p.element_size()
     return total
+
+
+def _ds_bucket() -> int:
+    """``reduce_bucket_size`` of the built-in ``zero2`` DeepSpeed config (elements)."""
+    from anyflow.train.deepspeed_zero import load_config
+
+    return int(load_config("zero2")[0]["zero_optimization"]["reduce_bucket_size"])
 
 
 def _zero1_largest(sizes: list[int], world: int) -> int:
@@ -98,18 +111,28 @@ def analytic_table(shape: str) -> dict[str, Any]:
     for layout, world, zero in LAYOUTS:
         base = _bytes(every, world)
         gathered = 0 if world == 1 else _bytes(root, 1) + 2 * max(_bytes(ps, 1) for ps in blocks)
-        # AdamW: exp_avg + exp_avg_sq per trained tensor; ZeRO-1 partitions each optimiser separately
-        moments = 8 * (sum(_zero1_largest(sizes[g], world) for g in ("critic", "generator")) if zero else trained)
-        ema = 4 * (_zero1_largest(sizes["generator"], world) if zero else lora["generator"])
+        extra = 0  # DeepSpeed: fp32 master partition + gradient buckets
+        if zero.startswith("zero2"):  # flat ranges: ceil(n / W) of each engine's tensors per rank
+            part = {g: math.ceil(lora[g] / world) for g in ("critic", "generator")}
+            moments, ema = 8 * sum(part.values()), 4 * part["generator"]
+            extra = 2 * 2 * 4 * _ds_bucket()  # 2 engines x 2 buffers (overlap_comm) x fp32 x elements
+            if zero == "zero2_offload":
+                moments = ema = 0  # in CPU memory, with the master copy
+            else:
+                extra += 4 * sum(part.values())
+        else:
+            # AdamW: exp_avg + exp_avg_sq per trained tensor; ZeRO-1 partitions each optimiser separately
+            moments = 8 * (sum(_zero1_largest(sizes[g], world) for g in ("critic", "generator")) if zero else trained)
+            ema = 4 * (_zero1_largest(sizes["generator"], world) if zero else lora["generator"])
         rows.append(
             {
                 "layout": layout,
                 "gpus": world,
                 "base": base,
                 "gathered": gathered,
-                "adapters": fixed + moments + ema,
+                "adapters": fixed + moments + ema + extra,
                 "moments": moments + ema,
-                "total": base + gathered + fixed + moments + ema,
+                "total": base + gathered + fixed + moments + ema + extra,
             }
         )
     return {
@@ -141,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nHSDP with nodes of 8 GPUs holds the base as FSDP over 8 does (zero1 always partitions over every GPU of the job). Adapter state = 3 LoRA adapters (teacher bf16,"
         " critic and generator fp32) + gradients of one of them at a time + AdamW moments (fp32) of generator and"
-        " critic + generator EMA (fp32); zero1 = train.shard_optimizer (moments and EMA partitioned across the GPUs); activations not counted."
+        " critic + generator EMA (fp32); zero1 = train.shard_optimizer (moments and EMA partitioned across the GPUs);"
+        " deepspeed rows add DeepSpeed's fp32 master partition and gradient buckets to the adapter state (offload:"
+        " moments, EMA and master copy in CPU memory); activations not counted."
     )
     return 0
 

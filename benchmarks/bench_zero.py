@@ -7,7 +7,8 @@ side in one invocation.
 Every rank reports what it really holds, counted from the tensors (not from the configs):
 
 * **moments**: the AdamW ``exp_avg`` / ``exp_avg_sq`` tensors in its (local) optimisers' state;
-* **EMA**: the EMA tensors ``fit`` keeps on that rank during training;
+* **EMA**: the EMA tensors ``fit`` keeps on that rank during training (under DeepSpeed: the EMA entries
+  beside the moments in the EMA group's optimiser state);
 * **gradients**: the most gradient bytes alive at once over all trainable tensors (the generator and
   critic updates each step and free their own, so this is one group's, not both; under DeepSpeed the
   loop's summed gradients before the engine takes them);
@@ -86,6 +87,9 @@ def child(args: argparse.Namespace) -> None:
             held += _bytes(v for st in local.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         seen["moments"] = max(seen.get("moments", 0), held)
         seen["master"] = sum(_bytes(g.zero.single_partition_of_fp32_groups) for g in ctx.deepspeed.values())
+        # DeepSpeed keeps the EMA beside the moments, over the rank's partition
+        seen["ds_ema"] = sum(_bytes(st["ema"] for st in g.optimizer.state.values() if "ema" in st)
+                             for g in ctx.deepspeed.values())
         return norm
 
     def train_step(ctx: Any, step: int) -> dict[str, float]:
@@ -117,11 +121,14 @@ def child(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     times = seen["times"][1:]  # after the warm-up step
-    print(json.dumps({
-        "rank": rank, "moments": seen["moments"], "ema": max(ema_local), "teacher": seen["teacher"],
+    row = {
+        "rank": rank, "moments": seen["moments"], "ema": max(ema_local) + seen["ds_ema"], "teacher": seen["teacher"],
         "step_s": sum(times) / len(times), "fit_s": total, "trainable": result.optimizer_shard["params"] * 4,
-        "grads": seen["grads"], "master": seen["master"], "groups": {g: _bytes(ps.values()) for g, (ps, _) in method.optim_groups().items()},
-    }), flush=True)
+        "grads": seen["grads"], "master": seen["master"],
+        "groups": {g: _bytes(ps.values()) for g, (ps, _) in method.optim_groups().items()},
+    }
+    # one file per rank (lines the ranks print to one stdout can interleave)
+    (Path(args.out_dir) / f"rank{rank}.json").write_text(json.dumps(row))
 
 
 def _launch(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
@@ -131,10 +138,12 @@ def _launch(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
            "--mixed-precision", args.mixed_precision, "--mode", mode]
     cmd += ["--frames", str(args.frames)] if args.frames else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    rows = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or len(rows) != args.nproc:
-        raise SystemExit(f"bench_zero: torchrun failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(prefix="bench-zero-rows-") as rows_dir:
+        res = subprocess.run([*cmd, "--out-dir", rows_dir], cwd=REPO, env=env, capture_output=True, text=True)
+        files = sorted(Path(rows_dir).glob("rank*.json"))
+        if res.returncode != 0 or len(files) != args.nproc:
+            raise SystemExit(f"bench_zero: torchrun failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        rows = [json.loads(f.read_text()) for f in files]
     return sorted(rows, key=lambda row: row["rank"])
 
 
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: bf16 on CUDA, no on CPU (bf16 also works on CPU, slowly)")
     p.add_argument("--mode", choices=("plain", "zero1", "zero2"), default="plain", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if args.device == "cuda" else "no"
