@@ -164,3 +164,13 @@ def test_a_stage_key_holds_the_deepspeed_config_content(tmp_path: Path) -> None:
     copy.write_text(json.dumps(edited))
     assert key(str(copy)) not in (key("zero2"), off)
     assert key("zero1") not in (key("zero2"), off)
+
+
+def test_without_the_deepspeed_package_the_setting_is_named(monkeypatch) -> None:
+    import sys
+
+    from anyflow.train.deepspeed_zero import make_groups
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an install without it gives: ImportError
+    with pytest.raises(ConfigError, match=r"train.deepspeed='zero2' needs the deepspeed package"):
+        make_groups("zero2", {}, micro_batch=1, grad_accum=1, device=torch.device("cpu"))

@@ -346,6 +346,12 @@ def make_groups(
     """One :class:`DeepSpeedGroup` per optimiser group, for the config ``spec`` names; ``ema_group`` keeps the
     EMA of its tensors beside its moments."""
     raw, source = load_config(spec)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"{_FIELD}={spec!r} needs the deepspeed package (installed with anyflow on Linux): {exc}"
+        ) from exc
     return {
         name: DeepSpeedGroup(name, params, oc, raw, source, micro_batch=micro_batch, grad_accum=grad_accum,
                              device=device, ema=name == ema_group)
