@@ -123,6 +123,11 @@ def test_builtin_configs_pass_deepspeeds_own_parser() -> None:
         ({"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}, r"gradient_clipping=0.5 but the optimiser's grad_clip is 1.0"),
         ({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 8}, r"train.batch_size is 2"),
         ([1, 2], r"must hold a JSON object"),
+        ({"zero_optimization": {"stage": 2}, "bf16": True}, r"bf16.enabled=True"),
+        ({"zero_optimization": {"stage": 2}, "train_batch_size": 64}, r"train_batch_size=64.*per rank"),
+        ({"zero_optimization": {"stage": 2}, "communication_data_type": "bf16"}, r"communication_data_type='bf16'"),
+        ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, r"old zero_optimization.cpu_offload.*offload_optimizer"),
+        ({"zero_optimization": {"stage": 1}, "gradient_clipping": "1.0"}, r"gradient_clipping='1.0'; use \"auto\""),
     ],
 )
 def test_bad_deepspeed_config_names_the_file_and_field(tmp_path: Path, content, match: str) -> None:
@@ -174,3 +179,36 @@ def test_without_the_deepspeed_package_the_setting_is_named(monkeypatch) -> None
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an install without it gives: ImportError
     with pytest.raises(ConfigError, match=r"train.deepspeed='zero2' needs the deepspeed package"):
         make_groups("zero2", {}, micro_batch=1, grad_accum=1, device=torch.device("cpu"))
+
+
+def test_group_sums_aliased_gradients_correctly_and_lets_go_of_its_tensors() -> None:
+    """autograd.grad may return one tensor for two inputs (both sides of an add) or a broadcast view (a sum):
+    the group's sum must still be each tensor's own gradient. Reference: plain backward into .grad."""
+    from anyflow.config import OptimConfig
+    from anyflow.train.deepspeed_zero import DeepSpeedGroup
+
+    def losses(a, b, c, x):
+        return [((a + b) * x).sum() + c.sum(), ((a + b) * x * 2).sum() + 3 * c.sum()]
+
+    torch.manual_seed(0)
+    x = torch.randn(5)
+    ref = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    for loss in losses(*ref, x):
+        loss.backward()
+    params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in zip("abc", ref, strict=True)}
+    raw, source = load_config("zero2")
+    group = DeepSpeedGroup("g", params, OptimConfig(lr=0.0, weight_decay=0.0, grad_clip=1e9), raw, source,
+                           micro_batch=1, grad_accum=2, device=torch.device("cpu"))
+    for loss in losses(*params.values(), x):
+        group.accumulate(loss)
+    for n, p in zip("abc", ref, strict=True):
+        assert torch.equal(group._grads[n], p.grad), n
+    norm = group.step()
+    assert math.isclose(norm, torch.stack([p.grad.norm() for p in ref]).norm().item(), rel_tol=1e-6)
+    with pytest.raises(RuntimeError, match=r"group 'g': the loss depends on none of its tensors"):
+        group.accumulate((x * 2).sum().requires_grad_())
+
+    group.destroy()  # what fit does at its end: no DeepSpeed hook or link left on the tensors
+    assert all(getattr(p, "_hp_mapping", None) is None for p in params.values())
+    (params["a"] * x).sum().backward()
+    assert torch.equal(params["a"].grad, x)  # a plain backward is the plain gradient again

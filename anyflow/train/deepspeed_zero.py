@@ -33,7 +33,8 @@ What DeepSpeed config entries mean here:
 
 Checkpoints stay anyflow's own, layout-independent format (safetensors + JSON, no pickle): the whole AdamW
 moments are gathered with ``deepspeed.utils.safe_get_full_optimizer_state`` and written exactly as a plain
-AdamW run writes them, so a run can resume with or without DeepSpeed, on any number of ranks' partitions.
+AdamW run writes them, so a run can resume with or without DeepSpeed (on the same number of processes, as
+every anyflow checkpoint: each rank's random state and data position are in it).
 
 One difference from plain AdamW: DeepSpeed steps the flat partition as a whole, so a tensor that got no
 gradient in a step (e.g. the causal generator's patch embedding before any clip had compressed context) is
@@ -84,6 +85,11 @@ def load_config(spec: str) -> tuple[dict[str, Any], str]:
 
 
 def _check(raw: Mapping[str, Any], source: str) -> None:
+    if "train_batch_size" in raw and raw["train_batch_size"] != "auto":
+        raise ConfigError(
+            f"{_FIELD}: {source} sets train_batch_size={raw['train_batch_size']!r}; the batch is "
+            "<stage>.train.batch_size (per rank) x grad_accum x processes: set it to \"auto\" or remove it"
+        )
     for key in ("optimizer", "scheduler"):
         if key in raw:
             raise ConfigError(
@@ -91,13 +97,26 @@ def _check(raw: Mapping[str, Any], source: str) -> None:
                 "warm-up itself: remove it"
             )
     for key in ("bf16", "fp16"):
-        enabled = (raw.get(key) or {}).get("enabled", False)
+        section = raw.get(key) or {}
+        enabled = section.get("enabled", False) if isinstance(section, dict) else section
         if enabled not in (False, "auto"):
             raise ConfigError(
                 f"{_FIELD}: {source} sets {key}.enabled={enabled!r}; anyflow keeps the trainable adapters in fp32 "
                 "and computes in bf16 under autocast (<stage>.train.mixed_precision): set it to \"auto\" or false"
             )
+    if raw.get("communication_data_type") not in (None, "fp32", "auto"):
+        raise ConfigError(
+            f"{_FIELD}: {source} sets communication_data_type={raw['communication_data_type']!r}; anyflow reduces the "
+            "fp32 adapter gradients in fp32: remove it"
+        )
     zero = raw.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{_FIELD}: {source} has zero_optimization={zero!r}; it must be an object")
+    if zero.get("cpu_offload"):
+        raise ConfigError(
+            f"{_FIELD}: {source} sets the old zero_optimization.cpu_offload; use \"offload_optimizer\": "
+            "{\"device\": \"cpu\"} (as the built-in zero2_offload does)"
+        )
     stage = zero.get("stage", 0)
     if stage not in (1, 2):
         raise ConfigError(
@@ -115,7 +134,11 @@ def engine_config(
 
     def fill(key: str, ours: Any, what: str) -> None:
         theirs = cfg.get(key, "auto")
-        if theirs != "auto" and not math.isclose(float(theirs), float(ours)):
+        if theirs == "auto":
+            return
+        if isinstance(theirs, bool) or not isinstance(theirs, (int, float)):
+            raise ConfigError(f"{_FIELD}: {source} sets {key}={theirs!r}; use \"auto\" (anyflow fills it from {what})")
+        if not math.isclose(float(theirs), float(ours)):
             raise ConfigError(
                 f"{_FIELD}: {source} sets {key}={theirs!r} but {what} is {ours!r}; anyflow uses its own value: set "
                 f"{key} to \"auto\" (or change {what})"
@@ -126,7 +149,7 @@ def engine_config(
     fill("gradient_clipping", grad_clip, "the optimiser's grad_clip")
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = 1  # the loop accumulates; the engine sees one backward per step
-    cfg.pop("train_batch_size", None)  # DeepSpeed derives it (micro batch x world)
+    cfg.pop("train_batch_size", None)  # "auto" or absent (_check): DeepSpeed derives it (micro batch x world)
     cfg["gradient_clipping"] = float(grad_clip)
     cfg["bf16"] = {"enabled": False}
     cfg["fp16"] = {"enabled": False}
@@ -223,13 +246,19 @@ class DeepSpeedGroup:
         hooks do not run here; the other groups get nothing, as they should)."""
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
+        if all(g is None for g in grads):  # the same on every rank: a wrong group, not a rank's data
+            raise RuntimeError(
+                f"backward for optimiser group {self.name!r}: the loss depends on none of its tensors (another "
+                "adapter was active? pass ctx.backward(loss, group=...))"
+            )
         for n, g in zip(names, grads, strict=True):
             if g is None:
                 continue
             if n in self._grads:
                 self._grads[n] += g
             else:
-                self._grads[n] = g
+                # a copy of our own: autograd may hand back one tensor for two inputs, or a broadcast view
+                self._grads[n] = g.detach().clone(memory_format=torch.contiguous_format)
 
     def step(self) -> float:
         """Average over ranks, clip, step (all by DeepSpeed); return the gradient norm before clipping."""
@@ -242,6 +271,11 @@ class DeepSpeedGroup:
             self.engine.backward(surrogate)
             self.engine.step()
         return float(self.engine.get_global_grad_norm())
+
+    def destroy(self) -> None:
+        """Detach the engine from the group's tensors (its gradient hooks and fragment links), freeing its state.
+        The tensors keep their values."""
+        self.engine.destroy()
 
     def local_params(self) -> int:
         """Elements of this group's tensors whose AdamW moments (and EMA, if kept) this rank keeps (DeepSpeed's
@@ -262,16 +296,22 @@ class DeepSpeedGroup:
             else:
                 ema.mul_(decay).add_(flat, alpha=1.0 - decay)
 
-    def full_ema(self) -> dict[str, torch.Tensor]:
-        """The whole EMA, by tensor name, as CPU tensors. Collective: every rank must call it."""
+    def full_ema(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The whole EMA, by tensor name, as CPU tensors; ``{}`` where ``keep`` is false (a rank that writes no
+        checkpoint holds no copy). Collective: every rank must call it."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        return {n: safe_get_full_optimizer_state(p, "ema").detach().cpu().reshape(p.shape)
-                for n, p in self.params.items()}
+        out = {}
+        for n, p in self.params.items():
+            whole = safe_get_full_optimizer_state(p, "ema")  # an all-reduce: on every rank, tensor by tensor
+            if keep:
+                out[n] = whole.detach().cpu().reshape(p.shape)
+        return out
 
     @torch.no_grad()
     def load_ema(self, whole: Mapping[str, torch.Tensor]) -> None:
-        """Keep this rank's partition of ``whole`` (a checkpoint's EMA). Collective: every rank must call it."""
+        """Keep this rank's partition of ``whole`` (a checkpoint's EMA; every rank calls it with the whole EMA and
+        keeps its own fragment, no communication)."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
         missing = sorted(set(self.params) - set(whole))
@@ -285,16 +325,16 @@ class DeepSpeedGroup:
     def _group_hparams(self) -> dict[str, Any]:
         return {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The whole AdamW state as ``torch.optim.AdamW.state_dict()`` over the group's tensors would give it.
-        Collective: every rank must call it."""
+    def state_dict(self, keep: bool = True) -> dict[str, Any]:
+        """The whole AdamW state as ``torch.optim.AdamW.state_dict()`` over the group's tensors would give it
+        (tensors on the CPU; none kept where ``keep`` is false). Collective: every rank must call it."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         step = self.optimizer.state[self._partitions()[0]]["step"]
         state: dict[int, dict[str, Any]] = {}
         for i, p in enumerate(self.params.values()):
-            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-            if float(step) > 0:  # AdamW has no state before its first step
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}  # all-reduces
+            if keep and float(step) > 0:  # AdamW has no state before its first step
                 state[i] = {"step": step.detach().clone().cpu(),
                             **{k: v.detach().cpu().reshape(p.shape) for k, v in moments.items()}}
         group = self._group_hparams() | {"params": list(range(len(self.params)))}
@@ -303,7 +343,7 @@ class DeepSpeedGroup:
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore a plain-AdamW-layout state (from :meth:`state_dict` or a run without DeepSpeed), and the fp32
         master copy of the group's tensors from their current values (the checkpoint loader set them first).
-        Collective: every rank must call it."""
+        Every rank calls it with the whole state and keeps its own fragments (no communication)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         saved_group = sd["param_groups"][0]
@@ -323,7 +363,9 @@ class DeepSpeedGroup:
                     value = state.get(i, {}).get(key)
                     value = torch.zeros_like(p) if value is None else value.to(p.device, torch.float32)
                     safe_set_full_optimizer_state(p, value.reshape(p.shape), key)
-            step = float(steps[0]) if steps else 0.0
+            # one step count for the flat partition: the most any tensor took (a plain multi-rank run skips a
+            # tensor no rank used, so its counts can differ)
+            step = max(float(s) for s in steps) if steps else 0.0
             for flat in self._partitions():
                 st = self.optimizer.state[flat]
                 st["step"] = torch.tensor(step, dtype=st["step"].dtype, device=st["step"].device)

@@ -113,8 +113,8 @@ class TrainContext:
         """Clip the group's gradient norm, refuse non-finite gradients, step and zero the optimiser."""
         if self.deepspeed:  # DeepSpeed averages over the ranks, clips and steps
             value = self.deepspeed[name].step()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"gradient norm of {name!r} is {value}")
+            if not math.isfinite(value):  # DeepSpeed reports inf for a NaN too, and skipped the update
+                raise TrainingDiverged(f"gradient norm of {name!r} is not finite ({value})")
             self.last_grad_norm[name] = value
             return value
         params = list(self.params[name].values())
@@ -491,11 +491,12 @@ def fit(
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
         if ds:
-            whole_ema = ds[ema_group].full_ema()
+            whole_ema = ds[ema_group].full_ema(keep=accelerator.is_main_process)
         else:
             whole_ema = _gather_ema(ema, accelerator, to=0, group=cpu_group) if zero else ema
-        # DeepSpeed groups gather their whole AdamW state on every rank (a collective), rank 0 writes it
-        saved = {n: Snapshot(g.state_dict()) for n, g in ds.items()} if ds else optimizers
+        # DeepSpeed groups gather their whole AdamW state (collectives on every rank); rank 0 keeps and writes it
+        saved = ({n: Snapshot(g.state_dict(keep=accelerator.is_main_process)) for n, g in ds.items()} if ds
+                 else optimizers)
         if accelerator.is_main_process:
             save_training_state(
                 ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=saved,
@@ -588,8 +589,10 @@ def fit(
         partition = optimizer_partition(optimizers)
     partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
                   "local_ema_params": ds[ema_group].local_params() if ds else sum(v.numel() for v in ema.values())}
-    if ds:  # every rank exports the whole EMA (CPU tensors)
+    if ds:  # every rank exports the whole EMA (CPU tensors); then the engines let go of the tensors
         ema = ds[ema_group].full_ema()
+        for g in ds.values():
+            g.destroy()
     elif zero:
         ema = _gather_ema(ema, accelerator, to=None, group=cpu_group)
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
