@@ -28,7 +28,7 @@ from anyflow.train.methods import OnPolicyMethod
 pytest.importorskip("deepspeed")
 
 
-def _onpolicy(dataset: str, **train):
+def _onpolicy(dataset: str, update_ratio: int = 1, **train):
     preset = get_preset("tiny")
     models = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=True)
     probe = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
@@ -38,7 +38,7 @@ def _onpolicy(dataset: str, **train):
     tr = dataclasses.replace(preset.distill.train, steps=3, batch_size=1, checkpoint_every=2, ema_warmup_step=2, **train)
     method = OnPolicyMethod(
         models,
-        dataclasses.replace(preset.distill, train=tr, steps_list=(2, 4),
+        dataclasses.replace(preset.distill, train=tr, steps_list=(2, 4), update_ratio=update_ratio,
                             critic_optim=dataclasses.replace(preset.distill.critic_optim, weight_decay=0.01)),
         data.negative_embedding(), teacher=_random_state(probe, "t", 1), generator=_random_state(probe, "g", 2),
     )
@@ -79,6 +79,24 @@ def test_one_process_zero2_with_accumulation_under_bf16_equals_plain_adamw(tiny_
     # the control: the runs trained (the adapters moved from their start)
     method0, *_ = _onpolicy(dataset)
     assert any(not torch.equal(p, plain[f"param/generator/{k}"]) for k, p in method0.models.params("generator").items())
+
+
+@pytest.mark.slow
+def test_generator_updated_every_other_step_under_zero1_equals_plain_adamw(tiny_chain, tmp_path: Path) -> None:
+    # update_ratio 2: the generator's engine sits out every other iteration while the critic's steps
+    dataset = tiny_chain["dataset"].uri
+    got = {}
+    for mode in ("", "zero1"):
+        method, tr, data, _ = _onpolicy(dataset, update_ratio=2, deepspeed=mode)
+        got[mode] = _state(fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False), method)
+    assert got[""].keys() == got["zero1"].keys()
+    assert all(torch.equal(got[""][k], got["zero1"][k]) for k in got[""])
+    # the generator really sat one of the 3 iterations out: AdamW step counts 2 (generator) and 3 (critic)
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "zero1" / "checkpoint"
+    steps = {g: float(load_file(str(ckpt / f"optim-{g}.safetensors"))["state.0.step"]) for g in ("generator", "critic")}
+    assert steps == {"generator": 2.0, "critic": 3.0}
 
 
 @pytest.mark.slow
