@@ -27,6 +27,8 @@ What DeepSpeed config entries mean here:
   computes in bf16 under autocast (``train.mixed_precision``); DeepSpeed's bf16 would store the adapters
   themselves in bf16;
 * ``optimizer`` / ``scheduler``: not allowed (AdamW from the stage's optimiser config, the loop's warm-up);
+  ``train_batch_size`` only ``"auto"``; ``communication_data_type`` only fp32; the old
+  ``zero_optimization.cpu_offload`` is refused (use ``offload_optimizer``);
 * ``zero_optimization.stage`` 1 or 2. Stage 3 partitions the parameters of the engine's model and gathers
   them in that model's forward hooks, which never run here (the base is called, not the engine); the frozen
   base is sharded with ``train.sharding=fsdp`` instead, which combines with ZeRO-1/2 here.
