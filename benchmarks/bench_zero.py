@@ -80,10 +80,7 @@ def child(args: argparse.Namespace) -> None:
         seen["grads"] = max(seen.get("grads", 0), grads)  # every group's gradients alive at this moment
         norm = inner_clip(ctx, name)
         held = 0
-        # ZeRO-1: the rank's local AdamW; DeepSpeed: torch AdamW over the rank's flat partition
-        locals_ = [g.optimizer for g in ctx.deepspeed.values()] or [
-            opt.optim if loop.is_sharded_optimizer(opt) else opt for opt in ctx.optimizers.values()]
-        for local in locals_:
+        for local in map(loop.local_optimizer, ctx.optimizers.values()):
             held += _bytes(v for st in local.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         seen["moments"] = max(seen.get("moments", 0), held)
         seen["master"] = sum(_bytes(g.zero.single_partition_of_fp32_groups) for g in ctx.deepspeed.values())

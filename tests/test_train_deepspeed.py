@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.states import random_adapter_state as _random_state
+from helpers.states import trained_state
 
 from anyflow.config import ConfigError, get_preset
 from anyflow.data.shards import LatentDataset
@@ -45,11 +46,6 @@ def _onpolicy(dataset: str, update_ratio: int = 1, **train):
     return method, tr, data, models
 
 
-def _state(result, method) -> dict[str, torch.Tensor]:
-    out = {f"param/{g}/{k}": p.detach().clone() for g, (ps, _) in method.optim_groups().items() for k, p in ps.items()}
-    return out | {f"ema/{k}": v.clone() for k, v in result.ema.items()}
-
-
 @pytest.mark.slow
 def test_one_process_zero2_with_accumulation_under_bf16_equals_plain_adamw(tiny_chain, tmp_path: Path,
                                                                               monkeypatch) -> None:
@@ -63,7 +59,7 @@ def test_one_process_zero2_with_accumulation_under_bf16_equals_plain_adamw(tiny_
         monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # the precision is process-wide in accelerate
         method, tr, data, _ = _onpolicy(dataset, grad_accum=2, mixed_precision="bf16", deepspeed=mode)
         result = fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False)
-        runs[mode] = (_state(result, method), result)
+        runs[mode] = (trained_state(result, method), result)
     plain, zero = runs[""][0], runs["zero2"][0]
     assert plain.keys() == zero.keys()
     for k in plain:
@@ -88,7 +84,7 @@ def test_generator_updated_every_other_step_under_zero1_equals_plain_adamw(tiny_
     got = {}
     for mode in ("", "zero1"):
         method, tr, data, _ = _onpolicy(dataset, update_ratio=2, deepspeed=mode)
-        got[mode] = _state(fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False), method)
+        got[mode] = trained_state(fit(method, tr, data, work_dir=tmp_path / (mode or "plain"), progress=False), method)
     assert got[""].keys() == got["zero1"].keys()
     assert all(torch.equal(got[""][k], got["zero1"][k]) for k in got[""])
     # the generator really sat one of the 3 iterations out: AdamW step counts 2 (generator) and 3 (critic)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.states import random_adapter_state as _random_state
+from helpers.states import trained_state
 
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
@@ -46,12 +47,6 @@ def _build(kind: str, dataset: str, **train):
     return method, tr, data, models
 
 
-def _final_state(result, models: AdapterModel, method) -> dict[str, torch.Tensor]:
-    out = {f"param/{g}/{k}": p.detach().clone() for g, (ps, _) in method.optim_groups().items() for k, p in ps.items()}
-    out.update({f"ema/{k}": v.clone() for k, v in result.ema.items()})
-    return out
-
-
 def _optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -61,18 +56,18 @@ def _optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["flowmap", "onpolicy"])
 def test_resume_is_bit_for_bit(kind: str, tiny_chain, tmp_path: Path) -> None:
     dataset = tiny_chain["dataset"].uri
-    method, tr, data, models = _build(kind, dataset)
+    method, tr, data, _ = _build(kind, dataset)
     straight = fit(method, tr, data, work_dir=tmp_path / "straight", progress=False)
-    want = _final_state(straight, models, method)
+    want = trained_state(straight, method)
 
-    method, tr, data, models = _build(kind, dataset)
+    method, tr, data, _ = _build(kind, dataset)
     first = fit(method, tr, data, work_dir=tmp_path / "first", stop_after=STEPS // 2, progress=False)
     assert first.steps == STEPS // 2
-    method, tr, data, models = _build(kind, dataset)
+    method, tr, data, _ = _build(kind, dataset)
     resumed = fit(method, tr, data, work_dir=tmp_path / "second", resume_from=tmp_path / "first" / "checkpoint",
                   progress=False)
     assert resumed.resumed_from == STEPS // 2 and resumed.steps == STEPS
-    got = _final_state(resumed, models, method)
+    got = trained_state(resumed, method)
 
     assert want.keys() == got.keys()
     changed = 0
@@ -124,7 +119,7 @@ def test_bf16_loop_stores_the_frozen_teacher_in_bf16_without_changing_training(t
     step = method.train_step
     method.train_step = lambda ctx, i: (seen.update(p.dtype for p in teacher.values()), step(ctx, i))[1]
     run = fit(method, tr, data, work_dir=tmp_path / "bf16", progress=False)
-    got = _final_state(run, models, method)
+    got = trained_state(run, method)
     assert seen == {torch.bfloat16}  # while training
     assert {p.dtype for g, (ps, _) in method.optim_groups().items() for p in ps.values()} == {torch.float32}
     assert all(torch.equal(p, before[k]) for k, p in teacher.items())  # after: the exact fp32 values again
@@ -133,12 +128,12 @@ def test_bf16_loop_stores_the_frozen_teacher_in_bf16_without_changing_training(t
     monkeypatch.setattr(AdapterModel, "frozen_adapters_stored_in", lambda self, dtype: contextlib.nullcontext())
     method, tr, data, models = _build("onpolicy", dataset, mixed_precision="bf16")
     ref = fit(method, tr, data, work_dir=tmp_path / "fp32", progress=False)
-    want = _final_state(ref, models, method)
+    want = trained_state(ref, method)
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
     # the control: bf16 autocast really rounds (the fp32 run of the same method ends elsewhere)
     fresh_precision()
     method, tr, data, models = _build("onpolicy", dataset, mixed_precision="no")
-    full = _final_state(fit(method, tr, data, work_dir=tmp_path / "no", progress=False), models, method)
+    full = trained_state(fit(method, tr, data, work_dir=tmp_path / "no", progress=False), method)
     assert any(not torch.equal(full[k], want[k]) for k in want)

@@ -29,7 +29,7 @@ from torch import nn
 
 from anyflow.config import ConfigError, OptimConfig, TrainConfig
 from anyflow.train.checkpoint import load_training_state, save_training_state
-from anyflow.train.deepspeed_zero import Snapshot
+from anyflow.train.deepspeed_zero import DeepSpeedGroup, Snapshot
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: retryable (pod preempted, SIGTERM); bad input exits 2
 
@@ -259,14 +259,24 @@ def is_sharded_optimizer(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, ZeroRedundancyOptimizer)
 
 
+def local_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimiser that holds this rank's AdamW state for one of the loop's optimisers (``fit``'s
+    ``TrainContext.optimizers``): ZeRO-1's rank-local AdamW, a DeepSpeed group's AdamW over the rank's flat
+    partition, or a plain AdamW itself."""
+    if is_sharded_optimizer(opt):
+        return opt.optim
+    if isinstance(opt, DeepSpeedGroup):
+        return opt.optimizer
+    return opt
+
+
 def optimizer_partition(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, int]:
     """``{"params", "local_params"}``: trainable elements over all optimisers, and the elements whose moments
     this rank keeps (all of them without ZeRO-1)."""
     total = local = 0
     for opt in optimizers.values():
         total += sum(p.numel() for g in opt.param_groups for p in g["params"])
-        inner = opt.optim if is_sharded_optimizer(opt) else opt
-        local += sum(p.numel() for g in inner.param_groups for p in g["params"])
+        local += sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
     return {"params": total, "local_params": local}
 
 
@@ -582,19 +592,19 @@ def fit(
         bar.close()
     if tb is not None:
         tb.close()
+    ema_params = sum(p.numel() for p in groups[ema_group][0].values())
     if ds:
         partition = {"params": sum(p.numel() for p in flat_params.values()),
-                     "local_params": sum(g.local_params() for g in ds.values())}
-    else:
-        partition = optimizer_partition(optimizers)
-    partition |= {"ema_params": sum(p.numel() for p in groups[ema_group][0].values()),
-                  "local_ema_params": ds[ema_group].local_params() if ds else sum(v.numel() for v in ema.values())}
-    if ds:  # every rank exports the whole EMA (CPU tensors); then the engines let go of the tensors
-        ema = ds[ema_group].full_ema()
-        for g in ds.values():
+                     "local_params": sum(g.local_params() for g in ds.values()),
+                     "ema_params": ema_params, "local_ema_params": ds[ema_group].local_params()}
+        ema = ds[ema_group].full_ema()  # every rank exports the whole EMA (CPU tensors) ...
+        for g in ds.values():  # ... and the engines let go of the tensors
             g.destroy()
-    elif zero:
-        ema = _gather_ema(ema, accelerator, to=None, group=cpu_group)
+    else:
+        partition = optimizer_partition(optimizers) | {
+            "ema_params": ema_params, "local_ema_params": sum(v.numel() for v in ema.values())}
+        if zero:  # every rank exports the whole EMA (CPU tensors)
+            ema = _gather_ema(ema, accelerator, to=None, group=cpu_group)
     return FitResult(steps=end, resumed_from=start, last_metrics=last, ema=ema, seconds=time.perf_counter() - t0,
                      shard=shard, optimizer_shard=partition)
 

@@ -24,7 +24,7 @@ from anyflow.data.shards import LatentDataset
 from anyflow.models.loading import load_base
 from anyflow.stages.common import train_resumable
 from anyflow.train.adapters import AdapterModel
-from anyflow.train.loop import TrainContext, is_sharded_optimizer
+from anyflow.train.loop import TrainContext, is_sharded_optimizer, local_optimizer
 from anyflow.train.methods import OnPolicyMethod
 
 dataset, ckpt_url, out, steps, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -54,10 +54,7 @@ def _spied(clip_and_step):
     def wrapper(self, name):
         norm = clip_and_step(self, name)
         n = 0
-        # ZeRO-1: the rank's local AdamW; DeepSpeed: torch AdamW over the rank's flat partition
-        inner_opts = [g.optimizer for g in self.deepspeed.values()] or [
-            opt.optim if is_sharded_optimizer(opt) else opt for opt in self.optimizers.values()]
-        for inner in inner_opts:
+        for inner in map(local_optimizer, self.optimizers.values()):
             n += sum(v.numel() for st in inner.state.values() for k, v in st.items() if k.startswith("exp_avg"))
         held.append(n)
         wrapper.stage = max([g.stage for g in self.deepspeed.values()], default=0)
