@@ -81,18 +81,9 @@ def _zero1_largest(sizes: list[int], world: int) -> int:
     return max(load)
 
 
-def _lora_sizes(model: Any, role: str, rank: int) -> list[int]:
-    from anyflow.models.lora import lora_target_modules
-
-    out = []
-    for name in lora_target_modules(model, role):
-        m = model.get_submodule(name)
-        out += [rank * m.in_features, rank * m.out_features]  # lora_A, lora_B
-    return out
-
-
 def analytic_table(shape: str) -> dict[str, Any]:
     from anyflow.config import get_preset
+    from benchmarks.bench_training import lora_sizes
 
     preset = get_preset(PRESETS[shape])
     model = _model(shape)
@@ -101,7 +92,7 @@ def analytic_table(shape: str) -> dict[str, Any]:
     in_blocks = {id(p) for ps in blocks for p in ps}
     root = [p for p in model.parameters() if id(p) not in in_blocks]
     every = [*root, *(p for ps in blocks for p in ps)]
-    sizes = {role: _lora_sizes(model, role, rank) for role in ("teacher", "critic", "generator")}
+    sizes = {role: lora_sizes(model, role, rank) for role in ("teacher", "critic", "generator")}
     lora = {role: sum(v) for role, v in sizes.items()}
     trained = lora["critic"] + lora["generator"]
     # adapters; gradients of one trained adapter at a time (the generator update steps and frees its gradients

@@ -313,11 +313,19 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def lora_params(model: Any, role: str, rank: int) -> int:
+def lora_sizes(model: Any, role: str, rank: int) -> list[int]:
+    """Elements of each LoRA tensor of adapter ``role`` at ``rank`` (lora_A, lora_B per target module)."""
     from anyflow.models.lora import lora_target_modules
 
-    return sum(rank * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
-               for n in lora_target_modules(model, role))
+    out = []
+    for name in lora_target_modules(model, role):
+        m = model.get_submodule(name)
+        out += [rank * m.in_features, rank * m.out_features]
+    return out
+
+
+def lora_params(model: Any, role: str, rank: int) -> int:
+    return sum(lora_sizes(model, role, rank))
 
 
 def analytic_memory(shape: str, rank: int = 256) -> dict[str, float]:
