@@ -287,16 +287,13 @@ class DeepSpeedGroup:
 
     # -- the EMA of the group's tensors (``ema=True``): split like the moments, each rank averages its partition --
 
-    @torch.no_grad()
     def update_ema(self, decay: float) -> None:
-        """``ema = decay * ema + (1 - decay) * tensors`` on this rank's partition (a plain copy at ``decay`` 0),
-        element for element what the replicated EMA computes."""
+        """The loop's EMA step (:func:`anyflow.train.loop.ema_step`) on this rank's partition: element for
+        element what the replicated EMA computes."""
+        from anyflow.train.loop import ema_step  # the loop imports this module
+
         for flat in self._partitions():
-            ema = self.optimizer.state[flat]["ema"]
-            if decay == 0.0:
-                ema.copy_(flat)
-            else:
-                ema.mul_(decay).add_(flat, alpha=1.0 - decay)
+            ema_step(self.optimizer.state[flat]["ema"], flat, decay)
 
     def full_ema(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The whole EMA, by tensor name, as CPU tensors; ``{}`` where ``keep`` is false (a rank that writes no

@@ -612,11 +612,17 @@ def fit(
 @torch.no_grad()
 def _ema_update(ema: dict[str, torch.Tensor], params: Mapping[str, nn.Parameter], decay: float) -> None:
     for name in ema:  # this rank's part of the EMA (all of it without ZeRO-1)
-        p = params[name]
-        if decay == 0.0:
-            ema[name].copy_(p.detach().float())
-        else:
-            ema[name].mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
+        ema_step(ema[name], params[name].detach().float(), decay)
+
+
+@torch.no_grad()
+def ema_step(ema: torch.Tensor, value: torch.Tensor, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * value`` in place; a plain copy at ``decay`` 0 (the warm-up). The one
+    EMA update: per tensor here, over a DeepSpeed rank's flat partition in ``DeepSpeedGroup.update_ema``."""
+    if decay == 0.0:
+        ema.copy_(value)
+    else:
+        ema.mul_(decay).add_(value, alpha=1.0 - decay)
 
 
 def _tensorboard(path: Path) -> Any:
