@@ -18,7 +18,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 BENCHMARKS = {
     "training": "benchmarks.bench_training",
@@ -94,27 +93,20 @@ def run_benchmarks(names: Sequence[str], *, quick: bool = False, device: str | N
     return 1 if any(s.startswith("failed") for _, s, _ in summary) else 0
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes: every benchmark < 1 min on CPU")
     p.add_argument("--device", default=None, help="cpu or cuda for the benchmarks that take one (training, dataprep, sampling)")
     p.add_argument("--e2e", action="store_true", help="sampling: also time each stage of `anyflow run` on the tiny preset")
 
 
-def _handler(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run what the parsed ``add_arguments`` options ask for."""
     return run_benchmarks(args.only or [], quick=args.quick, device=args.device, e2e=args.e2e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks`` (same options as ``anyflow bench``)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    _add_arguments(p)
-    return _handler(p.parse_args(argv))
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("bench", help="run the benchmarks and print ratio tables",
-                       description="Benchmarks measure side by side in one run and print ratios; times are indicative. "
-                                   "Same as `python -m benchmarks`.")
-    _add_arguments(p)
-    p.set_defaults(func=_handler)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))

@@ -360,10 +360,3 @@ def gate(candidate_metrics: Mapping[Any, Mapping[str, float]], promoted_metrics:
         return False, [f"none of the gate metrics ({names}) is in the promoted model's metrics; "
                        f"re-evaluate the promoted model on them"]
     return True, [f"all {checks} checks passed (every NFE within margin)"]
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register ``models list|show|promote|rollback``."""
-    from anyflow._registry_cli import add_cli as _add
-
-    _add(subparsers)

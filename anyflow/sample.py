@@ -8,8 +8,6 @@ denoised) or as **V2V** continuation (``--video``: its first frames fill whole c
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
 
@@ -103,44 +101,3 @@ def sample_videos(checkpoint: str, prompts: list[str], *, nfe: int, **kwargs: An
     lat, _, base = sample_latents(checkpoint, prompts, nfe=nfe, **kwargs)
     with torch.no_grad():
         return base.vae.decode(lat).float().cpu()
-
-
-def _handler(args: argparse.Namespace) -> int:
-    from anyflow.config import parse_override_args
-    from anyflow.data.video import write_video
-
-    prompts = args.prompt or ["a red circle moving left on a black background"]
-    videos = sample_videos(args.checkpoint, prompts, nfe=args.nfe, preset=args.preset,
-                           overrides=parse_override_args(args.overrides), seed=args.seed, image=args.image,
-                           video=args.video, video_frames=args.video_frames)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = "i2v" if args.image else "v2v" if args.video else "t2v"
-    for i, v in enumerate(videos):
-        frames = ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
-        path = out / f"sample-{i:03d}-{mode}-nfe{args.nfe}.mp4"
-        write_video(path, frames, fps=args.fps)
-        print(path)
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
-        "sample", help="generate videos from a checkpoint at any NFE (T2V; I2V/V2V for FAR checkpoints)",
-        description="Sample a generator checkpoint with the FlowMap-Euler sampler (N network calls; causal FAR "
-                    "checkpoints: N calls per chunk plus the KV-cache passes). --image / --video condition a FAR "
-                    "checkpoint on an image (I2V) or the first frames of a video (V2V).")
-    p.add_argument("checkpoint", help="checkpoint artifact URL (a distill/finetune/train_flowmap output)")
-    p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one procedural caption)")
-    p.add_argument("--nfe", type=int, default=4, help="number of sampling steps = network calls (default 4)")
-    p.add_argument("--preset", default="tiny", help="preset the checkpoint was trained with (far-* for causal)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="preset override")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--image", help="I2V (FAR only): image file whose VAE latent is the first, kept frame")
-    p.add_argument("--video", help="V2V (FAR only): video whose first frames are kept and continued")
-    p.add_argument("--video-frames", type=int, default=None,
-                   help="V2V context length in video frames; must fill whole chunks (default: the first three "
-                        "chunks, 25 frames for the Wan presets)")
-    p.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4")
-    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
-    p.set_defaults(func=_handler)

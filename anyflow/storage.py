@@ -528,10 +528,3 @@ def write_bytes_if(url: str | os.PathLike, data: bytes, *, if_match: str | None 
             raise PreconditionFailed(f"{url} changed under us (conditional write refused).")
         local_write_atomic(p, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register ``artifacts show URL`` and ``artifacts verify URL``."""
-    from anyflow._storage_cli import add_cli as _add
-
-    _add(subparsers)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from anyflow import kfpctl, storage
+from anyflow import cli, storage
 from pipelines.local import load_record
 
 # Fewer steps / NFEs than the tiny preset so the whole test stays within a few minutes on 2 shared cores.
@@ -29,7 +29,7 @@ def test_anyflow_run_twice_on_s3_store(s3_server, s3_prefix: str, tmp_path: Path
     workdir = tmp_path / "runs"
     base = ["run", "--workdir", str(workdir), "--store", s3_prefix, "--s3-endpoint", s3_server.endpoint, *SETS]
 
-    assert kfpctl.main([*base, "--name", "first"]) == 0
+    assert cli.main([*base, "--name", "first"]) == 0
     out1 = capsys.readouterr().out
     first = load_record("first", workdir)
     assert set(first["artifacts"]) == set(ROLES)
@@ -49,7 +49,7 @@ def test_anyflow_run_twice_on_s3_store(s3_server, s3_prefix: str, tmp_path: Path
     assert first["report_html"] and Path(first["report_html"]).read_text().lstrip().lower().startswith("<")
     assert "report.html:" in out1 and "0/5 outputs reused" in out1
 
-    assert kfpctl.main([*base, "--name", "second"]) == 0
+    assert cli.main([*base, "--name", "second"]) == 0
     out2 = capsys.readouterr().out
     second = load_record("second", workdir)
     assert second["artifacts"] == first["artifacts"]
@@ -61,7 +61,7 @@ def test_anyflow_run_twice_on_s3_store(s3_server, s3_prefix: str, tmp_path: Path
     # Single-stage rerun with importer inputs taken from the first run's record.
     rerun = ["rerun", "--stage", "evaluate", "--run", "first", "--workdir", str(workdir), "--store", s3_prefix,
              "--s3-endpoint", s3_server.endpoint, *SETS]
-    assert kfpctl.main(rerun) == 0
+    assert cli.main(rerun) == 0
     out3 = capsys.readouterr().out
     assert f"evaluate     cached   {first['artifacts']['report']}" in out3
 
@@ -81,14 +81,14 @@ def test_finetune_dataset_takes_common_overrides_then_its_own(tmp_path: Path, ca
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
     workdir = tmp_path / "runs"
     base = ["run", "--workdir", str(workdir), *SETS, "--set", "data.heldout_fraction=0.5"]
-    assert kfpctl.main([*base, "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 2
+    assert cli.main([*base, "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 2
     assert "--finetune-set needs --finetune" in capsys.readouterr().err
-    assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.sorce=x"]) == 2
+    assert cli.main([*base, "--finetune", "--finetune-set", "data.sorce=x"]) == 2
     assert "--finetune-set" in (err := capsys.readouterr().err) and "sorce" in err
-    assert kfpctl.main([*base, "--finetune", "--finetune-set", "finetune.train.steps=1"]) == 2
+    assert cli.main([*base, "--finetune", "--finetune-set", "finetune.train.steps=1"]) == 2
     assert "data.* keys only" in capsys.readouterr().err
 
-    assert kfpctl.main([*base, "--finetune", "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 0
+    assert cli.main([*base, "--finetune", "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 0
     capsys.readouterr()
     datasets = {}
     for manifest_url in storage.list_prefix(str(workdir / "store" / "artifacts" / "prepare_data")):
@@ -142,7 +142,7 @@ def test_failed_local_run_names_the_task_and_shows_the_log_tail(tmp_path: Path, 
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
     workdir = tmp_path / "runs"
     bad = str(tmp_path / "no-such-folder")
-    assert kfpctl.main(["run", "--workdir", str(workdir), "--set", f"data.source={bad}", "--name", "broken"]) == 2
+    assert cli.main(["run", "--workdir", str(workdir), "--set", f"data.source={bad}", "--name", "broken"]) == 2
     out, err = capsys.readouterr()
     assert "▶ prepare-data" in out and f"data source {bad} is not a folder" in out  # the tail of the log
     assert "task 'prepare-data' failed in the local KFP runner" in err and str(workdir / "runs" / "broken.log") in err

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anyflow import kfpctl
+from anyflow import cli
 from pipelines.compile import COMPILED_DIR
 
 
@@ -92,7 +92,7 @@ def _golden(name: str) -> tuple[dict, dict]:
 
 def test_submit_sends_compiled_spec_and_parameters(kfp_server, capsys) -> None:
     url, rec = kfp_server
-    rc = kfpctl.main(["submit", "--host", url, "--run-name", "nightly", "--experiment", "anyflow-exp",
+    rc = cli.main(["submit", "--host", url, "--run-name", "nightly", "--experiment", "anyflow-exp",
                       "--store", "s3://bucket/anyflow", "--param", "finetune=true"])
     assert rc == 0 and "submitted run run-123" in capsys.readouterr().out
     runs = [r for r in rec.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs")]
@@ -112,7 +112,7 @@ def test_submit_unreachable_host_is_one_sentence(capsys) -> None:
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rc = kfpctl.main(["submit", "--host", f"http://127.0.0.1:{port}"])
+    rc = cli.main(["submit", "--host", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith(f"anyflow submit: cannot reach the KFP API at http://127.0.0.1:{port}")
@@ -121,17 +121,17 @@ def test_submit_unreachable_host_is_one_sentence(capsys) -> None:
 def test_submit_missing_auth_then_token(kfp_server, capsys) -> None:
     url, rec = kfp_server
     rec.token = "s3cr3t"
-    assert kfpctl.main(["submit", "--host", url]) == 2
+    assert cli.main(["submit", "--host", url]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "refused the request (HTTP 401)" in err and "--existing-token" in err
     rec.requests.clear()
-    assert kfpctl.main(["submit", "--host", url, "--existing-token", "s3cr3t"]) == 0
+    assert cli.main(["submit", "--host", url, "--existing-token", "s3cr3t"]) == 0
     assert all(r["auth"] == "Bearer s3cr3t" for r in rec.requests if r["path"] != "/apis/v2beta1/healthz")
 
 
 def test_schedule_creates_recurring_run_with_kfp_cron(kfp_server, capsys) -> None:
     url, rec = kfp_server
-    rc = kfpctl.main(["schedule", "--host", url, "--cron", "0 3 * * *", "--show", "2", "--run-name", "redistill"])
+    rc = cli.main(["schedule", "--host", url, "--cron", "0 3 * * *", "--show", "2", "--run-name", "redistill"])
     out = capsys.readouterr().out
     assert rc == 0 and "KFP cron (seconds first): 0 0 3 * * *" in out and "created recurring run rr-7" in out
     assert out.count("next: ") == 2
@@ -143,28 +143,28 @@ def test_schedule_creates_recurring_run_with_kfp_cron(kfp_server, capsys) -> Non
 
 
 def test_schedule_invalid_cron_needs_no_host(capsys) -> None:
-    assert kfpctl.main(["schedule", "--cron", "0 3 * *", "--dry-run"]) == 2
+    assert cli.main(["schedule", "--cron", "0 3 * *", "--dry-run"]) == 2
     assert "has 4 fields" in capsys.readouterr().err
 
 
 def test_runs_and_status(kfp_server, capsys) -> None:
     url, _ = kfp_server
-    assert kfpctl.main(["runs", "--host", url]) == 0
+    assert cli.main(["runs", "--host", url]) == 0
     assert "run-123  RUNNING" in capsys.readouterr().out
-    assert kfpctl.main(["status", "run-123", "--host", url]) == 0
+    assert cli.main(["status", "run-123", "--host", url]) == 0
     assert "run-123  SUCCEEDED" in capsys.readouterr().out
 
 
 def test_cli_errors_for_unknown_preset_and_pipeline(kfp_server, capsys, tmp_path: Path) -> None:
     url, _ = kfp_server
-    assert kfpctl.main(["submit", "--host", url, "--preset", "huge"]) == 2
+    assert cli.main(["submit", "--host", url, "--preset", "huge"]) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
-    assert kfpctl.main(["compile", "--pipeline", "nope", "-o", str(tmp_path / "x.yaml")]) == 2
+    assert cli.main(["compile", "--pipeline", "nope", "-o", str(tmp_path / "x.yaml")]) == 2
     assert "unknown pipeline 'nope'" in capsys.readouterr().err
-    assert kfpctl.main(["rerun", "--stage", "distill", "--from", f"dataset={tmp_path}", "--from",
+    assert cli.main(["rerun", "--stage", "distill", "--from", f"dataset={tmp_path}", "--from",
                         f"teacher={tmp_path}", "--from", f"flowmap={tmp_path}"]) == 2
     assert "is not an anyflow artifact" in capsys.readouterr().err
-    assert kfpctl.main(["rerun", "--stage", "distil"]) == 2
+    assert cli.main(["rerun", "--stage", "distil"]) == 2
     assert "unknown stage 'distil'" in capsys.readouterr().err
 
 
@@ -185,7 +185,7 @@ def test_run_with_unwritable_workdir_is_one_sentence(code: str, capsys, monkeypa
         raise OSError(num, os.strerror(num), where)
 
     monkeypatch.setattr(pipelines.local, "init_local", refuse)
-    assert kfpctl.main(["run", "--workdir", str(tmp_path / "runs")]) == 2
+    assert cli.main(["run", "--workdir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"anyflow run: cannot write {where}: {os.strerror(getattr(errno, code))}"), err
     assert "--workdir" in err and "Traceback" not in err
@@ -194,7 +194,7 @@ def test_run_with_unwritable_workdir_is_one_sentence(code: str, capsys, monkeypa
 def test_unwritable_real_path_and_other_os_errors(capsys, monkeypatch, tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert kfpctl.main(["run", "--workdir", str(a_file / "runs")]) == 2  # a real ENOTDIR, no patching
+    assert cli.main(["run", "--workdir", str(a_file / "runs")]) == 2  # a real ENOTDIR, no patching
     assert "Not a directory" in capsys.readouterr().err
 
     import pipelines.local
@@ -204,4 +204,4 @@ def test_unwritable_real_path_and_other_os_errors(capsys, monkeypatch, tmp_path:
 
     monkeypatch.setattr(pipelines.local, "init_local", full)
     with pytest.raises(OSError, match="No space left"):
-        kfpctl.main(["run", "--workdir", str(tmp_path / "runs")])
+        cli.main(["run", "--workdir", str(tmp_path / "runs")])

@@ -21,7 +21,8 @@ import pytest
 from kfp import dsl
 
 import components
-from anyflow import kfpctl, storage
+from anyflow import cli, storage
+from anyflow.cli import run as cli_run
 from anyflow.ops import record as R
 from components._io import OUTPUT_ROLE, write_run_record
 from pipelines.rerun import STAGE_INPUTS, STAGE_OUTPUT
@@ -52,9 +53,7 @@ def _artifact(store: str, tmp_path: Path, name: str, kind: str, payload: bytes =
 
 
 def _rerun_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    kfpctl.add_cli(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["rerun", *argv])
+    return cli.build_parser().parse_args(["rerun", *argv])
 
 
 def test_output_roles_match_the_rerun_pipelines() -> None:
@@ -124,9 +123,9 @@ def test_finetune_rerun_takes_the_runs_finetune_dataset(s3_prefix: str, tmp_path
                          entry="prepare_finetune_data")
     R.write_stage_record(s3_prefix, "run-ft", stage="distill", output="generator", uri=gen)
     common = ("--run", "run-ft", "--store", s3_prefix, "--workdir", str(tmp_path / "w"))
-    assert kfpctl._rerun_uris(_rerun_args("--stage", "finetune", *common)) == {"dataset": ds2, "generator": gen}
+    assert cli_run._rerun_uris(_rerun_args("--stage", "finetune", *common)) == {"dataset": ds2, "generator": gen}
     # the other stages keep the training dataset
-    assert kfpctl._rerun_uris(_rerun_args("--stage", "train_teacher", *common)) == {"dataset": ds}
+    assert cli_run._rerun_uris(_rerun_args("--stage", "train_teacher", *common)) == {"dataset": ds}
 
 
 def test_bad_ids_and_unpublished_artifacts_are_refused(s3_prefix: str) -> None:
@@ -144,7 +143,7 @@ def test_rerun_errors_name_the_store_the_run_and_the_recorded_stages(
     s3_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base = ["--workdir", str(tmp_path / "w"), "--store", s3_prefix]
-    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "0123abcd-run", *base]) == 2
+    assert cli.main(["rerun", "--stage", "distill", "--run", "0123abcd-run", *base]) == 2
     err = capsys.readouterr().err
     assert f"no stage records for run '0123abcd-run' in store {s3_prefix}" in err
     assert f"{s3_prefix}/runs/0123abcd-run/" in err and "no stages recorded" in err
@@ -153,13 +152,13 @@ def test_rerun_errors_name_the_store_the_run_and_the_recorded_stages(
     te = _artifact(s3_prefix, tmp_path, "te", "teacher", b"t")
     R.write_stage_record(s3_prefix, "r2", stage="prepare_data", output="dataset", uri=ds)
     R.write_stage_record(s3_prefix, "r2", stage="train_teacher", output="teacher", uri=te)
-    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "r2", *base]) == 2
+    assert cli.main(["rerun", "--stage", "distill", "--run", "r2", *base]) == 2
     err = capsys.readouterr().err
     assert f"run 'r2' in store {s3_prefix} recorded the stage(s) prepare_data, train_teacher" in err
     assert "also needs role(s) flowmap" in err and "--from ROLE=URI" in err
 
     fm = _artifact(s3_prefix, tmp_path, "fm", "flowmap", b"f")
-    uris = kfpctl._rerun_uris(
+    uris = cli_run._rerun_uris(
         _rerun_args("--stage", "distill", "--run", "r2", "--from", f"flowmap={fm}", *base)
     )
     assert uris == {"dataset": ds, "teacher": te, "flowmap": fm}
@@ -168,7 +167,7 @@ def test_rerun_errors_name_the_store_the_run_and_the_recorded_stages(
     src.mkdir()
     (src / "weights.safetensors").write_bytes(b"changed")
     storage.publish(src, te, kind="teacher")
-    assert kfpctl.main(["rerun", "--stage", "distill", "--run", "r2", "--from", f"flowmap={fm}", *base]) == 2
+    assert cli.main(["rerun", "--stage", "distill", "--run", "r2", "--from", f"flowmap={fm}", *base]) == 2
     err = capsys.readouterr().err
     assert (
         f"teacher={te} (from run 'r2' in store {s3_prefix})" in err
@@ -182,7 +181,7 @@ def test_local_records_from_before_run_ids_still_work(s3_prefix: str, tmp_path: 
     runs.mkdir(parents=True)
     (runs / "old.json").write_text(json.dumps({"name": "old", "artifacts": {"dataset": ds, "report": "r"}}))
     args = _rerun_args("--stage", "train_teacher", "--run", "old", "--workdir", str(tmp_path / "w"))
-    assert kfpctl._rerun_uris(args) == {"dataset": ds}
+    assert cli_run._rerun_uris(args) == {"dataset": ds}
 
 
 def _stage_output(tmp_path: Path, name: str, uri: str, stage: str = "distill", **meta) -> dsl.Model:
@@ -311,7 +310,7 @@ def test_kfp_local_run_records_by_run_id_and_rerun_resolves_them(
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
     workdir = tmp_path / "local"
     common = ["--store", s3_prefix, "--s3-endpoint", s3_server.endpoint, *SETS]
-    assert kfpctl.main(["run", "--workdir", str(workdir), "--name", "first", *common]) == 0
+    assert cli.main(["run", "--workdir", str(workdir), "--name", "first", *common]) == 0
     out = capsys.readouterr().out
 
     # what the runner substituted for the placeholder: one run id, the same in every task's record
@@ -341,12 +340,12 @@ def test_kfp_local_run_records_by_run_id_and_rerun_resolves_them(
     # as on a cluster: only the run id and the store (a fresh workdir has no local record)
     cluster = ["--workdir", str(tmp_path / "elsewhere"), *common]
     expected = {r: local["artifacts"][r] for r in ("dataset", "teacher", "flowmap")}
-    assert kfpctl._rerun_uris(_rerun_args("--stage", "distill", "--run", run_id, *cluster)) == expected
+    assert cli_run._rerun_uris(_rerun_args("--stage", "distill", "--run", run_id, *cluster)) == expected
     # the local name resolves through the same records
     named = ["--workdir", str(workdir), *common]
-    assert kfpctl._rerun_uris(_rerun_args("--stage", "distill", "--run", "first", *named)) == expected
+    assert cli_run._rerun_uris(_rerun_args("--stage", "distill", "--run", "first", *named)) == expected
 
-    assert kfpctl.main(["rerun", "--stage", "distill", "--run", run_id, *cluster]) == 0
+    assert cli.main(["rerun", "--stage", "distill", "--run", run_id, *cluster]) == 0
     out = capsys.readouterr().out
     assert (
         f"{'distill':<12} {'cached':<8} {local['artifacts']['generator']}" in out

@@ -395,7 +395,5 @@ def _record_failure(store: str, name: str, run_id: str, plan: Mapping[str, Any],
         pass
 
 
-from anyflow.ops._redistill_cli import add_cli  # noqa: E402  (keeps this module's length in check)
-
-__all__ = ["RedistillConfig", "add_cli", "decide", "evaluate_models", "gate_all_nfes", "plan_run",
+__all__ = ["RedistillConfig", "decide", "evaluate_models", "gate_all_nfes", "plan_run",
            "prepare_window", "redistill", "train_candidate"]

@@ -341,6 +341,6 @@ def stage_main(name: str, argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m anyflow.stages.{name}", description=stage_module(name).__doc__)
     add_stage_arguments(p)
     args = p.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
-    from anyflow.cli import run_with_exit_codes
+    from anyflow.errors import run_with_exit_codes
 
     return run_with_exit_codes(stage_from_args, args)

@@ -1,4 +1,4 @@
-"""``anyflow redistill`` (registered by :func:`anyflow.ops.redistill.add_cli`)."""
+"""``anyflow redistill``: one periodic re-distillation run (see docs/operations.md)."""
 
 from __future__ import annotations
 

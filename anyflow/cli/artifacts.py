@@ -1,4 +1,4 @@
-"""``anyflow artifacts show|verify`` (registered by :func:`anyflow.storage.add_cli`)."""
+"""``anyflow artifacts show|verify``: inspect and re-hash artifacts (local or s3:// URLs)."""
 
 from __future__ import annotations
 

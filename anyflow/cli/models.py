@@ -1,4 +1,4 @@
-"""``anyflow models list|show|promote|rollback`` (registered by :func:`anyflow.registry.add_cli`)."""
+"""``anyflow models list|show|promote|rollback``: model aliases and their history."""
 
 from __future__ import annotations
 

@@ -1,0 +1,5 @@
+"""``python -m anyflow.cli`` (the same as the ``anyflow`` script)."""
+
+from anyflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Helpers shared by the command modules: argument groups, validation of ``--set``/``--platform``/
+``--param``, the KFP client, and the guard that turns user errors into one sentence and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+DEFAULT_WORKDIR = "./anyflow-runs"
+_MAX_METRICS = 16
+
+
+class UserError(Exception):
+    """An error a user fixes: printed as one sentence, exit code 2."""
+
+
+def _overrides(args: argparse.Namespace, items: list[str] | None = None, *, over: dict[str, Any] | None = None,
+               flag: str = "") -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` items (default: ``--set``) and validate them against the preset, applied over
+    ``over``, before any stage runs; a bad key or value is a ``UserError`` (prefixed with ``flag``)."""
+    from anyflow.config import ConfigError, apply_overrides, get_preset, parse_override_args
+
+    if items is None:
+        items = list(getattr(args, "set", None) or [])
+    try:
+        overrides = parse_override_args(items)
+        apply_overrides(get_preset(args.preset), {**(over or {}), **overrides})  # unknown preset/key
+    except ConfigError as exc:
+        raise UserError(f"{flag}: {exc}" if flag else str(exc)) from None
+    return overrides
+
+
+def _store(store: str | None, workdir: str) -> str:
+    store = store or os.path.join(workdir, "store")
+    return store if "://" in store else os.path.abspath(store)
+
+
+def _platform(args: argparse.Namespace):
+    from pipelines.platform import Platform, PlatformError
+
+    if not getattr(args, "platform", None):
+        return Platform()
+    try:
+        return Platform.from_yaml(args.platform)
+    except (OSError, PlatformError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _params(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"pipeline parameter {item!r} must look like name=value.")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _configure_s3(args: argparse.Namespace) -> None:
+    if getattr(args, "s3_endpoint", None):
+        from anyflow import storage
+
+        os.environ["ANYFLOW_S3_ENDPOINT"] = args.s3_endpoint  # inherited by the stage subprocesses
+        storage.configure(s3_endpoint=args.s3_endpoint)
+
+
+def _print_run(run: Any, store: str) -> None:
+    reused = sum(run.cached.values())
+    for role, uri in run.artifacts.items():
+        state = "cached" if run.cached.get(role) else "computed"
+        print(f"  {role:<12} {state:<8} {uri}")
+    print(f"{reused}/{len(run.artifacts)} outputs reused from the store cache.")
+    shown = sorted(run.metrics.items())[:_MAX_METRICS]
+    for name, value in shown:
+        print(f"  metric {name} = {value:.6g}")
+    if len(run.metrics) > len(shown):
+        print(f"  … {len(run.metrics) - len(shown)} more metrics in the report")
+    if "report" in run.artifacts:
+        print(f"report (store): {run.artifacts['report'].rstrip('/')}/report.html")
+    if run.report_html:
+        print(f"report.html: {run.report_html}")
+    if run.record:
+        print(f"run record: {run.record}")
+    if run.run_id:
+        print(f"run id: {run.run_id} (stage records in {store}; reuse them with "
+              f"'anyflow rerun --stage STAGE --run {run.run_id} --store {store}')")
+
+
+
+def _client(args: argparse.Namespace):
+    from pipelines.client import make_client
+
+    return make_client(args.host, namespace=args.namespace, existing_token=args.existing_token,
+                       cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
+
+
+def _compiled(pipeline_func: Any) -> str:
+    from pipelines.compile import compile_pipeline_func
+
+    path = os.path.join(tempfile.mkdtemp(prefix="anyflow-kfp-"), "pipeline.yaml")
+    compile_pipeline_func(pipeline_func, path)
+    return path
+
+
+def _pipeline_params(args: argparse.Namespace, pipeline_func: Any = None) -> dict[str, Any]:
+    """Run arguments: preset/overrides/store where the pipeline declares them, plus ``--param``s.
+
+    A ``--param`` the pipeline does not declare is an error naming the declared ones.
+    """
+    params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True)}
+    if args.store:
+        params["store"] = args.store
+    extra = _params(args.param)
+    declared = set((getattr(getattr(pipeline_func, "component_spec", None), "inputs", None) or {}).keys())
+    if declared:
+        unknown = sorted(set(extra) - declared)
+        if unknown:
+            raise UserError(f"pipeline has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(declared))}.")
+        params = {k: v for k, v in params.items() if k in declared}
+    params.update(extra)
+    return params
+
+
+def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]) -> int:
+    from pipelines.client import friendly_errors
+
+    package = _compiled(pipeline_func)
+    client = _client(args)
+    with friendly_errors(args.host or os.environ.get("KFP_HOST", "")):
+        result = client.create_run_from_pipeline_package(
+            package, arguments=params, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace, service_account=args.service_account)
+    print(f"submitted run {result.run_id} (experiment {args.experiment!r})")
+    return 0
+
+
+
+#: errnos of "this place cannot be written": permission, read-only filesystem, a file where a folder should be.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+def _guard(handler):
+    """Turn the errors users hit into one sentence on stderr and exit code 2."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from anyflow.cron import CronError
+        from pipelines.client import KfpClientError
+        from pipelines.local import LocalRunError
+
+        try:
+            return handler(args)
+        except (UserError, KfpClientError, LocalRunError, CronError) as exc:
+            print(f"anyflow {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # e.g. --workdir on a read-only root filesystem (a container's)
+            if exc.errno not in _UNWRITABLE:
+                raise
+            where = exc.filename or getattr(args, "workdir", "") or "the output folder"
+            hint = " (choose a writable folder with --workdir)" if getattr(args, "workdir", None) else ""
+            print(f"anyflow {args.command}: cannot write {where}: {exc.strerror or os.strerror(exc.errno)}{hint}",
+                  file=sys.stderr)
+            return 2
+
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    p.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable (e.g. distill.train.steps=2)")
+    p.add_argument("--image", default=None, help="component image (default: $ANYFLOW_IMAGE or the release tag)")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
+    if store:
+        p.add_argument("--store", default=None, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
+        # SUPPRESS: do not overwrite the top-level ``anyflow --s3-endpoint`` when not given here.
+        p.add_argument("--s3-endpoint", default=argparse.SUPPRESS,
+                       help="S3 endpoint URL for --store s3://… (e.g. http://127.0.0.1:9000)")
+
+
+def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--host", required=required, default=None, help="KFP API endpoint, e.g. http://localhost:8080 (or $KFP_HOST)")
+    p.add_argument("--namespace", default="kubeflow", help="Kubeflow namespace (default: kubeflow)")
+    p.add_argument("--experiment", default="anyflow", help="experiment name (default: anyflow)")
+    p.add_argument("--run-name", default=None, help="run name")
+    p.add_argument("--existing-token", default=None, help="bearer token for the KFP API (or $KFP_TOKEN)")
+    p.add_argument("--cookies", default=None, help="cookie header for the Kubeflow login (e.g. authservice_session=…)")
+    p.add_argument("--ssl-ca-cert", default=None, help="CA bundle for the KFP endpoint")
+    p.add_argument("--platform", default=None, help="platform YAML (GPUs, tolerations, secrets…; see pipelines/README.md)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="extra pipeline parameter, repeatable")
+    p.add_argument("--service-account", default=None,
+                   help="service account for the run's pods (anyflow-launcher for multi-node trainjob steps)")
+

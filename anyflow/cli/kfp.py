@@ -1,0 +1,166 @@
+"""``anyflow compile``, ``submit``, ``schedule``, ``runs`` and ``status``: the Kubeflow Pipelines layer.
+Heavy imports (kfp, pipelines) happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from anyflow.cli._common import (
+    DEFAULT_WORKDIR,
+    UserError,
+    _client,
+    _common,
+    _compiled,
+    _guard,
+    _kfp,
+    _pipeline_params,
+    _platform,
+    _submit,
+)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a pipeline (or all of them) to YAML."""
+    from pipelines.compile import CompileError, compile_all, compile_pipeline
+
+    platform = _platform(args)
+    try:
+        if args.all:
+            paths = compile_all(args.output or "compiled", platform, args.image)
+        else:
+            paths = [compile_pipeline(args.pipeline, args.output or f"{args.pipeline}.yaml", platform, args.image)]
+    except (CompileError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Compile and submit a pipeline to a KFP endpoint."""
+    from pipelines.compile import CompileError, build
+
+    try:
+        func = build(args.pipeline, _platform(args), args.image)
+    except (CompileError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return _submit(args, func, _pipeline_params(args, func))
+
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Create a KFP recurring run (cron converted to KFP's seconds-first form)."""
+    from anyflow.cron import CronError, next_fire_times, to_kfp_cron
+    from pipelines.client import friendly_errors
+    from pipelines.compile import CompileError, build
+
+    try:
+        kfp_cron = to_kfp_cron(args.cron)
+        times = next_fire_times(kfp_cron, args.show)
+    except CronError as exc:
+        raise UserError(str(exc)) from None
+    print(f"KFP cron (seconds first): {kfp_cron}")
+    for when in times:
+        print(f"  next: {when.isoformat()}")
+    if args.dry_run:
+        return 0
+    try:
+        func = build(args.pipeline, _platform(args), args.image)
+    except (CompileError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    params = _pipeline_params(args, func)
+    package = _compiled(func)
+    client = _client(args)
+    with friendly_errors(args.host):
+        experiment = client.create_experiment(args.experiment, namespace=args.namespace)
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id, job_name=args.run_name or f"{args.pipeline}-schedule",
+            cron_expression=kfp_cron, max_concurrency=args.max_concurrency, no_catchup=True,
+            service_account=args.service_account,
+            params=params, pipeline_package_path=package)
+    print(f"created recurring run {job.recurring_run_id}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List runs: KFP runs with --host, else the local run records."""
+    from pipelines.client import friendly_errors
+    from pipelines.local import list_records
+
+    if not args.host:
+        for rec in list_records(args.workdir):
+            run_id = f"  run id {rec['run_id']}" if rec.get("run_id") else ""
+            print(f"{rec['name']}  {rec.get('created', '')}  {len(rec.get('artifacts', {}))} artifacts{run_id}")
+        return 0
+    client = _client(args)
+    with friendly_errors(args.host):
+        resp = client.list_runs(page_size=args.limit, namespace=args.namespace, sort_by="created_at desc")
+    for run in resp.runs or []:
+        print(f"{run.run_id}  {run.state}  {run.created_at}  {run.display_name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show one run: a KFP run id with --host, else a local run record name."""
+    from pipelines.client import friendly_errors
+    from pipelines.local import load_record
+
+    if not args.host:
+        try:
+            rec = load_record(args.run_id, args.workdir)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from None
+        print(json.dumps(rec, indent=2, sort_keys=True))
+        return 0
+    client = _client(args)
+    with friendly_errors(args.host):
+        run = client.get_run(args.run_id)
+    print(f"{run.run_id}  {run.state}  created {run.created_at}  finished {run.finished_at}  {run.display_name}")
+    if run.error:
+        print(f"error: {run.error}")
+    return 0
+
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register compile, submit, schedule, runs and status on an argparse subparsers object."""
+    p = subparsers.add_parser("compile", help="compile a pipeline to KFP YAML",
+                              description="Compile a pipeline (deterministic YAML) for upload through the KFP UI.")
+    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
+    p.add_argument("--all", action="store_true", help="compile every pipeline into --output (a folder)")
+    p.add_argument("--output", "-o", default=None, help="output file (or folder with --all)")
+    p.add_argument("--platform", default=None, help="platform YAML (see pipelines/README.md)")
+    p.add_argument("--image", default=None, help="component image (default: $ANYFLOW_IMAGE or the release tag)")
+    p.set_defaults(func=_guard(cmd_compile), command="compile")
+
+    p = subparsers.add_parser("submit", help="compile and submit a pipeline run to a KFP endpoint")
+    _common(p)
+    _kfp(p)
+    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
+    p.set_defaults(func=_guard(cmd_submit), command="submit")
+    p = subparsers.add_parser("schedule", help="create a KFP recurring run from a cron expression",
+                              description="Accepts 5-field cron (min hour dom month dow) or KFP's 6-field "
+                              "seconds-first form; prints the KFP form and the next fire times.")
+    _common(p)
+    _kfp(p)
+    p.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (daily 03:00 UTC)")
+    p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline to schedule (default: anyflow-t2v)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="max concurrent runs (default: 1)")
+    p.add_argument("--show", type=int, default=5, help="how many next fire times to print (default: 5)")
+    p.add_argument("--dry-run", action="store_true", help="only validate and print the schedule")
+    p.set_defaults(func=_guard(cmd_schedule), command="schedule")
+
+    p = subparsers.add_parser("runs", help="list runs (KFP with --host, else local run records)")
+    _kfp(p)
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
+    p.add_argument("--limit", type=int, default=20, help="how many runs (default: 20)")
+    p.set_defaults(func=_guard(cmd_runs), command="runs")
+
+    p = subparsers.add_parser("status", help="show one run (KFP run id with --host, else a local record)")
+    _kfp(p)
+    p.add_argument("run_id", help="KFP run id, or a local run record name")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
+    p.set_defaults(func=_guard(cmd_status), command="status")

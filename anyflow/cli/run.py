@@ -1,0 +1,215 @@
+"""``anyflow run``, ``anyflow stage`` and ``anyflow rerun``: the pipeline locally, one stage as a plain
+process, one stage on earlier artifacts (locally or on a cluster). Heavy imports happen in the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from anyflow.cli._common import (
+    UserError,
+    _common,
+    _configure_s3,
+    _guard,
+    _kfp,
+    _overrides,
+    _pipeline_params,
+    _platform,
+    _print_run,
+    _store,
+    _submit,
+)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the whole training pipeline (``anyflow-t2v``, or ``anyflow-far`` for a far-* preset) through KFP's
+    local runner."""
+    from anyflow.config import apply_overrides, get_preset
+    from pipelines.anyflow_far import build_far_pipeline
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+    from pipelines.local import run_local, save_record
+    from pipelines.platform import Platform
+
+    overrides = _overrides(args)
+    far = apply_overrides(get_preset(args.preset), overrides).variant == "far"  # also validates before any stage
+    build = build_far_pipeline if far else build_t2v_pipeline
+    _configure_s3(args)
+    store = _store(args.store, args.workdir)
+    params = {"preset": args.preset, "overrides_json": json.dumps(overrides, sort_keys=True), "store": store,
+              "finetune": bool(args.finetune)}
+    if args.finetune_set:
+        if not args.finetune:
+            raise UserError("--finetune-set needs --finetune (it configures the fine-tuning dataset).")
+        ft = _overrides(args, list(args.finetune_set), over=overrides, flag="--finetune-set")
+        other = sorted(k for k in ft if not k.startswith("data."))
+        if other:  # the branch's prepare_data reads only the data section; anything else would be ignored
+            raise UserError(f"--finetune-set takes data.* keys only (the fine-tuning dataset); got {', '.join(other)}; "
+                            "use --set for the stages.")
+        params["finetune_data_overrides_json"] = json.dumps(ft, sort_keys=True)
+    name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
+          f"(KFP local runner, workdir {args.workdir})", flush=True)
+    # Platform.local(): no retries (the local runner honours set_retry and would back off for minutes).
+    run = run_local(build(Platform.local(), image=args.image), params, args.workdir, name, verbose=args.verbose)
+    save_record(run, args.workdir, params)
+    _print_run(run, store)
+    return 0
+
+
+
+@dataclass
+class _RunInputs:
+    """What ``--run`` resolved to: role → artifact URL and role → recorded manifest digest."""
+
+    ref: str
+    run_id: str | None
+    store: str | None
+    uris: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    entries: list[str] = field(default_factory=list)
+    extra: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry → (URL, digest), e.g. prepare_finetune_data
+
+    def where(self) -> str:
+        if self.run_id is None:
+            return f"local run record {self.ref!r}"
+        return f"run {self.run_id!r} in store {self.store}"
+
+
+def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
+    """Resolve ``--run REF``: a local run name ('anyflow runs') gives its run id and store; anything else
+    is a run id (a KFP run UUID) whose stage records are read from ``--store`` (default <workdir>/store)."""
+    from anyflow.ops.record import RunRecordError, run_artifacts
+    from pipelines.local import find_record
+
+    local = find_record(ref, args.workdir)
+    if local is not None and not local.get("run_id"):  # written before runs kept stage records
+        return _RunInputs(ref, None, local.get("store"), dict(local.get("artifacts", {})),
+                          entries=sorted(local.get("artifacts", {})))
+    run_id = local["run_id"] if local is not None else ref
+    store = (local.get("store") if local is not None else None) or _store(args.store, args.workdir)
+    try:
+        roles, records = run_artifacts(store, run_id)
+    except RunRecordError as exc:
+        raise UserError(str(exc)) from None
+    digests = {doc["output"]: doc["manifest_sha256"] for entry, doc in records.items() if entry == doc["stage"]}
+    extra = {entry: (doc["uri"], doc["manifest_sha256"]) for entry, doc in records.items() if entry != doc["stage"]}
+    return _RunInputs(ref, run_id, store, roles, digests, sorted(records), extra)
+
+
+def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
+    """Input role → artifact URL for ``rerun``: the ``--run`` records first, then every ``--from``."""
+    from anyflow import storage
+    from pipelines.rerun import OPTIONAL_INPUTS, STAGE_INPUTS
+
+    if args.stage not in STAGE_INPUTS:
+        raise UserError(f"unknown stage {args.stage!r}; valid stages: {', '.join(STAGE_INPUTS)}.")
+    wanted = {**STAGE_INPUTS[args.stage], **OPTIONAL_INPUTS.get(args.stage, {})}
+    run = _run_inputs(args.run, args) if args.run else None
+    if run is not None and args.stage == "finetune" and "prepare_finetune_data" in run.extra:
+        # the run fine-tuned on its second dataset, not on the training one
+        run.uris["dataset"], run.digests["dataset"] = run.extra["prepare_finetune_data"]
+    uris = {role: uri for role, uri in (run.uris if run else {}).items() if role in wanted}
+    given: dict[str, str] = {}
+    for item in args.from_ or []:
+        role, sep, uri = item.partition("=")
+        if not sep or not uri:
+            raise UserError(f"--from {item!r} must look like role=URI, e.g. dataset=s3://bucket/artifacts/...")
+        given[role] = uri
+    uris.update(given)
+    missing = [r for r in STAGE_INPUTS[args.stage] if r not in uris]
+    if missing and run is not None:
+        raise UserError(f"{run.where()} recorded the stage(s) {', '.join(run.entries) or 'none'} "
+                        f"(roles: {', '.join(sorted(run.uris)) or 'none'}); stage {args.stage!r} also needs "
+                        f"role(s) {', '.join(missing)}: add --from ROLE=URI.")
+    if missing:
+        raise UserError(f"stage {args.stage!r} needs --from for role(s) {', '.join(missing)} (or --run RUN).")
+    for role, uri in uris.items():
+        source = f"--from {role}={uri}" if role in given else f"{role}={uri} (from {run.where()})"
+        try:
+            storage.read_manifest(uri)
+            digest = storage.manifest_digest(uri)
+        except Exception as exc:  # ArtifactError or an I/O error: either way not a readable artifact
+            raise UserError(f"{source} is not an anyflow artifact ({exc}).") from None
+        recorded = run.digests.get(role) if run is not None and role not in given else None
+        if recorded and recorded != digest:
+            raise UserError(f"{source}: the artifact changed since the run recorded it (manifest sha256 "
+                            f"{recorded[:12]}… recorded, {digest[:12]}… now); pass --from {role}=URI explicitly.")
+    return uris
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Run one stage on earlier artifacts (locally, or on a cluster with --host)."""
+    from pipelines.local import run_local, save_record
+    from pipelines.platform import Platform
+    from pipelines.rerun import RerunError, build_rerun_pipeline
+
+    _configure_s3(args)
+    uris = _rerun_uris(args)
+    try:
+        platform = _platform(args) if args.host else Platform.local()
+        func = build_rerun_pipeline(args.stage, uris, platform=platform, image=args.image)
+    except RerunError as exc:
+        raise UserError(str(exc)) from None
+    if args.host:
+        return _submit(args, func, _pipeline_params(args, func))
+    store = _store(args.store, args.workdir)
+    params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
+    name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
+    run = run_local(func, params, args.workdir, name, verbose=getattr(args, "verbose", False))
+    save_record(run, args.workdir, params)
+    _print_run(run, store)
+    return 0
+
+
+
+def add_run(subparsers: Any) -> None:
+    """Register ``run``."""
+    p = subparsers.add_parser("run", help="run the whole T2V pipeline locally through KFP's local runner",
+                              description="Run prepare_data → … → evaluate on the tiny preset with procedural "
+                              "data through KFP's local runner; stages already in the store are reused.")
+    _common(p)
+    p.add_argument("--finetune", action="store_true", help="also run the finetune → evaluate branch")
+    p.add_argument("--finetune-set", action="append", metavar="KEY=VALUE",
+                   help="override for the fine-tuning dataset, applied over --set (repeatable), e.g. "
+                   "data.source=procedural:n=16,seed=1; data.* keys only (default: the training data)")
+    p.add_argument("--name", default=None, help="run record name (default: run-<UTC time>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream the local runner's full output (default: progress per stage; all of it goes to "
+                   "<workdir>/runs/<name>.log)")
+    p.set_defaults(func=_guard(cmd_run), command="run")
+
+
+def add_stage(subparsers: Any) -> None:
+    """Register ``stage`` (its arguments and handler live with the stages: ``python -m anyflow.stages.<name>``
+    takes the same ones)."""
+    from anyflow.stages import add_stage_arguments, stage_from_args
+
+    p = subparsers.add_parser("stage", help="run one stage as a plain process (no KFP)",
+                              description="Run one stage; inputs and output are artifact URLs (local or s3://).")
+    add_stage_arguments(p)
+    p.set_defaults(func=stage_from_args)
+
+
+def add_rerun(subparsers: Any) -> None:
+    """Register ``rerun``."""
+    p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (dsl.importer)",
+                              description="Rerun one stage with inputs imported by URI: locally through the KFP "
+                              "local runner, or on a cluster with --host. Inputs come from --from ROLE=URI or from "
+                              "an earlier run (--run): after every stage task a pipeline run records the task's artifact "
+                              "URL and manifest digest under <store>/runs/<KFP run id>/ (also when KFP took the "
+                              "task from its cache), e.g. "
+                              "'anyflow rerun --stage distill --run <kfp-run-id> --store s3://bucket/prefix'.")
+    _common(p)
+    _kfp(p)
+    p.add_argument("--stage", required=True, help="stage to rerun (prepare_data, train_teacher, train_flowmap, "
+                   "distill, finetune, evaluate)")
+    p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", help="input artifact, repeatable")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="take the inputs from an earlier run: a KFP run id (its stage records under "
+                   "<store>/runs/<id>/, so pass the run's --store) or a local run name or id from 'anyflow run' "
+                   "(see 'anyflow runs'); --from overrides single roles")
+    p.add_argument("--verbose", action="store_true", help="local rerun: stream the local runner's full output")
+    p.set_defaults(func=_guard(cmd_rerun), command="rerun")
