@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from anyflow import __version__
-
-#: Registry used when ``ANYFLOW_IMAGE`` is unset. The committed goldens use the release tag
-#: ``v<version>``; ``images/build.sh`` pushes ``v<version>-<gitsha>`` and prints the
-#: ``ANYFLOW_IMAGE=…`` to export so cluster runs pin an immutable tag (KFP caching keys on it).
+#: Repository ``images/build.sh`` pushes to by default (``v<version>-<gitsha>`` tags; with ``--push`` it also prints
+#: the digests). KFP's cache key contains the image string, so cluster runs pin an immutable reference.
 IMAGE_REPOSITORY = "ghcr.io/anyflow/anyflow-train"
+#: What the committed YAML (and ``anyflow compile`` without ``--image``) names: nothing is ever pushed under it, so
+#: ``anyflow submit/schedule/rerun --host`` refuse it and ask for ``--image`` or ``$ANYFLOW_IMAGE``. The local runner
+#: ignores the image (it runs the components in this Python environment).
+IMAGE_PLACEHOLDER = f"{IMAGE_REPOSITORY}:unset-pass-image"
 
 STAGE_NAMES: tuple[str, ...] = (
     "prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate",
@@ -24,8 +25,8 @@ STAGE_NAMES: tuple[str, ...] = (
 
 
 def default_image() -> str:
-    """The train image reference: ``$ANYFLOW_IMAGE`` or ``<repository>:v<version>`` (never ``latest``)."""
-    image = os.environ.get("ANYFLOW_IMAGE") or f"{IMAGE_REPOSITORY}:v{__version__}"
+    """The train image reference: ``$ANYFLOW_IMAGE`` or :data:`IMAGE_PLACEHOLDER` (never ``latest``)."""
+    image = os.environ.get("ANYFLOW_IMAGE") or IMAGE_PLACEHOLDER
     check_image(image)
     return image
 

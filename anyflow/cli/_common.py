@@ -12,6 +12,7 @@ import tempfile
 from typing import Any
 
 DEFAULT_WORKDIR = "./anyflow-runs"
+DEFAULT_PRESET = "tiny"
 _MAX_METRICS = 16
 
 
@@ -96,10 +97,30 @@ def _print_run(run: Any, store: str) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from pipelines.client import make_client
+    """A ``kfp.Client`` for ``--host``; ``args.namespace`` becomes the namespace the run's pods use (the
+    profile namespace on multi-user KFP, KFP's own on standalone: ``pipelines.client.resolve_namespace``)."""
+    from pipelines.client import connect
 
-    return make_client(args.host, namespace=args.namespace, existing_token=args.existing_token,
-                       cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
+    conn = connect(args.host, namespace=args.namespace, existing_token=args.existing_token,
+                   cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
+    args.namespace = conn.namespace
+    return conn.client
+
+
+def _cluster_image(args: argparse.Namespace) -> str:
+    """The image a cluster run pulls: ``--image`` or ``$ANYFLOW_IMAGE``; the placeholder the committed YAML
+    names is refused (nothing is ever pushed under it)."""
+    from components import IMAGE_PLACEHOLDER, check_image, default_image
+
+    image = args.image or default_image()
+    if image == IMAGE_PLACEHOLDER:
+        raise UserError("a cluster run needs the image its pods pull: pass --image REPO@sha256:DIGEST (or REPO:TAG; "
+                        "'images/build.sh --push' prints both) or set ANYFLOW_IMAGE. A digest is safest: KFP's "
+                        "cache key contains the image string.")
+    try:
+        return check_image(image)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _compiled(pipeline_func: Any) -> str:
@@ -113,20 +134,45 @@ def _compiled(pipeline_func: Any) -> str:
 def _pipeline_params(args: argparse.Namespace, pipeline_func: Any = None) -> dict[str, Any]:
     """Run arguments: preset/overrides/store where the pipeline declares them, plus ``--param``s.
 
-    A ``--param`` the pipeline does not declare is an error naming the declared ones.
+    Errors, before anything is submitted: a ``--param`` the pipeline does not declare; ``--preset``, ``--set`` or
+    ``--store`` given for a pipeline that has no such parameter (they would be dropped silently); a required
+    parameter left without a value.
     """
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True)}
+    given = {}  # pipeline input -> the flag that set it explicitly
+    if getattr(args, "preset_given", False):
+        given["preset"] = "--preset"
+    if args.set:
+        given["overrides_json"] = "--set"
     if args.store:
         params["store"] = args.store
+        given["store"] = "--store"
     extra = _params(args.param)
-    declared = set((getattr(getattr(pipeline_func, "component_spec", None), "inputs", None) or {}).keys())
-    if declared:
-        unknown = sorted(set(extra) - declared)
+    inputs = getattr(getattr(pipeline_func, "component_spec", None), "inputs", None) or {}
+    if inputs:
+        name = getattr(getattr(pipeline_func, "component_spec", None), "name", None) or "the pipeline"
+        declared = sorted(inputs)
+        unknown = sorted(set(extra) - set(declared))
         if unknown:
-            raise UserError(f"pipeline has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(declared))}.")
-        params = {k: v for k, v in params.items() if k in declared}
+            raise UserError(f"pipeline {name} has no parameter(s) {', '.join(unknown)}; its parameters: "
+                            f"{', '.join(declared)}.")
+        dropped = [flag for key, flag in given.items() if key not in inputs]
+        if dropped:
+            raise UserError(f"pipeline {name} has no parameter for {', '.join(dropped)}; its parameters: "
+                            f"{', '.join(declared)} (give them with --param NAME=VALUE).")
+        params = {k: v for k, v in params.items() if k in inputs}
+        params.update(extra)
+        missing = sorted(k for k, spec in inputs.items() if k not in params and not _optional(spec))
+        if missing:
+            raise UserError(f"pipeline {name} needs --param for {', '.join(missing)} (required, no default).")
+        return params
     params.update(extra)
     return params
+
+
+def _optional(spec: Any) -> bool:
+    """Whether a KFP pipeline input has a default (``InputSpec.optional``; a default value implies it)."""
+    return bool(getattr(spec, "optional", False) or getattr(spec, "default", None) is not None)
 
 
 def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]) -> int:
@@ -134,11 +180,11 @@ def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]
 
     package = _compiled(pipeline_func)
     client = _client(args)
-    with friendly_errors(args.host or os.environ.get("KFP_HOST", "")):
+    with friendly_errors(args.host):
         result = client.create_run_from_pipeline_package(
             package, arguments=params, run_name=args.run_name, experiment_name=args.experiment,
             namespace=args.namespace, service_account=args.service_account)
-    print(f"submitted run {result.run_id} (experiment {args.experiment!r})")
+    print(f"submitted run {result.run_id} (experiment {args.experiment!r}, namespace {args.namespace})")
     return 0
 
 
@@ -155,6 +201,11 @@ def _guard(handler):
         from pipelines.client import KfpClientError
         from pipelines.local import LocalRunError
 
+        if hasattr(args, "host") and not args.host:
+            args.host = os.environ.get("KFP_HOST") or None  # the same default for every KFP command
+        if hasattr(args, "preset"):
+            args.preset_given = args.preset is not None
+            args.preset = args.preset or DEFAULT_PRESET
         try:
             return handler(args)
         except (UserError, KfpClientError, LocalRunError, CronError) as exc:
@@ -174,9 +225,10 @@ def _guard(handler):
 
 
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
-    p.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
+    p.add_argument("--preset", default=None, help=f"preset name (default: {DEFAULT_PRESET})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable (e.g. distill.train.steps=2)")
-    p.add_argument("--image", default=None, help="component image (default: $ANYFLOW_IMAGE or the release tag)")
+    p.add_argument("--image", default=None,
+                   help="component image, best by digest (REPO@sha256:…; default: $ANYFLOW_IMAGE); required on a cluster")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
     if store:
         p.add_argument("--store", default=None, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
@@ -187,7 +239,10 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 
 def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--host", required=required, default=None, help="KFP API endpoint, e.g. http://localhost:8080 (or $KFP_HOST)")
-    p.add_argument("--namespace", default="kubeflow", help="Kubeflow namespace (default: kubeflow)")
+    p.add_argument("--namespace", default=None,
+                   help="namespace the run's pods run in: multi-user KFP: your profile namespace (default: "
+                   "$ANYFLOW_NAMESPACE, else the kube context's); standalone KFP: where it is installed (default: "
+                   "$ANYFLOW_NAMESPACE, else kubeflow). The S3 secret must be there (docs/cluster.md)")
     p.add_argument("--experiment", default="anyflow", help="experiment name (default: anyflow)")
     p.add_argument("--run-name", default=None, help="run name")
     p.add_argument("--existing-token", default=None, help="bearer token for the KFP API (or $KFP_TOKEN)")
@@ -196,5 +251,6 @@ def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--platform", default=None, help="platform YAML (GPUs, tolerations, secrets…; see pipelines/README.md)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="extra pipeline parameter, repeatable")
     p.add_argument("--service-account", default=None,
-                   help="service account for the run's pods (anyflow-launcher for multi-node trainjob steps)")
+                   help="service account for the run's pods (default: the install's runner account, pipeline-runner "
+                   "standalone or default-editor multi-user, which manifests/ binds the launcher Role to)")
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from anyflow.cli._common import (
     DEFAULT_WORKDIR,
     UserError,
     _client,
+    _cluster_image,
     _common,
     _compiled,
     _guard,
@@ -23,9 +25,13 @@ from anyflow.cli._common import (
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a pipeline (or all of them) to YAML."""
+    from components import IMAGE_PLACEHOLDER, default_image
     from pipelines.compile import CompileError, compile_all, compile_pipeline
 
     platform = _platform(args)
+    if (args.image or default_image()) == IMAGE_PLACEHOLDER:
+        print(f"anyflow compile: note: the YAML names the placeholder image {IMAGE_PLACEHOLDER}; pass --image "
+              "REPO@sha256:DIGEST (or set ANYFLOW_IMAGE) before uploading it to a cluster.", file=sys.stderr)
     try:
         if args.all:
             paths = compile_all(args.output or "compiled", platform, args.image)
@@ -44,7 +50,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.compile import CompileError, build
 
     try:
-        func = build(args.pipeline, _platform(args), args.image)
+        func = build(args.pipeline, _platform(args), _cluster_image(args))
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
     return _submit(args, func, _pipeline_params(args, func))
@@ -68,7 +74,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     try:
-        func = build(args.pipeline, _platform(args), args.image)
+        func = build(args.pipeline, _platform(args), _cluster_image(args))
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
     params = _pipeline_params(args, func)
@@ -81,7 +87,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             cron_expression=kfp_cron, max_concurrency=args.max_concurrency, no_catchup=True,
             service_account=args.service_account,
             params=params, pipeline_package_path=package)
-    print(f"created recurring run {job.recurring_run_id}")
+    print(f"created recurring run {job.recurring_run_id} (experiment {args.experiment!r}, namespace {args.namespace})")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from anyflow.cli._common import (
     UserError,
+    _cluster_image,
     _common,
     _configure_s3,
     _guard,
@@ -150,7 +151,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     uris = _rerun_uris(args)
     try:
         platform = _platform(args) if args.host else Platform.local()
-        func = build_rerun_pipeline(args.stage, uris, platform=platform, image=args.image)
+        image = _cluster_image(args) if args.host else args.image
+        func = build_rerun_pipeline(args.stage, uris, platform=platform, image=image)
     except RerunError as exc:
         raise UserError(str(exc)) from None
     if args.host:
