@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (and optionally push) the AnyFlow images with an immutable tag: v<version>-<gitsha>[-dirty].
 #   images/build.sh                 build train + eval
-#   images/build.sh --push          build and push
+#   images/build.sh --push          build and push; prints ANYFLOW_IMAGE / ANYFLOW_EVAL_IMAGE by digest
 #   images/build.sh --print-tag     print the train image reference only
 # Env: REGISTRY (default ghcr.io/anyflow), GIT_SHA (default: git rev-parse --short=12 HEAD),
 #      ENGINE (default docker; e.g. "podman"), BUILD_FLAGS (extra flags for `build`).
@@ -42,6 +42,12 @@ read -r -a flags <<< "${BUILD_FLAGS:-}"
 if [[ "${1:-}" == "--push" ]]; then
   "${engine[@]}" push "${train}"
   "${engine[@]}" push "${eval_image}"
+  # Pushed: pin by digest (KFP's cache key contains the image string; a digest can never move). A digest names
+  # no repository to derive the eval image from, so both are printed.
+  digest() { "${engine[@]}" inspect --format '{{index .RepoDigests 0}}' "$1"; }
+  echo "export ANYFLOW_IMAGE=$(digest "${train}")"
+  echo "export ANYFLOW_EVAL_IMAGE=$(digest "${eval_image}")"
+  exit 0
 fi
-# The pipelines run evaluate steps on the eval image derived from this tag (components.eval_image_for).
+# Not pushed: the tag (the pipelines run evaluate steps on the eval image derived from it: components.eval_image_for).
 echo "export ANYFLOW_IMAGE=${train}"

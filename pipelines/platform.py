@@ -69,7 +69,11 @@ class StageResources:
 
 def _gpu_pool(gpus: int, timeout_s: int, cpu: str, memory: str, shm: str) -> StageResources:
     return StageResources(
-        gpus=gpus, gpu_product="NVIDIA-H100-80GB-HBM3", cpu_request=cpu, cpu_limit=cpu,
+        # No GPU-type selector by default: the label differs per cluster (the NVIDIA GPU operator's
+        # nvidia.com/gpu.product, GKE's cloud.google.com/gke-accelerator, ...) and a selector no node carries
+        # leaves the pod Pending forever; the GPU request alone lands it on a GPU node. Platform files name
+        # the type with the cluster's own label (manifests/overlays/gpu-cloud/platform.yaml: GKE).
+        gpus=gpus, cpu_request=cpu, cpu_limit=cpu,
         memory_request=memory, memory_limit=memory, shm_size=shm,
         tolerations=(Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),),
         timeout_s=timeout_s, retries=2,
@@ -157,6 +161,25 @@ class Platform:
         task.set_caching_options(enable_caching=self.caching and stage != RECORD_PROFILE)
         return task
 
+    def worker_settings(self, stage: str) -> dict[str, Any]:
+        """The settings :meth:`apply` gives a task, for the worker pods of ``stage``'s multi-node job
+        (JSON-serialisable: the launcher task gets them as a parameter, ``components/trainjob``). The GPU
+        count is not here: the launcher's ``gpus_per_node`` (part of the stage's cache key) sets it."""
+        res = self.for_stage(stage)
+        selector = dict(res.node_selector)
+        if res.gpus > 0 and res.gpu_product:
+            selector[res.gpu_product_label] = res.gpu_product
+        tolerations = [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in res.tolerations]
+        return {
+            "gpu_resource": res.gpu_resource,
+            "cpu_request": res.cpu_request, "cpu_limit": res.cpu_limit,
+            "memory_request": res.memory_request, "memory_limit": res.memory_limit,
+            "shm_size": res.shm_size, "node_selector": selector, "tolerations": tolerations,
+            "model_cache_pvc": self.model_cache_pvc, "model_cache_path": self.model_cache_path,
+            "run_as_user": self.run_as_user, "s3_secret": self.s3_secret,
+            "s3_secret_keys": dict(self.s3_secret_keys), "s3_endpoint": self.s3_endpoint,
+        }
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "platform") -> Platform:
         """Build from a mapping; unknown keys are errors naming the key. Stage entries merge over
@@ -199,7 +222,7 @@ class Platform:
         small = StageResources(cpu_request="500m", cpu_limit="2", memory_request="1Gi", memory_limit="4Gi",
                                shm_size="512Mi", timeout_s=3600, retries=0)
         return cls(stages=dict.fromkeys(_default_stages(), small), model_cache_pvc="",
-                   s3_endpoint="http://minio.anyflow.svc.cluster.local:9000")
+                   s3_endpoint="http://anyflow-minio.kubeflow.svc.cluster.local:9000")
 
 
 def _resource_fields() -> set[str]:

@@ -96,3 +96,19 @@ def test_built_train_image_smoke() -> None:
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "smoke: OK" in res.stdout
+
+
+def test_train_image_installs_dependencies_before_copying_sources() -> None:
+    # Layer caching: a code change must not reinstall the multi-GB dependencies. The dependency install reads
+    # only pyproject.toml + constraints.txt; the sources are copied after it and installed with --no-deps.
+    ins = _instructions(DOCKERFILES[0])
+    froms = [i for i, (w, _) in enumerate(ins) if w == "FROM"]
+    build = ins[froms[0]: froms[1]]  # the build stage
+    deps = next(i for i, (w, rest) in enumerate(build) if w == "RUN" and "-r /tmp/dependencies.txt" in rest)
+    sources = [i for i, (w, rest) in enumerate(build) if w == "COPY" and rest.split()[0] in ("anyflow", "components",
+                                                                                           "pipelines", ".")]
+    assert sources and min(sources) > deps, build
+    before = [rest.split()[:-1] for w, rest in build[:deps] if w == "COPY"]
+    assert before == [["pyproject.toml", "constraints.txt"]], before
+    last = [rest for w, rest in build if w == "RUN"][-1]
+    assert "--no-deps" in last

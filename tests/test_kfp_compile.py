@@ -68,7 +68,8 @@ def test_t2v_structure_and_platform_settings() -> None:
     k8s = plat["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     d = k8s["exec-distill"]
     assert d["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert d["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    # no GPU-type selector by default: a label only some clusters carry would leave the pod Pending
+    assert "nodeSelector" not in d, d.get("nodeSelector")
     assert d["secretAsEnv"][0]["secretName"] == "anyflow-s3"
     assert {e["envVar"] for e in d["secretAsEnv"][0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"} in d["emptyDirMounts"]
