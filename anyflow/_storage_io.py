@@ -8,16 +8,77 @@ import fcntl
 import functools
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _CHUNK = 1 << 20
 
 
 class ArtifactError(Exception):
     """An artifact was refused; the message names the URL, the file and what to do."""
+
+
+def check_name(art_url: str | os.PathLike, rel: Any, *, what: str = "file name in the manifest") -> str:
+    """``rel`` if it is a safe name of a file *inside* an artifact, else :class:`ArtifactError` naming both.
+
+    The one check every reader applies to a name that came from storage (manifest entries, S3 listing
+    keys): a non-empty relative POSIX path of plain segments -- no leading ``/``, no ``.`` / ``..`` or
+    empty segments, no backslash, no NUL -- so that ``root / rel`` can never leave ``root``.
+    """
+    why = None
+    if not isinstance(rel, str) or not rel:
+        why = "is empty or not a string"
+    elif "\x00" in rel:
+        why = "contains a NUL byte"
+    elif "\\" in rel:
+        why = "contains a backslash"
+    elif rel.startswith("/"):
+        why = "is an absolute path"
+    elif any(seg in ("", ".", "..") for seg in rel.split("/")):
+        why = "has an empty, '.' or '..' segment"
+    if why:
+        raise ArtifactError(f"{art_url}: {what} {rel!r} {why}; only relative paths inside the artifact are "
+                            f"allowed, so the artifact is refused (corrupt or hostile) -- re-publish it.")
+    return rel
+
+
+def open_inside(root: Path, rel: str, art_url: str | os.PathLike) -> IO[bytes]:
+    """Open ``root/rel`` for reading if it is a regular file reached without any symbolic link.
+
+    ``rel`` must have passed :func:`check_name`. A symlink (anywhere on the path), FIFO, device or
+    folder raises :class:`ArtifactError` naming the artifact and the file; opening never blocks (a FIFO
+    is opened non-blocking and refused); a missing file raises ``FileNotFoundError``.
+    """
+    path = Path(root) / rel
+    if os.path.lexists(path) and os.path.realpath(path) != os.path.join(os.path.realpath(root), rel):
+        raise ArtifactError(f"{art_url}: {rel} is a symbolic link or lies under one; artifact files must be "
+                            f"regular files inside the artifact -- the artifact is refused, re-publish it.")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ArtifactError(f"{art_url}: {rel} cannot be opened as a regular file ({exc.strerror}); the "
+                            f"artifact is refused, re-publish it.") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ArtifactError(f"{art_url}: {rel} is {kind}, not a regular file; the artifact is refused, "
+                            f"re-publish it.")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def hash_inside(root: Path, rel: str, art_url: str | os.PathLike) -> dict:
+    """``{"size", "sha256"}`` of ``root/rel`` opened with :func:`open_inside`."""
+    with open_inside(root, rel, art_url) as f:
+        h, _, n = _hash_stream(f, False)
+    return {"size": n, "sha256": h.hexdigest()}
 
 
 def local_path(url: str | os.PathLike) -> Path:
@@ -94,15 +155,19 @@ def code_version() -> dict:
     return {"anyflow": __version__, "git_sha": _git_sha()}
 
 
-def _hash_prefix(path: Path, md5: bool) -> tuple[Any, Any, int]:
+def _hash_stream(f: IO[bytes], md5: bool) -> tuple[Any, Any, int]:
     h, m, n = hashlib.sha256(), hashlib.md5() if md5 else None, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            if m is not None:
-                m.update(chunk)
-            n += len(chunk)
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+        if m is not None:
+            m.update(chunk)
+        n += len(chunk)
     return h, m, n
+
+
+def _hash_prefix(path: Path, md5: bool) -> tuple[Any, Any, int]:
+    with open(path, "rb") as f:
+        return _hash_stream(f, md5)
 
 
 def _matches(got: dict, entry: dict) -> bool:

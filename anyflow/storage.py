@@ -37,17 +37,20 @@ from anyflow import _storage_s3 as s3
 from anyflow._storage_io import (
     ArtifactError,
     cache_lock,
+    check_name,
     code_version,
     download_verified,
     hash_file,
+    hash_inside,
     local_path,
     local_write_atomic,
+    open_inside,
 )
 from anyflow._storage_s3 import PreconditionFailed, StorageError
 
 __all__ = [
-    "ArtifactError", "PreconditionFailed", "StorageError", "configure", "copy_file", "delete",
-    "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix",
+    "ArtifactError", "PreconditionFailed", "StorageError", "check_name", "configure", "copy_file", "delete",
+    "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix", "listed_file",
     "manifest_digest", "mirror", "open_url", "publish", "read_bytes", "read_json", "read_manifest",
     "verify", "write_bytes", "write_json_atomic",
 ]
@@ -309,7 +312,23 @@ def _parse_manifest(url: str | os.PathLike, raw: bytes) -> dict:
             f"{join(url, MANIFEST)} has schema_version {m['schema_version']}, newer than this anyflow "
             f"understands ({SCHEMA_VERSION}); upgrade anyflow."
         )
+    if not isinstance(m["files"], dict):
+        raise ArtifactError(f"{join(url, MANIFEST)}: 'files' must be an object of name -> entry; re-publish it.")
+    for rel, entry in m["files"].items():
+        check_name(url, rel)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or not isinstance(entry.get("sha256"), str)):
+            raise ArtifactError(f"{join(url, MANIFEST)}: the entry of {rel!r} needs an integer size and a "
+                                f"sha256; re-publish the artifact.")
+        if "object" in entry:
+            check_name(url, entry["object"], what=f"stored object of {rel!r}")
     return m
+
+
+def _object(rel: str, entry: dict) -> str:
+    """Where a listed file is stored, relative to the artifact URL (a writer's staging prefix on S3)."""
+    return entry.get("object", rel)
 
 
 def read_manifest(url: str | os.PathLike) -> dict:
@@ -337,10 +356,12 @@ def _check_entry(url: str, rel: str, entry: dict, got: dict) -> None:
                             f"{entry['sha256'][:16]}…); the file is corrupt, re-publish the artifact.")
 
 
-def _hash_url(url: str) -> dict:
-    """Size + sha256 of a file/object (streamed); FileNotFoundError if absent."""
-    if not is_remote(url):
-        return hash_file(local_path(url))
+def _hash_listed(art_url: str, obj: str) -> dict:
+    """Size + sha256 of a (validated) stored name of an artifact, streamed; FileNotFoundError if absent.
+    Local files must be regular files reached without symlinks (:func:`open_inside`)."""
+    if not is_remote(art_url):
+        return hash_inside(local_path(art_url), obj, art_url)
+    url = join(art_url, obj)
     if s3.head(url) is None:
         raise FileNotFoundError(url)
     h, n = hashlib.sha256(), 0
@@ -350,15 +371,29 @@ def _hash_url(url: str) -> dict:
     return {"size": n, "sha256": h.hexdigest()}
 
 
+def _unlisted_local(root: Path, files: dict) -> list[str]:
+    """Entries of a local artifact folder that its manifest does not list (our own lock/temp files aside)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel != MANIFEST and not _internal(name) and rel not in files:
+                out.append(rel)
+    return sorted(out)
+
+
 def verify(url: str | os.PathLike) -> dict:
-    """Re-hash every file of the artifact; return the manifest or raise ArtifactError naming the file."""
+    """Re-hash every file of the artifact; return the manifest or raise ArtifactError naming the file.
+
+    A local artifact folder must hold exactly the listed files (regular files, no symlinks): whatever
+    reads the folder then reads only what the manifest lists."""
     u = str(url)
     manifest = read_manifest(u)
 
     def check(item: tuple[str, dict]) -> None:
         rel, entry = item
         try:
-            got = _hash_url(join(u, rel))
+            got = _hash_listed(u, _object(rel, entry))
         except FileNotFoundError as exc:
             raise ArtifactError(f"{join(u, rel)}: file listed in the manifest is missing; "
                                 f"re-publish the artifact.") from exc
@@ -366,6 +401,11 @@ def verify(url: str | os.PathLike) -> dict:
 
     with ThreadPoolExecutor(_WORKERS) as pool:
         list(pool.map(check, manifest["files"].items()))
+    if not is_remote(u):
+        extra = _unlisted_local(local_path(u), manifest["files"])
+        if extra:
+            raise ArtifactError(f"{join(u, extra[0])}: the artifact folder holds {len(extra)} file(s) its manifest "
+                                f"does not list ({', '.join(extra[:5])}); the artifact is refused -- re-publish it.")
     return manifest
 
 
@@ -401,7 +441,7 @@ def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
 
         def get(item: tuple[str, dict]) -> None:
             rel, entry = item
-            download_verified(join(u, rel), target / rel, entry, s3.iter_chunks, _check_entry, u, rel)
+            download_verified(join(u, _object(rel, entry)), target / rel, entry, s3.iter_chunks, _check_entry, u, rel)
 
         with ThreadPoolExecutor(_WORKERS) as pool:
             list(pool.map(get, manifest["files"].items()))
@@ -421,14 +461,43 @@ def fetch_file(url: str | os.PathLike, relpath: str, *, cache_dir: str | os.Path
         raise ArtifactError(f"{join(u, relpath)}: file is not listed in the artifact's manifest; "
                             f"check the file name (listed: {', '.join(list(manifest['files'])[:8])}).")
     if not is_remote(u):
-        path = local_path(join(u, relpath))
-        if not path.is_file():
-            raise ArtifactError(f"{path}: file listed in the manifest is missing; re-publish the artifact.")
-        _check_entry(u, relpath, entry, hash_file(path))
-        return path
+        try:
+            got = hash_inside(local_path(u), relpath, u)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{join(u, relpath)}: file listed in the manifest is missing; "
+                                f"re-publish the artifact.") from exc
+        _check_entry(u, relpath, entry, got)
+        return local_path(join(u, relpath))
     with cache_lock(target):
-        download_verified(join(u, relpath), target / relpath, entry, s3.iter_chunks, _check_entry, u, relpath)
+        download_verified(join(u, _object(relpath, entry)), target / relpath, entry, s3.iter_chunks, _check_entry,
+                          u, relpath)
     return target / relpath
+
+
+def listed_file(root: str | os.PathLike, relpath: str) -> Path:
+    """``root/relpath`` where ``root`` is a folder returned by :func:`fetch`, if its manifest lists the file.
+
+    How stages open the files of a fetched artifact: a name that the manifest does not list (or that
+    would leave the folder), a symlink, FIFO or device, or a size that differs raises ArtifactError
+    naming the artifact and the file (the hashes were checked by :func:`fetch`).
+    """
+    base = local_path(root)
+    manifest = _parse_manifest(base, _manifest_bytes(base))
+    entry = manifest["files"].get(relpath)
+    if entry is None:
+        check_name(base, relpath, what="requested file")
+        raise ArtifactError(f"{join(base, relpath)}: file is not listed in the artifact's manifest "
+                            f"(listed: {', '.join(list(manifest['files'])[:8]) or 'nothing'}).")
+    try:
+        with open_inside(base, relpath, base) as f:
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{join(base, relpath)}: file listed in the manifest is missing; "
+                            f"re-publish the artifact.") from exc
+    if size != entry["size"]:
+        raise ArtifactError(f"{join(base, relpath)}: size mismatch ({size} bytes, manifest says {entry['size']}); "
+                            f"re-publish the artifact.")
+    return base / relpath
 
 
 def mirror(url: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, etag_md5: bool = True) -> Path:
@@ -442,7 +511,8 @@ def mirror(url: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *
     u = str(url)
     if not is_remote(u):
         return local_path(u)
-    listing = sorted((o["key"], o["size"], o["etag"]) for o in s3.list_objects(u))
+    listing = sorted((check_name(u, o["key"], what="S3 listing key"), o["size"], o["etag"])
+                     for o in s3.list_objects(u) if not (o["key"].endswith("/") and o["size"] == 0))  # folder markers
     if not listing:
         raise FileNotFoundError(f"{u}: no objects under this prefix; check the URL.")
     key = hashlib.sha256(json.dumps([u.rstrip("/"), listing]).encode()).hexdigest()

@@ -185,15 +185,17 @@ class LatentDataset:
 
     # -------------------------------------------------------------------------------------- files
     def _path(self, rel: str) -> Path:
-        if _is_local(self.url):
-            root = Path(self.url.removeprefix("file://"))
-            path = root / rel
+        """A verified local path of ``rel``: through the manifest for artifacts (local or remote); a plain
+        folder (no manifest, e.g. prepare_data's own output before publishing) only checks the name."""
+        from anyflow import storage
+
+        root = Path(self.url.removeprefix("file://")) if _is_local(self.url) else None
+        if root is not None and not (root / "manifest.json").is_file():
+            path = root / storage.check_name(self.url, rel, what="dataset file")
             if not path.is_file():
                 what = "folder does not exist" if not root.is_dir() else f"{rel} is missing"
                 raise DatasetError(f"no prepared dataset at {self.url}: {what}; run prepare_data to create it")
             return path
-        from anyflow import storage
-
         try:
             return Path(storage.fetch_file(self.url, rel, cache_dir=self.cache_dir))
         except (storage.ArtifactError, FileNotFoundError, KeyError) as e:

@@ -119,10 +119,10 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         local = storage.fetch(url, cache_dir=cache_dir(preset))
     except storage.ArtifactError as exc:
         raise StageInputError(f"{role} input: {exc}") from exc
-    meta_path = local / MODEL_JSON
-    if not meta_path.exists():
-        raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint (no {MODEL_JSON})")
-    meta = json.loads(meta_path.read_text())
+    try:  # files of a fetched artifact are opened through its manifest (storage.listed_file), never by bare path
+        meta = json.loads(storage.listed_file(local, MODEL_JSON).read_text())
+    except storage.ArtifactError as exc:
+        raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint ({exc})") from exc
     if meta.get("base") != preset.model.base:
         raise StageInputError(
             f"{role} input {url} was trained on base {meta.get('base')!r}, but the preset uses"
@@ -142,9 +142,15 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
             raise StageInputError(
                 f"{role} input {url} holds adapters {sorted(meta['adapters'])}, not {name!r} (kind {meta.get('kind')})"
             )
-        adapters[name] = load_file(str(local / meta["adapters"][name]["file"]))
-    log = local / "log.jsonl"
-    return Checkpoint(url, meta, adapters, log if log.exists() else None)
+        try:
+            adapters[name] = load_file(str(storage.listed_file(local, meta["adapters"][name]["file"])))
+        except storage.ArtifactError as exc:
+            raise StageInputError(f"{role} input {url}: adapter {name!r}: {exc}") from exc
+    try:
+        log: Path | None = storage.listed_file(local, "log.jsonl")
+    except storage.ArtifactError:
+        log = None
+    return Checkpoint(url, meta, adapters, log)
 
 
 # ------------------------------------------------------------------------------ training stages
