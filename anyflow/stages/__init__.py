@@ -189,6 +189,9 @@ def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
             digests[role] = storage.manifest_digest(url)
         except storage.ArtifactError as exc:
             raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
+    source = getattr(module, "source_digest", None)  # a stage reading a data source: what it holds now
+    if source is not None and (digest := source(cfg)) is not None:
+        digests["source"] = digest
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size < 1:

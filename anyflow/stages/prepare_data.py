@@ -49,6 +49,30 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
+def source_digest(cfg: Preset) -> str | None:
+    """What ``data.source`` holds now, as a digest of its listing (keys with ETag or size+mtime; an index's rows),
+    or ``None`` for a procedural source (made from its spec alone, which the key already has).
+
+    Part of the stage's key (:func:`anyflow.stages.cache_key`), so new or changed videos under the same prefix
+    give a new dataset instead of the cached one; the pipelines' uncached ``source_fingerprint`` task hands the
+    same digest to the prepare_data task so KFP's own cache is not stale either (docs/cluster.md).
+    """
+    import hashlib
+    import json
+
+    from anyflow.ops.window import WindowError, list_items
+
+    if not cfg.data.source:
+        return None  # run() names the empty setting
+    try:
+        kind, items, _ = list_items(cfg.data.source)
+    except WindowError as exc:
+        raise common.StageInputError(f"prepare_data: {exc}") from None
+    if kind == "procedural":
+        return None
+    return hashlib.sha256(json.dumps({"kind": kind, "items": items}, sort_keys=True).encode()).hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from anyflow.stages import stage_main
 
