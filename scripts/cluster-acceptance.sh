@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# Acceptance on a real cluster: kind + KFP 2.17 standalone + Kubeflow Trainer v2.3 (docs/cluster.md).
+# Each step prints what it checks and stops at the first failure (exit 1).
+#
+#   scripts/cluster-acceptance.sh [--dry-run] [--host URL] [--image IMAGE] [--namespace NS] [--bucket NAME]
+#
+# Options (flags win over env): --host / $KFP_HOST (default http://localhost:8080, KFP's UI port-forward),
+# --image / $ANYFLOW_IMAGE (the train image, loaded into kind), --namespace / $ANYFLOW_NAMESPACE (where KFP
+# standalone runs pipeline pods; default kubeflow), --bucket / $ANYFLOW_BUCKET (default anyflow).
+# S3 keys for the local MinIO: $ANYFLOW_S3_ACCESS_KEY / $ANYFLOW_S3_SECRET_KEY (default: random; an
+# existing anyflow-s3 secret is kept). --dry-run prints every command and every object, touches no cluster.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HOST="${KFP_HOST:-http://localhost:8080}"
+IMAGE="${ANYFLOW_IMAGE:-}"
+NS="${ANYFLOW_NAMESPACE:-kubeflow}"
+BUCKET="${ANYFLOW_BUCKET:-anyflow}"
+DRY_RUN=0
+TIMEOUT_S="${ANYFLOW_ACCEPTANCE_TIMEOUT_S:-1800}"
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --host) HOST="$2"; shift ;;
+    --image) IMAGE="$2"; shift ;;
+    --namespace) NS="$2"; shift ;;
+    --bucket) BUCKET="$2"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "cluster-acceptance: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$IMAGE" ]; then
+  if [ "$DRY_RUN" = 1 ]; then IMAGE="<image>"; else
+    echo "cluster-acceptance: set --image or ANYFLOW_IMAGE (the anyflow train image, loaded into kind)" >&2; exit 2
+  fi
+fi
+
+STORE="s3://${BUCKET}/acceptance"
+ENDPOINT="http://anyflow-minio.${NS}.svc.cluster.local:9000"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/anyflow-acceptance.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+ANYFLOW=(anyflow)
+command -v anyflow >/dev/null 2>&1 || ANYFLOW=("${ROOT}/.venv/bin/anyflow")
+KFP=(--host "$HOST" --namespace "$NS")
+STEP=0
+
+step() { STEP=$((STEP + 1)); printf '\n== step %d: %s\n' "$STEP" "$*"; }
+check() { printf 'check: %s\n' "$*"; }
+ok() { printf 'ok: %s\n' "$*"; }
+fail() { printf 'FAIL (step %d): %s\n' "$STEP" "$*" >&2; exit 1; }
+show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+# run CMD...: print it, run it unless --dry-run
+run() { show "$@"; [ "$DRY_RUN" = 1 ] || "$@"; }
+# capture VAR PLACEHOLDER CMD...: print it; VAR = its stdout (--dry-run: PLACEHOLDER)
+capture() {
+  local var="$1" placeholder="$2"; shift 2
+  show "$@"
+  if [ "$DRY_RUN" = 1 ]; then printf -v "$var" '%s' "$placeholder"; return; fi
+  local out; out="$("$@")" || fail "command failed: $*"
+  printf '%s\n' "$out"
+  printf -v "$var" '%s' "$out"
+}
+kfp_api() {  # kfp_api METHOD PATH: KFP REST API v2beta1 (standalone: no auth; $KFP_TOKEN if set)
+  local auth=()
+  [ -n "${KFP_TOKEN:-}" ] && auth=(-H "Authorization: Bearer ${KFP_TOKEN}")
+  curl -fsS -X "$1" "${auth[@]}" "${HOST%/}/apis/v2beta1/$2"
+}
+run_id_of() { sed -n 's/^submitted run \([^ ]*\).*/\1/p' <<<"$1" | tail -1; }
+# wait_run RUN_ID WANT: poll `anyflow status` until a terminal state; fail unless it is WANT
+wait_run() {
+  local id="$1" want="$2" state="" waited=0
+  check "run $id reaches $want (timeout ${TIMEOUT_S}s)"
+  show "${ANYFLOW[@]}" status "$id" "${KFP[@]}"
+  [ "$DRY_RUN" = 1 ] && return 0
+  while [ "$waited" -lt "$TIMEOUT_S" ]; do
+    state="$("${ANYFLOW[@]}" status "$id" "${KFP[@]}" | awk 'NR==1 {print $2}')"
+    case "$state" in
+      SUCCEEDED|FAILED|CANCELED|SKIPPED) break ;;
+    esac
+    sleep 15; waited=$((waited + 15))
+  done
+  [ "$state" = "$want" ] || { "${ANYFLOW[@]}" status "$id" "${KFP[@]}" >&2 || true; fail "run $id ended $state, expected $want"; }
+  ok "run $id $state"
+}
+store_cat() {  # store_cat KEY: a store object, read inside the MinIO pod
+  kubectl -n "$NS" exec deploy/anyflow-minio -- sh -c \
+    "mc --config-dir /tmp/mc alias set local http://127.0.0.1:9000 \"\$MINIO_ROOT_USER\" \"\$MINIO_ROOT_PASSWORD\" >/dev/null && mc --config-dir /tmp/mc cat local/${BUCKET}/acceptance/$1"
+}
+trainjobs() { kubectl -n "$NS" get trainjobs.trainer.kubeflow.org -l app.kubernetes.io/part-of=anyflow -o name; }
+# wait_new_trainjob BEFORE: the first TrainJob not in BEFORE (the names listed before the run)
+wait_new_trainjob() {
+  local before="$1" waited=0 name
+  show kubectl -n "$NS" get trainjobs.trainer.kubeflow.org -l app.kubernetes.io/part-of=anyflow -o name
+  if [ "$DRY_RUN" = 1 ]; then NEW_TRAINJOB="trainjob.trainer.kubeflow.org/TRAINJOB"; return; fi
+  while [ "$waited" -lt 900 ]; do
+    name="$(comm -13 <(sort <<<"$before") <(trainjobs | sort) | head -1)"
+    [ -n "$name" ] && { NEW_TRAINJOB="$name"; ok "launched $name"; return; }
+    sleep 10; waited=$((waited + 10))
+  done
+  fail "no TrainJob appeared within 900s"
+}
+
+echo "anyflow cluster acceptance: host=$HOST namespace=$NS image=$IMAGE store=$STORE dry-run=$DRY_RUN"
+
+step "prerequisites (this script does not install them)"
+cat <<'PRE'
+Expected on the kind cluster (install them yourself first):
+  kind create cluster --name anyflow
+  export PIPELINE_VERSION=2.17.0
+  kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=$PIPELINE_VERSION"
+  kubectl wait --for condition=established --timeout=60s crd/applications.app.k8s.io
+  kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=$PIPELINE_VERSION"
+  kubectl apply --server-side -k "github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0"
+  kubectl apply --server-side -k "github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=v2.3.0"
+  kind load docker-image "$ANYFLOW_IMAGE" --name anyflow
+  kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80 &
+PRE
+check "KFP API server, Trainer CRD and the torch-distributed runtime are installed"
+run kubectl -n "$NS" get deployment ml-pipeline workflow-controller
+run kubectl get crd trainjobs.trainer.kubeflow.org
+run kubectl get clustertrainingruntimes.trainer.kubeflow.org torch-distributed
+
+step "S3 secret anyflow-s3 in $NS (kept if it exists: never overwritten)"
+check "secret anyflow-s3 has AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+ACCESS="${ANYFLOW_S3_ACCESS_KEY:-anyflow-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
+SECRET="${ANYFLOW_S3_SECRET_KEY:-$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')}"
+if [ "$DRY_RUN" = 1 ] || ! kubectl -n "$NS" get secret anyflow-s3 >/dev/null 2>&1; then
+  printf '+ kubectl -n %q create secret generic anyflow-s3 --from-literal=AWS_ACCESS_KEY_ID=<access key> --from-literal=AWS_SECRET_ACCESS_KEY=<secret key>\n' "$NS"
+  [ "$DRY_RUN" = 1 ] || kubectl -n "$NS" create secret generic anyflow-s3 \
+    --from-literal=AWS_ACCESS_KEY_ID="$ACCESS" --from-literal=AWS_SECRET_ACCESS_KEY="$SECRET" >/dev/null
+fi
+if [ "$DRY_RUN" = 0 ]; then
+  keys="$(kubectl -n "$NS" get secret anyflow-s3 -o jsonpath='{.data.AWS_ACCESS_KEY_ID}{" "}{.data.AWS_SECRET_ACCESS_KEY}')"
+  [ "$(wc -w <<<"$keys")" -eq 2 ] || fail "secret anyflow-s3 lacks AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY"
+  ok "secret anyflow-s3"
+fi
+
+step "apply the local overlay (standalone + anyflow-minio) in $NS"
+OVERLAY="${ROOT}/manifests/overlays/local"
+if [ "$NS" != kubeflow ]; then  # the local overlay says kubeflow: wrap it for another namespace
+  OVERLAY="${WORK}/overlay"; mkdir -p "$OVERLAY"
+  LOCAL_REL="$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "${ROOT}/manifests/overlays/local" "$OVERLAY")"
+  cat >"${OVERLAY}/kustomization.yaml" <<KUST
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: ${NS}
+resources:
+  - ${LOCAL_REL}  # kustomize refuses absolute paths
+replacements:
+  - source: {kind: RoleBinding, name: anyflow-launcher, fieldPath: metadata.namespace}
+    targets:
+      - select: {kind: RoleBinding, name: anyflow-launcher}
+        fieldPaths: ["subjects.[kind=ServiceAccount].namespace"]
+        options: {create: true}
+KUST
+fi
+check "the objects below render (kubectl kustomize) and apply"
+show kubectl kustomize "$OVERLAY"
+kubectl kustomize "$OVERLAY" >"${WORK}/objects.yaml" || fail "kubectl kustomize $OVERLAY failed"
+cat "${WORK}/objects.yaml"
+run kubectl apply -f "${WORK}/objects.yaml"
+check "anyflow-minio is ready and bucket $BUCKET exists"
+run kubectl -n "$NS" rollout status deployment/anyflow-minio --timeout=300s
+run kubectl -n "$NS" exec deploy/anyflow-minio -- sh -c \
+  "mc --config-dir /tmp/mc alias set local http://127.0.0.1:9000 \"\$MINIO_ROOT_USER\" \"\$MINIO_ROOT_PASSWORD\" && mc --config-dir /tmp/mc mb --ignore-existing local/${BUCKET}"
+PLATFORM="${WORK}/platform.yaml"
+sed "s#^s3_endpoint: .*#s3_endpoint: ${ENDPOINT}#" "${ROOT}/manifests/overlays/local/platform.yaml" >"$PLATFORM"
+check "platform for the pipeline pods (s3_endpoint = the anyflow-minio Service):"
+cat "$PLATFORM"
+
+step "compile and run the tiny pipeline; wait for success"
+check "anyflow-t2v compiles with the local platform and image"
+run "${ANYFLOW[@]}" compile --pipeline anyflow-t2v --platform "$PLATFORM" --image "$IMAGE" --output "${WORK}/anyflow-t2v.yaml"
+capture OUT "submitted run RUN_ID" "${ANYFLOW[@]}" submit "${KFP[@]}" --pipeline anyflow-t2v --preset tiny \
+  --store "$STORE" --image "$IMAGE" --platform "$PLATFORM" --run-name anyflow-acceptance-tiny
+RUN="$(run_id_of "$OUT")"; [ -n "$RUN" ] || fail "no run id in: $OUT"
+wait_run "$RUN" SUCCEEDED
+
+step "cached rerun of one stage (evaluate) from run $RUN"
+capture OUT "submitted run RERUN_ID" "${ANYFLOW[@]}" rerun --stage evaluate --run "$RUN" --store "$STORE" \
+  "${KFP[@]}" --preset tiny --image "$IMAGE" --platform "$PLATFORM" --run-name anyflow-acceptance-rerun
+RERUN="$(run_id_of "$OUT")"; [ -n "$RERUN" ] || fail "no run id in: $OUT"
+wait_run "$RERUN" SUCCEEDED
+check "the rerun's evaluate record says cached (runs/$RERUN/evaluate.json)"
+show kubectl -n "$NS" exec deploy/anyflow-minio -- mc cat "local/${BUCKET}/acceptance/runs/${RERUN}/evaluate.json"
+if [ "$DRY_RUN" = 0 ]; then
+  store_cat "runs/${RERUN}/evaluate.json" | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d.get("cached") else 1)' \
+    || fail "evaluate was recomputed, not taken from the cache"
+  ok "evaluate cached"
+fi
+
+step "schedule anyflow-redistill (KFP recurring run, every minute), see it fire once, disable it"
+TEACHER="TEACHER_URI"
+show kubectl -n "$NS" exec deploy/anyflow-minio -- mc cat "local/${BUCKET}/acceptance/runs/${RUN}/train_teacher.json"
+if [ "$DRY_RUN" = 0 ]; then
+  TEACHER="$(store_cat "runs/${RUN}/train_teacher.json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["uri"])')" \
+    || fail "no train_teacher record for run $RUN"
+fi
+capture OUT "created recurring run RECURRING_RUN_ID" "${ANYFLOW[@]}" schedule "${KFP[@]}" --cron "* * * * *" \
+  --pipeline anyflow-redistill --max-concurrency 1 --run-name anyflow-acceptance-redistill --preset tiny \
+  --image "$IMAGE" --platform "$PLATFORM" --store "$STORE" \
+  --param source=procedural:n=16,seed=1 --param "teacher_uri=${TEACHER}"
+RR="$(sed -n 's/^created recurring run \([^ ]*\).*/\1/p' <<<"$OUT" | tail -1)"; [ -n "$RR" ] || fail "no recurring run id in: $OUT"
+check "recurring run $RR starts a run within 180s"
+show curl -fsS -X GET "${HOST%/}/apis/v2beta1/runs?namespace=${NS}&page_size=100&sort_by=created_at%20desc"
+FIRED="SCHEDULED_RUN_ID"
+if [ "$DRY_RUN" = 0 ]; then
+  FIRED=""
+  for _ in $(seq 1 18); do
+    FIRED="$(kfp_api GET "runs?namespace=${NS}&page_size=100&sort_by=created_at%20desc" | RR="$RR" python3 -c \
+      'import json,os,sys; print(next((r["run_id"] for r in json.load(sys.stdin).get("runs", []) if r.get("recurring_run_id") == os.environ["RR"]), ""))')"
+    [ -n "$FIRED" ] && break; sleep 10
+  done
+  [ -n "$FIRED" ] || fail "recurring run $RR did not fire within 180s"
+  ok "fired run $FIRED"
+fi
+show curl -fsS -X POST "${HOST%/}/apis/v2beta1/recurringruns/${RR}:disable"
+[ "$DRY_RUN" = 1 ] || kfp_api POST "recurringruns/${RR}:disable" >/dev/null || fail "cannot disable recurring run $RR"
+wait_run "$FIRED" SUCCEEDED
+show curl -fsS -X DELETE "${HOST%/}/apis/v2beta1/recurringruns/${RR}"
+[ "$DRY_RUN" = 1 ] || kfp_api DELETE "recurringruns/${RR}" >/dev/null || fail "cannot delete recurring run $RR"
+
+step "2-node CPU TrainJob (gloo): train_teacher with num_nodes 2, gpus 0"
+PLATFORM2="${WORK}/platform-2node.yaml"
+cp "$PLATFORM" "$PLATFORM2"
+printf 'stages:\n  train_teacher:\n    num_nodes: 2\n    gpus: 0\n' >>"$PLATFORM2"
+check "platform for the multi-node stage:"
+cat "$PLATFORM2"
+BEFORE=""; [ "$DRY_RUN" = 1 ] || BEFORE="$(trainjobs)"
+capture OUT "submitted run TRAINJOB_RUN_ID" "${ANYFLOW[@]}" rerun --stage train_teacher --run "$RUN" --store "$STORE" \
+  "${KFP[@]}" --preset tiny --image "$IMAGE" --platform "$PLATFORM2" --run-name anyflow-acceptance-2node
+TJRUN="$(run_id_of "$OUT")"; [ -n "$TJRUN" ] || fail "no run id in: $OUT"
+check "the run launches a TrainJob with numNodes 2 and no GPU request"
+wait_new_trainjob "$BEFORE"
+run kubectl -n "$NS" get "$NEW_TRAINJOB" -o 'jsonpath={.spec.trainer.numNodes}{" "}{.spec.trainer.resourcesPerNode}{"\n"}'
+if [ "$DRY_RUN" = 0 ]; then
+  [ "$(kubectl -n "$NS" get "$NEW_TRAINJOB" -o jsonpath='{.spec.trainer.numNodes}')" = 2 ] || fail "$NEW_TRAINJOB is not 2 nodes"
+  ! kubectl -n "$NS" get "$NEW_TRAINJOB" -o json | grep -q 'nvidia.com/gpu' || fail "$NEW_TRAINJOB asks for GPUs"
+fi
+wait_run "$TJRUN" SUCCEEDED
+
+step "cancel a run mid-stage: its TrainJob is deleted"
+BEFORE=""; [ "$DRY_RUN" = 1 ] || BEFORE="$(trainjobs)"
+capture OUT "submitted run CANCEL_RUN_ID" "${ANYFLOW[@]}" rerun --stage train_teacher --run "$RUN" --store "$STORE" \
+  "${KFP[@]}" --preset tiny --set teacher.train.steps=100000 --image "$IMAGE" --platform "$PLATFORM2" \
+  --run-name anyflow-acceptance-cancel
+CRUN="$(run_id_of "$OUT")"; [ -n "$CRUN" ] || fail "no run id in: $OUT"
+wait_new_trainjob "$BEFORE"
+check "terminating run $CRUN deletes $NEW_TRAINJOB within 180s"
+show curl -fsS -X POST "${HOST%/}/apis/v2beta1/runs/${CRUN}:terminate"
+[ "$DRY_RUN" = 1 ] || kfp_api POST "runs/${CRUN}:terminate" >/dev/null || fail "cannot terminate run $CRUN"
+run kubectl -n "$NS" wait --for=delete "$NEW_TRAINJOB" --timeout=180s
+
+printf '\nALL CHECKS PASSED%s\n' "$([ "$DRY_RUN" = 1 ] && echo ' (dry run: nothing was run)')"

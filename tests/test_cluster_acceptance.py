@@ -1,0 +1,149 @@
+"""scripts/cluster-acceptance.sh --dry-run: every command and object it would run or apply, no cluster.
+
+A fake ``kubectl`` first on PATH records every call and refuses all but ``kubectl kustomize`` (the only
+call that needs no API server), so a dry run that touched a cluster fails here. The printed objects are
+checked against the rendered local overlay, the printed anyflow commands against ``anyflow <cmd> --help``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "cluster-acceptance.sh"
+ANYFLOW = ROOT / ".venv" / "bin" / "anyflow"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[list[str]]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl with built-in kustomize is not installed")
+    bindir = tmp_path_factory.mktemp("bin")
+    log = bindir / "kubectl.log"
+    fake = bindir / "kubectl"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {shlex.quote(str(log))}\n'
+                    f'[ "$1" = kustomize ] || {{ echo "fake kubectl: $* needs a cluster" >&2; exit 99; }}\n'
+                    f'exec {shlex.quote(kubectl)} "$@"\n')
+    fake.chmod(0o755)
+    for tool in ("curl", "kind"):  # nothing else may reach a server either
+        (bindir / tool).write_text(f"#!/bin/sh\necho 'fake {tool}: called' >&2\nexit 99\n")
+        (bindir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "KFP_HOST": "http://kfp.test:8888",
+           "ANYFLOW_BUCKET": "accept-bucket"}
+    env.pop("ANYFLOW_IMAGE", None)
+    res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--image", "registry.test/anyflow-train:1.0-abc",
+                          "--namespace", "team-a"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return res.stdout, calls
+
+
+def _commands(out: str) -> list[list[str]]:
+    return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+def _anyflow(out: str, sub: str) -> list[list[str]]:
+    return [c[1:] for c in _commands(out) if c and c[0].endswith("anyflow") and len(c) > 1 and c[1] == sub]
+
+
+def test_dry_run_calls_no_cluster(dry_run) -> None:
+    out, calls = dry_run
+    assert calls and all(c[0] == "kustomize" for c in calls), calls
+    assert "ALL CHECKS PASSED (dry run" in out
+
+
+def test_dry_run_prints_the_objects_it_applies(dry_run) -> None:
+    out, _ = dry_run
+    docs = [d for d in yaml.safe_load_all(out.split("+ kubectl kustomize ", 1)[1].split("\n", 1)[1]
+                                          .split("\n+ kubectl apply", 1)[0]) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert kinds == {("Role", "anyflow-launcher"), ("RoleBinding", "anyflow-launcher"), ("Service", "anyflow-minio"),
+                     ("Deployment", "anyflow-minio"), ("PersistentVolumeClaim", "anyflow-minio-data")}
+    assert {d["metadata"]["namespace"] for d in docs} == {"team-a"}
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "team-a"}]
+    assert not any(d["kind"] == "Secret" for d in docs)
+    # the platform the pipeline pods get points at that MinIO, in that namespace
+    assert "s3_endpoint: http://anyflow-minio.team-a.svc.cluster.local:9000" in out
+
+
+def test_dry_run_steps_in_order(dry_run) -> None:
+    out, _ = dry_run
+    steps = re.findall(r"^== step \d+: (.*)$", out, flags=re.M)
+    keys = ["prerequisites", "S3 secret", "local overlay", "tiny pipeline", "cached rerun", "schedule",
+            "2-node CPU TrainJob", "cancel"]
+    assert len(steps) == len(keys) and all(k in s for k, s in zip(keys, steps)), steps
+    assert out.count("check: ") >= 10
+    for install in ("kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=$PIPELINE_VERSION",
+                    "PIPELINE_VERSION=2.17.0", "trainer.git/manifests/overlays/manager?ref=v2.3.0"):
+        assert install in out
+
+
+def test_secret_is_created_not_applied_and_keys_not_printed(dry_run) -> None:
+    out, _ = dry_run
+    (create,) = [c for c in _commands(out) if c[:2] == ["kubectl", "-n"] and "secret" in c]
+    assert create[2:6] == ["team-a", "create", "secret", "generic"] and create[6] == "anyflow-s3"
+    assert {a.split("=")[0] for a in create if a.startswith("--from-literal=")} == {
+        "--from-literal"} and "AWS_ACCESS_KEY_ID=<access key>" in " ".join(create)
+
+
+def _flags(sub: str) -> set[str]:
+    res = subprocess.run([str(ANYFLOW), sub, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return set(re.findall(r"(--[a-z][a-z-]*)", res.stdout))
+
+
+@pytest.mark.parametrize("sub", ["compile", "submit", "rerun", "schedule", "status"])
+def test_anyflow_commands_use_existing_flags(dry_run, sub: str) -> None:
+    if not ANYFLOW.exists():
+        pytest.skip("no .venv/bin/anyflow")
+    out, _ = dry_run
+    cmds = _anyflow(out, sub)
+    assert cmds, sub
+    known = _flags(sub) | {"--namespace"}
+    for cmd in cmds:
+        assert {a.split("=")[0] for a in cmd if a.startswith("--")} <= known, (sub, cmd)
+
+
+def test_the_runs_it_checks(dry_run) -> None:
+    out, _ = dry_run
+    (submit,) = _anyflow(out, "submit")
+    assert ["--pipeline", "anyflow-t2v"] == submit[submit.index("--pipeline"):][:2]
+    assert "--preset" in submit and submit[submit.index("--preset") + 1] == "tiny"
+    assert submit[submit.index("--store") + 1] == "s3://accept-bucket/acceptance"
+    assert submit[submit.index("--host") + 1] == "http://kfp.test:8888"
+    assert submit[submit.index("--image") + 1] == "registry.test/anyflow-train:1.0-abc"
+    reruns = _anyflow(out, "rerun")
+    assert [r[r.index("--stage") + 1] for r in reruns] == ["evaluate", "train_teacher", "train_teacher"]
+    assert all(r[r.index("--run") + 1] == "RUN_ID" for r in reruns)
+    (schedule,) = _anyflow(out, "schedule")
+    assert schedule[schedule.index("--pipeline") + 1] == "anyflow-redistill"
+    assert schedule[schedule.index("--cron") + 1] == "* * * * *"
+    assert "num_nodes: 2\n    gpus: 0" in out
+    cmds = [" ".join(c) for c in _commands(out)]
+    assert any("recurringruns/RECURRING_RUN_ID:disable" in c for c in cmds)
+    assert any("runs/CANCEL_RUN_ID:terminate" in c for c in cmds)
+    assert any(c.startswith("kubectl -n team-a wait --for=delete trainjob.trainer.kubeflow.org/") for c in cmds)
+
+
+def test_script_fails_loudly_without_an_image() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANYFLOW_IMAGE"}
+    res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "ANYFLOW_IMAGE" in res.stderr
+
+
+def test_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    res = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
