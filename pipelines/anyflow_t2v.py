@@ -54,15 +54,18 @@ def build_training_pipeline(
     plat = platform or Platform()
 
     def train(stage: str, out_key: str, common: dict, **inputs):
-        """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1."""
+        """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1
+        (its workers get the stage's platform settings; the launcher pod gets the ``trainjob`` profile)."""
+        import json
+
         res = plat.for_stage(stage)
         if res.num_nodes <= 1:
             return plat.apply(comps[stage](**inputs, **common), stage).outputs[out_key]
         task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
                         overrides_json=common["overrides_json"],
                         num_nodes=res.num_nodes, gpus_per_node=res.gpus,
-                        api=plat.trainjob_api, runtime=plat.trainjob_runtime, s3_secret=plat.s3_secret,
-                        s3_endpoint=plat.s3_endpoint, timeout_s=res.timeout_s, **inputs)
+                        workers_json=json.dumps(plat.worker_settings(stage), sort_keys=True),
+                        api=plat.trainjob_api, runtime=plat.trainjob_runtime, timeout_s=res.timeout_s, **inputs)
         plat.apply(task, "trainjob").set_display_name(f"{stage} ({res.num_nodes} nodes)")
         return task.outputs["result"]
 

@@ -16,19 +16,19 @@ def trainjob(
     overrides_json: str = "{}",
     num_nodes: int = 2,
     gpus_per_node: int = 8,
+    workers_json: str = "{}",
     api: str = "trainer",
     runtime: str = "torch-distributed",
-    namespace: str = "",
-    s3_secret: str = "anyflow-s3",
-    s3_endpoint: str = "",
     timeout_s: int = 345600,
     poll_s: int = 30,
 ) -> None:
     """Launch ``stage`` on ``num_nodes`` nodes (torchrun) as a TrainJob / PyTorchJob and wait for it.
 
     The launcher pod itself needs no GPU; it needs the ``anyflow-launcher`` service account (see
-    manifests/) to create, watch and delete the job. The workers publish into ``store``; after the job
-    succeeds the launcher resolves the same content-addressed artifact (a cache hit, no recompute).
+    manifests/) to create, get, patch and delete the job, which it creates in its own namespace, owned by
+    its own pod. A retried attempt of the same KFP run adopts the job instead of starting a second one; a
+    cancelled run (SIGTERM) deletes it. The workers publish into ``store``; after the job succeeds the
+    launcher resolves the same content-addressed artifact (a cache hit, no recompute).
 
     Args:
         stage: Stage to run: train_teacher, train_flowmap, distill or finetune.
@@ -42,17 +42,17 @@ def trainjob(
         overrides_json: JSON object of dotted config overrides.
         num_nodes: Number of nodes.
         gpus_per_node: GPUs (= torchrun processes) per node.
+        workers_json: The workers' placement as JSON (``Platform.worker_settings``: CPU/memory, GPU
+            resource, node selector, tolerations, /dev/shm, model cache, user, S3 secret and endpoint).
         api: ``trainer`` (Kubeflow Trainer v2 TrainJob) or ``pytorchjob`` (training operator v1).
         runtime: ClusterTrainingRuntime name for TrainJob.
-        namespace: Namespace for the job; empty = the launcher pod's namespace.
-        s3_secret: Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the workers.
-        s3_endpoint: S3 endpoint URL for the workers (empty = provider default).
         timeout_s: Give up (and delete the job) after this many seconds.
         poll_s: Seconds between status polls.
 
     Returns:
         result: Output artifact pointing at the published stage artifact.
     """
+    import json
     import os
     import uuid
 
@@ -67,15 +67,20 @@ def trainjob(
     if api not in launcher.KINDS:
         raise ValueError(f"api must be one of {sorted(launcher.KINDS)}, got {api!r}.")
     overrides = parse_overrides(overrides_json)
+    workers = launcher.Workers.from_dict(json.loads(workers_json))
     given = {"dataset": dataset, "teacher": teacher, "flowmap": flowmap, "generator": generator}
     inputs = {role: input_uri(art) for role, art in given.items() if art is not None}
-    ns = namespace or launcher.in_cluster_namespace()
-    name = launcher.job_name(stage, uuid.uuid4().hex[:8])
     command = launcher.stage_command(stage, preset=preset, overrides=overrides, inputs=inputs, store=store)
-    env = launcher.s3_env(s3_secret, ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], s3_endpoint,
-                          run=os.environ.get(RUN_ENV, ""))
-    common = dict(name=name, namespace=ns, image=image, command=command, num_nodes=num_nodes,
-                  gpus_per_node=gpus_per_node, env=env, labels={"anyflow/stage": stage})
+    # One job per (run, stage, command): a retried attempt of this task adopts it. Without a run (the
+    # platform sets RUN_ENV only on tasks with retries) there is no retry to adopt into: a fresh name.
+    run = os.environ.get(RUN_ENV, "")
+    key = launcher.job_key(run or uuid.uuid4().hex, stage, command)
+    name = launcher.job_name(stage, key)
+    owner = launcher.owner_reference(os.environ)
+    common = dict(name=name, namespace=launcher.in_cluster_namespace(), image=image, command=command,
+                  num_nodes=num_nodes, gpus_per_node=gpus_per_node, workers=workers,
+                  env=launcher.worker_env(workers, run=run), owner=owner,
+                  labels={launcher.STAGE_LABEL: stage, launcher.KEY_LABEL: key})
     if api == "trainer":
         body = launcher.build_trainjob(runtime=runtime, **common)
     else:
@@ -86,7 +91,8 @@ def trainjob(
     check = dict(preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world)
     if prelaunch_check(stage, **check) is None:
         config.load_incluster_config()
-        launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
+        launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s,
+                        owner=owner)
         # Never fall back to computing the stage here (one small CPU pod, and under the job's key).
         if prelaunch_check(stage, **check) is None:
             raise RuntimeError(
