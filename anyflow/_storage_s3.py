@@ -115,11 +115,23 @@ def split(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _wraps_by_context(exc: BaseException) -> bool:
+    """boto3's transfer errors re-raise the botocore error inside ``except`` without ``from``."""
+    try:
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (S3UploadFailedError, S3TransferFailedError)) and not exc.__suppress_context__
+
+
 def _cause(exc: BaseException) -> BaseException:
-    """The botocore error behind a wrapper (boto3's S3UploadFailedError keeps it as ``__context__``)."""
+    """The botocore error behind a wrapper: an explicit ``__cause__`` (``raise ... from``), or the
+    ``__context__`` of boto3's transfer wrappers only. Any other exception raised while another was being
+    handled (a connection error inside an ``except ClientError`` block) is itself the error: following its
+    context would classify a transient failure by the unrelated error before it."""
     seen = 0
     while getattr(exc, "response", None) is None and seen < 5:
-        nxt = exc.__cause__ or exc.__context__
+        nxt = exc.__cause__ or (exc.__context__ if _wraps_by_context(exc) else None)
         if nxt is None:
             break
         exc, seen = nxt, seen + 1

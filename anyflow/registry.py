@@ -21,6 +21,14 @@ of each other can both "win" (last write wins); use a :class:`Lease` or KFP's
 ``max_concurrency=1`` for the recurring run there. Moto (the test server) checks the condition and
 stores in two steps, so the test server itself has a tiny window; the tests do not depend on it.
 
+Retries are idempotent. A conditional PUT whose response is lost is retried by the transport and then
+answered 412 although *our* write landed; a create-only history write likewise. So every alias change
+carries a request id (``request``) in the written document and every history entry carries it in its
+content and file name: after a 412 (or a transient failure that gave up) the registry reads back and
+decides by content -- the alias (or an entry of its rollback stack) holding our request id means our
+write landed -- so each promotion / rollback happens exactly once from the caller's view, with exactly
+one history entry. A caller that retries a whole ``promote`` passes the same ``request_id``.
+
 Version tags are content-based (S3 ETag = MD5 of the bytes; sha256 locally), so a write that restores
 byte-identical content does not invalidate a tag — harmless here, because every alias and lease
 document carries a fresh timestamp and identical bytes mean an identical state.
@@ -90,22 +98,44 @@ def promoted(root: str, name: str) -> dict | None:
     return None if entry is None else {k: v for k, v in entry.items() if k != "stack"}
 
 
-def _record(root: str, name: str, event: dict) -> dict:
+def _new_request() -> str:
+    return uuid.uuid4().hex
+
+
+def _record(root: str, name: str, event: dict, request: str | None = None) -> dict:
     """Append one history entry with a create-only write, so no entry ever overwrites another.
 
     ``seq`` (count of entries seen + 1) orders entries that share a timestamp; two writers racing in
     the same instant may get the same seq, but different file names, and both entries are kept.
+    The file name ends with ``-<event>-<request>.json``: an entry of this request that is already there
+    (a retried write whose response was lost, or a retried call) is returned instead of written twice.
     """
     hdir = _dir(root, name, "history")
-    event = {"at": _now(), "name": name, **event}
+    request = request or _new_request()
+    event = {"at": _now(), "name": name, **event, "request": request}
+    suffix = f"-{event['event']}-{request}.json"
+
+    def mine() -> dict | None:
+        names = [u.rsplit("/", 1)[-1] for u in storage.list_prefix(hdir) if u.endswith(".json")]
+        hit = next((n for n in names if n.endswith(suffix)), None)
+        return None if hit is None else {**storage.read_json(storage.join(hdir, hit)), "file": hit}
+
     for _ in range(20):
+        found = mine()
+        if found is not None:
+            return found
         seq = len([u for u in storage.list_prefix(hdir) if u.endswith(".json")]) + 1
-        fname = f"{_stamp(time.time())}-{seq:06d}.json"
+        fname = f"{_stamp(time.time())}-{seq:06d}{suffix}"
         try:
             storage.write_bytes_if(storage.join(hdir, fname), _bytes({**event, "seq": seq}), if_none_match=True)
             return {**event, "seq": seq, "file": fname}
         except storage.PreconditionFailed:
-            continue
+            continue  # our own write answered late, or a name taken: look again
+        except storage.StorageError:
+            found = mine()  # gave up on transient errors: did the write land anyway?
+            if found is None:
+                raise
+            return found
     raise RegistryError(f"{hdir}: could not add a history entry after 20 tries; check for a runaway writer.")
 
 
@@ -137,28 +167,53 @@ def _check_expected(root: str, name: str, current: dict | None, expected: str | 
         )
 
 
+def _landed(entry: dict | None, request: str) -> bool:
+    """Did the alias change of ``request`` land (it is live, or an entry of the rollback stack)?"""
+    if entry is None:
+        return False
+    return entry.get("request") == request or any(e.get("request") == request for e in entry.get("stack", []))
+
+
 def _swap(root: str, name: str, new: dict, etag: str | None) -> None:
+    """One compare-and-swap of the alias; after a refusal or a give-up, read back and decide by content."""
     url = _dir(root, name, "promoted.json")
     try:
         storage.write_bytes_if(url, _bytes(new), if_match=etag, if_none_match=etag is None)
-    except storage.PreconditionFailed as exc:
-        raise AliasConflict(f"{url}: the alias changed while we were updating it; another run moved it "
-                            f"first — re-read it and retry.") from exc
+    except storage.StorageError as exc:  # PreconditionFailed included
+        try:
+            current, _ = _read_alias(root, name)
+        except Exception:  # cannot tell: report the write's own error
+            current = None
+        if _landed(current, new["request"]):
+            return  # our PUT landed; the 412 answered its retry
+        if isinstance(exc, storage.PreconditionFailed):
+            raise AliasConflict(f"{url}: the alias changed while we were updating it; another run moved it "
+                                f"first — re-read it and retry.") from exc
+        raise
 
 
 def promote(root: str, name: str, uri: str, *, metrics: Mapping[str, Any], reason: str,
-            expected_current: str | None = None) -> dict:
+            expected_current: str | None = None, request_id: str | None = None) -> dict:
     """Point ``name`` at the artifact ``uri`` (verified first) with one compare-and-swap write.
 
     ``expected_current``: the ``manifest_sha256`` the caller believes is live (``NO_ALIAS`` for none);
     ``None`` skips that check (the write is still atomic against concurrent changes).
+    ``request_id``: pass the same id when retrying a call whose outcome is unknown; a promotion that
+    already landed is then returned (and recorded once) instead of being applied again.
     Raises :class:`AliasConflict` (recorded in the history as a ``conflict`` event) if it lost a race.
     """
+    request = request_id or _new_request()
     manifest = storage.verify(uri)
     digest = storage.manifest_digest(uri)
     current, etag = _read_alias(root, name)
+    if _landed(current, request):  # a retried call whose first attempt landed
+        entry = current if current.get("request") == request else next(
+            e for e in current["stack"] if e.get("request") == request)
+        _record(root, name, {"event": "promote", "uri": entry["uri"], "manifest_sha256": entry["manifest_sha256"],
+                             "metrics": entry.get("metrics", {}), "reason": entry.get("reason")}, request)
+        return {k: v for k, v in entry.items() if k != "stack"}
     new = {"name": name, "uri": uri, "manifest_sha256": digest, "kind": manifest["kind"], "since": _now(),
-           "metrics": dict(metrics), "reason": reason, "stack": []}
+           "metrics": dict(metrics), "reason": reason, "request": request, "stack": []}
     if current is not None:
         prev = {k: v for k, v in current.items() if k != "stack"}
         new["stack"] = ([*current.get("stack", []), prev])[-_STACK_MAX:]
@@ -167,10 +222,10 @@ def promote(root: str, name: str, uri: str, *, metrics: Mapping[str, Any], reaso
         _swap(root, name, new, etag)
     except AliasConflict as exc:
         _record(root, name, {"event": "conflict", "uri": uri, "manifest_sha256": digest,
-                             "metrics": dict(metrics), "reason": f"{reason} — not promoted: {exc}"})
+                             "metrics": dict(metrics), "reason": f"{reason} — not promoted: {exc}"}, request)
         raise
     _record(root, name, {"event": "promote", "uri": uri, "manifest_sha256": digest, "metrics": dict(metrics),
-                         "reason": reason, "replaced": current and current["manifest_sha256"]})
+                         "reason": reason, "replaced": current and current["manifest_sha256"]}, request)
     return {k: v for k, v in new.items() if k != "stack"}
 
 
@@ -187,9 +242,15 @@ def record_rejection(root: str, name: str, uri: str, *, metrics: Mapping[str, An
 
 
 def rollback(root: str, name: str, *, reason: str = "manual rollback",
-             expected_current: str | None = None) -> dict:
-    """Restore the previously promoted entry (one compare-and-swap); returns the new live entry."""
+             expected_current: str | None = None, request_id: str | None = None) -> dict:
+    """Restore the previously promoted entry (one compare-and-swap); returns the new live entry.
+    ``request_id`` as in :func:`promote`."""
+    request = request_id or _new_request()
     current, etag = _read_alias(root, name)
+    if current is not None and current.get("request") == request:  # a retried call whose first attempt landed
+        _record(root, name, {"event": "rollback", "uri": current["uri"], "manifest_sha256": current["manifest_sha256"],
+                             "metrics": current.get("metrics", {}), "reason": reason}, request)
+        return {k: v for k, v in current.items() if k != "stack"}
     if current is None or not current.get("stack"):
         raise RegistryError(f"{_dir(root, name, 'promoted.json')}: nothing to roll back to "
                             f"(no earlier promotion of {name!r}).")
@@ -198,11 +259,12 @@ def rollback(root: str, name: str, *, reason: str = "manual rollback",
     if storage.manifest_digest(target["uri"]) != target["manifest_sha256"]:
         raise RegistryError(f"{target['uri']}: the artifact changed since it was promoted (manifest sha256 "
                             f"differs); promote a verified artifact instead of rolling back.")
-    new = {**target, "since": _now(), "reason": f"rollback: {reason}", "stack": current["stack"][:-1]}
+    new = {**target, "since": _now(), "reason": f"rollback: {reason}", "request": request,
+           "stack": current["stack"][:-1]}
     _swap(root, name, new, etag)
     _record(root, name, {"event": "rollback", "uri": target["uri"], "manifest_sha256": target["manifest_sha256"],
                          "metrics": target.get("metrics", {}), "reason": reason,
-                         "replaced": current["manifest_sha256"]})
+                         "replaced": current["manifest_sha256"]}, request)
     return {k: v for k, v in new.items() if k != "stack"}
 
 
@@ -258,10 +320,19 @@ class Lease:
             time.sleep(self.poll_s)
 
     def renew(self) -> None:
-        """Extend our lease by ``ttl_s``; :class:`LeaseLost` if it is no longer ours."""
+        """Extend our lease by ``ttl_s``; :class:`LeaseLost` if it is no longer ours (a 412 that answers
+        our own retried write, whose first response was lost, is recognised by the bytes read back)."""
+        body = self._body(self.ttl_s)
         try:
-            self._etag = storage.write_bytes_if(self.url, self._body(self.ttl_s), if_match=self._etag or "none")
+            self._etag = storage.write_bytes_if(self.url, body, if_match=self._etag or "none")
         except storage.PreconditionFailed as exc:
+            try:
+                got = storage.read_bytes_etag(self.url)
+            except Exception:
+                got = None
+            if got is not None and got[0] == body:
+                self._etag = got[1]
+                return
             raise LeaseLost(self._lost(self._holder_or_none())) from exc
 
     def resume(self) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,3 +204,121 @@ def test_models_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli("models", "show", "gen", "--root", root, "--metrics") == 0
     out = capsys.readouterr().out
     assert f"live = {a1}" in out and "by hand" in out and "conflict" in out and '"fvd": 3' in out
+
+
+# ------------------------------------------------------------------ idempotent retries (issue 22 item 2)
+class LostResponses:
+    """A botocore hook on anyflow's S3 client: the server has applied the PUT, then the response is lost
+    (the client sees a closed connection) -- for the PUTs ``pick(key, attempt)`` selects."""
+
+    def __init__(self, pick: Any) -> None:
+        self.pick, self.dropped, self.seen = pick, 0, {}
+
+    def __call__(self, http_response: Any, parsed: Any, context: Any, **kw: Any) -> None:
+        from botocore.exceptions import ConnectionClosedError
+
+        key = context.get("anyflow_key", "")
+        n = self.seen[key] = self.seen.get(key, 0) + 1
+        if http_response.status_code < 300 and self.pick(key, n):
+            self.dropped += 1
+            raise ConnectionClosedError(endpoint_url=f"lost response of PUT {key}")
+
+    def key_of(self, params: Any, context: Any, **kw: Any) -> None:
+        context["anyflow_key"] = params.get("Key", "")
+
+
+@pytest.fixture
+def lose(s3_server: Any) -> Any:
+    from anyflow import _storage_s3 as s3
+
+    hooks: list[LostResponses] = []
+    events = s3.client().meta.events
+
+    def install(pick: Any) -> LostResponses:
+        h = LostResponses(pick)
+        events.register("before-parameter-build.s3.PutObject", h.key_of)
+        events.register("after-call.s3.PutObject", h)
+        hooks.append(h)
+        return h
+
+    yield install
+    for h in hooks:
+        events.unregister("after-call.s3.PutObject", h)
+        events.unregister("before-parameter-build.s3.PutObject", h.key_of)
+
+
+def _registry_puts(key: str) -> bool:
+    return "/models/" in key and not key.endswith("lease.json")
+
+
+@pytest.mark.s3
+def test_lost_put_responses_are_neither_conflicts_nor_duplicates(s3_server: Any, s3_prefix: str, tmp_path: Path,
+                                                                lose: Any) -> None:
+    """Every registry PUT's first response is lost: each promotion/rollback still succeeds exactly once."""
+    arts = [make_art(s3_prefix, tmp_path, i) for i in (1, 2, 3)]
+    hook = lose(lambda key, n: _registry_puts(key) and n % 2 == 1)  # first try of each write
+    live = NO_ALIAS
+    for a in arts:
+        e = registry.promote(s3_prefix, "gen", a, metrics={"1": {"fvd": 1.0}}, reason="r", expected_current=live)
+        live = e["manifest_sha256"]
+    registry.rollback(s3_prefix, "gen", expected_current=live)
+    assert hook.dropped >= 8
+    bucket, key = s3_prefix.split("://", 1)[1].split("/", 1)
+    c = s3_server.client()  # the server's own state, not what anyflow reports
+    alias = json.loads(c.get_object(Bucket=bucket, Key=f"{key}/models/gen/promoted.json")["Body"].read())
+    assert alias["uri"] == arts[1] and [e["uri"] for e in alias["stack"]] == arts[:1]
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix=f"{key}/models/gen/history/")["Contents"]]
+    events = [json.loads(c.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in sorted(keys)]
+    assert [(e["event"], e["uri"]) for e in events] == [("promote", a) for a in arts] + [("rollback", arts[1])]
+
+
+@pytest.mark.s3
+def test_retried_promote_call_is_applied_once(s3_prefix: str, tmp_path: Path) -> None:
+    a1, a2 = make_art(s3_prefix, tmp_path, 1), make_art(s3_prefix, tmp_path, 2)
+    registry.promote(s3_prefix, "gen", a1, metrics={}, reason="first", request_id="req-1")
+    registry.promote(s3_prefix, "gen", a2, metrics={}, reason="second")
+    again = registry.promote(s3_prefix, "gen", a1, metrics={}, reason="first", request_id="req-1")
+    assert again["uri"] == a1 and registry.promoted(s3_prefix, "gen")["uri"] == a2  # not applied twice
+    assert [e["event"] for e in registry.history(s3_prefix, "gen")] == ["promote", "promote"]
+
+
+def test_connection_error_inside_an_except_block_is_transient() -> None:
+    from botocore.exceptions import ClientError, ConnectionClosedError
+
+    from anyflow import _storage_s3 as s3
+
+    try:
+        try:
+            raise ClientError({"Error": {"Code": "PreconditionFailed"},
+                               "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject")
+        except ClientError:
+            raise ConnectionClosedError(endpoint_url="http://x")  # noqa: B904 - the case under test
+    except ConnectionClosedError as exc:
+        assert isinstance(exc.__context__, ClientError)
+        assert s3.classify(exc) == "transient"
+
+
+@pytest.mark.s3
+def test_faulty_promotions_figures(s3_server: Any, s3_prefix: str, tmp_path: Path, lose: Any) -> None:
+    """Seeded campaign: 30 uncontended promotions, 35 % of registry PUT responses lost."""
+    import random
+
+    rng = random.Random(22)
+    arts = [make_art(s3_prefix, tmp_path, i) for i in range(1, 31)]
+    hook = lose(lambda key, n: _registry_puts(key) and rng.random() < 0.35)
+    false_conflicts = 0
+    for i, a in enumerate(arts):
+        live = registry.promoted(s3_prefix, "gen")
+        try:
+            registry.promote(s3_prefix, "gen", a, metrics={}, reason=f"p{i}",
+                             expected_current=live["manifest_sha256"] if live else NO_ALIAS)
+        except AliasConflict:
+            false_conflicts += 1
+    hist = registry.history(s3_prefix, "gen")
+    promotes = [e["uri"] for e in hist if e["event"] == "promote"]
+    extra = len(hist) - len(arts)
+    print(f"\nlost responses {hook.dropped}; false conflicts {false_conflicts}/30; "
+          f"history entries {len(hist)} for 30 promotions (extra {extra})")
+    assert hook.dropped > 5
+    assert false_conflicts == 0 and promotes == arts and extra == 0
+    assert registry.promoted(s3_prefix, "gen")["uri"] == arts[-1]
