@@ -249,7 +249,7 @@ def test_owner_reference_comes_from_the_kfp_downward_api_env() -> None:
     # an ObjectMeta.ownerReferences entry, as the core schema defines it
     _validate_core({"apiVersion": "v1", "kind": "ConfigMap", "metadata": body["metadata"]})
     api = FakeCustomObjects([[_cond("Complete")]])
-    launcher.launch(api, launcher.TRAINJOB, body, timeout_s=60, poll_s=1, owner=owner, log=lambda s: None,
+    launcher.launch(api, launcher.TRAINJOB, body, timeout_s=60, poll_s=1, log=lambda s: None,
                     sleep=lambda s: None)
     assert api.only()["metadata"]["ownerReferences"] == [owner]
     assert launcher.owner_reference({}) is None and launcher.owner_reference({"KFP_POD_NAME": "p"}) is None
@@ -369,11 +369,11 @@ def test_a_retried_launcher_adopts_the_job_and_takes_ownership() -> None:
     clock = FakeClock(on_sleep=die)
     with pytest.raises(PodKilled):
         launcher.launch(api, launcher.TRAINJOB, body1, timeout_s=600, poll_s=30,
-                        owner=launcher.owner_reference(first), log=lambda s: None, clock=clock, sleep=clock.sleep)
+                        log=lambda s: None, clock=clock, sleep=clock.sleep)
     owner2 = launcher.owner_reference(second)
     body2 = launcher.build_trainjob(**_job_args(owner=owner2))  # the same run: the same name and key
     logs: list[str] = []
-    obj = launcher.launch(api, launcher.TRAINJOB, body2, timeout_s=600, poll_s=30, owner=owner2, log=logs.append,
+    obj = launcher.launch(api, launcher.TRAINJOB, body2, timeout_s=600, poll_s=30, log=logs.append,
                           sleep=lambda s: None)
     assert obj["status"]["conditions"][-1]["type"] == "Complete"
     assert [v for v, _ in api.calls].count("create") == 2 and len(api.objects) == 1  # no second job

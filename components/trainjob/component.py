@@ -76,10 +76,9 @@ def trainjob(
     run = os.environ.get(RUN_ENV, "")
     key = launcher.job_key(run or uuid.uuid4().hex, stage, command)
     name = launcher.job_name(stage, key)
-    owner = launcher.owner_reference(os.environ)
     common = dict(name=name, namespace=launcher.in_cluster_namespace(), image=image, command=command,
                   num_nodes=num_nodes, gpus_per_node=gpus_per_node, workers=workers,
-                  env=launcher.worker_env(workers, run=run), owner=owner,
+                  env=launcher.worker_env(workers, run=run), owner=launcher.owner_reference(os.environ),
                   labels={launcher.STAGE_LABEL: stage, launcher.KEY_LABEL: key})
     if api == "trainer":
         body = launcher.build_trainjob(runtime=runtime, **common)
@@ -91,8 +90,7 @@ def trainjob(
     check = dict(preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world)
     if prelaunch_check(stage, **check) is None:
         config.load_incluster_config()
-        launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s,
-                        owner=owner)
+        launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
         # Never fall back to computing the stage here (one small CPU pod, and under the job's key).
         if prelaunch_check(stage, **check) is None:
             raise RuntimeError(

@@ -324,7 +324,7 @@ class _Job:
         for attempt in range(self.tries):
             try:
                 return fn(k.group, k.version, self.namespace, k.plural, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 (classified below; re-raised when not transient)
+            except Exception as exc:  # classified: re-raised unless transient
                 if not is_transient(exc) or attempt == self.tries - 1:
                     raise
                 delay = min(self.backoff_s * 2**attempt, self.backoff_max_s)
@@ -364,11 +364,11 @@ class _Job:
                 return None
             self._raise("get", exc)
 
-    def set_owner(self, owner: Mapping[str, str]) -> None:
-        """Replace the job's ownerReferences with ``owner`` (a JSON merge patch replaces the whole list)."""
+    def set_owners(self, owners: Sequence[Mapping[str, str]]) -> None:
+        """Replace the job's ownerReferences (a JSON merge patch replaces the whole list)."""
         try:
             self._call("patch", "patch_namespaced_custom_object", self.name,
-                       {"metadata": {"ownerReferences": [dict(owner)]}})
+                       {"metadata": {"ownerReferences": [dict(o) for o in owners]}})
         except Exception as exc:
             self._raise("patch", exc)
 
@@ -403,9 +403,8 @@ def _finished(kind: JobKind, obj: Mapping[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ lifecycle
 
 
-def ensure_job(job: _Job, body: Mapping[str, Any], owner: Mapping[str, str] | None, *,
-               poll_s: float = 5.0, gone_timeout_s: float = 600.0,
-               clock: Callable[[], float] = time.monotonic) -> None:
+def _ensure_job(job: _Job, body: Mapping[str, Any], *, clock: Callable[[], float], poll_s: float = 5.0,
+                gone_timeout_s: float = 600.0) -> None:
     """Create the job, or adopt the one an earlier attempt of this launcher created (409).
 
     Adopting checks the job is ours (same stage and job key labels), moves its ownerReference to this
@@ -413,9 +412,10 @@ def ensure_job(job: _Job, body: Mapping[str, Any], owner: Mapping[str, str] | No
     being deleted is replaced: a retry exists to run the stage again, not to re-report the old failure.
     """
     labels = body["metadata"]["labels"]
+    owners = body["metadata"].get("ownerReferences")
     while True:
         if job.create(body):
-            job.log(f"[anyflow] created {job.ref}" + ("" if owner else
+            job.log(f"[anyflow] created {job.ref}" + ("" if owners else
                     f" without an ownerReference ({POD_NAME_ENV}/{POD_UID_ENV} unset: not a KFP pod)"))
             return
         existing = job.get()
@@ -432,8 +432,8 @@ def ensure_job(job: _Job, body: Mapping[str, Any], owner: Mapping[str, str] | No
             _wait_gone(job, poll_s=poll_s, timeout_s=gone_timeout_s, clock=clock)
             continue
         job.log(f"[anyflow] adopted {job.ref} from an earlier attempt of this run")
-        if owner and meta.get("ownerReferences") != [dict(owner)]:
-            job.set_owner(owner)
+        if owners and meta.get("ownerReferences") != owners:
+            job.set_owners(owners)
         return
 
 
@@ -445,16 +445,9 @@ def _wait_gone(job: _Job, *, poll_s: float, timeout_s: float, clock: Callable[[]
         job.sleep(poll_s)
 
 
-def wait_for_job(api: Any, kind: JobKind, name: str, namespace: str, *, timeout_s: float, poll_s: float = 30.0,
-                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def _wait(job: _Job, *, timeout_s: float, poll_s: float, clock: Callable[[], float]) -> dict[str, Any]:
     """Poll the job until its success condition (returns the object) or failure/timeout (raises; a job
     that timed out is deleted, a failed one kept for its logs until its owner pod is collected)."""
-    job = _Job(api, kind, name, namespace, log=log, sleep=sleep)
-    return _wait(job, timeout_s=timeout_s, poll_s=poll_s, clock=clock)
-
-
-def _wait(job: _Job, *, timeout_s: float, poll_s: float, clock: Callable[[], float]) -> dict[str, Any]:
     deadline = clock() + timeout_s
     seen: set[tuple[str, str]] = set()
     while True:
@@ -502,15 +495,15 @@ def _sigterm_raises(log: Callable[[str], None]) -> Iterator[None]:
 
 
 def launch(api: Any, kind: JobKind, body: Mapping[str, Any], *, timeout_s: float, poll_s: float = 30.0,
-           owner: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
-           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Create (or adopt) ``body`` owned by ``owner`` and wait for it; returns the finished object.
+           log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Create (or adopt, taking over as its owner) ``body`` and wait for it; returns the finished object.
     On SIGTERM the job is deleted and :class:`Cancelled` raised (the step fails, the GPUs are freed)."""
     meta = body["metadata"]
     job = _Job(api, kind, meta["name"], meta["namespace"], log=log, sleep=sleep)
     with _sigterm_raises(log):
         try:
-            ensure_job(job, body, owner, clock=clock)
+            _ensure_job(job, body, clock=clock)
             return _wait(job, timeout_s=timeout_s, poll_s=poll_s, clock=clock)
         except Cancelled:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the delete
