@@ -26,7 +26,6 @@ CRD_FILES = {
     "TrainingRuntime": "trainer-v2.3.0/trainer.kubeflow.org_trainingruntimes.yaml",
     "ClusterTrainingRuntime": "trainer-v2.3.0/trainer.kubeflow.org_clustertrainingruntimes.yaml",
     "PyTorchJob": "training-operator-v1.9.4/kubeflow.org_pytorchjobs.yaml",
-    "CronWorkflow": "argo-v4.0.5/argoproj.io_cronworkflows.yaml",
     "WorkflowTaskResult": "argo-v4.0.5/argoproj.io_workflowtaskresults.yaml",
 }
 
