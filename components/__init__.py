@@ -1,8 +1,10 @@
 """KFP v2 components for AnyFlow: one thin Python component per stage (no maths).
 
-Each ``components/<stage>/component.py`` defines a plain function whose body calls
-``anyflow.stages.run_stage`` (``components/record_stage`` writes a run's stage record after each); :func:`make_component` turns it into a KFP component bound to the
-project image. Building components from functions (rather than decorating at import time) lets
+Each ``components/<stage>/component.py`` defines a plain function whose body is one call of
+``components._io.run_component`` (inputs as artifacts or ``<role>_uri`` strings, then
+``anyflow.stages.run_stage``, in-process or under torchrun: ``components/_torchrun.py``);
+``components/record_stage`` writes a run's stage record after each; :func:`make_component` turns it into a
+KFP component bound to the project image. Building components from functions (rather than decorating at import time) lets
 ``anyflow compile --image …`` pick the image without import-order tricks.
 """
 
@@ -22,6 +24,18 @@ IMAGE_PLACEHOLDER = f"{IMAGE_REPOSITORY}:unset-pass-image"
 STAGE_NAMES: tuple[str, ...] = (
     "prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate",
 )
+#: The stages that train: on a pod with G GPUs their component runs G processes (``nproc_per_node``).
+TRAINING_STAGES: tuple[str, ...] = ("train_teacher", "train_flowmap", "distill", "finetune")
+
+
+def process_args(stage: str, gpus: int) -> dict[str, int]:
+    """The compile-time process count of a one-pod ``stage`` task on a pod with ``gpus`` GPUs:
+    ``{"nproc_per_node": G}`` for a training stage (one process per GPU, 1 without GPUs; the same rule as
+    the multi-node launcher's ``procs_per_node``), ``{}`` for the others. It is part of the artifact's
+    key (``world_size``), so it is fixed when the pipeline is compiled, from the platform."""
+    from components.trainjob.launcher import procs_per_node
+
+    return {"nproc_per_node": procs_per_node(gpus)} if stage in TRAINING_STAGES else {}
 
 
 def default_image() -> str:

@@ -7,6 +7,15 @@ Pointer convention: when a component writes into the content-addressed store (``
 KFP output artifact carries ``metadata["anyflow_uri"]`` and a small pointer file
 ``{"anyflow_uri": …}`` at its path; downstream components resolve
 ``metadata["anyflow_uri"] or <pointer file> or artifact.path``.
+
+Two ways in: every stage component takes each input role either as a KFP input artifact (the full DAG:
+a small pointer file in store mode) or as a ``<role>_uri`` string parameter (single-stage reruns and
+evaluate-only). The string wins. Reruns pass strings only, never ``dsl.importer``: the KFP backend copies
+an importer's ``metadata`` into the artifact verbatim (a pipeline parameter placed there reaches the
+component as the literal placeholder; kubeflow/pipelines 2.17.0 backend/src/v2/component/importer_launcher.go,
+``ImportSpecToMLMDArtifact``), and the KFP launcher downloads every input artifact whole before the
+component starts (a rerun's checkpoint inputs would be copied into the pod for nothing: the stage reads
+them from the store itself, manifest-verified).
 """
 
 from __future__ import annotations
@@ -39,12 +48,17 @@ def parse_overrides(overrides_json: str) -> dict[str, Any]:
     return value
 
 
-def input_uri(artifact: Any) -> str:
-    """The anyflow artifact URL behind a KFP input artifact.
+def input_uri(artifact: Any, uri: str = "") -> str:
+    """The anyflow artifact URL of one input role: ``uri`` (its ``<role>_uri`` string parameter) when
+    given, else the URL behind the KFP input artifact.
 
-    Order: ``metadata["anyflow_uri"]`` (store mode or importer), then a pointer file at the path,
-    then the artifact's local path itself (artifact written directly into the KFP output).
+    Artifact order: ``metadata["anyflow_uri"]`` (store mode), then a pointer file at the path, then the
+    artifact's local path itself (artifact written directly into the KFP output).
     """
+    if uri:
+        return str(uri)
+    if artifact is None:
+        raise ValueError("input_uri: neither a URL nor an input artifact was given")
     meta = getattr(artifact, "metadata", None) or {}
     if meta.get(POINTER_KEY):
         return str(meta[POINTER_KEY])
@@ -58,6 +72,40 @@ def input_uri(artifact: Any) -> str:
         if isinstance(pointer, dict) and pointer.get(POINTER_KEY):
             return str(pointer[POINTER_KEY])
     return path
+
+
+def stage_inputs(artifacts: Mapping[str, Any], uris: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Role → artifact URL for ``run_stage`` from a component's input artifacts and ``<role>_uri`` strings.
+
+    A role's string wins over its artifact (:func:`input_uri`); a role with neither is left out, so
+    ``run_stage`` names the missing required roles (a bad-input error, not retried in the same run).
+    """
+    uris = uris or {}
+    roles = [*artifacts, *(r for r in uris if r not in artifacts)]
+    return {role: input_uri(artifacts.get(role), uris.get(role, "")) for role in roles
+            if uris.get(role) or artifacts.get(role) is not None}
+
+
+def run_component(stage: str, output: Any, *, preset: str, overrides_json: str, store: str,
+                  artifacts: Mapping[str, Any] | None = None, uris: Mapping[str, str] | None = None,
+                  metrics: Any = None, nproc_per_node: int = 1, extra_overrides_json: str = "") -> Any:
+    """The body every stage component shares: resolve the inputs, run (or reuse) the stage, record the
+    result on the KFP output ``output`` (:func:`record_output`), log its metrics; returns the ``StageResult``.
+
+    ``nproc_per_node`` > 1 runs the stage as that many processes under torchrun in this pod
+    (:func:`components._torchrun.run_in_pod`); 1 runs it in this process.
+    """
+    from anyflow.config import merge_overrides
+    from components._torchrun import run_in_pod
+
+    overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
+    inputs = stage_inputs(artifacts or {}, uris)
+    res = run_in_pod(stage, output, store, nproc_per_node=nproc_per_node, preset=preset, overrides=overrides,
+                     inputs=inputs)
+    record_output(output, res, store, stage, inputs=inputs)
+    if metrics is not None:
+        log_metrics(metrics, res.metrics)
+    return res
 
 
 def stage_target(output: Any, store: str) -> tuple[str | None, str | None]:

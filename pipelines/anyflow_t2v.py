@@ -43,6 +43,7 @@ def build_training_pipeline(
         check_image,
         default_image,
         make_component,
+        process_args,
     )
     from components.trainjob.component import trainjob
     from pipelines.records import record
@@ -60,7 +61,9 @@ def build_training_pipeline(
 
         res = plat.for_stage(stage)
         if res.num_nodes <= 1:
-            return plat.apply(comps[stage](**inputs, **common), stage).outputs[out_key]
+            # one pod: one process per GPU of it (torchrun inside the component, components/_torchrun.py)
+            task = comps[stage](**inputs, **common, **process_args(stage, res.gpus))
+            return plat.apply(task, stage).outputs[out_key]
         task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
                         overrides_json=common["overrides_json"],
                         num_nodes=res.num_nodes, gpus_per_node=res.gpus,

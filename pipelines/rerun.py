@@ -1,12 +1,17 @@
-"""Single-stage rerun: one stage whose inputs are earlier artifacts imported by URI (``dsl.importer``).
+"""Single-stage rerun: one stage whose inputs are earlier artifacts named by store URL.
 
-``anyflow-rerun-<stage>`` takes one ``<role>_uri`` parameter per input role. Each importer also puts
-the URI in ``metadata["anyflow_uri"]`` so the component reads the artifact through the anyflow
-storage layer (verified manifest) instead of relying on the launcher's download.
+``anyflow-rerun-<stage>`` takes one ``<role>_uri`` string parameter per input role and passes it
+straight to the stage component's ``<role>_uri`` parameter; the component reads the artifact from the
+store itself (manifest-verified, :func:`components._io.input_uri`). No ``dsl.importer``: the KFP backend
+copies an importer's metadata verbatim (a pipeline parameter there would reach the component as the literal
+placeholder; kubeflow/pipelines 2.17.0 backend/src/v2/component/importer_launcher.go), and an imported
+artifact would be downloaded whole into the pod before the component starts.
 
 ``anyflow rerun --run RUN_ID --store URL`` fills those parameters from the stage records an earlier
 run left under ``<store>/runs/<RUN_ID>/`` (:mod:`anyflow.ops.record`); the rerun's own output is
 recorded under its own run id the same way (a ``record_stage`` task after the stage: :mod:`pipelines.records`).
+A training stage runs one process per GPU of its pod (``nproc_per_node`` from the platform), as in the full
+pipeline.
 """
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 
@@ -30,7 +35,7 @@ STAGE_OUTPUT: dict[str, tuple[str, str]] = {
     "train_flowmap": ("flowmap", "Model"), "distill": ("generator", "Model"),
     "finetune": ("finetuned", "Model"), "evaluate": ("report", "Artifact"),
 }
-#: Optional roles a rerun may also import when a URI is given.
+#: Optional roles: always a ``<role>_uri`` parameter of the rerun, empty (not given) unless a URI is.
 OPTIONAL_INPUTS: dict[str, dict[str, str]] = {"evaluate": {"flowmap": "Model"}}
 
 
@@ -44,16 +49,13 @@ def rerun_pipeline_name(stage: str) -> str:
 
 
 def check_roles(stage: str, uris: Mapping[str, str]) -> dict[str, str]:
-    """Validate ``uris`` against the stage's roles; returns the roles to import (required + given optional)."""
+    """Validate ``uris`` against the stage's roles; returns every role of the stage (required, then optional)."""
     if stage not in STAGE_INPUTS:
         raise RerunError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGE_INPUTS)}.")
-    roles = dict(STAGE_INPUTS[stage])
-    optional = OPTIONAL_INPUTS.get(stage, {})
+    roles = {**STAGE_INPUTS[stage], **OPTIONAL_INPUTS.get(stage, {})}
     for role in uris:
-        if role not in roles and role not in optional:
-            raise RerunError(f"stage {stage!r} has no input role {role!r}; its roles: {', '.join([*roles, *optional])}.")
-        if role in optional:
-            roles[role] = optional[role]
+        if role not in roles:
+            raise RerunError(f"stage {stage!r} has no input role {role!r}; its roles: {', '.join(roles)}.")
     return roles
 
 
@@ -61,30 +63,27 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
                          platform: "Platform | None" = None, image: "str | None" = None,
                          name: "str | None" = None):
     """Return a pipeline running only ``stage``; ``uris`` (role → artifact URL) become the defaults
-    of the ``<role>_uri`` parameters (without them each parameter is required at submit time)."""
+    of the ``<role>_uri`` parameters (without them a required role's parameter is required at submit
+    time; an optional role's defaults to empty: not given)."""
     from kfp import dsl
     from kfp.dsl import Artifact, Dataset, Model
 
-    from components import build_components, build_record_component
+    from components import build_components, build_record_component, process_args
     from pipelines.records import record
 
     uris = dict(uris or {})
     roles = check_roles(stage, uris)
+    optional = OPTIONAL_INPUTS.get(stage, {})
     classes = {"Dataset": Dataset, "Model": Model, "Artifact": Artifact}
     out_name, out_cls = STAGE_OUTPUT[stage]
     comp = build_components(image)[stage]
     recorder = build_record_component(image)
     plat = platform or Platform()
+    procs = process_args(stage, plat.for_stage(stage).gpus)
 
     def body(preset: str, overrides_json: str, store: str, **role_uris: str) -> None:
-        inputs = {}
-        for role, cls_name in roles.items():
-            uri = role_uris[f"{role}_uri"]
-            imp = dsl.importer(artifact_uri=uri, artifact_class=classes[cls_name], reimport=False,
-                               metadata={"anyflow_uri": uri})
-            imp.set_display_name(f"import_{role}")
-            inputs[role] = imp.output
-        task = comp(preset=preset, overrides_json=overrides_json, store=store, **inputs)
+        # plain string parameters, bound to the pipeline's own: the component opens the store URLs itself
+        task = comp(preset=preset, overrides_json=overrides_json, store=store, **role_uris, **procs)
         plat.apply(task, stage).set_display_name(stage)
         # the rerun's own output is recorded under <store>/runs/<its KFP run id>/ like any run's
         record(recorder, plat, task.outputs[out_name], store, stage)
@@ -97,8 +96,9 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
         inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
     ]
     for role in roles:
-        default = uris.get(role, inspect.Parameter.empty)
-        params.append(inspect.Parameter(f"{role}_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str))
+        default = uris.get(role, "" if role in optional else inspect.Parameter.empty)
+        params.append(inspect.Parameter(f"{role}_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=str))
     params.sort(key=lambda p: p.default is not inspect.Parameter.empty)
 
     names = [p.name for p in params]
@@ -110,6 +110,7 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     pipeline_func.__signature__ = inspect.Signature(params, return_annotation=classes[out_cls])
     pipeline_func.__annotations__ = {**{p.name: str for p in params}, "return": classes[out_cls]}
     pipeline_func.__name__ = (name or rerun_pipeline_name(stage)).replace("-", "_")
-    pipeline_func.__doc__ = f"Rerun {stage} on artifacts imported by URI ({', '.join(roles) or 'no inputs'})."
+    pipeline_func.__doc__ = (f"Rerun {stage} on earlier artifacts given by store URL "
+                             f"({', '.join(f'{r}_uri' for r in roles) or 'no inputs'}).")
     return dsl.pipeline(name=name or rerun_pipeline_name(stage),
                         description=f"AnyFlow: rerun the {stage} stage on earlier artifacts.")(pipeline_func)

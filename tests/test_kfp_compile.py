@@ -205,22 +205,41 @@ def test_platform_unknown_keys_are_errors(tmp_path: Path, text: str, key: str) -
         Platform.from_yaml(cfg)
 
 
-def test_rerun_pipeline_imports_given_uris(tmp_path: Path) -> None:
+def test_rerun_pipeline_passes_given_uris_as_string_parameters(tmp_path: Path) -> None:
+    # No importers (their metadata is not resolved by the backend and their artifacts are downloaded whole):
+    # each <role>_uri pipeline parameter goes straight to the stage task (tests/test_rerun_backend.py).
     uris = {"dataset": "s3://b/artifacts/prepare_data/k1", "teacher": "s3://b/artifacts/train_teacher/k2",
             "flowmap": "s3://b/artifacts/train_flowmap/k3"}
     out = compile_pipeline_func(build_rerun_pipeline("distill", uris), tmp_path / "r.yaml")
-    spec, _ = _docs(out)
+    spec, k8s = _docs(out)
     tasks = spec["root"]["dag"]["tasks"]
-    importers = {n: t for n, t in tasks.items() if n.startswith("importer")}
-    assert len(importers) == 3 and set(tasks) == {*importers, "distill", "condition-1"}  # + its record task
+    assert set(tasks) == {"distill", "condition-1"}  # the stage and its record task
     assert tasks["condition-1"]["taskInfo"]["name"] == "record-distill"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {r: params[f"{r}_uri"]["defaultValue"] for r in uris} == uris
-    execs = spec["deploymentSpec"]["executors"]
-    imp_execs = [e["importer"] for n, e in execs.items() if "importer" in e]
-    assert len(imp_execs) == 3 and all(e["metadata"]["anyflow_uri"] for e in imp_execs)
-    wired = {k: v["taskOutputArtifact"]["producerTask"] for k, v in tasks["distill"]["inputs"]["artifacts"].items()}
-    assert set(wired) == set(uris) and set(wired.values()) == set(importers)
+    assert not [e for e in spec["deploymentSpec"]["executors"].values() if "importer" in e]
+    inputs = tasks["distill"]["inputs"]
+    assert "artifacts" not in inputs
+    assert {r: inputs["parameters"][f"{r}_uri"] for r in uris} == {
+        r: {"componentInputParameter": f"{r}_uri"} for r in uris}
+    # a training stage's pod runs one process per GPU the platform gives it (8 by default), with a sized /dev/shm
+    gpus = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]["accelerator"]
+    assert inputs["parameters"]["nproc_per_node"]["runtimeValue"]["constant"] == int(gpus["resourceCount"]) == 8
+    shm = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]["emptyDirMounts"]
+    assert {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"} in shm
+
+
+def test_one_pod_training_stages_get_a_process_per_gpu(tmp_path: Path) -> None:
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+
+    plat = Platform.from_dict({"stages": {"train_teacher": {"gpus": 4}, "train_flowmap": {"gpus": 0}}})
+    spec, _ = _docs(compile_pipeline_func(build_t2v_pipeline(plat), tmp_path / "p.yaml"))
+    tasks = {n: t for _, n, t in _walk_tasks(spec)}
+    nproc = {n: t["inputs"]["parameters"].get("nproc_per_node", {}).get("runtimeValue", {}).get("constant")
+             for n, t in tasks.items() if "parameters" in t.get("inputs", {})}
+    assert nproc["train-teacher"] == 4 and nproc["train-flowmap"] == 1  # no GPUs: one process
+    assert nproc["distill"] == 8 and nproc["finetune"] == 8
+    assert nproc["prepare-data"] is None and nproc["evaluate"] is None  # not training stages
 
 
 def test_rerun_rejects_unknown_stage_and_role() -> None:

@@ -13,7 +13,15 @@ import pytest
 from kfp import dsl
 
 import components
-from components._io import flatten_metrics, input_uri, log_metrics, parse_overrides, record_output, stored_uri
+from components._io import (
+    flatten_metrics,
+    input_uri,
+    log_metrics,
+    parse_overrides,
+    record_output,
+    stage_inputs,
+    stored_uri,
+)
 
 EXPECTED_IO = {
     "prepare_data": ({}, {"dataset": "system.Dataset"}),
@@ -29,6 +37,9 @@ EXPECTED_IO = {
 }
 
 
+TRAINING = ("train_teacher", "train_flowmap", "distill", "finetune")
+
+
 @pytest.mark.parametrize("stage", sorted(EXPECTED_IO))
 def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANYFLOW_IMAGE", "registry.example/anyflow-train:v0.1.0-abc1234")
@@ -40,11 +51,16 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     got_out = {k: v.type for k, v in (spec.outputs or {}).items()}
     assert {k: t.split("@")[0] for k, t in got_in.items()} == ins
     assert {k: t.split("@")[0] for k, t in got_out.items()} == outs
+    # every input artifact is optional: a rerun passes its store URL as the <role>_uri string instead
+    assert all(spec.inputs[k].optional for k in ins), {k: spec.inputs[k].optional for k in ins}
     params = {k: v for k, v in spec.inputs.items() if not v.type.startswith("system.")}
     # no run id / record name: a stage task's KFP cache key is the same in every run (record_stage records)
     expected = {"preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
+    expected.update({f"{role}_uri": ("String", "") for role in ins})
     if stage == "prepare_data":  # the finetune branch's own data overrides, over the common ones
         expected["extra_overrides_json"] = ("String", "{}")
+    if stage in TRAINING:  # one process per GPU of the pod, set at compile time from the platform
+        expected["nproc_per_node"] = ("Integer", 1)
     assert {k: (v.type, v.default) for k, v in params.items()} == expected
     for name, io in {**spec.inputs, **spec.outputs}.items():
         assert io.description, f"{stage}: parameter {name!r} has no docstring entry"
@@ -53,7 +69,9 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert container.image == f"registry.example/{repo}:v0.1.0-abc1234"
     assert "pip install" not in " ".join(container.command)
     src = inspect.getsource(components.stage_functions()[stage])
-    assert f'run_stage("{stage}"' in src and "torch" not in src  # thin: calls the stage, no maths
+    # thin: one call of the shared body (components._io.run_component: inputs, run_stage, record), no maths
+    assert f'run_component("{stage}"' in src and "run_stage" not in src
+    assert "import torch" not in src and "from torch" not in src
 
 
 def test_record_stage_component_interface(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,6 +117,12 @@ def test_input_uri_resolution_order(tmp_path: Path) -> None:
     assert input_uri(dsl.Model(uri=str(pointer))) == "s3://b/artifacts/distill/k"
     meta = dsl.Model(uri=str(pointer), metadata={"anyflow_uri": "s3://b/artifacts/distill/other"})
     assert input_uri(meta) == "s3://b/artifacts/distill/other"  # metadata wins
+    assert input_uri(meta, "s3://b/artifacts/distill/given") == "s3://b/artifacts/distill/given"  # a <role>_uri wins
+    assert input_uri(None, "s3://b/x") == "s3://b/x"
+    # per role: the string, else the artifact; a role with neither is left out (run_stage names it)
+    got = stage_inputs({"dataset": meta, "teacher": None, "flowmap": None},
+                       {"dataset": "", "teacher": "s3://b/t", "flowmap": ""})
+    assert got == {"dataset": "s3://b/artifacts/distill/other", "teacher": "s3://b/t"}
 
 
 def test_overrides_and_metrics_helpers() -> None:

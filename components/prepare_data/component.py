@@ -25,11 +25,7 @@ def prepare_data(
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
     """
-    from anyflow.config import merge_overrides
-    from anyflow.stages import run_stage
-    from components._io import parse_overrides, record_output, stage_target
+    from components._io import run_component
 
-    store_url, out = stage_target(dataset, store)
-    overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
-    res = run_stage("prepare_data", preset=preset, overrides=overrides, inputs={}, store=store_url, out=out)
-    record_output(dataset, res, store, "prepare_data", inputs={})
+    run_component("prepare_data", dataset, preset=preset, overrides_json=overrides_json, store=store,
+                  extra_overrides_json=extra_overrides_json)

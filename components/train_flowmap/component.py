@@ -4,12 +4,14 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
 def train_flowmap(
-    dataset: Input[Dataset],
     flowmap: Output[Model],
     metrics: Output[Metrics],
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
+    dataset: Input[Dataset] = None,
+    dataset_uri: str = "",
+    nproc_per_node: int = 1,
 ) -> None:
     """Train the flow-map model (forward flow-map loss, fused CFG) on the dataset.
 
@@ -17,20 +19,21 @@ def train_flowmap(
 
     Args:
         dataset: Dataset artifact from prepare_data.
+            Not needed when ``dataset_uri`` is given.
         preset: Preset name, e.g. ``tiny``.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL; empty writes into the KFP output.
+        dataset_uri: Store URL of the dataset artifact, instead of the ``dataset`` input artifact (reruns).
+        nproc_per_node: Processes to run in this pod, one per GPU (the platform's GPUs of the stage);
+            more than one runs the stage under torchrun (components/_torchrun.py).
 
     Returns:
         flowmap: Output flow-map checkpoint artifact.
         metrics: Output scalar training metrics for the KFP UI.
     """
-    from anyflow.stages import run_stage
-    from components._io import input_uri, log_metrics, parse_overrides, record_output, stage_target
+    from components._io import run_component
 
-    store_url, out = stage_target(flowmap, store)
-    inputs = {"dataset": input_uri(dataset)}
-    res = run_stage("train_flowmap", preset=preset, overrides=parse_overrides(overrides_json),
-                    inputs=inputs, store=store_url, out=out)
-    record_output(flowmap, res, store, "train_flowmap", inputs=inputs)
-    log_metrics(metrics, res.metrics)
+    run_component("train_flowmap", flowmap, metrics=metrics, preset=preset, overrides_json=overrides_json, store=store,
+                  artifacts={"dataset": dataset},
+                  uris={"dataset": dataset_uri},
+                  nproc_per_node=nproc_per_node)
