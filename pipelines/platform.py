@@ -153,10 +153,11 @@ class Platform:
         if res.retries > 0:
             task.set_retry(num_retries=res.retries, backoff_duration=res.backoff,
                            backoff_factor=res.backoff_factor, backoff_max_duration=res.backoff_max)
-            # KFP retries every failure; tagging each attempt with its run (the Argo workflow every
-            # pod of the run is labelled with) lets a retry of a bad-input failure stop at once
-            # (anyflow.stages: FAILED.json). A pod env, not a task input: the cache key is unchanged.
-            kubernetes.use_field_path_as_env(task, RUN_ENV, RUN_FIELD_PATH)
+        # Every pod knows its run (the Argo workflow every pod of the run is labelled with): a KFP retry of a
+        # bad-input failure stops at once (anyflow.stages: FAILED.json), and a multi-node launcher names its
+        # job after (run, stage), so a launcher started again for the same run adopts its job instead of
+        # starting a second one. A pod env, not a task input: the cache key is unchanged.
+        kubernetes.use_field_path_as_env(task, RUN_ENV, RUN_FIELD_PATH)
         # A record task must run in every run (after a KFP cache hit of its stage too): never cached.
         task.set_caching_options(enable_caching=self.caching and stage != RECORD_PROFILE)
         return task

@@ -78,12 +78,13 @@ def test_t2v_structure_and_platform_settings() -> None:
     assert d["securityContext"]["runAsNonRoot"] is True
     assert d["activeDeadlineSeconds"] == str(72 * 3600)
     assert "tolerations" not in k8s["exec-prepare-data"]
-    # Every retried task learns its KFP run from the pod's Argo workflow label (bad-input marker, issue 9).
+    # Every task learns its KFP run from the pod's Argo workflow label: a retry's bad-input marker (issue 9),
+    # and the multi-node launcher's job name per (run, stage), also without retries (issue 16).
     run_env = {"name": "ANYFLOW_KFP_RUN", "fieldPath": "metadata.labels['workflows.argoproj.io/workflow']"}
     assert run_env in d["fieldPathAsEnv"]
     for task_name, task in tasks.items():
         exe = task.get("componentRef", {}).get("name", "").replace("comp-", "exec-")
-        if "retryPolicy" in task:
+        if exe in k8s:
             assert run_env in k8s[exe].get("fieldPathAsEnv", []), task_name
 
 
@@ -189,7 +190,9 @@ def test_platform_yaml_overrides_reach_compiled_yaml(tmp_path: Path) -> None:
     assert "pvcMount" not in d and any(m["mountPath"] == "/cache/models" for m in d["emptyDirMounts"])
     tasks = spec["root"]["dag"]["tasks"]
     assert "retryPolicy" not in tasks["distill"] and tasks["distill"]["cachingOptions"] == {}
-    assert "fieldPathAsEnv" not in d  # no retries, no run tag needed
+    # no retries, yet the run tag: a launcher started again for the same run must find its job by name
+    assert d["fieldPathAsEnv"] == [{"name": "ANYFLOW_KFP_RUN",
+                                    "fieldPath": "metadata.labels['workflows.argoproj.io/workflow']"}]
 
 
 @pytest.mark.parametrize("text, key", [
