@@ -24,8 +24,8 @@ def trainjob(
 ) -> None:
     """Launch ``stage`` on ``num_nodes`` nodes (torchrun) as a TrainJob / PyTorchJob and wait for it.
 
-    The launcher pod itself needs no GPU; it needs the ``anyflow-launcher`` service account (see
-    manifests/) to create, get, patch and delete the job, which it creates in its own namespace, owned by
+    The launcher pod itself needs no GPU; it runs as KFP's runner account, which manifests/ binds to the
+    ``anyflow-launcher`` Role to create, get, patch and delete the job, which it creates in its own namespace, owned by
     its own pod. A retried attempt of the same KFP run adopts the job instead of starting a second one; a
     cancelled run (SIGTERM) deletes it. The workers publish into ``store``; after the job succeeds the
     launcher resolves the same content-addressed artifact (a cache hit, no recompute).
