@@ -297,3 +297,22 @@ def test_eval_image_follows_the_train_image(monkeypatch, tmp_path: Path) -> None
     monkeypatch.setenv("ANYFLOW_EVAL_IMAGE", "registry.example/vbench-eval:latest")
     with pytest.raises(ValueError, match="immutable tag"):
         eval_image_for(train)
+
+
+def test_prepare_data_takes_the_uncached_source_fingerprint(tmp_path: Path) -> None:
+    # KFP keys a task on its inputs (kubeflow/pipelines 2.17.0 backend/src/v2/cacheutils/cache.go: parameter
+    # values, artifact names, image, command), never on what a URL holds. Every prepare_data task must take the
+    # output of a fingerprint task that is never cached, or new videos under the same prefix are a cache hit.
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+
+    spec, _ = _docs(compile_pipeline_func(build_t2v_pipeline(Platform()), tmp_path / "p.yaml"))
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    tasks = {name: task for dag in dags for name, task in dag["tasks"].items()}
+    prepares = {n: t for n, t in tasks.items() if t["componentRef"]["name"].startswith("comp-prepare-data")}
+    assert len(prepares) == 2, sorted(prepares)  # training data and the fine-tuning branch's data
+    for name, task in prepares.items():
+        source = task["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]["producerTask"]
+        producer = tasks[source]
+        assert producer["componentRef"]["name"].startswith("comp-source-fingerprint"), name
+        assert not producer.get("cachingOptions", {}).get("enableCache"), (name, producer.get("cachingOptions"))
+        assert task["cachingOptions"]["enableCache"] is True  # prepare_data itself stays cacheable

@@ -39,3 +39,20 @@ def test_procedural_keys_do_not_list_anything(tmp_path: Path) -> None:
     from anyflow.stages.prepare_data import source_digest
 
     assert source_digest(get_preset("tiny")) is None  # made from its spec alone: keys from before stay valid
+
+
+def test_the_fingerprint_task_changes_with_the_source(tmp_path: Path) -> None:
+    import json
+
+    from components.source_fingerprint.component import source_fingerprint
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _clip(videos, "a", 0)
+    common = json.dumps({"data.height": 32})
+    extra = json.dumps({"data.source": str(videos)})  # the fine-tuning branch's own source, over the run's
+    first = source_fingerprint("tiny", common, extra)
+    assert len(first) == 64 and first == source_fingerprint("tiny", common, extra)
+    _clip(videos, "b", 1)
+    assert source_fingerprint("tiny", common, extra) != first
+    assert source_fingerprint("tiny", common) == ""  # the tiny preset's procedural source lists nothing

@@ -9,6 +9,7 @@ def prepare_data(
     overrides_json: str = "{}",
     store: str = "",
     extra_overrides_json: str = "{}",
+    source_fingerprint: str = "",
 ) -> None:
     """Prepare the training dataset (procedural for ``tiny``; videos + captions otherwise).
 
@@ -21,6 +22,9 @@ def prepare_data(
             writes the artifact into the KFP output itself.
         extra_overrides_json: Overrides applied over ``overrides_json`` (the pipeline's fine-tuning
             dataset: the run's common overrides, then its own data source and settings).
+        source_fingerprint: What the data source holds now (the ``source_fingerprint`` task's output). Not
+            read here: it is an input so that KFP's cache key changes when videos are added under the same
+            source (the stage's store key holds the same digest).
 
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
