@@ -217,7 +217,8 @@ def download_verified(
                             m.update(chunk)
                         n += len(chunk)
             except FileNotFoundError as exc:
-                raise ArtifactError(f"{file_url}: file listed in the manifest is missing; "
+                where = "" if file_url.endswith("/" + rel) else f" (stored at {file_url})"
+                raise ArtifactError(f"{str(art_url).rstrip('/')}/{rel}: file listed in the manifest is missing{where}; "
                                     f"re-publish the artifact.") from exc
         got = {"size": n, "sha256": h.hexdigest(), **({"md5": m.hexdigest()} if m is not None else {})}
         if _matches(got, entry):

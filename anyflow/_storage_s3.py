@@ -335,7 +335,8 @@ def list_objects(url: str, *, limit: int | None = None) -> list[dict]:
     while True:
         r = call(url, lambda token=token: page(token))
         for o in r.get("Contents", []):
-            out.append({"key": o["Key"][len(prefix):], "size": o["Size"], "etag": o.get("ETag", "")})
+            out.append({"key": o["Key"][len(prefix):], "size": o["Size"], "etag": o.get("ETag", ""),
+                        "modified": o.get("LastModified")})
         if not r.get("IsTruncated") or (limit and len(out) >= limit):
             return out
         token = r["NextContinuationToken"]

@@ -3,7 +3,8 @@
 Artifacts (DESIGN.md "Stages and artifacts") are directories at a URL: safetensors tensors,
 ``config.json`` and ``manifest.json``. The manifest is the commit record:
 
-* ``publish`` first **removes** any existing manifest, then uploads every file (streamed; multipart
+* ``publish`` to S3 is safe under concurrent writers of one URL (unique staging prefix per writer,
+  conditional manifest write: see :func:`_publish_remote`). Locally, ``publish`` first **removes** any existing manifest, then uploads every file (streamed; multipart
   and concurrent above ``ANYFLOW_S3_MULTIPART_THRESHOLD``), then writes ``config.json`` and finally
   ``manifest.json``. A writer killed at any point leaves a directory without a manifest (or, locally,
   only ``.tmp`` files), which every reader refuses. A rerun overwrites cleanly: the manifest lists
@@ -52,7 +53,7 @@ __all__ = [
     "ArtifactError", "PreconditionFailed", "StorageError", "check_name", "configure", "copy_file", "delete",
     "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix", "listed_file",
     "manifest_digest", "mirror", "open_url", "publish", "read_bytes", "read_json", "read_manifest",
-    "verify", "write_bytes", "write_json_atomic",
+    "verify", "verify_cached", "write_bytes", "write_json_atomic",
 ]
 
 MANIFEST = "manifest.json"
@@ -244,7 +245,8 @@ def publish(
     parent_refs = [{"uri": str(p), "manifest_sha256": manifest_digest(p), "kind": read_manifest(p)["kind"]}
                    for p in parents]
     if is_remote(dst):
-        s3.check_bucket(dst)
+        return _publish_remote(src, dst, kind=kind, parent_refs=parent_refs, config=config, metrics=metrics,
+                               extra=extra)
     delete([join(dst, MANIFEST)])  # from here on, no reader accepts the directory
 
     rels = [r for r in _local_files(src) if not (config is not None and r == CONFIG)]
@@ -265,7 +267,21 @@ def publish(
         write_bytes(join(dst, CONFIG), config_bytes)
         files[CONFIG] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
 
-    manifest = {
+    manifest = _manifest_doc(kind, files, parent_refs, metrics, extra)
+    write_json_atomic(join(dst, MANIFEST), manifest)
+    stale = [u for u in list_prefix(dst) if _rel(dst, u) not in files and _rel(dst, u) != MANIFEST]
+    if in_place:  # never delete the caller's own temp files in its working directory
+        stale = [u for u in stale if ".tmp-" not in u]
+    delete(stale)
+    return manifest
+
+
+STAGING = ".anyflow-staging"
+_STALE_STAGING_S = 24 * 3600.0
+
+
+def _manifest_doc(kind: str, files: dict, parent_refs: list, metrics: dict | None, extra: dict | None) -> dict:
+    return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
@@ -276,10 +292,62 @@ def publish(
         "metrics": metrics or {},
         "extra": extra or {},
     }
-    write_json_atomic(join(dst, MANIFEST), manifest)
-    stale = [u for u in list_prefix(dst) if _rel(dst, u) not in files and _rel(dst, u) != MANIFEST]
-    if in_place:  # never delete the caller's own temp files in its working directory
-        stale = [u for u in stale if ".tmp-" not in u]
+
+
+def _publish_remote(src: Path, dst: str, *, kind: str, parent_refs: list, config: dict | None,
+                    metrics: dict | None, extra: dict | None) -> dict:
+    """Publish to S3, safe under concurrent writers of one URL.
+
+    Each writer uploads under its own staging prefix (``<url>/.anyflow-staging/<writer>/``) and lists
+    there, per file, the stored ``object``; the manifest is then written with one conditional PUT
+    against the manifest it found when it started (``If-Match``, or ``If-None-Match: *``). A writer that
+    loses (someone committed in between) deletes its staged objects and returns the winner's verified
+    manifest, so the URL always holds one complete artifact, the old one until the swap. The winner
+    deletes the objects of the manifest it replaced, files of the older flat layout and staging
+    prefixes abandoned for over a day -- never another live writer's staging.
+    """
+    s3.check_bucket(dst)
+    prev = s3.get_bytes(join(dst, MANIFEST))
+    stage = f"{STAGING}/{uuid.uuid4().hex[:16]}"
+    rels = [r for r in _local_files(src) if not (config is not None and r == CONFIG)]
+    config_bytes = _dumps(config) if config is not None else None
+    if config is None and CONFIG not in rels:
+        config_bytes = _dumps({})
+
+    def put(rel: str) -> tuple[str, dict]:
+        entry = hash_file(src / rel)
+        s3.upload_file(src / rel, join(dst, stage, rel))
+        return rel, {**entry, "object": f"{stage}/{rel}"}
+
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        files = dict(pool.map(put, rels))
+    if config_bytes is not None:
+        s3.put_bytes(join(dst, stage, CONFIG), config_bytes)
+        files[CONFIG] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest(),
+                         "object": f"{stage}/{CONFIG}"}
+    manifest = _manifest_doc(kind, files, parent_refs, metrics, extra)
+    mine = {_object(r, e) for r, e in files.items()}
+    try:
+        write_bytes_if(join(dst, MANIFEST), _dumps(manifest), if_match=prev and prev[1], if_none_match=prev is None)
+    except PreconditionFailed:
+        delete([join(dst, o) for o in mine])
+        return verify(dst)  # another writer committed first: its complete artifact stands
+    replaced: set[str] = set()
+    if prev is not None:
+        try:
+            replaced = {_object(r, e) for r, e in _parse_manifest(dst, prev[0])["files"].items()}
+        except ArtifactError:
+            pass
+    now = time.time()
+    stale = []
+    for o in s3.list_objects(dst):
+        k = o["key"]
+        if k == MANIFEST or k in mine:
+            continue
+        if not k.startswith(STAGING + "/") or k in replaced or k.startswith(stage + "/"):
+            stale.append(join(dst, k))
+        elif o.get("modified") is not None and now - o["modified"].timestamp() > _STALE_STAGING_S:
+            stale.append(join(dst, k))
     delete(stale)
     return manifest
 
@@ -387,9 +455,44 @@ def verify(url: str | os.PathLike) -> dict:
 
     A local artifact folder must hold exactly the listed files (regular files, no symlinks): whatever
     reads the folder then reads only what the manifest lists."""
-    u = str(url)
-    manifest = read_manifest(u)
+    return _verify(str(url), read_manifest(url))
 
+
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def verify_cached(url: str | os.PathLike) -> dict:
+    """The check of a cache hit: every listed file's size each time, and its sha256 the first time this
+    process sees this manifest at this URL. Returns the manifest or raises ArtifactError."""
+    u = str(url)
+    raw = _manifest_bytes(u)
+    manifest = _parse_manifest(u, raw)
+    seen = (u, hashlib.sha256(raw).hexdigest())
+    if seen not in _VERIFIED:
+        _verify(u, manifest)
+        _VERIFIED.add(seen)
+        return manifest
+    if is_remote(u):
+        sizes = {o["key"]: o["size"] for o in s3.list_objects(u)}
+    for rel, entry in manifest["files"].items():
+        obj = _object(rel, entry)
+        if is_remote(u):
+            size = sizes.get(obj)
+        else:
+            try:
+                with open_inside(local_path(u), obj, u) as f:
+                    size = os.fstat(f.fileno()).st_size
+            except FileNotFoundError:
+                size = None
+        if size is None:
+            raise ArtifactError(f"{join(u, rel)}: file listed in the manifest is missing; re-publish the artifact.")
+        if size != entry["size"]:
+            raise ArtifactError(f"{join(u, rel)}: size mismatch ({size} bytes, manifest says {entry['size']}); "
+                                f"re-publish the artifact.")
+    return manifest
+
+
+def _verify(u: str, manifest: dict) -> dict:
     def check(item: tuple[str, dict]) -> None:
         rel, entry = item
         try:

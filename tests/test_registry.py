@@ -61,7 +61,8 @@ def test_promote_history_rollback(root: str, tmp_path: Path) -> None:
 def test_promote_verifies_the_artifact_first(root: str, tmp_path: Path) -> None:
     a1, a2 = make_art(root, tmp_path, 1), make_art(root, tmp_path, 2)
     registry.promote(root, "gen", a1, metrics={}, reason="first")
-    storage.write_bytes(storage.join(a2, "weights.safetensors"), b"\2" * 999 + b"\3")  # flipped byte
+    rel = storage.read_manifest(a2)["files"]["weights.safetensors"].get("object", "weights.safetensors")
+    storage.write_bytes(storage.join(a2, rel), b"\2" * 999 + b"\3")  # flipped byte
     with pytest.raises(storage.ArtifactError, match=r"weights\.safetensors"):
         registry.promote(root, "gen", a2, metrics={}, reason="x")
     assert registry.promoted(root, "gen")["uri"] == a1

@@ -25,6 +25,11 @@ def make_artifact_dir(root: Path, *, seed: int = 0, mb: float = 4.0) -> Path:
     return root
 
 
+def stored(url: str, rel: str) -> str:
+    """Where the artifact at ``url`` stores its file ``rel`` (S3 writers stage under their own prefix)."""
+    return storage.join(url, storage.read_manifest(url)["files"][rel].get("object", rel))
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -77,20 +82,24 @@ def test_round_trip_through_s3_readable_by_plain_boto3(s3_server, s3_prefix: str
     m = storage.publish(src, url, kind="teacher", parents=[parent], config={"lr": 1e-4},
                         metrics={"loss": 0.5}, extra={"step": 2})
 
-    # the documented keys, read by a client that knows nothing about anyflow
+    # the documented keys (each file at its manifest entry's "object"), read by a client that knows nothing
+    # about anyflow
     bucket, key = url[5:].split("/", 1)
     client = s3_server.client()
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=key + "/")["Contents"])
-    rels = ["config.json", "ema/ema.safetensors", "manifest.json", "model.safetensors", "notes.txt"]
-    assert keys == [f"{key}/{r}" for r in rels]
+    rels = ["config.json", "ema/ema.safetensors", "model.safetensors", "notes.txt"]
+    assert sorted(m["files"]) == rels
+    assert keys == sorted([f"{key}/manifest.json", *(f"{key}/{m['files'][r]['object']}" for r in rels)])
     raw_manifest = client.get_object(Bucket=bucket, Key=f"{key}/manifest.json")["Body"].read()
     assert hashlib.sha256(raw_manifest).hexdigest() == storage.manifest_digest(url)
     assert json.loads(raw_manifest) == m
     for rel in ("model.safetensors", "ema/ema.safetensors", "notes.txt"):
-        body = client.get_object(Bucket=bucket, Key=f"{key}/{rel}")["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=f"{key}/{m['files'][rel]['object']}")["Body"].read()
         assert body == (src / rel).read_bytes()
-        assert m["files"][rel] == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-    assert json.loads(client.get_object(Bucket=bucket, Key=f"{key}/config.json")["Body"].read()) == {"lr": 1e-4}
+        assert m["files"][rel] == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                                   "object": m["files"][rel]["object"]}
+    cfg_key = f"{key}/{m['files']['config.json']['object']}"
+    assert json.loads(client.get_object(Bucket=bucket, Key=cfg_key)["Body"].read()) == {"lr": 1e-4}
     assert m["kind"] == "teacher" and m["metrics"] == {"loss": 0.5} and m["extra"] == {"step": 2}
     assert m["parents"] == [{"uri": parent, "manifest_sha256": storage.manifest_digest(parent), "kind": "base"}]
     assert m["code_version"]["anyflow"] and m["schema_version"] == 1
@@ -104,7 +113,8 @@ def test_round_trip_through_s3_readable_by_plain_boto3(s3_server, s3_prefix: str
     one = storage.fetch_file(url, "ema/ema.safetensors", cache_dir=tmp_path / "cache2")
     assert sha(one) == sha(src / "ema" / "ema.safetensors")
     again = storage.publish(local, storage.join(s3_prefix, "copy"), kind="teacher")  # cache internals excluded
-    assert again["files"] == m["files"]
+    content = lambda files: {r: (e["size"], e["sha256"]) for r, e in files.items()}  # noqa: E731
+    assert content(again["files"]) == content(m["files"])
     chain = storage.lineage(url)
     assert [(c["uri"], c["depth"], c["ok"]) for c in chain] == [(url, 0, None), (parent, 1, True)]
 
@@ -127,7 +137,7 @@ def test_rerun_overwrites_cleanly_and_deletes_stale_files(art_url: str, tmp_path
     m2 = storage.publish(v2, art_url, kind="x")
     assert sorted(m2["files"]) == ["config.json", "model.safetensors"]
     rels = sorted(u[len(art_url.rstrip("/")) + 1:] for u in storage.list_prefix(art_url))
-    assert rels == ["config.json", "manifest.json", "model.safetensors"]
+    assert rels == sorted(["manifest.json", *(e.get("object", r) for r, e in m2["files"].items())])
     assert storage.verify(art_url) == m2
 
 
@@ -135,7 +145,7 @@ def test_rerun_overwrites_cleanly_and_deletes_stale_files(art_url: str, tmp_path
 def test_corruption_is_refused_naming_url_and_file(art_url: str, tmp_path: Path, damage: str) -> None:
     src = make_artifact_dir(tmp_path / "src", mb=1.0)
     storage.publish(src, art_url, kind="x")
-    target = storage.join(art_url, "model.safetensors")
+    target = stored(art_url, "model.safetensors")
     data = bytearray(storage.read_bytes(target))
     if damage == "flip":
         data[len(data) // 2] ^= 0x01
@@ -151,7 +161,7 @@ def test_corruption_is_refused_naming_url_and_file(art_url: str, tmp_path: Path,
         target = storage.join(art_url, "manifest.json")
         storage.delete([target])
         expect = "manifest.json is missing"
-    named = target if damage != "missing_manifest" else art_url
+    named = storage.join(art_url, "model.safetensors") if damage != "missing_manifest" else art_url
     for read in (storage.verify, lambda u: storage.fetch(u, cache_dir=tmp_path / "cache"),
                  lambda u: storage.fetch_file(u, "model.safetensors", cache_dir=tmp_path / "c2")):
         with pytest.raises(ArtifactError) as err:
@@ -207,3 +217,89 @@ def test_cli_show_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     (child / "notes.txt").write_text("tampered")
     assert args.func(args) == 1
     assert "notes.txt" in capsys.readouterr().err
+
+
+# --------------------------------------------------- concurrent writers, verified cache hits (issue 22 item 3)
+def _s3_artifact_state(client: object, url: str) -> list[str]:
+    """What is wrong with the artifact at ``url``, read with plain boto3 (independent of anyflow.storage)."""
+    bucket, key = url.split("://", 1)[1].split("/", 1)
+    m = json.loads(client.get_object(Bucket=bucket, Key=f"{key}/manifest.json")["Body"].read())
+    bad = []
+    for rel, e in m["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"{key}/{e.get('object', rel)}")["Body"].read()
+        if len(body) != e["size"] or hashlib.sha256(body).hexdigest() != e["sha256"]:
+            bad.append(rel)
+    return bad
+
+
+@pytest.mark.s3
+def test_two_concurrent_publishers_leave_one_complete_artifact(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    import threading
+
+    srcs = []
+    for w in range(2):
+        src = tmp_path / f"w{w}"
+        src.mkdir()
+        for i in range(6):
+            (src / f"part{i}.bin").write_bytes(bytes([w]) * (300_000 + 1000 * i))
+        srcs.append(src)
+    broken = []
+    for rnd in range(6):
+        url = f"{s3_prefix}/round{rnd}"
+        barrier, results, errors = threading.Barrier(2), [None, None], []
+
+        def go(w: int, url: str = url, barrier: threading.Barrier = barrier, results: list = results) -> None:
+            barrier.wait()
+            try:
+                results[w] = storage.publish(srcs[w], url, kind="x", extra={"writer": w})
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors  # both writers exit 0
+        bad = _s3_artifact_state(s3_server.client(), url)
+        if bad:
+            broken.append((rnd, bad))
+        else:
+            live = storage.verify(url)
+            assert results[0] == results[1] == live  # the loser returns the winner's artifact
+            writer = live["extra"]["writer"]
+            out = storage.fetch(url, cache_dir=tmp_path / "cache")
+            assert all((out / f"part{i}.bin").read_bytes() == (srcs[writer] / f"part{i}.bin").read_bytes()
+                       for i in range(6))
+    assert broken == [], f"rounds left a broken artifact: {broken}"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupted_cache_hit_is_not_served(art_url: str, tmp_path: Path, s3_server, damage: str) -> None:
+    from anyflow.stages import _cached_manifest
+
+    src = make_artifact_dir(tmp_path / "src")
+    m = storage.publish(src, art_url, kind="x", extra={"cache_key": "k1"})
+    rel = "model.safetensors"
+
+    def corrupt() -> None:
+        if storage.is_remote(art_url):
+            bucket, key = art_url.split("://", 1)[1].split("/", 1)
+            obj = f"{key}/{m['files'][rel].get('object', rel)}"
+            c = s3_server.client()
+            data = bytearray(c.get_object(Bucket=bucket, Key=obj)["Body"].read())
+        else:
+            data = bytearray((Path(art_url) / rel).read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[:-10]
+        if storage.is_remote(art_url):
+            c.put_object(Bucket=bucket, Key=obj, Body=bytes(data))
+        else:
+            (Path(art_url) / rel).write_bytes(bytes(data))
+
+    if damage == "truncate":  # a hit already verified in this process: the size is still checked
+        assert _cached_manifest(art_url, "k1") == m
+    corrupt()
+    assert _cached_manifest(art_url, "k1") is None

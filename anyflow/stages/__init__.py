@@ -200,14 +200,18 @@ def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
 
 
 def _cached_manifest(out: str, key: str) -> dict[str, Any] | None:
-    """The manifest of the artifact at ``out`` if it is complete and was made for ``key``, else None."""
+    """The manifest of the artifact at ``out`` if it was made for ``key`` and verifies (every file's size
+    each time, its sha256 once per process: ``storage.verify_cached``), else None (recompute)."""
     from anyflow import storage
 
     if not storage.exists(storage.join(out, "manifest.json")):
         return None
     try:
-        manifest = storage.read_manifest(out)
-    except storage.ArtifactError:
+        if storage.read_manifest(out).get("extra", {}).get("cache_key") != key:
+            return None
+        manifest = storage.verify_cached(out)
+    except storage.ArtifactError as exc:
+        print(f"[anyflow] {out}: not reused as a cached artifact ({exc})", file=sys.stderr, flush=True)
         return None
     return manifest if manifest.get("extra", {}).get("cache_key") == key else None
 
