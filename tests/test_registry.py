@@ -189,8 +189,10 @@ def test_gate_refuses_missing_or_non_finite_values() -> None:
 def test_models_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = str(tmp_path / "store")
     a1, a2 = make_art(root, tmp_path, 1), make_art(root, tmp_path, 2)
+    from anyflow.cli import models
+
     parser = argparse.ArgumentParser()
-    registry.add_cli(parser.add_subparsers())
+    models.add_cli(parser.add_subparsers())
 
     def cli(*argv: str) -> int:
         args = parser.parse_args(list(argv))

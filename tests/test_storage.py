@@ -203,8 +203,10 @@ def test_mirror_downloads_prefix_once(s3_prefix: str, tmp_path: Path) -> None:
 def test_cli_show_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import argparse
 
+    from anyflow.cli import artifacts
+
     parser = argparse.ArgumentParser()
-    storage.add_cli(parser.add_subparsers())
+    artifacts.add_cli(parser.add_subparsers())
     parent, child = tmp_path / "p", tmp_path / "c"
     storage.publish(make_artifact_dir(parent, mb=0.1), parent, kind="base")
     storage.publish(make_artifact_dir(tmp_path / "csrc", mb=0.1), child, kind="distill", parents=[str(parent)])
