@@ -50,7 +50,7 @@ from anyflow._storage_io import (
 from anyflow._storage_s3 import PreconditionFailed, StorageError
 
 __all__ = [
-    "ArtifactError", "PreconditionFailed", "StorageError", "check_name", "configure", "copy_file", "delete",
+    "ArtifactError", "PreconditionFailed", "StorageError", "check_name", "configure", "copy_file", "delete", "file_url",
     "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix", "listed_file",
     "manifest_digest", "mirror", "open_url", "publish", "read_bytes", "read_json", "read_manifest",
     "verify", "verify_cached", "write_bytes", "write_json_atomic",
@@ -575,6 +575,21 @@ def fetch_file(url: str | os.PathLike, relpath: str, *, cache_dir: str | os.Path
         download_verified(join(u, _object(relpath, entry)), target / relpath, entry, s3.iter_chunks, _check_entry,
                           u, relpath)
     return target / relpath
+
+
+def file_url(url: str | os.PathLike, relpath: str, *, manifest: dict | None = None) -> str:
+    """The URL where the file ``relpath`` of the artifact at ``url`` is stored, to open or hand to a person.
+
+    On S3 a file lives under its publisher's staging prefix (the manifest's ``object``), not at
+    ``url/relpath``; readers of the bytes use :func:`fetch_file`, which also verifies them. ``manifest``: the
+    artifact's manifest when the caller has it already. A file the manifest does not list is an ArtifactError.
+    """
+    u = str(url)
+    m = manifest if manifest is not None and "files" in manifest else read_manifest(u)
+    entry = m["files"].get(relpath)
+    if entry is None:
+        raise ArtifactError(f"{join(u, relpath)}: file is not listed in the artifact's manifest.")
+    return join(u, _object(relpath, entry))
 
 
 def listed_file(root: str | os.PathLike, relpath: str) -> Path:

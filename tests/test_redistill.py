@@ -323,3 +323,20 @@ def test_kfp_local_runner_runs_the_pipeline_then_skips(tiny_chain: dict, s3_serv
     runs = [storage.read_json(u) for u in storage.list_prefix(f"{store}/redistill/kfp/runs") if u.endswith("record.json")]
     assert sorted(r["status"] for r in runs) == ["promoted", "skipped"]
     assert registry.promoted(store, "kfp") == live and registry.Lease(store, "kfp").holder()["released"]
+
+
+@pytest.mark.s3
+def test_warm_start_sees_the_adapters_of_an_s3_checkpoint(s3_prefix: str, tmp_path) -> None:
+    # On S3 a checkpoint's model.json lives under its publisher's staging prefix: read through the manifest,
+    # or the critic of the live model is silently "missing" and the warm start drops it.
+    import json as _json
+
+    from anyflow import storage
+    from anyflow.ops.redistill import _has_adapter
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "model.json").write_text(_json.dumps({"adapters": {"generator": {}, "critic": {}}}))
+    uri = storage.join(s3_prefix, "generator")
+    storage.publish(src, uri, kind="generator")
+    assert _has_adapter(uri, "critic") and not _has_adapter(uri, "teacher")

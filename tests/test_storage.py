@@ -305,3 +305,19 @@ def test_a_corrupted_cache_hit_is_not_served(art_url: str, tmp_path: Path, s3_se
         assert _cached_manifest(art_url, "k1") == m
     corrupt()
     assert _cached_manifest(art_url, "k1") is None
+
+
+def test_file_url_names_where_a_file_is_stored(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    # On S3 a file lives under its publisher's staging prefix; the URL handed to a person (the report's) or to
+    # a reader must be that object, read back here with plain boto3, not <artifact>/<name>.
+    src = make_artifact_dir(tmp_path / "src", mb=0.1)
+    url = storage.join(s3_prefix, "report")
+    storage.publish(src, url, kind="report")
+    where = storage.file_url(url, "notes.txt")
+    bucket, key = where[5:].split("/", 1)
+    assert s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read() == (src / "notes.txt").read_bytes()
+    local = tmp_path / "local"
+    storage.publish(src, local, kind="report")
+    assert Path(storage.file_url(local, "notes.txt")).read_bytes() == (src / "notes.txt").read_bytes()
+    with pytest.raises(storage.ArtifactError, match="not listed"):
+        storage.file_url(url, "nothere.txt")

@@ -85,7 +85,12 @@ def _print_run(run: Any, store: str) -> None:
     if len(run.metrics) > len(shown):
         print(f"  … {len(run.metrics) - len(shown)} more metrics in the report")
     if "report" in run.artifacts:
-        print(f"report (store): {run.artifacts['report'].rstrip('/')}/report.html")
+        from anyflow import storage
+
+        try:
+            print(f"report (store): {storage.file_url(run.artifacts['report'], 'report.html')}")
+        except (storage.ArtifactError, OSError):  # never fail a finished run over printing a location
+            print(f"report (store): in {run.artifacts['report']}")
     if run.report_html:
         print(f"report.html: {run.report_html}")
     if run.record:

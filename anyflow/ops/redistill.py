@@ -108,9 +108,9 @@ def _teacher_digest_of(uri: str) -> str | None:
 
 
 def _has_adapter(uri: str, adapter: str) -> bool:
-    try:
-        meta = json.loads(storage.read_bytes(storage.join(uri, "model.json")))
-    except (FileNotFoundError, ValueError):
+    try:  # through the manifest: on S3 the file lives under its publisher's staging prefix
+        meta = json.loads(storage.fetch_file(uri, "model.json").read_bytes())
+    except (FileNotFoundError, ValueError, storage.ArtifactError):
         return False
     return adapter in meta.get("adapters", {})
 

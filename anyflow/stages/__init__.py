@@ -289,7 +289,9 @@ def _report(module: ModuleType, uri: str, manifest: Mapping[str, Any]) -> str | 
 
     if getattr(module, "REPORT", None) is None:
         return None
-    return storage.join(uri, module.REPORT)
+    if "files" not in manifest:  # a torchrun rank other than 0: rank 0 published (and knows) the artifact
+        return storage.join(uri, module.REPORT)
+    return storage.file_url(uri, module.REPORT, manifest=dict(manifest))  # on S3: where its publisher staged it
 
 
 # --------------------------------------------------------------------------------------------- CLI
