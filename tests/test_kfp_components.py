@@ -57,8 +57,9 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     # no run id / record name: a stage task's KFP cache key is the same in every run (record_stage records)
     expected = {"preset": ("String", "tiny"), "overrides_json": ("String", "{}"), "store": ("String", "")}
     expected.update({f"{role}_uri": ("String", "") for role in ins})
-    if stage == "prepare_data":  # the finetune branch's own data overrides, over the common ones
-        expected["extra_overrides_json"] = ("String", "{}")
+    if stage == "prepare_data":  # the finetune branch's own data overrides, over the common ones; the
+        expected["extra_overrides_json"] = ("String", "{}")  # source listing's digest (a KFP cache key input)
+        expected["source_fingerprint"] = ("String", "")
     if stage in TRAINING:  # one process per GPU of the pod, set at compile time from the platform
         expected["nproc_per_node"] = ("Integer", 1)
     assert {k: (v.type, v.default) for k, v in params.items()} == expected
