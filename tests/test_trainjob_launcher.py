@@ -459,3 +459,74 @@ def test_trainjob_component_interface() -> None:
     assert all(v.description for v in spec.inputs.values())
     assert not {"run_id", "record_as"} & set(spec.inputs)  # cacheable; a record_stage task records its result
     assert "namespace" not in spec.inputs  # the job goes into the launcher pod's namespace (its owner's)
+
+
+# ------------------------------------------------------------- the component body: launch once, collect, never compute
+
+
+class _JobThatPublishes(FakeCustomObjects):
+    """The fake API where creating the job stands for its workers: ``work()`` runs when the job is created
+    (publishing into the store, or not), and the job then completes."""
+
+    def __init__(self, work) -> None:
+        super().__init__(statuses=[[{"type": "Created", "status": "True"}]] + [[{"type": "Complete", "status": "True"}]] * 8)
+        self.work = work
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kwargs):
+        out = super().create_namespaced_custom_object(group, version, namespace, plural, body, **kwargs)
+        self.work(body)
+        return out
+
+
+def _run_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: FakeCustomObjects, dataset: str,
+                   store: str):
+    import kubernetes
+    from kfp import dsl
+
+    from components.trainjob.component import trainjob
+
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda: api)
+    monkeypatch.setenv("ANYFLOW_KFP_RUN", "anyflow-t2v-abc12")
+    result = dsl.Model(uri=str(tmp_path / "kfp" / "result"))
+    art = dsl.Dataset(uri=str(tmp_path / "kfp" / "ds"), metadata={"anyflow_uri": dataset})
+    trainjob(stage="train_teacher", store=store, image="r/anyflow-train:v0-abc", result=result, dataset=art,
+             overrides_json=json.dumps({"teacher.train.steps": 1}), num_nodes=2, gpus_per_node=0,
+             workers_json=json.dumps(Platform.local().worker_settings("train_teacher")), poll_s=0)
+    return result
+
+
+def test_the_component_launches_once_and_returns_what_the_job_published(tmp_path: Path, monkeypatch) -> None:
+    from anyflow.stages import prelaunch_check, run_stage
+
+    store = str(tmp_path / "store")
+    dataset = run_stage("prepare_data", store=store, progress=False).uri
+    check = dict(preset="tiny", overrides={"teacher.train.steps": 1}, inputs={"dataset": dataset}, store=store)
+
+    def workers(body) -> None:  # the job's 2 processes publish under the 2-process key (simulated in-process)
+        assert body["spec"]["trainer"]["numNodes"] == 2
+        run_stage("train_teacher", progress=False, world_size=2, **check)
+
+    api = _JobThatPublishes(workers)
+    result = _run_component(tmp_path, monkeypatch, api, dataset, store)
+    published = prelaunch_check("train_teacher", world_size=2, **check)
+    assert published and result.metadata["anyflow_uri"] == published
+    assert result.metadata["anyflow_cached"] is False  # a job ran for it
+    assert [verb for verb, _ in api.calls].count("create") == 1
+
+    again = _JobThatPublishes(lambda body: pytest.fail("a cached stage must not launch a job"))
+    result = _run_component(tmp_path, monkeypatch, again, dataset, store)
+    assert result.metadata["anyflow_uri"] == published and result.metadata["anyflow_cached"] is True
+    assert not again.calls
+
+
+def test_a_job_that_publishes_nothing_fails_the_component(tmp_path: Path, monkeypatch) -> None:
+    from anyflow.stages import run_stage
+
+    store = str(tmp_path / "store")
+    dataset = run_stage("prepare_data", store=store, progress=False).uri
+    api = _JobThatPublishes(lambda body: None)
+    with pytest.raises(RuntimeError, match=r"train_teacher: the trainer job anyflow-train-teacher-\S+ .*published no "
+                                           r"artifact.*WORLD_SIZE=2"):
+        _run_component(tmp_path, monkeypatch, api, dataset, store)
+    assert not any(Path(store, "artifacts", "train_teacher").glob("*/manifest.json"))  # never computed here

@@ -58,8 +58,9 @@ def trainjob(
 
     from kubernetes import client, config
 
-    from anyflow.stages import RUN_ENV, prelaunch_check, run_stage
+    from anyflow.stages import RUN_ENV
     from components._io import input_uri, parse_overrides, record_output
+    from components._torchrun import launch_and_collect
     from components.trainjob import launcher
 
     if not store:
@@ -71,8 +72,8 @@ def trainjob(
     given = {"dataset": dataset, "teacher": teacher, "flowmap": flowmap, "generator": generator}
     inputs = {role: input_uri(art) for role, art in given.items() if art is not None}
     command = launcher.stage_command(stage, preset=preset, overrides=overrides, inputs=inputs, store=store)
-    # One job per (run, stage, command): a retried attempt of this task adopts it. Without a run (the
-    # platform sets RUN_ENV only on tasks with retries) there is no retry to adopt into: a fresh name.
+    # One job per (run, stage, command): a launcher started again for the same run adopts it (every task's pod
+    # gets its run from Platform.apply). Without a run (outside a cluster) there is nothing to adopt: a fresh name.
     run = os.environ.get(RUN_ENV, "")
     key = launcher.job_key(run or uuid.uuid4().hex, stage, command)
     name = launcher.job_name(stage, key)
@@ -84,18 +85,14 @@ def trainjob(
         body = launcher.build_trainjob(runtime=runtime, **common)
     else:
         body = launcher.build_pytorchjob(**common)
-    # Before asking for GPU nodes: already in the store -> no job; this run's earlier attempt failed on bad
-    # input -> stop now (a KFP retry cannot fix it).
-    world = launcher.job_world_size(num_nodes, gpus_per_node)  # the job's processes: part of the key
-    check = dict(preset=preset, overrides=overrides, inputs=inputs, store=store, world_size=world)
-    if prelaunch_check(stage, **check) is None:
+
+    def launch() -> None:
         config.load_incluster_config()
         launcher.launch(client.CustomObjectsApi(), launcher.KINDS[api], body, timeout_s=timeout_s, poll_s=poll_s)
-        # Never fall back to computing the stage here (one small CPU pod, and under the job's key).
-        if prelaunch_check(stage, **check) is None:
-            raise RuntimeError(
-                f"{stage}: the {api} job {name} succeeded but published no artifact for this stage's key in {store} "
-                f"(did its workers run with WORLD_SIZE={world}, i.e. {num_nodes} nodes x the GPUs per node?)"
-            )
-    res = run_stage(stage, out=None, **check)  # a store cache hit: collects the artifact's metrics
+
+    # Before asking for GPU nodes: already in the store -> no job; this run's earlier attempt failed on bad input
+    # -> stop now. After the job: the artifact under the job's key (its process count), never computed here.
+    res = launch_and_collect(stage, launch, store=store, world_size=launcher.job_world_size(num_nodes, gpus_per_node),
+                             preset=preset, overrides=overrides, inputs=inputs,
+                             launched=f"the {api} job {name} ({num_nodes} nodes x {gpus_per_node} GPUs)")
     record_output(result, res, store, stage, inputs=inputs)
