@@ -114,6 +114,14 @@ def build_components(image: str | None = None) -> dict[str, object]:
             for name, fn in stage_functions().items()}
 
 
+def build_fingerprint_component(image: str | None = None):
+    """The CPU-only ``source_fingerprint`` component (the digest of a data source's listing; see
+    ``pipelines/fingerprint.py``)."""
+    from components.source_fingerprint.component import source_fingerprint
+
+    return make_component(source_fingerprint, image)
+
+
 def build_record_component(image: str | None = None):
     """The CPU-only ``record_stage`` component (writes a run's stage record; see ``pipelines/records.py``)."""
     from components.record_stage.component import record_stage

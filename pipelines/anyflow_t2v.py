@@ -5,7 +5,7 @@ after each stage task writes the run's stage records (:mod:`pipelines.records`).
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 from typing import NamedTuple
 
-from pipelines.platform import RECORD_PROFILE, Platform
+from pipelines.platform import Platform
 
 PIPELINE_NAME = "anyflow-t2v"
 
@@ -39,31 +39,23 @@ def build_training_pipeline(
 
     from components import (
         build_components,
+        build_fingerprint_component,
         build_record_component,
         check_image,
         default_image,
         make_component,
         process_args,
     )
-    from components.source_fingerprint.component import source_fingerprint
     from components.trainjob.component import trainjob
+    from pipelines.fingerprint import prepared
     from pipelines.records import record
 
     img = check_image(image or default_image())
     comps = build_components(img)
     launcher = make_component(trainjob, img)
     recorder = build_record_component(img)
-    fingerprint = make_component(source_fingerprint, img)
+    fingerprint = build_fingerprint_component(img)
     plat = platform or Platform()
-
-    def prepare(common: dict, name: str, extra_overrides_json: str = "{}"):
-        """prepare_data after an uncached task that lists its data source: KFP keys a task on its inputs only,
-        so the listing's digest is one of them (new videos under the same prefix: a new dataset)."""
-        fp = fingerprint(preset=common["preset"], overrides_json=common["overrides_json"],
-                         extra_overrides_json=extra_overrides_json)
-        plat.apply(fp, RECORD_PROFILE).set_display_name(f"fingerprint_{name}")  # CPU, never cached
-        task = comps["prepare_data"](**common, extra_overrides_json=extra_overrides_json, source_fingerprint=fp.output)
-        return plat.apply(task, "prepare_data").set_display_name(name)
 
     def train(stage: str, out_key: str, common: dict, **inputs):
         """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1
@@ -107,7 +99,7 @@ def build_training_pipeline(
             record(recorder, plat, artifact, store, entry)
             return artifact
 
-        data = prepare(common, "prepare_data")
+        data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_data", **common)
         dataset = recorded(data.outputs["dataset"], "prepare_data")
         teacher = recorded(train("train_teacher", "teacher", common, dataset=dataset), "train_teacher")
         flowmap = recorded(train("train_flowmap", "flowmap", common, dataset=dataset), "train_flowmap")
@@ -117,7 +109,8 @@ def build_training_pipeline(
                                           **common), "evaluate")
         recorded(ev.outputs["report"], "evaluate")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
-            ft_data = prepare(common, "prepare_finetune_data", finetune_data_overrides_json)
+            ft_data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_finetune_data",
+                               extra_overrides_json=finetune_data_overrides_json, **common)
             ft_dataset = recorded(ft_data.outputs["dataset"], "prepare_finetune_data")
             finetuned = recorded(train("finetune", "finetuned", common, dataset=ft_dataset, generator=generator),
                                  "finetune")

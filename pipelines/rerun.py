@@ -68,7 +68,8 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     from kfp import dsl
     from kfp.dsl import Artifact, Dataset, Model
 
-    from components import build_components, build_record_component, process_args
+    from components import build_components, build_fingerprint_component, build_record_component, process_args
+    from pipelines.fingerprint import prepared
     from pipelines.records import record
 
     uris = dict(uris or {})
@@ -78,13 +79,18 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     out_name, out_cls = STAGE_OUTPUT[stage]
     comp = build_components(image)[stage]
     recorder = build_record_component(image)
+    fingerprint = build_fingerprint_component(image) if stage == "prepare_data" else None
     plat = platform or Platform()
     procs = process_args(stage, plat.for_stage(stage).gpus)
 
     def body(preset: str, overrides_json: str, store: str, **role_uris: str) -> None:
         # plain string parameters, bound to the pipeline's own: the component opens the store URLs itself
-        task = comp(preset=preset, overrides_json=overrides_json, store=store, **role_uris, **procs)
-        plat.apply(task, stage).set_display_name(stage)
+        if fingerprint is not None:  # KFP's cache must see new data under the same source (pipelines/fingerprint.py)
+            task = prepared(comp, fingerprint, plat, name=stage, preset=preset, overrides_json=overrides_json,
+                            store=store)
+        else:
+            task = comp(preset=preset, overrides_json=overrides_json, store=store, **role_uris, **procs)
+            plat.apply(task, stage).set_display_name(stage)
         # the rerun's own output is recorded under <store>/runs/<its KFP run id>/ like any run's
         record(recorder, plat, task.outputs[out_name], store, stage)
         return task.outputs[out_name]

@@ -117,6 +117,8 @@ def _stage_and_record_tasks(spec: dict) -> tuple[dict, dict]:
         ref = task["componentRef"]["name"]
         if "dag" in comps[ref] or "importer" in spec["deploymentSpec"]["executors"][comps[ref]["executorLabel"]]:
             continue
+        if ref.startswith("comp-source-fingerprint"):  # not a stage: test_prepare_data_takes_the_uncached_...
+            continue
         (records if ref.startswith("comp-record-stage") else stages)[name] = (dag, task)
     parents = {t["componentRef"]["name"]: t for _, _, t in _walk_tasks(spec) if "dag" in comps[t["componentRef"]["name"]]}
     producers = {}
@@ -262,7 +264,7 @@ def test_multinode_stage_becomes_trainjob_launcher(tmp_path: Path) -> None:
     params = {k: v["runtimeValue"]["constant"] for k, v in tasks["trainjob"]["inputs"]["parameters"].items()
               if "runtimeValue" in v}
     assert params["stage"] == "distill" and params["num_nodes"] == 4 and params["gpus_per_node"] == 8
-    assert params["api"] == "pytorchjob" and params["image"].startswith("ghcr.io/anyflow/anyflow-train:v")
+    assert params["api"] == "pytorchjob" and params["image"] == "ghcr.io/anyflow/anyflow-train:unset-pass-image"  # the workers run the pipeline image
     gen = tasks["evaluate"]["inputs"]["artifacts"]["generator"]["taskOutputArtifact"]
     assert gen == {"outputArtifactKey": "result", "producerTask": "trainjob"}
     assert RUN_ID not in yaml.safe_dump(tasks["trainjob"]["inputs"])  # cacheable like a one-pod stage
@@ -299,17 +301,16 @@ def test_eval_image_follows_the_train_image(monkeypatch, tmp_path: Path) -> None
         eval_image_for(train)
 
 
-def test_prepare_data_takes_the_uncached_source_fingerprint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "count"), [("anyflow-t2v", 2), ("anyflow-far", 2), ("anyflow-rerun-prepare-data", 1)])
+def test_prepare_data_takes_the_uncached_source_fingerprint(name: str, count: int, tmp_path: Path) -> None:
     # KFP keys a task on its inputs (kubeflow/pipelines 2.17.0 backend/src/v2/cacheutils/cache.go: parameter
     # values, artifact names, image, command), never on what a URL holds. Every prepare_data task must take the
     # output of a fingerprint task that is never cached, or new videos under the same prefix are a cache hit.
-    from pipelines.anyflow_t2v import build_t2v_pipeline
-
-    spec, _ = _docs(compile_pipeline_func(build_t2v_pipeline(Platform()), tmp_path / "p.yaml"))
+    spec, _ = _docs(compile_pipeline(name, tmp_path / "p.yaml", Platform()))
     dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
     tasks = {name: task for dag in dags for name, task in dag["tasks"].items()}
     prepares = {n: t for n, t in tasks.items() if t["componentRef"]["name"].startswith("comp-prepare-data")}
-    assert len(prepares) == 2, sorted(prepares)  # training data and the fine-tuning branch's data
+    assert len(prepares) == count, sorted(prepares)  # t2v/far: training data and the fine-tuning branch's data
     for name, task in prepares.items():
         source = task["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]["producerTask"]
         producer = tasks[source]

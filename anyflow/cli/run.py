@@ -197,7 +197,7 @@ def add_stage(subparsers: Any) -> None:
 
 def add_rerun(subparsers: Any) -> None:
     """Register ``rerun``."""
-    p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (dsl.importer)",
+    p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (given by store URL)",
                               description="Rerun one stage with inputs imported by URI: locally through the KFP "
                               "local runner, or on a cluster with --host. Inputs come from --from ROLE=URI or from "
                               "an earlier run (--run): after every stage task a pipeline run records the task's artifact "
