@@ -50,10 +50,34 @@ from anyflow._storage_io import (
 from anyflow._storage_s3 import PreconditionFailed, StorageError
 
 __all__ = [
-    "ArtifactError", "PreconditionFailed", "StorageError", "check_name", "configure", "copy_file", "delete", "file_url",
-    "exists", "fetch", "fetch_file", "fs_and_path", "is_remote", "join", "lineage", "list_prefix", "listed_file",
-    "manifest_digest", "mirror", "open_url", "publish", "read_bytes", "read_json", "read_manifest",
-    "verify", "verify_cached", "write_bytes", "write_json_atomic",
+    "ArtifactError",
+    "PreconditionFailed",
+    "StorageError",
+    "check_name",
+    "configure",
+    "copy_file",
+    "delete",
+    "exists",
+    "fetch",
+    "fetch_file",
+    "file_url",
+    "fs_and_path",
+    "is_remote",
+    "join",
+    "lineage",
+    "list_prefix",
+    "listed_file",
+    "manifest_digest",
+    "mirror",
+    "open_url",
+    "publish",
+    "read_bytes",
+    "read_json",
+    "read_manifest",
+    "verify",
+    "verify_cached",
+    "write_bytes",
+    "write_json_atomic",
 ]
 
 MANIFEST = "manifest.json"

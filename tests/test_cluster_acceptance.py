@@ -81,7 +81,7 @@ def test_dry_run_steps_in_order(dry_run) -> None:
     steps = re.findall(r"^== step \d+: (.*)$", out, flags=re.M)
     keys = ["prerequisites", "S3 secret", "local overlay", "tiny pipeline", "cached rerun", "schedule",
             "2-node CPU TrainJob", "cancel"]
-    assert len(steps) == len(keys) and all(k in s for k, s in zip(keys, steps)), steps
+    assert len(steps) == len(keys) and all(k in s for k, s in zip(keys, steps, strict=True)), steps
     assert out.count("check: ") >= 10
     for install in ("kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=$PIPELINE_VERSION",
                     "PIPELINE_VERSION=2.17.0", "trainer.git/manifests/overlays/manager?ref=v2.3.0"):

@@ -250,11 +250,12 @@ def test_two_concurrent_publishers_leave_one_complete_artifact(s3_server, s3_pre
         url = f"{s3_prefix}/round{rnd}"
         barrier, results, errors = threading.Barrier(2), [None, None], []
 
-        def go(w: int, url: str = url, barrier: threading.Barrier = barrier, results: list = results) -> None:
+        def go(w: int, url: str = url, barrier: threading.Barrier = barrier, results: list = results,
+               errors: list = errors) -> None:
             barrier.wait()
             try:
                 results[w] = storage.publish(srcs[w], url, kind="x", extra={"writer": w})
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=go, args=(w,)) for w in range(2)]

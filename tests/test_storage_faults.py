@@ -21,7 +21,7 @@ import pytest
 from s3server import FaultProxy
 
 from anyflow import storage
-from anyflow.storage import ArtifactError, StorageError
+from anyflow.storage import StorageError
 
 pytestmark = pytest.mark.s3
 MB = 2**20

@@ -45,13 +45,13 @@ def _strict(schema: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd(kind: str) -> dict[str, Any]:
     """The CRD document for ``kind`` (parsed once)."""
     return yaml.safe_load((CONTRACTS / CRD_FILES[kind]).read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema(kind: str, version: str) -> dict[str, Any]:
     doc = crd(kind)
     for v in doc["spec"]["versions"]:
