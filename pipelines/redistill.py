@@ -52,17 +52,20 @@ def redistill_plan(store: str, source: str, teacher_uri: str, run_id: str, flowm
     return namedtuple("PlanOutputs", ["action", "plan_url"])(action, plan_url)
 
 
-def redistill_distill(plan_url: str) -> str:
+def redistill_distill(plan_url: str, nproc_per_node: int = 1) -> str:
     """Distill the candidate, warm-started from the live generator and critic (GPU pool of ``distill``).
 
-    Holds the run lease with a heartbeat while training; stops with LeaseLost if another run took it.
+    Holds the run lease with a heartbeat while training; stops with LeaseLost if another run took it. With
+    ``nproc_per_node`` > 1 (the pod's GPUs, fixed at compile time from the platform) the stage runs as that
+    many torchrun processes in the pod (``anyflow.stages.processes``).
 
     Args:
         plan_url: The run's plan.json written by redistill_plan.
+        nproc_per_node: Processes (= GPUs) of this pod.
     """
     from anyflow.ops.steps import distill_step
 
-    return distill_step(plan_url)
+    return distill_step(plan_url, nproc_per_node=nproc_per_node)
 
 
 def redistill_evaluate(plan_url: str, candidate_url: str) -> str:
@@ -113,7 +116,7 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
     """Return the ``anyflow-redistill`` pipeline function bound to ``platform`` and ``image``."""
     from kfp import dsl
 
-    from components import check_image, default_image, eval_image_for, make_component
+    from components import check_image, default_image, eval_image_for, make_component, process_args
 
     plat = platform or Platform()
     img = check_image(image or default_image())
@@ -153,7 +156,8 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
         with dsl.ExitHandler(finish, name="redistill-train-and-decide"):
             # nothing new: no GPU pod is scheduled (plan already wrote the "skipped" record)
             with dsl.If(plan.outputs["action"] == "run", name="something-to-distill"):
-                cand = plat.apply(distill_c(plan_url=plan.outputs["plan_url"]), "distill")
+                procs = process_args("distill", plat.for_stage("distill").gpus)  # one process per GPU of the pod
+                cand = plat.apply(distill_c(plan_url=plan.outputs["plan_url"], **procs), "distill")
                 cand.set_caching_options(enable_caching=False)
                 ev = plat.apply(eval_c(plan_url=plan.outputs["plan_url"], candidate_url=cand.output), "evaluate")
                 ev.set_caching_options(enable_caching=False)

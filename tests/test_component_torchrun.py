@@ -21,7 +21,7 @@ from kfp import dsl
 import components
 from anyflow import storage
 from anyflow.stages import prelaunch_check
-from components._torchrun import RankFailed
+from anyflow.stages.processes import RankFailed
 
 
 def _overrides() -> dict:
@@ -96,3 +96,27 @@ def test_a_failing_rank_fails_the_component_with_its_exit_code_and_output(
     assert isinstance(err, RankFailed) and err.rank == 1
     assert "rank one: simulated failure" in err.message and "rank one was here" in err.message
     assert not list(Path(tmp_path / "store").glob("artifacts/train_flowmap/*/manifest.json"))  # nothing published
+
+
+@pytest.mark.slow
+def test_redistill_distill_runs_one_process_per_gpu(tiny_chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The anyflow-redistill distill task gets the distill pod's GPU count (test_redistill: 8 by default) and
+    # runs that many processes: here 2 gloo ranks through the task's own step function on a local store.
+    from anyflow.ops import steps
+    from anyflow.ops.redistill import RedistillConfig
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store = str(tmp_path / "store")
+    overrides = {**_overrides(), "distill.train.steps": 1, "distill.train.batch_size": 1}
+    cfg = RedistillConfig(name="t2v", overrides=overrides, run_lease=False)
+    action, plan_url = steps.plan_step(store, "procedural:n=4,seed=0", tiny_chain["teacher"].uri,
+                                       flowmap=tiny_chain["flowmap"].uri, config_json=json.dumps(cfg.to_json()),
+                                       run_id="run-2p")
+    assert action == "run"
+    candidate = storage.read_json(steps.distill_step(plan_url, nproc_per_node=2))
+    plan = storage.read_json(plan_url)
+    args = dict(preset=cfg.preset, overrides=overrides, inputs=plan["distill_inputs"], store=store)
+    assert prelaunch_check("distill", world_size=2, **args) == candidate["uri"]  # the key of 2 processes
+    assert prelaunch_check("distill", world_size=1, **args) is None
+    (state,) = Path(store, "checkpoints", "distill", Path(candidate["uri"]).name).glob("step-*/state.json")
+    assert [r["data"]["rank"] for r in json.loads(state.read_text())["ranks"]] == [0, 1]

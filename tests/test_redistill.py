@@ -268,7 +268,7 @@ def test_cli_and_pipeline_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     import yaml
 
-    from anyflow.ops.redistill import add_cli
+    from anyflow.cli.redistill import add_cli
     from pipelines.compile import compile_pipeline_func
     from pipelines.redistill import build_redistill_pipeline
 
@@ -293,6 +293,9 @@ def test_cli_and_pipeline_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "redistill-plan-action" in guarded["triggerPolicy"]["condition"]  # no GPU pod when nothing is new
     inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert inner["redistill-decide"]["dependentTasks"] == ["redistill-distill", "redistill-evaluate"]
+    # the distill pod's 8 GPUs (default platform) run 8 processes, not one on cuda:0
+    nproc = inner["redistill-distill"]["inputs"]["parameters"]["nproc_per_node"]["runtimeValue"]["constant"]
+    assert nproc == 8
 
 
 def test_exit_handler_records_a_failed_task_and_releases_the_lease(s3_server) -> None:

@@ -220,13 +220,19 @@ def _config(plan: Mapping[str, Any]) -> RedistillConfig:
     return RedistillConfig.from_json(plan["config"])
 
 
-def train_candidate(plan: Mapping[str, Any], *, progress: bool = False) -> dict[str, Any]:
-    """Step 2: the warm-started distill stage; records the candidate's window for later runs."""
+def train_candidate(plan: Mapping[str, Any], *, progress: bool = False, nproc_per_node: int = 1) -> dict[str, Any]:
+    """Step 2: the warm-started distill stage (in this process, or as ``nproc_per_node`` torchrun processes on
+    this machine: one per GPU of a pod); records the candidate's window for later runs."""
     from anyflow.stages import run_stage
+    from anyflow.stages.processes import run_processes
 
     cfg = _config(plan)
-    res = run_stage("distill", preset=cfg.preset, overrides={**cfg.overrides, **cfg.distill_overrides},
-                    inputs=plan["distill_inputs"], store=plan["store"], progress=progress)
+    args = dict(preset=cfg.preset, overrides={**cfg.overrides, **cfg.distill_overrides},
+                inputs=plan["distill_inputs"], store=plan["store"])
+    if nproc_per_node > 1:
+        res = run_processes("distill", int(nproc_per_node), **args)
+    else:
+        res = run_stage("distill", progress=progress, **args)
     digest = storage.manifest_digest(res.uri)
     # Written before any promotion, so a live model always has its window; harmless if never promoted.
     storage.write_json_atomic(R.model_record_url(plan["store"], cfg.name, digest), {

@@ -100,10 +100,12 @@ def _leased_task(plan: Mapping[str, Any], plan_url: str, out_name: str, work: Ca
     return url
 
 
-def distill_step(plan_url: str) -> str:
-    """Train the candidate under the run lease (heartbeat); returns the URL of ``candidate.json``."""
+def distill_step(plan_url: str, *, nproc_per_node: int = 1) -> str:
+    """Train the candidate under the run lease (heartbeat), as ``nproc_per_node`` processes; returns the URL of
+    ``candidate.json``."""
     plan = storage.read_json(plan_url)
-    return _leased_task(plan, plan_url, "candidate.json", lambda: RD.train_candidate(plan))
+    return _leased_task(plan, plan_url, "candidate.json",
+                        lambda: RD.train_candidate(plan, nproc_per_node=nproc_per_node))
 
 
 def evaluate_step(plan_url: str, candidate_url: str) -> str:

@@ -59,8 +59,8 @@ def trainjob(
     from kubernetes import client, config
 
     from anyflow.stages import RUN_ENV
+    from anyflow.stages.processes import launch_and_collect
     from components._io import input_uri, parse_overrides, record_output
-    from components._torchrun import launch_and_collect
     from components.trainjob import launcher
 
     if not store:
