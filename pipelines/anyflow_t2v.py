@@ -21,6 +21,21 @@ _DOC = """Train and evaluate an any-step generator{what}.
         """
 
 
+def multinode_task(launcher, platform: Platform, stage: str, image: str, *, preset, overrides_json, store,
+                   **inputs):
+    """The ``trainjob`` launcher task of a stage the platform runs on ``num_nodes > 1`` nodes (shared by the
+    training DAG and the rerun pipelines): its workers get the stage's platform settings, the launcher pod the
+    ``trainjob`` profile. ``inputs``: artifacts (``dataset=…``) or store URLs (``dataset_uri=…``)."""
+    import json
+
+    res = platform.for_stage(stage)
+    task = launcher(stage=stage, store=store, image=image, preset=preset, overrides_json=overrides_json,
+                    num_nodes=res.num_nodes, gpus_per_node=res.gpus,
+                    workers_json=json.dumps(platform.worker_settings(stage), sort_keys=True),
+                    api=platform.trainjob_api, runtime=platform.trainjob_runtime, timeout_s=res.timeout_s, **inputs)
+    return platform.apply(task, "trainjob").set_display_name(f"{stage} ({res.num_nodes} nodes)")
+
+
 def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" = None):
     """Return the ``anyflow-t2v`` pipeline function bound to ``platform`` and ``image``."""
     return build_training_pipeline(
@@ -58,22 +73,13 @@ def build_training_pipeline(
     plat = platform or Platform()
 
     def train(stage: str, out_key: str, common: dict, **inputs):
-        """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1
-        (its workers get the stage's platform settings; the launcher pod gets the ``trainjob`` profile)."""
-        import json
-
+        """A training stage: one pod, or a multi-node Trainer job when the platform asks for num_nodes > 1."""
         res = plat.for_stage(stage)
         if res.num_nodes <= 1:
             # one pod: one process per GPU of it (torchrun inside the component, components/_torchrun.py)
             task = comps[stage](**inputs, **common, **process_args(stage, res.gpus))
             return plat.apply(task, stage).outputs[out_key]
-        task = launcher(stage=stage, store=common["store"], image=img, preset=common["preset"],
-                        overrides_json=common["overrides_json"],
-                        num_nodes=res.num_nodes, gpus_per_node=res.gpus,
-                        workers_json=json.dumps(plat.worker_settings(stage), sort_keys=True),
-                        api=plat.trainjob_api, runtime=plat.trainjob_runtime, timeout_s=res.timeout_s, **inputs)
-        plat.apply(task, "trainjob").set_display_name(f"{stage} ({res.num_nodes} nodes)")
-        return task.outputs["result"]
+        return multinode_task(launcher, plat, stage, img, **common, **inputs).outputs["result"]
 
     class Outputs(NamedTuple):
         dataset: Dataset

@@ -68,7 +68,18 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     from kfp import dsl
     from kfp.dsl import Artifact, Dataset, Model
 
-    from components import build_components, build_fingerprint_component, build_record_component, process_args
+    from components import (
+        TRAINING_STAGES,
+        build_components,
+        build_fingerprint_component,
+        build_record_component,
+        check_image,
+        default_image,
+        make_component,
+        process_args,
+    )
+    from components.trainjob.component import trainjob
+    from pipelines.anyflow_t2v import multinode_task
     from pipelines.fingerprint import prepared
     from pipelines.records import record
 
@@ -82,12 +93,22 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     fingerprint = build_fingerprint_component(image) if stage == "prepare_data" else None
     plat = platform or Platform()
     procs = process_args(stage, plat.for_stage(stage).gpus)
+    # a training stage the platform runs on several nodes: the same Trainer job as in the full DAG (the same
+    # process count, so the same artifact key)
+    multinode = stage in TRAINING_STAGES and plat.for_stage(stage).num_nodes > 1
+    img = check_image(image or default_image())
+    launcher = make_component(trainjob, img) if multinode else None
 
     def body(preset: str, overrides_json: str, store: str, **role_uris: str) -> None:
         # plain string parameters, bound to the pipeline's own: the component opens the store URLs itself
         if fingerprint is not None:  # KFP's cache must see new data under the same source (pipelines/fingerprint.py)
             task = prepared(comp, fingerprint, plat, name=stage, preset=preset, overrides_json=overrides_json,
                             store=store)
+        elif launcher is not None:
+            task = multinode_task(launcher, plat, stage, img, preset=preset, overrides_json=overrides_json,
+                                  store=store, **role_uris)
+            record(recorder, plat, task.outputs["result"], store, stage)
+            return task.outputs["result"]
         else:
             task = comp(preset=preset, overrides_json=overrides_json, store=store, **role_uris, **procs)
             plat.apply(task, stage).set_display_name(stage)

@@ -200,7 +200,7 @@ if [ "$DRY_RUN" = 0 ]; then
     || fail "no train_teacher record for run $RUN"
 fi
 capture OUT "created recurring run RECURRING_RUN_ID" "${ANYFLOW[@]}" schedule "${KFP[@]}" --cron "* * * * *" \
-  --pipeline anyflow-redistill --max-concurrency 1 --run-name anyflow-acceptance-redistill --preset tiny \
+  --pipeline anyflow-redistill --max-concurrency 1 --run-name anyflow-acceptance-redistill \
   --image "$IMAGE" --platform "$PLATFORM" --store "$STORE" \
   --param source=procedural:n=16,seed=1 --param "teacher_uri=${TEACHER}"
 RR="$(sed -n 's/^created recurring run \([^ ]*\).*/\1/p' <<<"$OUT" | tail -1)"; [ -n "$RR" ] || fail "no recurring run id in: $OUT"

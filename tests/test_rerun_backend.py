@@ -116,6 +116,26 @@ def test_rerun_binds_each_uri_parameter_to_the_stage_task(name: str, tmp_path: P
     assert task.get("dependentTasks", []) == allowed, f"{name}: the stage waits on {task.get('dependentTasks')}"
 
 
+def test_a_multinode_rerun_launches_the_same_trainer_job(tmp_path: Path) -> None:
+    # A stage the platform runs on 2 nodes is a Trainer job in the full DAG; its rerun must be that job too
+    # (the same process count, so the same artifact key), with the input location as a string parameter.
+    from pipelines.compile import compile_pipeline_func
+    from pipelines.platform import Platform
+    from pipelines.rerun import build_rerun_pipeline
+
+    platform = Platform.from_dict({"stages": {"train_teacher": {"num_nodes": 2, "gpus": 0}}})
+    out = compile_pipeline_func(build_rerun_pipeline("train_teacher", platform=platform), tmp_path / "p.yaml")
+    spec = next(iter(yaml.safe_load_all(out.read_text())))
+    assert not backend_importer_violations(spec)
+    tasks = spec["root"]["dag"]["tasks"]
+    (launch,) = [t for t in tasks.values() if t["componentRef"]["name"] == "comp-trainjob"]
+    params = launch["inputs"]["parameters"]
+    assert params["dataset_uri"] == {"componentInputParameter": "dataset_uri"}
+    assert not launch["inputs"].get("artifacts")
+    assert params["num_nodes"]["runtimeValue"]["constant"] == 2 and params["stage"]["runtimeValue"]["constant"] == "train_teacher"
+    assert not [t for t in tasks.values() if t["componentRef"]["name"] == "comp-train-teacher"]
+
+
 # ------------------------------------------------------------------------------------------ runtime
 
 

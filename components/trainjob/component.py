@@ -12,6 +12,10 @@ def trainjob(
     teacher: Input[Model] = None,
     flowmap: Input[Model] = None,
     generator: Input[Model] = None,
+    dataset_uri: str = "",
+    teacher_uri: str = "",
+    flowmap_uri: str = "",
+    generator_uri: str = "",
     preset: str = "tiny",
     overrides_json: str = "{}",
     num_nodes: int = 2,
@@ -38,6 +42,10 @@ def trainjob(
         teacher: Teacher checkpoint (distill).
         flowmap: Flow-map checkpoint (distill).
         generator: Generator checkpoint (finetune).
+        dataset_uri: The dataset's store URL instead of the artifact (reruns: no importers).
+        teacher_uri: The teacher's store URL instead of the artifact.
+        flowmap_uri: The flow map's store URL instead of the artifact.
+        generator_uri: The generator's store URL instead of the artifact.
         preset: Preset name.
         overrides_json: JSON object of dotted config overrides.
         num_nodes: Number of nodes.
@@ -60,7 +68,7 @@ def trainjob(
 
     from anyflow.stages import RUN_ENV
     from anyflow.stages.processes import launch_and_collect
-    from components._io import input_uri, parse_overrides, record_output
+    from components._io import parse_overrides, record_output, stage_inputs
     from components.trainjob import launcher
 
     if not store:
@@ -69,8 +77,9 @@ def trainjob(
         raise ValueError(f"api must be one of {sorted(launcher.KINDS)}, got {api!r}.")
     overrides = parse_overrides(overrides_json)
     workers = launcher.Workers.from_dict(json.loads(workers_json))
-    given = {"dataset": dataset, "teacher": teacher, "flowmap": flowmap, "generator": generator}
-    inputs = {role: input_uri(art) for role, art in given.items() if art is not None}
+    inputs = stage_inputs({"dataset": dataset, "teacher": teacher, "flowmap": flowmap, "generator": generator},
+                          {"dataset": dataset_uri, "teacher": teacher_uri, "flowmap": flowmap_uri,
+                           "generator": generator_uri})
     command = launcher.stage_command(stage, preset=preset, overrides=overrides, inputs=inputs, store=store)
     # One job per (run, stage, command): a launcher started again for the same run adopts it (every task's pod
     # gets its run from Platform.apply). Without a run (outside a cluster) there is nothing to adopt: a fresh name.
