@@ -37,8 +37,10 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[list[st
     for tool in ("curl", "kind"):  # nothing else may reach a server either
         (bindir / tool).write_text(f"#!/bin/sh\necho 'fake {tool}: called' >&2\nexit 99\n")
         (bindir / tool).chmod(0o755)
+    (bindir / "rm").write_text("#!/bin/sh\nexit 0\n")  # keep the script's work folder (its platform files)
+    (bindir / "rm").chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "KFP_HOST": "http://kfp.test:8888",
-           "ANYFLOW_BUCKET": "accept-bucket"}
+           "ANYFLOW_BUCKET": "accept-bucket", "TMPDIR": str(tmp_path_factory.mktemp("work"))}
     env.pop("ANYFLOW_IMAGE", None)
     res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--image", "registry.test/anyflow-train:1.0-abc",
                           "--namespace", "team-a"], capture_output=True, text=True, timeout=120, env=env)
@@ -147,3 +149,35 @@ def test_shellcheck() -> None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
     res = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("sub", ["submit", "schedule"])
+def test_the_printed_kfp_commands_are_accepted_by_the_cli(dry_run, sub: str, monkeypatch) -> None:
+    # Each submit/schedule the script runs goes through the real CLI and the real kfp.Client to a recording KFP
+    # API (a double for the server, not evidence about it): every flag, parameter and platform file is accepted
+    # and the request carries the run's arguments. Catches what --help cannot: a flag the pipeline has no
+    # parameter for, a missing required parameter, the image check.
+    from helpers.kfp_api import Recorder, serve
+
+    from anyflow import cli
+
+    out, _ = dry_run
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent")
+    rec = Recorder()
+    with serve(rec) as url:
+        for cmd in _anyflow(out, sub):
+            argv = [sub, *cmd[1:]]
+            argv[argv.index("--host") + 1] = url
+            argv = [a.replace("TEACHER_URI", "s3://accept-bucket/acceptance/artifacts/train_teacher/k") for a in argv]
+            assert cli.main(argv) == 0, argv
+    posted = [r for r in rec.requests if r["method"] == "POST" and "/experiments" not in r["path"]]
+    assert len(posted) == len(_anyflow(out, sub)) >= 1
+    for request in posted:
+        body = request["body"]
+        assert body["pipeline_spec"]  # the compiled pipeline went with it
+        spec = body["pipeline_spec"].get("pipeline_spec", body["pipeline_spec"])
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert "registry.test/anyflow-train:1.0-abc" in images
+    experiments = [r["body"] for r in rec.requests if r["method"] == "POST" and "/experiments" in r["path"]]
+    assert experiments and all(e["namespace"] == "team-a" for e in experiments)

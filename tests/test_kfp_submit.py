@@ -4,15 +4,13 @@ here without a cluster). We assert on the requests the real client sends."""
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.kfp_api import Recorder, serve
 
 from anyflow import cli
 from pipelines.compile import COMPILED_DIR
@@ -20,71 +18,11 @@ from pipelines.compile import COMPILED_DIR
 IMAGE = "registry.example/ml/anyflow-train@sha256:" + "ab" * 32
 
 
-class Recorder:
-    def __init__(self, token: str | None = None) -> None:
-        self.requests: list[dict] = []
-        self.token = token
-        self.multi_user = False
-        self.version: str | None = "2.17.0"  # what KFP 2.x's /apis/v1beta1/healthz calls tag_name
-
-    def reply(self, method: str, path: str, body: dict) -> tuple[int, dict]:
-        route = path.split("?")[0]
-        if route == "/apis/v1beta1/healthz":
-            if self.version is None:
-                return 404, {"error": "no v1beta1 API"}
-            return 200, {"commit_sha": "0123abc", "tag_name": self.version, "multi_user": self.multi_user}
-        if route == "/apis/v2beta1/healthz":
-            return 200, {"multi_user": self.multi_user}
-        if method == "GET" and route == "/apis/v2beta1/experiments":
-            return 200, {}
-        if method == "POST" and route == "/apis/v2beta1/experiments":
-            return 200, {"experiment_id": "exp-1", "display_name": body.get("display_name")}
-        if method == "POST" and route == "/apis/v2beta1/runs":
-            return 200, {"run_id": "run-123", "display_name": body.get("display_name"), "state": "PENDING"}
-        if method == "POST" and route == "/apis/v2beta1/recurringruns":
-            return 200, {"recurring_run_id": "rr-7", "display_name": body.get("display_name")}
-        if method == "GET" and route == "/apis/v2beta1/runs/run-123":
-            return 200, {"run_id": "run-123", "display_name": "r1", "state": "SUCCEEDED"}
-        if method == "GET" and route == "/apis/v2beta1/runs":
-            return 200, {"runs": [{"run_id": "run-123", "display_name": "r1", "state": "RUNNING"}], "total_size": 1}
-        return 404, {"error": f"no route {method} {route}"}
-
-
 @pytest.fixture
 def kfp_server() -> Iterator[tuple[str, Recorder]]:
     rec = Recorder()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else {}
-            rec.requests.append({"method": self.command, "path": self.path, "body": body,
-                                 "auth": self.headers.get("Authorization")})
-            if rec.token and self.headers.get("Authorization") != f"Bearer {rec.token}":
-                status, reply = 401, {"error": "unauthenticated"}
-            else:
-                status, reply = rec.reply(self.command, self.path, body)
-            data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = _handle
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", rec
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(rec) as url:
+        yield url, rec
 
 
 @pytest.fixture(autouse=True)
