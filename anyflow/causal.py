@@ -1,4 +1,4 @@
-"""The causal (FAR) variant: chunk layout, block mask, teacher forcing and the KV-cache rollout (METHOD.md §8).
+"""The causal (FAR) variant: chunk layout, block mask, teacher forcing and the KV-cache rollout (docs/method.md §8).
 
 Model-agnostic torch code: the FAR transformer (diffusers' ``AnyFlowFARTransformer3DModel``) is only called
 through its documented ``forward`` keywords, never imported. The per-chunk maths reuses

@@ -1,4 +1,4 @@
-"""On-policy distribution matching: DMD generator loss and critic (fake-score) loss (pure maths; METHOD.md §7.3–7.4).
+"""On-policy distribution matching: DMD generator loss and critic (fake-score) loss (pure maths; docs/method.md §7.3–7.4).
 
 ``real_v`` (teacher) and ``fake_v`` (critic) are FlowMapFn callables called with r = t.
 """

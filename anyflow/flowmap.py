@@ -1,4 +1,4 @@
-"""Forward flow-map loss and plain flow matching (pure maths; METHOD.md §4, §6.2–6.7, §7.4).
+"""Forward flow-map loss and plain flow matching (pure maths; docs/method.md §4, §6.2–6.7, §7.4).
 
 All times are fp32 τ tensors (B, F); all loss arithmetic is fp32 whatever the model dtype.
 """

@@ -1,4 +1,4 @@
-"""Flow-map sampling and Flow Map Backward Simulation (pure maths; METHOD.md §2.4, §7.2).
+"""Flow-map sampling and Flow Map Backward Simulation (pure maths; docs/method.md §2.4, §7.2).
 
 A flow-map model is a callable ``u = fn(z, t, r, c)`` (see ``FlowMapFn``) returning the average
 velocity; one call jumps z_t -> z_r = z_t − ((τ_t − τ_r)/1000)·u. Nothing here detaches: gradients

@@ -1,7 +1,7 @@
 """``anyflow sample``: generate videos from a checkpoint at any number of steps (NFE).
 
 Bidirectional checkpoints: the FlowMap-Euler sampler over the whole clip (N calls). Causal (FAR) checkpoints
-(presets ``far-*``): chunk by chunk with the KV cache (N calls per chunk + cache passes, METHOD.md §8.5), as
+(presets ``far-*``): chunk by chunk with the KV cache (N calls per chunk + cache passes, docs/method.md §8.5), as
 T2V, as **I2V** (``--image``: the image is VAE-encoded to the first latent frame, which is kept and not
 denoised) or as **V2V** continuation (``--video``: its first frames fill whole chunks, §8.7).
 """

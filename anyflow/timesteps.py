@@ -1,4 +1,4 @@
-"""Time grids, time sampling and loss weights (pure maths; METHOD.md §1.2, §2.4, §6.1, §6.4, §9).
+"""Time grids, time sampling and loss weights (pure maths; docs/method.md §1.2, §2.4, §6.1, §6.4, §9).
 
 Conventions: σ ∈ [0, 1] (1 = noise, 0 = data); networks take τ = 1000·σ as fp32 tensors (B, F).
 Randomness always comes from an explicit ``torch.Generator``. Draws happen on the generator's device

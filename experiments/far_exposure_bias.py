@@ -1,4 +1,4 @@
-"""Exposure bias of the causal (FAR) model at toy scale (METHOD.md §15 H, §8.4-8.6).
+"""Exposure bias of the causal (FAR) model at toy scale (docs/method.md §15 H, §8.4-8.6).
 
 Data: procedural latent "videos" of 10 frames (partition [1, 3, 3, 3]), 4 channels, 8×8: a travelling
 sinusoid per channel, x[f, ch, h, w] = sin(2π(k_ch·(h, w))/8 + φ + ω·f), with φ ~ U(0, 2π) and

@@ -1,4 +1,4 @@
-"""The any-step claim at small scale (issue 7; METHOD.md §15 A–E, §6, §7), on CPU.
+"""The any-step claim at small scale (issue 7; docs/method.md §15 A–E, §6, §7), on CPU.
 
 teacher (rectified flow, label dropout) → AnyFlow forward flow-map stage (§6) → AnyFlow on-policy stage
 (FMBS + DMD + co-trained forward loss, §7), and a consistency-distillation baseline with the same number
@@ -46,7 +46,7 @@ class ExpConfig:
     """All knobs of the experiment; saved with the results."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    shift: float = 1.0  # 2-D toy: no resolution-driven SNR shift is needed (METHOD §15 A allows shift 1)
+    shift: float = 1.0  # 2-D toy: no resolution-driven SNR shift is needed (docs/method.md §15 A allows shift 1)
     batch: int = 256
     width: int = 128
     depth: int = 2

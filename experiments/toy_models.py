@@ -1,4 +1,4 @@
-"""Toy pieces for the any-step experiment (METHOD.md §15 A–E): data, MLPs, samplers and metrics.
+"""Toy pieces for the any-step experiment (docs/method.md §15 A–E): data, MLPs, samplers and metrics.
 
 Everything here is small and CPU-friendly. Points are 2-D and travel through the package's pure maths
 as latents of shape (B, 1, 2, 1, 1) (one "frame", two "channels"); the class condition is a one-hot
@@ -92,7 +92,7 @@ def sinusoid(tau: Tensor, dim: int) -> Tensor:
 
 
 class TimeEmbedder(nn.Module):
-    """Linear → SiLU → Linear, as Wan's ``time_embedder`` (METHOD.md §2.2)."""
+    """Linear → SiLU → Linear, as Wan's ``time_embedder`` (docs/method.md §2.2)."""
 
     def __init__(self, freq_dim: int, width: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Evaluation and reporting for experiments/toy_anystep.py (METHOD.md §15 A, C, E).
+"""Evaluation and reporting for experiments/toy_anystep.py (docs/method.md §15 A, C, E).
 
 Reference for the coupled error: the teacher with standard CFG scale 3 (v_∅ + 3·(v_c − v_∅)), integrated
 with ``ref_steps`` (1000) Euler steps on the shifted grid from the same initial noise. The fused-CFG

@@ -1,4 +1,4 @@
-"""``anyflow-far``: the causal AnyFlow-FAR variant (METHOD.md §8) — the training DAG of ``anyflow-t2v`` with a
+"""``anyflow-far``: the causal AnyFlow-FAR variant (docs/method.md §8) — the training DAG of ``anyflow-t2v`` with a
 ``far-*`` preset: teacher-forced forward flow-map training (stage 1b), chunk-wise on-policy distillation with
 a KV cache of the generator's own chunks (stage 2b), and an evaluation that samples T2V and I2V chunk by chunk.
 """

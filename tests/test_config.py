@@ -1,4 +1,4 @@
-"""Presets carry the paper's hyperparameters (METHOD.md §10); overrides are strict."""
+"""Presets carry the paper's hyperparameters (docs/method.md §10); overrides are strict."""
 
 from __future__ import annotations
 

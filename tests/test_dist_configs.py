@@ -41,7 +41,7 @@ def test_every_config_is_present_and_nothing_else() -> None:
 def test_accelerate_config_loads(name: str) -> None:
     cfg = _cluster(name)
     assert cfg.distributed_type.value == EXPECTED[name]
-    assert cfg.mixed_precision == "bf16"  # the big presets train in bf16 (METHOD.md §10)
+    assert cfg.mixed_precision == "bf16"  # the big presets train in bf16 (docs/method.md §10)
     assert cfg.num_processes == 1 if EXPECTED[name] == "NO" else cfg.num_processes > 1
     assert cfg.num_machines >= 1 and cfg.num_processes % cfg.num_machines == 0
     # accelerate launch turns fsdp_config / deepspeed_config entries into --<key> options: each must be one

@@ -1,4 +1,4 @@
-"""DMD generator loss and critic loss (METHOD.md §7.3–7.4)."""
+"""DMD generator loss and critic loss (docs/method.md §7.3–7.4)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def test_write_vbench_videos(tmp_path):
 
 def test_standard_prompt_list_matches_vbench_counts():
     prompts = vb.load_prompts("vbench")
-    assert len(prompts) == 946  # METHOD.md §11
+    assert len(prompts) == 946  # docs/method.md §11
     assert prompts[0] == "In a still frame, a stop sign"
     assert prompts[-1] == "a surfboard on the bottom of skis, front view"
     per_dim = Counter(d for _, dims in vb.vbench_prompt_dimensions() for d in dims)

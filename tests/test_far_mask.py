@@ -1,4 +1,4 @@
-"""The FAR attention mask (METHOD.md §8.2): five rules, padding, long-context sampling."""
+"""The FAR attention mask (docs/method.md §8.2): five rules, padding, long-context sampling."""
 
 from __future__ import annotations
 

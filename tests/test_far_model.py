@@ -1,4 +1,4 @@
-"""Wan → AnyFlow-FAR conversion (METHOD.md §2.2, §8.1) and its attention paths."""
+"""Wan → AnyFlow-FAR conversion (docs/method.md §2.2, §8.1) and its attention paths."""
 
 from __future__ import annotations
 

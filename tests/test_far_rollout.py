@@ -1,4 +1,4 @@
-"""Causal FAR rollout (METHOD.md §8.3-8.7): KV cache = masked forward, teacher forcing, chunk-wise FMBS,
+"""Causal FAR rollout (docs/method.md §8.3-8.7): KV cache = masked forward, teacher forcing, chunk-wise FMBS,
 T2V / I2V / V2V sampling against diffusers' AnyFlowFARPipeline, NFE accounting."""
 
 from __future__ import annotations

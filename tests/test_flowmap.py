@@ -1,4 +1,4 @@
-"""Forward flow-map loss and flow matching (METHOD.md §4, §6.2–6.7, §7.4)."""
+"""Forward flow-map loss and flow matching (docs/method.md §4, §6.2–6.7, §7.4)."""
 
 from __future__ import annotations
 

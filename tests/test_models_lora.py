@@ -16,7 +16,7 @@ NUM_LAYERS = 2
 
 
 def _expected_modules(role: str) -> set[str]:
-    # Written out from METHOD.md §2.3, independently of lora.py's substring lists.
+    # Written out from docs/method.md §2.3, independently of lora.py's substring lists.
     names = set()
     for i in range(NUM_LAYERS):
         for leaf in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"):

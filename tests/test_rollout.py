@@ -1,4 +1,4 @@
-"""Flow-map sampler, FMBS and the analytic Gaussian flow (METHOD.md §2.4, §7.2)."""
+"""Flow-map sampler, FMBS and the analytic Gaussian flow (docs/method.md §2.4, §7.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Time grids, pair sampling and loss weights (METHOD.md §1.2, §2.4, §6.1, §6.4)."""
+"""Time grids, pair sampling and loss weights (docs/method.md §1.2, §2.4, §6.1, §6.4)."""
 
 from __future__ import annotations
 

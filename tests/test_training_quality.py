@@ -1,4 +1,4 @@
-"""Does training move the model the way METHOD.md §6–§7 says? (issue 4, training-quality checks)
+"""Does training move the model the way docs/method.md §6–§7 says? (issue 4, training-quality checks)
 
 Everything is built here in code, seeds fixed, single-threaded (the tiny model is op-overhead bound):
 

@@ -1,4 +1,4 @@
-"""The real VBench, run through the adapter in its own environment (METHOD.md §11).
+"""The real VBench, run through the adapter in its own environment (docs/method.md §11).
 
 These tests need the eval environment: the interpreter named by ``ANYFLOW_VBENCH_PYTHON``, else
 ``.venv-eval/bin/python`` at the repository root. Without it they skip, saying how to create it
@@ -129,7 +129,7 @@ def test_temporal_flickering_real_vbench_cpu(eval_env, tmp_path):
     assert "offline" in dd["reason"], dd["reason"]
     assert not list((out_dir / "dynamic_degree").glob("*_eval_results.json"))
 
-    # Aggregation from what VBench wrote: the real JSON, parsed, then normalised per METHOD.md §11.
+    # Aggregation from what VBench wrote: the real JSON, parsed, then normalised per docs/method.md §11.
     assert vb.parse_vbench_results(out_dir) == {"temporal_flickering": pytest.approx(mean, abs=1e-12)}
     lo, hi = FLICKER_RANGE
     for scores in (out, vb.parse_vbench_results(out_dir)):

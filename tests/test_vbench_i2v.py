@@ -1,4 +1,4 @@
-"""VBench-I2V in the evaluate stage of a FAR preset (METHOD.md §11, docs/evaluation-vbench.md).
+"""VBench-I2V in the evaluate stage of a FAR preset (docs/method.md §11, docs/evaluation-vbench.md).
 
 A synthetic suite in VBench-I2V's published layout (``vbench2_i2v_full_info.json`` + ``data/crop/7-4/``,
 procedural images) is read and validated; the far-tiny evaluate stage VAE-encodes each image as the

@@ -1,4 +1,4 @@
-"""The shipped extended (augmented) VBench prompts and METHOD.md §11's split: generate from the
+"""The shipped extended (augmented) VBench prompts and docs/method.md §11's split: generate from the
 extended prompt, name and score by the original prompt_en."""
 
 from __future__ import annotations

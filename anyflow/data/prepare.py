@@ -7,7 +7,7 @@ models and publishes the folder with ``anyflow.storage.publish``.
 Bad inputs (undecodable video, too short, wrong size, missing caption or video, bad metadata) are
 skipped and counted by reason — never a crash, never a silent drop — and ``strict=True`` makes the
 first one fatal. The output folder gets the shards, ``index.json``, ``negative.safetensors`` (the
-negative-prompt embedding used for CFG and text dropout, METHOD.md §2) and ``summary.json``.
+negative-prompt embedding used for CFG and text dropout, docs/method.md §1.4) and ``summary.json``.
 """
 
 from __future__ import annotations

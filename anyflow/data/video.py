@@ -10,7 +10,7 @@ occasional ABI breaks between releases) and torchvision.io (its video decoding i
 favour of TorchCodec, which needs system FFmpeg libraries). The decode is a small share of
 data-preparation time next to the VAE, so the simpler dependency wins.
 
-Pipeline (METHOD.md §10 "data"): nearest-frame resampling to the target fps by timestamps, the first
+Pipeline (docs/method.md §10 "data"): nearest-frame resampling to the target fps by timestamps, the first
 ``frames`` frames from t = 0, resize (not crop) to (H, W) with antialiased bilinear filtering, scale
 to [-1, 1]. Bad inputs raise :class:`ClipError` with a machine-readable ``reason``.
 """

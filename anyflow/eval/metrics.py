@@ -1,9 +1,9 @@
-"""Evaluation metrics that need no downloaded weights (METHOD.md §15 A, issue 7).
+"""Evaluation metrics that need no downloaded weights (docs/method.md §15 A, issue 7).
 
 Every function is a pure function of tensors/arrays and is small enough to check by hand:
 
 * :func:`coupled_error` — latent MSE between samples and the teacher's many-step sample from the
-  *same* noise (METHOD.md §15 A "coupled error": deterministic, sensitive to leaving the PF-ODE).
+  *same* noise (docs/method.md §15 A "coupled error": deterministic, sensitive to leaving the PF-ODE).
 * :func:`psnr`, :func:`ssim` — on decoded frames (B, 3, T, H, W) in [-1, 1], per frame, averaged.
 * :func:`temporal_flicker`, :func:`flicker_score` — mean |frame-to-frame difference| and the
   VBench-style 0–1 score ``(255 − mean|Δ|)/255`` on uint8 frames.
@@ -51,7 +51,7 @@ def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
 def coupled_error(x: Tensor, x_ref: Tensor) -> dict[str, Any]:
     """Coupled error of samples ``x`` against the reference ``x_ref`` drawn from the same noise.
 
-    METHOD.md §15 A: for the same initial noise, the L2 distance to the teacher's many-step
+    docs/method.md §15 A: for the same initial noise, the L2 distance to the teacher's many-step
     ODE endpoint. Reported as the mean squared error per sample (over all non-batch dims) and
     its mean over the batch.
 

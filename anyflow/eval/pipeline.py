@@ -1,4 +1,4 @@
-"""Sampling through diffusers' ``AnyFlowPipeline`` (the reference inference path, METHOD.md §2.4, §9).
+"""Sampling through diffusers' ``AnyFlowPipeline`` (the reference inference path, docs/method.md §2.4, §9).
 
 The evaluate stage samples flow-map checkpoints the way users will: a diffusers ``AnyFlowPipeline``
 around a transformer whose generator LoRA is merged into the weights (``W + (α/r)·B·A``, §2.3, as in
@@ -55,7 +55,7 @@ def build_pipeline(base: BaseModel, transformer: torch.nn.Module, *, shift: floa
         base: the frozen base bundle (its ``text.tokenizer``, ``text.model`` and ``vae.vae`` are used).
         transformer: an ``AnyFlowTransformer3DModel``, normally with the generator LoRA merged
             (:func:`anyflow.models.lora.merge_adapter`); it is used as is, not copied.
-        shift: the timestep shift of ``FlowMapEulerDiscreteScheduler`` (5 for Wan2.1, METHOD.md §1.2).
+        shift: the timestep shift of ``FlowMapEulerDiscreteScheduler`` (5 for Wan2.1, docs/method.md §1.2).
 
     The pipeline's progress bar is disabled (the evaluate stage has its own).
     """
@@ -99,7 +99,7 @@ def check_grid(pipe: AnyFlowPipeline, nfe: int, shift: float = DEFAULT_SHIFT) ->
     ours = flowmap_euler_sigmas(nfe, shift)
     theirs = pipeline_sigmas(pipe, nfe)
     if theirs.shape != ours.shape:
-        raise ValueError(f"AnyFlowPipeline grid for NFE={nfe} has {theirs.numel()} points, METHOD.md §2.4 has {ours.numel()}.")
+        raise ValueError(f"AnyFlowPipeline grid for NFE={nfe} has {theirs.numel()} points, docs/method.md §2.4 has {ours.numel()}.")
     err = float((theirs - ours).abs().max())
     if err > 1e-12:
         raise ValueError(
@@ -151,11 +151,11 @@ def sample_with_pipeline(
     Args:
         base: the base bundle (text encoder, VAE) the pipeline is built around.
         transformer: a merged AnyFlow transformer (see :func:`build_pipeline`) or an ``AnyFlowPipeline``
-            built before (reused; its scheduler's grid is checked against METHOD.md §2.4).
+            built before (reused; its scheduler's grid is checked against docs/method.md §2.4).
         prompts_or_embeds: prompts (embedded with ``base.text.encode``) or embeddings (B, L, D).
         noise: the initial latent (B, F, C, h, w) at σ = 1, in our layout; not modified.
         nfe: N, the number of steps = transformer calls (2N batched rows with CFG).
-        shift: the grid's timestep shift (METHOD.md §1.2, §2.4).
+        shift: the grid's timestep shift (docs/method.md §1.2, §2.4).
         use_mean_velocity: False feeds r = t (plain Euler with the instantaneous velocity).
         guidance_scale: 1 for flow-map checkpoints (CFG is fused, §2.4); > 1 runs the pipeline's CFG
             with ``negative_embeds`` (the teacher's Euler + CFG sampler).

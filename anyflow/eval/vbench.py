@@ -1,6 +1,6 @@
 """VBench adapter: file naming, prompt sets, running VBench in its own environment, aggregation.
 
-METHOD.md §11. VBench pins old dependencies, so it never runs in our environment: it runs as a
+docs/method.md §11. VBench pins old dependencies, so it never runs in our environment: it runs as a
 subprocess of the interpreter named by ``ANYFLOW_VBENCH_PYTHON`` (the eval image sets it to its own
 python; locally ``.venv-eval/bin/python``, see ``docs/evaluation-vbench.md``), else through the
 ``vbench`` CLI found on ``PATH``. We only write its inputs and parse its outputs.
@@ -24,7 +24,7 @@ cannot hold. We do all three: the full prompt when the name fits, ``prompt[:180]
 ``/`` (impossible in a file name; no standard VBench prompt has one) replaced by ``_``, and
 ``prompt_file.json`` recording the exact prompt of every file.
 
-Prompt sets (METHOD.md §11): the Wan/FAR presets generate from the augmented ("extended") VBench
+Prompt sets (docs/method.md §11): the Wan/FAR presets generate from the augmented ("extended") VBench
 prompts, ``assets/vbench_prompts_extended.txt`` (VBench's Wan2.1 augmentation, line *i* = prompt *i* of
 ``assets/vbench_prompts.txt``; source and licence in ``assets/README.md``), but VBench must name and
 score the videos by the original ``prompt_en``: :func:`vbench_names` maps each generation prompt to the
@@ -188,7 +188,7 @@ NORMALIZE_I2V: dict[str, tuple[float, float]] = {
     "aesthetic_quality": (0.0, 1.0),
     "imaging_quality": (0.0, 1.0),
 }
-# METHOD.md §11 weights: Quality = (subj + bg + flicker + smooth + 0.5·dynamic + aesth + imaging)/6.5.
+# docs/method.md §11 weights: Quality = (subj + bg + flicker + smooth + 0.5·dynamic + aesth + imaging)/6.5.
 QUALITY_T2V = {
     "subject_consistency": 1.0, "background_consistency": 1.0, "temporal_flickering": 1.0,
     "motion_smoothness": 1.0, "dynamic_degree": 0.5, "aesthetic_quality": 1.0, "imaging_quality": 1.0,
@@ -197,19 +197,19 @@ SEMANTIC_T2V = {d: 1.0 for d in (
     "object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
     "appearance_style", "temporal_style", "overall_consistency",
 )}  # fmt: skip
-# METHOD.md §11 I2V: Quality /5.5 (no temporal flickering), I2V = (subj + bg + 0.1·camera)/2.1.
+# docs/method.md §11 I2V: Quality /5.5 (no temporal flickering), I2V = (subj + bg + 0.1·camera)/2.1.
 # (VBench's own cal_i2v_final_score.py differs: it adds temporal flickering to Quality and leaves
-# camera motion out of I2V; we follow METHOD.md, which follows the AnyFlow paper.)
+# camera motion out of I2V; we follow docs/method.md, which follows the AnyFlow paper.)
 QUALITY_I2V = {
     "subject_consistency": 1.0, "background_consistency": 1.0, "motion_smoothness": 1.0,
     "dynamic_degree": 0.5, "aesthetic_quality": 1.0, "imaging_quality": 1.0,
 }  # fmt: skip
 I2V_SCORE = {"i2v_subject": 1.0, "i2v_background": 1.0, "camera_motion": 0.1}
-T2V_TOTAL = {"quality": 0.8, "semantic": 0.2}  # METHOD.md §11: Total = 0.8·Q + 0.2·S
-I2V_TOTAL = {"i2v": 0.5, "quality": 0.5}  # METHOD.md §11: Total = 0.5·I2V + 0.5·Quality
+T2V_TOTAL = {"quality": 0.8, "semantic": 0.2}  # docs/method.md §11: Total = 0.8·Q + 0.2·S
+I2V_TOTAL = {"i2v": 0.5, "quality": 0.5}  # docs/method.md §11: Total = 0.5·I2V + 0.5·Quality
 ALL_T2V_DIMENSIONS: tuple[str, ...] = tuple(NORMALIZE_T2V)
-# VBench-I2V (METHOD.md §11): the dimensions the paper reports; ``vbench2_beta_i2v.VBenchI2V`` also runs
-# temporal_flickering (its quality list), which METHOD.md's I2V Quality leaves out.
+# VBench-I2V (docs/method.md §11): the dimensions the paper reports; ``vbench2_beta_i2v.VBenchI2V`` also runs
+# temporal_flickering (its quality list), which docs/method.md's I2V Quality leaves out.
 I2V_DIMENSIONS: tuple[str, ...] = (
     "camera_motion", "i2v_subject", "i2v_background", "subject_consistency", "background_consistency",
     "motion_smoothness", "dynamic_degree", "aesthetic_quality", "imaging_quality",
@@ -265,7 +265,7 @@ def write_vbench_videos(
 
     Args:
         videos: uint8 videos (T, H, W, 3), prompt-major: ``videos[p * samples_per_prompt + i]`` is
-            sample ``i`` of ``prompts[p]`` (METHOD.md §11 seeds them with the running index).
+            sample ``i`` of ``prompts[p]`` (docs/method.md §11 seeds them with the running index).
         prompts: the prompts used for file names and scoring (VBench's ``prompt_en``, not the
             augmented text used for generation).
         out_dir: folder to create/fill.
@@ -352,7 +352,7 @@ def load_prompts(kind: str, *, n: int = 16, seed: int = 0) -> list[str]:
 
 
 def vbench_names(kind: str, prompts: Sequence[str]) -> list[str]:
-    """The prompt VBench names and scores each generation prompt by (METHOD.md §11).
+    """The prompt VBench names and scores each generation prompt by (docs/method.md §11).
 
     With ``kind="vbench-extended"`` the samples are generated from the augmented prompts, but VBench
     needs the original ``prompt_en``: file names ``{prompt_en}-{i}.mp4`` and ``prompt_file.json``. Each
@@ -505,7 +505,7 @@ def load_i2v_suite(
 
     Args:
         source: ``evaluate.i2v_suite``.
-        ratio: the crop folder (``evaluate.i2v_ratio``; METHOD.md §11: ``7-4``).
+        ratio: the crop folder (``evaluate.i2v_ratio``; docs/method.md §11: ``7-4``).
         dimensions: keep the entries that list at least one of these (VBench-I2V scores each dimension
             on the entries listing it).
         limit: keep only the first ``limit`` such entries (0: all).
@@ -620,7 +620,7 @@ def _weighted(
 def aggregate(dim_scores: Mapping[str, Any], *, kind: str = "t2v") -> dict[str, Any]:
     """VBench Quality / Semantic / Total (``kind="t2v"``) or Quality / I2V / Total (``"i2v"``).
 
-    METHOD.md §11. Each raw score is min–max normalised with VBench's ranges, then weighted. A
+    docs/method.md §11. Each raw score is min–max normalised with VBench's ranges, then weighted. A
     component whose dimensions are not all present (or are "not run") is ``None`` with the reason,
     and so is the total — never zero.
 

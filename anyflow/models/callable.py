@@ -37,7 +37,7 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 def flowmap_fn(transformer: AnyFlowTransformer3DModel) -> FlowMapFn:
     """Wrap an ``AnyFlowTransformer3DModel`` as a ``FlowMapFn`` returning the average velocity u.
 
-    z and c are cast to the model's dtype; t and r stay fp32 (METHOD.md §14: keep t and r in fp32);
+    z and c are cast to the model's dtype; t and r stay fp32 (docs/method.md §14: keep t and r in fp32);
     the output comes back in z's dtype. Gradients flow if the caller has them enabled.
     """
 

@@ -1,4 +1,4 @@
-"""Wan2.1 -> AnyFlow weight conversion (METHOD.md §2.2).
+"""Wan2.1 -> AnyFlow weight conversion (docs/method.md §2.2).
 
 diffusers' ``AnyFlowTransformer3DModel`` keeps every Wan parameter name, and adds
 ``condition_embedder.delta_embedder.*`` (same architecture as ``time_embedder``) plus a fixed,
@@ -87,7 +87,7 @@ def anyflow_state_dict_from_wan(
             continue
         out[key] = value.detach().clone() if copy else value.detach()
         if key.startswith(_TIME):
-            # METHOD.md §2.2: delta_embedder is initialised as a deep copy of the time_embedder.
+            # docs/method.md §2.2: delta_embedder is initialised as a deep copy of the time_embedder.
             out[_DELTA + key[len(_TIME) :]] = value.detach().to(dtype=delta_dtype or value.dtype, copy=True)
     if orphans:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Wan → AnyFlow-FAR conversion, the tiny FAR model and the CPU attention path (METHOD.md §2.2, §8.1).
+"""Wan → AnyFlow-FAR conversion, the tiny FAR model and the CPU attention path (docs/method.md §2.2, §8.1).
 
 We use diffusers' ``AnyFlowFARTransformer3DModel`` unchanged. What we add:
 

@@ -71,7 +71,7 @@ def load_base(
     deltatime_type: str = "r",
     far: Mapping[str, Any] | None = None,
 ) -> BaseModel:
-    """Load a base model and convert its transformer to AnyFlow (METHOD.md §2.2).
+    """Load a base model and convert its transformer to AnyFlow (docs/method.md §2.2).
 
     Args:
         spec: ``"builtin:tiny"`` (built in code from seed 0, no files), a local diffusers Wan2.1
@@ -82,7 +82,7 @@ def load_base(
         vae_dtype: VAE dtype (fp32 recommended).
         device: where the models are placed.
         gate_value, deltatime_type: AnyFlow delta-embedding settings (paper: 0.25, "r").
-        far: convert to the causal ``AnyFlowFARTransformer3DModel`` instead (METHOD.md §8.1):
+        far: convert to the causal ``AnyFlowFARTransformer3DModel`` instead (docs/method.md §8.1):
             ``chunk_partition``, ``full_chunk_limit`` and ``attention`` ("flex", "dense" or "auto" =
             flex where CUDA is available, dense otherwise). Called as a single chunk it is the bidirectional model
             (``anyflow.causal.far_bidirectional_fn``), so teacher and critic adapters share this base.

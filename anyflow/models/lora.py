@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (METHOD.md §2.3): one frozen base, several named adapters.
+"""LoRA adapters through peft (docs/method.md §2.3): one frozen base, several named adapters.
 
 The memory design: the teacher, the fake score (critic) and the generator are *named adapters on one
 frozen base transformer*; ``set_active_adapter`` picks which one a forward pass uses.
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 Role = Literal["teacher", "critic", "generator"]
 
-# METHOD.md §2.3: self-attention (never the cross-attention attn2) and the FFN.
+# docs/method.md §2.3: self-attention (never the cross-attention attn2) and the FFN.
 TEACHER_TARGETS: tuple[str, ...] = (
     "attn1.to_q",
     "attn1.to_k",
@@ -74,7 +74,7 @@ def _require_adapter(model: nn.Module, name: str) -> dict:
 
 
 def lora_target_modules(model: nn.Module, role: Role) -> list[str]:
-    """Full names of the ``nn.Linear`` modules that get LoRA for ``role`` (METHOD.md §2.3).
+    """Full names of the ``nn.Linear`` modules that get LoRA for ``role`` (docs/method.md §2.3).
 
     A module matches if its name contains one of the role's substrings. Names are those of the
     original layers, also on a model that already carries adapters (peft's ``.base_layer`` and
@@ -283,7 +283,7 @@ def merge_adapter(model: nn.Module, name: str) -> nn.Module:
             base = layer.get_base_layer()
             if name in getattr(layer, "lora_A", {}):
                 a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                delta = (b.float() @ a.float()) * scale  # METHOD.md §2.3: merge W + (α/r)·B·A
+                delta = (b.float() @ a.float()) * scale  # docs/method.md §2.3: merge W + (α/r)·B·A
                 base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
             parent_name, _, child = lname.rpartition(".")
             setattr(modules[parent_name] if parent_name else merged, child, base)

@@ -1,4 +1,4 @@
-"""Text conditioning: a tokenizer + transformers' ``UMT5EncoderModel`` (METHOD.md §1.4).
+"""Text conditioning: a tokenizer + transformers' ``UMT5EncoderModel`` (docs/method.md §1.4).
 
 ``TextEncoder.encode`` follows the Wan convention: pad every prompt to ``max_length`` tokens, run the
 encoder with the attention mask, and set the embeddings past each prompt's true length to zero.
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 # The standard Chinese Wan negative prompt (Wan2.1 ``sample_neg_prompt``). Its embedding is the
-# "unconditional" embedding everywhere (METHOD.md §1.4). English gloss: "Bright tones, overexposed,
+# "unconditional" embedding everywhere (docs/method.md §1.4). English gloss: "Bright tones, overexposed,
 # static, blurred details, subtitles, style, works, paintings, images, static, overall gray, worst
 # quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands,
 # poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy
@@ -79,7 +79,7 @@ class TextEncoder:
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        # METHOD.md §1.4: embeddings past the true sequence length are zeroed (standard Wan).
+        # docs/method.md §1.4: embeddings past the true sequence length are zeroed (standard Wan).
         return hidden * mask[..., None].to(hidden.dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:

@@ -95,7 +95,7 @@ def tiny_vae_config() -> dict:
         "attn_scales": [],
         "temperal_downsample": [False, True, True],  # two temporal downsamplings -> factor 4
         "dropout": 0.0,
-        # Non-trivial per-channel statistics so that the normalisation of METHOD.md §1.3 is exercised.
+        # Non-trivial per-channel statistics so that the normalisation of docs/method.md §1.3 is exercised.
         "latents_mean": [0.1, -0.2, 0.05, 0.3],
         "latents_std": [0.5, 1.5, 0.8, 2.0],
         "scale_factor_temporal": 4,

@@ -1,7 +1,7 @@
 """Video VAE wrapper around diffusers' ``AutoencoderKLWan`` with AnyFlow's latent conventions.
 
 Latents are (B, F, C, h, w) and normalised per channel with the VAE config's ``latents_mean`` /
-``latents_std`` (METHOD.md §1.3): ``x = (μ − mean) / std`` where μ is the posterior mean (no sampling).
+``latents_std`` (docs/method.md §1.3): ``x = (μ − mean) / std`` where μ is the posterior mean (no sampling).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class VideoVAE:
         posterior = self.vae.encode(video.to(device=device, dtype=dtype)).latent_dist
         mu = posterior.mean.float().permute(0, 2, 1, 3, 4)  # (B, C, F, h, w) -> (B, F, C, h, w)
         mean, std = self._stats(mu)
-        return (mu - mean) / std  # METHOD.md §1.3
+        return (mu - mean) / std  # docs/method.md §1.3
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ class VideoVAE:
             )
         device, dtype = self._device_dtype
         mean, std = self._stats(latents)
-        mu = latents.float() * std + mean  # un-normalise (METHOD.md §2.4)
+        mu = latents.float() * std + mean  # un-normalise (docs/method.md §2.4)
         video = self.vae.decode(mu.permute(0, 2, 1, 3, 4).to(device=device, dtype=dtype)).sample
         return video.float().clamp(-1.0, 1.0)
 

@@ -1,4 +1,4 @@
-"""Stage 2 — on-policy flow-map distillation (METHOD.md §7): generator from the flow-map EMA, frozen
+"""Stage 2 — on-policy flow-map distillation (docs/method.md §7): generator from the flow-map EMA, frozen
 real score and critic from the teacher, FMBS rollouts with random (N, k), DMD + co-trained forward loss.
 
 Inputs: ``dataset``, ``teacher``, ``flowmap`` (optionally ``critic``: a previous distill artifact to

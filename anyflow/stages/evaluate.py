@@ -1,5 +1,5 @@
 """Evaluation: sample every checkpoint at an NFE sweep from the same noise, compare with the teacher,
-write metrics and a self-contained ``report.html`` (METHOD.md §9, §11, §15).
+write metrics and a self-contained ``report.html`` (docs/method.md §9, §11, §15).
 
 Inputs: ``generator`` and ``teacher`` (required); ``flowmap``, ``finetuned`` (optional checkpoints to
 compare) and ``dataset`` (held-out latents for non-procedural data). Output: an evaluation artifact
@@ -27,7 +27,7 @@ to 2e-5, tests/test_far_rollout.py) in T2V mode against the same bidirectional t
 (chunk 0, not denoised, §8.7); ``context_max_abs`` checks it is kept exactly and ``data_mse`` is the MSE of
 the generated continuation to that clip's real frames.
 
-VBench-I2V (METHOD.md §11; FAR presets with ``evaluate.vbench`` and ``evaluate.i2v_suite``): for every
+VBench-I2V (docs/method.md §11; FAR presets with ``evaluate.vbench`` and ``evaluate.i2v_suite``): for every
 flow-map checkpoint and NFE, each image of the suite's ``evaluate.i2v_ratio`` crop folder is resized (not
 cropped) to the preset's size, scaled to [-1, 1] and VAE-encoded as the first latent frame (the context,
 kept, §8.7); the causal rollout generates the rest from the pair's ``prompt_en`` (seed ``evaluate.seed`` +
@@ -334,7 +334,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                 *(
                     ["*/i2v-nfeN VBench entries: VBench-I2V on the suite's images (evaluate.i2v_suite, crop "
                      f"{ev.i2v_ratio}), each image VAE-encoded as the kept first latent frame; scored by "
-                     "vbench2_beta_i2v, aggregated as Total = 0.5·I2V + 0.5·Quality (METHOD.md §11)."]
+                     "vbench2_beta_i2v, aggregated as Total = 0.5·I2V + 0.5·Quality (docs/method.md §11)."]
                     if i2v_suite is not None else []
                 ),
                 *(
@@ -391,7 +391,7 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
         write_vbench_videos,
     )
 
-    # METHOD.md §11: samples come from ``prompts`` (for "vbench-extended" the augmented text) but VBench
+    # docs/method.md §11: samples come from ``prompts`` (for "vbench-extended" the augmented text) but VBench
     # names and scores them by the original prompt_en. ``prompts`` is prompt-major, ``samples_per_prompt``
     # copies each, so sample i of a prompt is written as ``{name}-{i}.mp4``.
     k = ev.samples_per_prompt
@@ -424,7 +424,7 @@ def _vbench(cfg: Preset, out_dir: Path, samplers: Mapping[str, Any], decode: Any
 
 def encode_image(path: str | Path, cfg: Preset, base: Any) -> torch.Tensor:
     """A suite image → its (1, 1, C, h, w) latent: RGB, resized (not cropped; any size) to the preset's
-    height × width with antialiased bilinear filtering, scaled to [-1, 1], VAE-encoded (METHOD.md §8.7)."""
+    height × width with antialiased bilinear filtering, scaled to [-1, 1], VAE-encoded (docs/method.md §8.7)."""
     from PIL import Image
 
     from anyflow.data.video import VideoSpec, frames_to_tensor

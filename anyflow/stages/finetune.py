@@ -1,5 +1,5 @@
 """Downstream fine-tuning of a distilled any-step generator on a new dataset with the forward
-flow-map loss, so it stays any-step (the instantaneous field is preserved, METHOD.md §12 Fig. 9).
+flow-map loss, so it stays any-step (the instantaneous field is preserved, docs/method.md §12 Fig. 9).
 
 Inputs: ``dataset`` (the new domain), ``generator`` (a distill artifact); with ``finetune.onpolicy``
 also ``teacher`` to keep the on-policy terms. Output: a checkpoint with the EMA ``generator`` adapter.

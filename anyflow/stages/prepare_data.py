@@ -1,6 +1,6 @@
 """Data preparation: videos + captions (folder / S3 prefix / CSV-JSONL index / webdataset tars /
 ``procedural``) → VAE latents (posterior mean, normalised) + text embeddings in streamable shards,
-plus the negative-prompt embedding (METHOD.md §1.3–1.4, §10).
+plus the negative-prompt embedding (docs/method.md §1.3–1.4, §10).
 
 Inputs: none (the source is ``data.source``). Output: a dataset artifact (shards, index.json,
 negative.safetensors, summary.json). Reads preset sections: model, data.

@@ -1,4 +1,4 @@
-"""Stage 1 — forward flow-map training (METHOD.md §6): the base Wan converted to AnyFlow, a fresh
+"""Stage 1 — forward flow-map training (docs/method.md §6): the base Wan converted to AnyFlow, a fresh
 generator LoRA (attn1, FFN, time and delta embedders), the forward loss with fused CFG.
 
 Inputs: ``dataset``. Output: a checkpoint artifact with the EMA ``generator`` adapter.

@@ -1,4 +1,4 @@
-"""Stage 0 — teacher fine-tune: LoRA flow matching of the base model on the data (METHOD.md §4).
+"""Stage 0 — teacher fine-tune: LoRA flow matching of the base model on the data (docs/method.md §4).
 
 Inputs: ``dataset``. Output: a checkpoint artifact with the EMA ``teacher`` adapter.
 Reads preset sections: model, teacher.

@@ -1,14 +1,14 @@
 """One frozen base transformer with named LoRA adapters (the on-policy memory design).
 
 Teacher (real score), critic (fake score) and generator differ only by LoRA adapters (and the
-generator's delta embedder, which is the identity at r = t, METHOD.md §2.2). So instead of three full
+generator's delta embedder, which is the identity at r = t, docs/method.md §2.2). So instead of three full
 copies of a 1.3B/14B transformer we hold one frozen AnyFlow base and switch adapters per call.
 
 Gradient checkpointing recomputes a block's forward during backward, with whatever adapter is active
 *then*. :meth:`AdapterModel.backward` therefore re-activates the adapter that built the graph before
 calling backward; ``tests/test_train_adapters.py`` checks the gradients equal those of separate copies.
 
-Extra trainable tensors. The causal generator also trains ``far_patch_embedding`` in full (METHOD.md
+Extra trainable tensors. The causal generator also trains ``far_patch_embedding`` in full (docs/method.md
 §8.1). An adapter may own such base parameters (``extra=("far_patch_embedding",)``): it gets its own
 copy, swapped into the module when the adapter is activated, so several generators (e.g. the flow map
 and the distilled model in one evaluation) can share the base. Their tensors travel with the adapter
@@ -58,7 +58,7 @@ class AdapterModel:
         self, name: str, role: str, *, init: Mapping[str, torch.Tensor] | None = None, trainable: bool = True,
         extra: tuple[str, ...] = (),
     ) -> None:
-        """Add adapter ``name`` for ``role`` (teacher/critic/generator targets, METHOD.md §2.3).
+        """Add adapter ``name`` for ``role`` (teacher/critic/generator targets, docs/method.md §2.3).
 
         ``requires_grad`` follows ``trainable`` whatever adapter is active (peft's switching would
         otherwise flip it). ``extra`` names base submodules whose parameters this adapter owns and

@@ -1,4 +1,4 @@
-"""Training methods of the causal FAR variant (METHOD.md §8.2-8.6), on one shared FAR base.
+"""Training methods of the causal FAR variant (docs/method.md §8.2-8.6), on one shared FAR base.
 
 The FAR base (``AnyFlowFARTransformer3DModel`` converted from Wan) carries the named adapters of
 :class:`~anyflow.train.adapters.AdapterModel`. Called as one chunk over the whole clip it *is* the

@@ -181,7 +181,7 @@ def _unshardable(models: Any) -> set[nn.Parameter]:
 def shard_frozen_base(models: Any, mode: str, accelerator: Any) -> dict[str, int]:
     """Shard the frozen base transformer of ``models`` (an ``AdapterModel``) across the ranks, in place.
 
-    FSDP2 ``fully_shard`` on every transformer block, then on the root (METHOD.md §10: the paper's
+    FSDP2 ``fully_shard`` on every transformer block, then on the root (docs/method.md §10: the paper's
     runs use FSDP2). ``mode`` "fsdp" shards over all ranks; "hsdp" shards within a node
     (``LOCAL_WORLD_SIZE`` ranks) and replicates across nodes (a 2-D mesh, the paper's hybrid sharding).
 
@@ -193,7 +193,7 @@ def shard_frozen_base(models: Any, mode: str, accelerator: Any) -> dict[str, int
     the dtype they were loaded in (``param_dtype=None``): bf16 on CUDA with Wan's fp32 modules (time
     embedder, norms, scale-shift tables) kept fp32, i.e. exactly the unsharded numerics; forcing
     ``param_dtype=bf16`` would also round those modules. Inputs are not cast (``cast_forward_inputs=False``):
-    τ stays fp32 (METHOD.md §14). Blocks reshard after forward and are all-gathered again for the backward
+    τ stays fp32 (docs/method.md §14). Blocks reshard after forward and are all-gathered again for the backward
     (and for gradient checkpointing's recomputation, under the adapter :meth:`AdapterModel.backward` made
     active). Returns ``{"base_params", "local_base_params", "shard_group"}`` (frozen base parameter count,
     the part held by this rank, ranks per shard group); ``{}`` when nothing was sharded (one process).

@@ -1,6 +1,6 @@
 """Training methods: each owns its losses and optimiser steps; the loop owns everything else.
 
-* :class:`TeacherMethod` — LoRA flow matching on the data (METHOD.md §4).
+* :class:`TeacherMethod` — LoRA flow matching on the data (docs/method.md §4).
 * :class:`FlowMapMethod` — the forward flow-map loss (§6) on the base converted to AnyFlow; also the
   downstream ``finetune`` method (same loss, initialised from a distilled generator, §0/§12 Fig. 9).
 * :class:`OnPolicyMethod` — on-policy distillation (§7): FMBS rollout + DMD + co-trained forward loss
