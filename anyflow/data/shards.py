@@ -8,6 +8,12 @@ Layout of a dataset directory (an artifact once ``anyflow.storage.publish`` adds
     negative.safetensors        "negative_embedding" (1, L, D)   (written by prepare())
     summary.json                what prepare() read, wrote and skipped (written by prepare())
 
+Shard bytes depend only on the samples: safetensors keeps ``__metadata__`` in a hash map whose order
+changes from process to process, so :func:`save_canonical` rewrites the header it produced into one
+canonical JSON form (sorted keys, compact separators, padded to 8 bytes as safetensors pads it); the
+tensor bytes and every field are unchanged, so readers see the same layout as before, and two writers
+of the same samples produce byte-identical shards (and hashes).
+
 Loader order (deterministic per seed, epoch, rank and world size — the "chunked shuffling per rank" of
 METHOD.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and concatenates
 them into one global order; rank r takes the contiguous r-th slice of ``N // world_size`` samples, so
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as _safetensors_bytes
 
 FORMAT = "anyflow-latent-shards"
 VERSION = 1
@@ -40,6 +47,27 @@ NEGATIVE_KEY = "negative_embedding"
 
 class DatasetError(ValueError):
     """A prepared dataset that is missing, empty or inconsistent; the message names the URL and file."""
+
+
+def save_canonical(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                   metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with a canonical header: the same tensors and metadata give the same bytes
+    in every process.
+
+    safetensors serialises ``__metadata__`` from a hash map (its order differs per process, whatever order the
+    dict passed in has). The header safetensors wrote is parsed and written again with sorted keys and compact
+    separators, padded with spaces to a multiple of 8 bytes like safetensors' own; the data section is copied
+    unchanged (tensor offsets do not depend on the header), so any safetensors reader reads the same file.
+    """
+    raw = memoryview(_safetensors_bytes(tensors, metadata=metadata))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(bytes(raw[8 : 8 + n]))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(raw[8 + n :])
 
 
 def shard_name(i: int) -> str:
@@ -100,7 +128,7 @@ class ShardWriter:
         tensors = {"latents": torch.stack(lat).contiguous(), "text": torch.stack(txt).contiguous()}
         metadata = {"format": f"{FORMAT}/{VERSION}", "keys": json.dumps(list(keys)), "captions": json.dumps(list(caps))}
         tmp = self.out_dir / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_canonical(tensors, tmp, metadata)
         tmp.replace(self.out_dir / name)
         self._shards.append({"file": name, "num_samples": len(keys)})
         self._pending = []
