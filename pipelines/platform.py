@@ -218,6 +218,15 @@ class Platform:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
+    def local_runner(cls) -> Platform:
+        """What ``anyflow run`` and a local rerun compile with (KFP's local runner): :meth:`local` without its
+        in-cluster S3 endpoint. The local runner's stage processes inherit this process's environment, so the
+        endpoint follows the one rule of local runs: ``--s3-endpoint`` > ``ANYFLOW_S3_ENDPOINT`` >
+        ``AWS_ENDPOINT_URL_S3`` > ``AWS_ENDPOINT_URL`` (``anyflow._storage_s3``); a platform's endpoint applies
+        in cluster pods only."""
+        return dataclasses.replace(cls.local(), s3_endpoint="")
+
+    @classmethod
     def local(cls) -> Platform:
         """A small platform for kind/minikube: no GPUs, no tolerations, emptyDir model cache."""
         small = StageResources(cpu_request="500m", cpu_limit="2", memory_request="1Gi", memory_limit="4Gi",

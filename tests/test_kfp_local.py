@@ -1,7 +1,7 @@
 """End to end: ``anyflow run`` through KFP's local runner (SubprocessRunner, use_venv=False) on the tiny
 preset, with every artifact going through a real S3 API server on 127.0.0.1 (moto server mode). Then a
 second run must be served entirely from the content-addressed store, and a single-stage ``rerun`` of
-evaluate through ``dsl.importer`` must reuse the same artifact."""
+evaluate (its inputs given as store URLs) must reuse the same artifact."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_anyflow_run_twice_on_s3_store(s3_server, s3_prefix: str, tmp_path: Path
     flat = "\n".join(_flatten(metrics))
     for nfe in (1, 4):
         assert f"nfe{nfe}/" in flat, f"no metrics for NFE {nfe}"
-    assert storage.exists(first["artifacts"]["report"].rstrip("/") + "/report.html")
+    assert storage.exists(storage.file_url(first["artifacts"]["report"], "report.html"))  # where it was staged
     assert first["report_html"] and Path(first["report_html"]).read_text().lstrip().lower().startswith("<")
     assert "report.html:" in out1 and "0/5 outputs reused" in out1
 
@@ -149,3 +149,23 @@ def test_failed_local_run_names_the_task_and_shows_the_log_tail(tmp_path: Path, 
     assert "non-Python base image" not in out + err  # the local runner's irrelevant warnings are filtered
     assert '"parameterValues"' not in out  # executor JSON stays in the log
     assert '"parameterValues"' in (workdir / "runs" / "broken.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_local_runs_take_the_s3_endpoint_from_the_environment(s3_server, s3_prefix: str, tmp_path: Path, capsys,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only AWS_ENDPOINT_URL (the s3_server fixture sets it): no --s3-endpoint, no ANYFLOW_S3_ENDPOINT. The local
+    # runner must not inject the local platform's in-cluster endpoint (it used to: prepare_data then retried
+    # http://minio.anyflow.svc.cluster.local:9000 and failed).
+    import os
+
+    monkeypatch.delenv("ANYFLOW_S3_ENDPOINT", raising=False)
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint
+    argv = ["rerun", "--stage", "prepare_data", "--workdir", str(tmp_path / "runs"), "--store", s3_prefix,
+            "--set", "data.source=procedural:n=4,seed=0"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    (uri,) = {w for w in out.split() if w.startswith(f"{s3_prefix}/artifacts/prepare_data/")}
+    assert storage.verify(uri)["files"]  # published through the endpoint of the environment, re-hashed over S3

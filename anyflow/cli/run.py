@@ -53,8 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
           f"(KFP local runner, workdir {args.workdir})", flush=True)
-    # Platform.local(): no retries (the local runner honours set_retry and would back off for minutes).
-    run = run_local(build(Platform.local(), image=args.image), params, args.workdir, name, verbose=args.verbose)
+    # no retries (the local runner honours set_retry and would back off for minutes), no cluster endpoint
+    run = run_local(build(Platform.local_runner(), image=args.image), params, args.workdir, name,
+                    verbose=args.verbose)
     save_record(run, args.workdir, params)
     _print_run(run, store)
     return 0
@@ -150,7 +151,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     _configure_s3(args)
     uris = _rerun_uris(args)
     try:
-        platform = _platform(args) if args.host else Platform.local()
+        platform = _platform(args) if args.host else Platform.local_runner()
         image = _cluster_image(args) if args.host else args.image
         func = build_rerun_pipeline(args.stage, uris, platform=platform, image=image)
     except RerunError as exc:
