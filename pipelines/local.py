@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -28,6 +29,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from anyflow.progress import INTERVAL_ENV as _PROGRESS_INTERVAL_ENV
+from anyflow.progress import parse as parse_progress
 
 
 class LocalRunError(RuntimeError):
@@ -46,17 +50,22 @@ _IRRELEVANT_WARNINGS = (r".*have no effect in the current local runner.*",
 
 class ProgressLog(io.TextIOBase):
     """Stand-in for ``sys.stdout`` while the local runner runs: everything goes to a log file, and a
-    short progress view (task started / finished with its time, anyflow's one-line results) to ``echo``.
+    short progress view (task started / finished with its time, anyflow's one-line results, and the running
+    stage's own progress lines, :mod:`anyflow.progress`) to ``echo``.
 
+    On a terminal (``echo.isatty()``, or ``tty=True``) a stage's progress is one line rewritten in place
+    (``\r``) and blanked when the next message comes; otherwise (a log) each progress report is a line.
     The KFP local runner prints each component's executor input/output JSON and logs (hundreds of lines
     per run); ``anyflow run --verbose`` shows those instead.
     """
 
-    def __init__(self, path: Path, echo: Any) -> None:
+    def __init__(self, path: Path, echo: Any, *, tty: bool | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._log = open(path, "w", encoding="utf-8")
         self._echo = echo
+        self.tty = _isatty(echo) if tty is None else tty
+        self._inplace = 0  # width of the progress line shown in place (0: none)
         self._pending = ""
         self._started: dict[str, float] = {}
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -83,16 +92,38 @@ class ProgressLog(io.TextIOBase):
         if self._pending:
             self._line(_ANSI.sub("", self._pending).rstrip())
             self._pending = ""
+        self._clear_inplace()
         super().close()  # flushes
         self._log.close()
 
+    def _clear_inplace(self) -> None:
+        if self._inplace:
+            self._echo.write("\r" + " " * self._inplace + "\r")
+            self._inplace = 0
+
     def _show(self, text: str) -> None:
+        self._clear_inplace()
         self._echo.write(text + "\n")
         self._echo.flush()
 
+    def _show_progress(self, text: str) -> None:
+        if not self.tty:
+            self._show(text)
+            return
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        if len(text) > width:  # a wrapped line cannot be rewritten in place
+            text = text[: max(0, width - 1)] + "…"
+        self._echo.write("\r" + text + " " * max(0, self._inplace - len(text)))
+        self._echo.flush()
+        self._inplace = max(len(text), 1)
+
     def _line(self, line: str) -> None:
-        # tail: the current task's own lines, without the runner's executor JSON (kept in the log file)
+        progress = parse_progress(line) is not None
+        # tail: the current task's own lines, without the runner's executor JSON (kept in the log file), and
+        # of its progress lines only the latest
         if line.strip() and line.strip()[0] not in '{}[]"':
+            if progress and self.tail and parse_progress(self.tail[-1]) is not None:
+                self.tail.pop()
             self.tail.append(line)
         if (m := _EXECUTING.search(line)) is not None:
             self.tail.clear()
@@ -109,8 +140,21 @@ class ProgressLog(io.TextIOBase):
                 self._show(f"  {task}: {status} in {took:.1f} s")
         elif (m := _PIPELINE.search(line)) is not None:
             self._show(m.group(1))
+        elif progress:
+            self._show_progress("  " + line.strip())
         elif "[anyflow]" in line and "[anyflow] record " not in line:
             self._show("  " + line.strip())
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+#: How often the stages report progress while the view is a terminal (rewritten in place, so often is cheap).
+_TTY_PROGRESS_INTERVAL_S = "1"
 
 
 @dataclass
@@ -182,6 +226,10 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
     previous = os.environ.get(RECORD_LOG_ENV)
     log_path = Path(workdir).resolve() / "runs" / f"{name}.log"
     progress = None if verbose else ProgressLog(log_path, sys.stdout)
+    previous_interval = os.environ.get(_PROGRESS_INTERVAL_ENV)
+    if progress is not None and progress.tty and previous_interval is None:
+        # the stages report progress every second: the view rewrites one line, so the terminal stays short
+        os.environ[_PROGRESS_INTERVAL_ENV] = _TTY_PROGRESS_INTERVAL_S
     with tempfile.TemporaryDirectory(prefix="anyflow-records-") as tmp:
         log = Path(tmp) / "records.jsonl"
         os.environ[RECORD_LOG_ENV] = str(log)  # inherited by the component subprocesses
@@ -212,6 +260,8 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
                 os.environ.pop(RECORD_LOG_ENV, None)
             else:
                 os.environ[RECORD_LOG_ENV] = previous
+            if previous_interval is None:
+                os.environ.pop(_PROGRESS_INTERVAL_ENV, None)
         run = LocalRun(name=name, run_id=_recorded_run_id(log))
     outputs = getattr(task, "outputs", None) or {}
     if not outputs and getattr(task, "output", None) is not None:

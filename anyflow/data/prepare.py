@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from anyflow.data.shards import NEGATIVE, NEGATIVE_KEY, ShardWriter
 from anyflow.data.sources import RawClip, SkippedRecord, open_source
 from anyflow.data.video import DUPLICATE_KEY, MISSING_CAPTION, ClipError, VideoSpec
+from anyflow.progress import Progress
 
 EncodeVideo = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, T, H, W) in [-1, 1] -> (B, F, C, h, w)
 EncodeText = Callable[[list[str]], torch.Tensor]  # list of B captions -> (B, L, D)
@@ -67,7 +67,8 @@ def prepare(
         frames, height, width, fps: clip geometry every video is resampled/resized to.
         samples_per_shard: rows per shard file.
         strict: raise :class:`DataPrepError` on the first bad input instead of skipping it.
-        progress: show a tqdm bar (clips/s, written, skipped).
+        progress: report clips read (written, skipped, ETA when the count is known) as ``[anyflow] prepare_data:``
+            progress lines (:mod:`anyflow.progress`) on stderr, and print the summary line at the end.
         batch_size: clips per VAE call.
         dtype: shard storage dtype.
         limit: stop after this many records (None: all).
@@ -78,6 +79,7 @@ def prepare(
         reason, a few example keys per reason, shapes, seconds and clips/s.
     """
     source_name = source if isinstance(source, str) else type(source).__name__
+    total = limit if limit is not None else _known_length(source)
     if isinstance(source, str):
         source = open_source(source)
     spec = VideoSpec(frames=frames, fps=fps, height=height, width=width, max_upscale=max_upscale)
@@ -90,7 +92,7 @@ def prepare(
     seen: set[str] = set()
     pending: list[tuple[str, str, torch.Tensor]] = []
     start = time.perf_counter()
-    bar = tqdm(desc="prepare_data", unit="clip", disable=not progress, dynamic_ncols=True)
+    bar = Progress("prepare_data", total, unit="clip", enabled=progress)
 
     def skip(key: str, reason: str, detail: str) -> None:
         if strict:
@@ -123,7 +125,6 @@ def prepare(
             if limit is not None and read >= limit:
                 break
             read += 1
-            bar.update(1)
             if isinstance(record, SkippedRecord):
                 skip(record.key, record.reason, record.detail)
             elif not record.caption or not record.caption.strip():
@@ -138,7 +139,7 @@ def prepare(
                     skip(record.key, e.reason, e.detail)
                 if len(pending) >= batch_size:
                     flush()
-            bar.set_postfix(written=writer.num_samples + len(pending), skipped=sum(skipped.values()), refresh=False)
+            bar.update(1, detail=f"written {writer.num_samples + len(pending)}, skipped {sum(skipped.values())}")
         flush()
     finally:
         bar.close()
@@ -180,3 +181,21 @@ def prepare(
             f"see {out / 'summary.json'} for examples and check the source"
         )
     return summary
+
+
+def _known_length(source: Any) -> int | None:
+    """How many records ``source`` holds when that is known before reading it (a sized iterable, or a
+    ``procedural`` spec), for the progress line's total and ETA; ``None`` otherwise (the count alone)."""
+    if isinstance(source, str):
+        if source == "procedural" or source.startswith("procedural:"):
+            from anyflow.data.sources import parse_procedural
+
+            try:
+                return parse_procedural(source)["n"]
+            except ValueError:
+                return None  # open_source reports the malformed spec
+        return None
+    try:
+        return len(source)
+    except TypeError:
+        return None

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from anyflow.config import Preset
+from anyflow.progress import Progress
 from anyflow.rollout import FlowMapFn, flowmap_euler_sample
 from anyflow.stages import common
 
@@ -224,10 +225,19 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     def decode(lat: torch.Tensor) -> torch.Tensor:
         return base.vae.decode(lat).float().cpu()  # frame metrics, previews and VBench run on the CPU
 
+    todo = [(m, n) for m in samplers for n in ev.nfes]
+    # progress: sweeps done of all (model, NFE); the ETA weighs each sample by its network calls (+1 decode)
+    bar = Progress("evaluate", len(todo), unit="sweep", enabled=progress,
+                   total_work=num * (2 * ev.reference_steps + sum(_cost(m, n) for m, n in todo)))
     with torch.no_grad():
         # the reference latents (small) for every sample; decoded again one batch at a time where needed
-        ref = torch.cat([flowmap_euler_sample(teacher_cfg, z0(sl), cond(sl), ev.reference_steps, shift=shift,
-                                              use_mean_velocity=False).cpu() for sl in batches])
+        ref_parts = []
+        for i, sl in enumerate(batches, 1):
+            ref_parts.append(flowmap_euler_sample(teacher_cfg, z0(sl), cond(sl), ev.reference_steps, shift=shift,
+                                                  use_mean_velocity=False).cpu())
+            bar.update(0, detail=f"reference {ev.reference_steps} steps" + _of(i, batches),
+                       work=(sl.stop - sl.start) * 2 * ev.reference_steps)
+        ref = torch.cat(ref_parts)
         ref_videos: dict[int, torch.Tensor] = {}  # cached only when a single batch holds every sample
 
         def ref_video(sl: slice) -> torch.Tensor:
@@ -241,8 +251,6 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         table: dict[str, dict[int, dict[str, float]]] = {}
         samples: dict[str, dict[int, Any]] = {}
         per_sample: dict[str, Any] = {}
-        todo = [(m, n) for m in samplers for n in ev.nfes]
-        bar = _bar(progress, len(todo))
         for model, n in todo:
             i2v = model.endswith("/i2v")
             mse: list[float] = []  # per-sample coupled (or data) MSE
@@ -251,7 +259,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             context_max_abs = 0.0
             colour_ok = motion_ok = 0
             lats: list[torch.Tensor] = []
-            for sl in batches:
+            for i, sl in enumerate(batches, 1):
                 lat = samplers[model](n, sl)
                 video = decode(lat)
                 frames = [_to_uint8(v) for v in video]
@@ -275,6 +283,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                 if sl.start == 0:
                     samples.setdefault(model, {})[n] = frames[0]
                 del video, frames
+                bar.update(0, detail=f"{model} NFE {n}" + _of(i, batches), work=b * _cost(model, n))
             mean_mse = float(torch.tensor(mse, dtype=torch.float64).mean())
             if i2v:
                 row = {"data_mse": mean_mse, "context_max_abs": context_max_abs}
@@ -289,11 +298,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                 row["adherence_motion"] = motion_ok / num
             table.setdefault(model, {})[n] = row
             per_sample[f"{model}/nfe{n}"] = mse
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(model=model, nfe=n)
-        if bar is not None:
-            bar.close()
+            bar.update(1, detail=f"{model} NFE {n}")
+        bar.close()
         ref_videos.clear()
 
     vbench = _vbench(cfg, out_dir, samplers, decode, prompts)
@@ -500,12 +506,15 @@ def _log(path: Path | None) -> list[dict]:
     return [{k: v for k, v in r.items() if k == "step" or "loss" in k} for r in rows]
 
 
-def _bar(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _cost(model: str, n: int) -> float:
+    """The relative cost of one sample of a (model, NFE) sweep, for the progress ETA: its network calls (the
+    teacher's CFG makes two per step) and one decode."""
+    return (2 * n if model == "teacher" else n) + 1.0
 
-    return tqdm(total=total, desc="evaluate", unit="sweep")
+
+def _of(i: int, batches: Sequence[slice]) -> str:
+    """``, batch i/B`` when the samples take more than one batch."""
+    return f", batch {i}/{len(batches)}" if len(batches) > 1 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ across ranks (``train.sharding``: FSDP2 ``fully_shard`` per transformer block + 
 ``train.deepspeed``: a DeepSpeed ZeRO-1/2 engine per optimiser group, :mod:`anyflow.train.deepspeed_zero`),
 optimisers and the LR warm-up→constant schedule, the EMA of the exported parameters (fp32, plain copy
 before ``ema_warmup_step``), periodic checkpoints and exact resume, SIGTERM handling, NaN detection,
-logging (JSONL + TensorBoard) and the progress bar. A *method* (teacher, flowmap, onpolicy, finetune)
+logging (JSONL + TensorBoard) and the progress line. A *method* (teacher, flowmap, onpolicy, finetune)
 owns its losses and optimiser steps and is called once per iteration with a :class:`TrainContext`.
 """
 
@@ -580,8 +580,7 @@ def fit(
                         if k != "step":
                             tb.add_scalar(k, v, step + 1)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
+                bar.update(1, detail=_loss_detail(metrics))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 checkpoint(step + 1)
             if sigterm_seen():
@@ -634,8 +633,16 @@ def _tensorboard(path: Path) -> Any:
 
 
 def _progress(enabled: bool, start: int, total: int, name: str) -> Any:
+    """``[anyflow] <name>: step i/total (loss …) · elapsed · ETA …`` lines (:mod:`anyflow.progress`); the ETA
+    counts the steps of this run only (a resumed run starts at ``start``)."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from anyflow.progress import Progress
 
-    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    return Progress(name, total, unit="step", start=start)
+
+
+def _loss_detail(metrics: dict[str, float]) -> str:
+    """The step's loss for the progress line: ``loss`` when the method reports one, else each ``loss/*``."""
+    keys = ["loss"] if "loss" in metrics else [k for k in metrics if k.startswith("loss")]
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
