@@ -44,6 +44,67 @@ def _moving_square(colour, frames=6, size=24):
     return v
 
 
+class _Tables(HTMLParser):
+    """Every table as rows of cell texts; figure captions; all text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.captions: list[str] = []
+        self.text: list[str] = []
+        self._cell: list[str] | None = None
+        self._caption: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "br" and self._cell is not None:
+            self._cell.append("\n")
+        elif tag == "figcaption":
+            self._caption = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "figcaption" and self._caption is not None:
+            self.captions.append("".join(self._caption))
+            self._caption = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        for buf in (self._cell, self._caption):
+            if buf is not None:
+                buf.append(data)
+
+
+def _parse(path: Path) -> _Tables:
+    p = _Tables()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def _published_lineage(store: Path) -> tuple[list[dict], dict[str, Path]]:
+    """prepare_data → train_flowmap → distill (which also lists the dataset) published with anyflow.storage, as
+    run_stage publishes them; returns storage.lineage(distill) and each stage's folder."""
+    from anyflow import storage
+
+    dirs = {}
+    for name, kind, parents in (("prepare_data", "dataset", []), ("train_flowmap", "flowmap", ["prepare_data"]),
+                                ("distill", "generator", ["train_flowmap", "prepare_data"])):
+        src = store / "src" / name
+        src.mkdir(parents=True)
+        (src / "payload.txt").write_text(name)
+        dirs[name] = store / "artifacts" / name
+        storage.publish(src, dirs[name], kind=kind, parents=[str(dirs[p]) for p in parents],
+                        extra={"stage": name, "cache_key": name})
+    return storage.lineage(str(dirs["distill"])), dirs
+
+
 def _data(tmp_path: Path) -> dict:
     table = MetricTable()
     for model, base in (("teacher", 0.30), ("flowmap", 0.20), ("distilled", 0.10)):
@@ -72,15 +133,7 @@ def _data(tmp_path: Path) -> dict:
             "train_teacher": [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(10)],
             "distill": str(log),
         },
-        "lineage": [
-            {"stage": "prepare_data", "uri": "s3://b/data", "digest": "ab" * 32, "parents": []},
-            {
-                "stage": "distill",
-                "uri": "s3://b/distill",
-                "digest": "cd" * 32,
-                "parents": ["s3://b/data", "s3://b/flowmap"],
-            },
-        ],
+        "lineage": _published_lineage(tmp_path / "store")[0],
         "promotions": {
             "live": "flowmap",
             "candidate": "distilled",
@@ -131,7 +184,7 @@ def test_report_contains_every_metric_and_image(tmp_path):
     assert "0.0623" in body and "2026-01-02T03:00:00Z" in body  # promotion history
     assert "0.9812" in body and "not run: model weights not available offline" in body
     assert "Aggregate not computed" in body
-    assert "s3://b/flowmap" in body and "abababababababab" in body  # lineage
+    assert "s3://b/flowmap" in body and "distill" in body  # promotion history, lineage
     assert "tiny run <test>" in body and "<test>" not in text.replace("&lt;test&gt;", "")  # escaped title
 
 
@@ -175,3 +228,69 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # Plot pixels (matplotlib's default blue line) appear, so images were decoded and drawn.
     blue = (np.abs(img.astype(int) - (31, 119, 180)).sum(-1) < 30).sum()
     assert blue > 100
+
+
+def test_lineage_table_names_each_stage_digest_and_parent(tmp_path):
+    import hashlib
+
+    lineage, dirs = _published_lineage(tmp_path / "store")
+    page = _parse(build_report({"title": "t", "lineage": lineage}, tmp_path / "r.html"))
+    table = next(t for t in page.tables if t[0][0] == "stage")
+    rows = {r[0].replace("\xa0", "").strip(): dict(zip(table[0], r, strict=True)) for r in table[1:]}
+    # the published manifests themselves: their sha256 is what children record
+    digest = {name: hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest() for name, d in dirs.items()}
+    assert set(rows) == {"prepare_data", "train_flowmap", "distill"}
+    for name, row in rows.items():
+        assert row["uri"] == str(dirs[name])
+        assert row["manifest digest"] == digest[name][:16]
+    assert rows["distill"]["parents"].splitlines() == [f"train_flowmap {digest['train_flowmap'][:16]}",
+                                                       f"prepare_data {digest['prepare_data'][:16]}"]
+    assert rows["train_flowmap"]["parents"] == f"prepare_data {digest['prepare_data'][:16]}"
+    assert rows["prepare_data"]["parents"] == "none"
+    assert rows["train_flowmap"]["check"] == "as recorded"
+
+
+def test_summary_renders_mappings_and_lists(tmp_path):
+    checkpoints = {"teacher": "/s/artifacts/train_teacher/k1", "generator": "/s/artifacts/distill/k2"}
+    page = _parse(build_report({"title": "t", "summary": {"nfes": [1, 2, 4], "checkpoints": checkpoints}},
+                               tmp_path / "r.html"))
+    rows = {r[0]: r[1] for r in page.tables[0][1:]}
+    assert rows["nfes"] == "1, 2, 4"
+    assert rows["checkpoints"].splitlines() == [f"{k}: {v}" for k, v in checkpoints.items()]
+    assert not any("{" in cell for row in page.tables[0] for cell in row)
+
+
+def test_coinciding_curves_are_captioned(tmp_path):
+    table = MetricTable()
+    for nfe in (1, 2, 4):
+        table.add("teacher", nfe, "coupled_mse", 0.3 / nfe)
+        table.add("flowmap", nfe, "coupled_mse", 0.1 + 0.01 * nfe)
+        table.add("generator", nfe, "coupled_mse", 0.1 + 0.01 * nfe)  # the flow map's values: hidden under it
+        for model, v in (("teacher", 20.0), ("flowmap", 30.0), ("generator", 40.0)):
+            table.add(model, nfe, "psnr", v + nfe)  # apart
+    page = _parse(build_report({"title": "t", "metrics": table.to_nested()}, tmp_path / "r.html"))
+    mse = [c for c in page.captions if "generator" in c]
+    assert len(mse) == 1 and "flowmap" in mse[0] and "identical" in mse[0] and "teacher" not in mse[0]
+    assert len(page.captions) == 1  # psnr: the curves are apart, nothing to say
+
+
+def test_loss_section_merges_equal_series_and_gives_a_robust_final_loss(tmp_path):
+    values = [1.1, 0.07, 1.6, 1.8, 0.6, 1.8, 1.9, 0.5, 1.6, 2.0, 1.1, 1.3, 1.2, 2.0, 0.07, 2.2, 1.1, 1.9, 1.6, 1.1,
+              1.8, 2.1, 0.5, 0.0]  # the tiny run's flow-map loss: its last step is exactly 0
+    records = [{"step": i + 1, "loss": v, "loss/diffusion": v, "loss/general": 1.0 + i % 3}
+               for i, v in enumerate(values)]
+    page = _parse(build_report({"title": "t", "losses": {"flowmap": records}}, tmp_path / "r.html"))
+    assert len(page.captions) == 1 and "loss = loss/diffusion" in page.captions[0]
+    table = next(t for t in page.tables if t[0][0] == "stage")
+    rows = {r[1]: dict(zip(table[0], r, strict=True)) for r in table[1:]}
+    assert set(rows) == {"loss = loss/diffusion", "loss/general"}
+    row = rows["loss = loss/diffusion"]
+    assert row["last step"] == "24" and row["loss at the last step"] == format_value(0.0)
+    assert row["mean of the last quarter"] == f"{format_value(sum(values[-6:]) / 6)} (steps 19–24)"
+
+
+def test_sample_previews_name_their_prompt(tmp_path):
+    prompt = "a red square moving right"
+    data = {"title": "t", "samples": {"teacher": {1: _moving_square((220, 40, 40))}}, "sample_prompts": [prompt]}
+    page = _parse(build_report(data, tmp_path / "r.html"))
+    assert prompt in "".join(page.text)

@@ -325,6 +325,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                         "checkpoints": {r: inputs[r] for r in ("teacher", *roles)}},
             "metrics": table,
             "samples": samples,
+            "sample_prompts": [prompts[0]],  # every preview is sample 0 (the first batch's first row)
             "losses": losses,
             "lineage": lineage,
             "vbench": vbench,
