@@ -12,6 +12,22 @@ Settings come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_PR
 ``--s3-endpoint``) > ``ANYFLOW_S3_ENDPOINT`` > ``AWS_ENDPOINT_URL_S3`` > ``AWS_ENDPOINT_URL``.
 Retry knobs: ``ANYFLOW_S3_RETRIES`` (attempts, default 8) and ``ANYFLOW_S3_RETRY_BASE`` (first
 backoff in seconds, default 0.25; doubled per attempt, capped at 20 s, with jitter).
+
+Timeouts, so that an endpoint that accepts connections and never answers cannot stall a call for minutes:
+
+* ``ANYFLOW_S3_CONNECT_TIMEOUT`` (default 10 s): to open a connection;
+* ``ANYFLOW_S3_READ_TIMEOUT`` (default 30 s): the longest silence while waiting for the next bytes of a
+  response -- silence, not duration, so a slow but moving multi-GB transfer never trips it;
+* ``ANYFLOW_S3_DEADLINE`` (default 120 s): the time one call may go without progress, retries included.
+  A retry starts only if one silent request (connect + read timeout) would still end by the deadline, so a
+  call to a silent endpoint gives up within the deadline. Uploads and copies are the exception by one attempt:
+  botocore retries each of their requests itself (:data:`TRANSFER_ATTEMPTS`, so that one failed part does not
+  restart a multi-GB upload), so their first attempt alone may last about 4 × (read timeout + 3 s).
+  Downloads count the deadline from the last bytes received, so a long download that stalls is still
+  retried; uploads and copies count it from the call's start (an upload that outlasts the deadline and then
+  fails after botocore's own retries is not restarted here: raise the deadline for very large files).
+
+A call that gives up raises :class:`StorageError` naming the URL, the endpoint and these settings.
 """
 
 from __future__ import annotations
@@ -73,17 +89,39 @@ def endpoint() -> str | None:
     )
 
 
+TRANSFER_ATTEMPTS = 4  # botocore's own attempts per request of the transfer client (multipart parts)
+_TIMEOUTS = {"connect": ("ANYFLOW_S3_CONNECT_TIMEOUT", 10.0), "read": ("ANYFLOW_S3_READ_TIMEOUT", 30.0),
+             "deadline": ("ANYFLOW_S3_DEADLINE", 120.0)}
+
+
+def timeouts() -> dict[str, float]:
+    """``{"connect", "read", "deadline"}`` in seconds from the environment (see the module docstring)."""
+    out = {}
+    for name, (var, default) in _TIMEOUTS.items():
+        raw = os.environ.get(var, "").strip()
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise StorageError(f"{var}={raw!r} is not a positive number of seconds (default {default:g}).")
+        out[name] = value
+    return out
+
+
 def _env_key() -> tuple:
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
              "AWS_DEFAULT_REGION", "AWS_REGION")
-    return (endpoint(), *(os.environ.get(n) for n in names))
+    t = timeouts()
+    return (endpoint(), *(os.environ.get(n) for n in names), t["connect"], t["read"])
 
 
 def client(*, transfer: bool = False) -> Any:
     """A boto3 S3 client for the current settings (cached per endpoint + credentials).
 
     The ``transfer`` client (multipart uploads and copies) lets botocore retry each part itself
-    (standard mode, 4 attempts), so one failed part does not restart a multi-GB upload.
+    (standard mode, :data:`TRANSFER_ATTEMPTS` attempts), so one failed part does not restart a multi-GB upload.
+    Connect and read timeouts: :func:`timeouts`.
     """
     key = (*_env_key(), transfer)
     with _lock:
@@ -91,11 +129,11 @@ def client(*, transfer: bool = False) -> Any:
             import boto3
             from botocore.config import Config
 
-            ep = endpoint()
+            ep, t = endpoint(), timeouts()
             cfg = Config(
-                retries={"total_max_attempts": 4 if transfer else 1, "mode": "standard"},  # else: call()
-                connect_timeout=10,
-                read_timeout=60,
+                retries={"total_max_attempts": TRANSFER_ATTEMPTS if transfer else 1, "mode": "standard"},  # else: call()
+                connect_timeout=t["connect"],
+                read_timeout=t["read"],
                 max_pool_connections=32,
                 s3={"addressing_style": "path"} if ep else {},
                 # S3-compatible stores (MinIO, Ceph, moto) differ in their support of the newer
@@ -207,14 +245,43 @@ def attempts() -> int:
     return max(1, int(os.environ.get("ANYFLOW_S3_RETRIES", "8")))
 
 
-def call(url: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T | None:
+class Progress:
+    """When a call last made progress (:func:`call`'s deadline counts from it): its start, then the last bytes
+    a download received (``touch``). Uploads report no progress: boto3's transfer callbacks count bytes handed
+    to a socket (even to an endpoint that never answers), not bytes the endpoint took."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+def _gave_up(url: str, last: BaseException | None, tries: int, started: float, t: dict[str, float]) -> StorageError:
+    return StorageError(
+        f"{url}: S3 request failed {tries} time{'s' if tries != 1 else ''} with transient errors in {time.monotonic() - started:.0f} s "
+        f"(last: {last!r}); check that the endpoint {endpoint() or 'AWS S3'} is reachable and healthy, then retry "
+        f"(timeouts: ANYFLOW_S3_CONNECT_TIMEOUT={t['connect']:g} s, ANYFLOW_S3_READ_TIMEOUT={t['read']:g} s, "
+        f"ANYFLOW_S3_DEADLINE={t['deadline']:g} s)."
+    )
+
+
+def call(url: str, fn: Callable[[], T], *, missing_ok: bool = False, progress: Progress | None = None) -> T | None:
     """Run ``fn`` with retries on transient errors; translate the rest into clear errors.
 
-    Returns ``None`` for a missing key when ``missing_ok``; raises ``FileNotFoundError`` otherwise.
+    Returns ``None`` for a missing key when ``missing_ok``; raises ``FileNotFoundError`` otherwise. A retry
+    starts only if one silent request (connect + read timeout) would still end before the deadline, counted
+    from ``progress.last`` (default: the call's start); see the module docstring.
     """
+    t = timeouts()
+    started = time.monotonic()
+    progress = progress or Progress()
+    worst = t["connect"] + t["read"]
     last: BaseException | None = None
+    tries = 0
     for attempt in range(attempts()):
         try:
+            tries += 1
             return fn()
         except Exception as exc:
             kind = classify(exc)
@@ -230,11 +297,11 @@ def call(url: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T | None
                 raise
             last = exc
             if attempt + 1 < attempts():
-                time.sleep(_sleep_for(attempt))
-    raise StorageError(
-        f"{url}: S3 request failed {attempts()} times with transient errors (last: {last!r}); "
-        f"check that the endpoint {endpoint() or 'AWS S3'} is reachable and healthy, then retry."
-    ) from last
+                pause = _sleep_for(attempt)
+                if time.monotonic() + pause + worst > progress.last + t["deadline"]:
+                    break  # a silent next attempt would end past the deadline
+                time.sleep(pause)
+    raise _gave_up(url, last, tries, started, t) from last
 
 
 def check_bucket(url: str) -> None:
@@ -301,9 +368,10 @@ def iter_chunks(url: str, *, start: int = 0, chunk: int = 1 << 20) -> Iterator[b
     """Stream an object's bytes from ``start``; a connection lost mid-body resumes with a ranged GET."""
     bucket, key = split(url)
     pos, failures = start, 0
+    moved = Progress()  # the deadline counts from the last bytes received
     while True:
         kw = {"Range": f"bytes={pos}-"} if pos else {}
-        body = call(url, lambda kw=kw: client().get_object(Bucket=bucket, Key=key, **kw)["Body"])
+        body = call(url, lambda kw=kw: client().get_object(Bucket=bucket, Key=key, **kw)["Body"], progress=moved)
         try:
             while True:
                 data = body.read(chunk)
@@ -311,12 +379,19 @@ def iter_chunks(url: str, *, start: int = 0, chunk: int = 1 << 20) -> Iterator[b
                     return
                 pos += len(data)
                 failures = 0
+                moved.touch()
                 yield data
         except Exception as exc:
             if classify(exc) != "transient" or failures + 1 >= attempts():
                 raise StorageError(f"{url}: reading the object failed at byte {pos} ({exc!r}).") from exc
+            t = timeouts()
+            pause = _sleep_for(failures)
+            if time.monotonic() + pause + t["connect"] + t["read"] > moved.last + t["deadline"]:
+                raise StorageError(f"{url}: reading the object stalled at byte {pos} ({exc!r}); check that the "
+                                   f"endpoint {endpoint() or 'AWS S3'} is healthy (ANYFLOW_S3_DEADLINE="
+                                   f"{t['deadline']:g} s).") from exc
             failures += 1
-            time.sleep(_sleep_for(failures))
+            time.sleep(pause)
 
 
 def list_objects(url: str, *, limit: int | None = None) -> list[dict]:
