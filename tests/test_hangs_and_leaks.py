@@ -111,3 +111,95 @@ def test_bad_timeout_setting_is_one_sentence(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("ANYFLOW_S3_READ_TIMEOUT", "soon")
     with pytest.raises(OSError, match="ANYFLOW_S3_READ_TIMEOUT"):
         storage.read_bytes("s3://bucket/x.json")
+
+
+# ------------------------------------------------------------------------ index rows stay in their folder
+class _CountingHTTP:
+    """An HTTP server on 127.0.0.1 that serves ``body`` for any GET and counts the requests it got."""
+
+    def __init__(self, body: bytes) -> None:
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                outer.requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _mp4(path: Path, index: int) -> bytes:
+    from anyflow.data.procedural import make_clip
+    from anyflow.data.video import write_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, make_clip(5, index, frames=8, height=16, width=16).video, fps=8)
+    return path.read_bytes()
+
+
+def _load_all(spec_url: str) -> tuple[list[str], list[str]]:
+    """(keys whose video was decoded, keys of every record) of a source, loading every clip it offers."""
+    from anyflow.data.sources import RawClip, open_source
+    from anyflow.data.video import VideoSpec
+
+    spec = VideoSpec(frames=4, fps=8, height=16, width=16)
+    loaded, seen = [], []
+    for rec in open_source(spec_url):
+        seen.append(rec.key)
+        if isinstance(rec, RawClip):
+            try:
+                rec.load(spec)
+                loaded.append(rec.key)
+            except Exception:  # noqa: BLE001 -- a failed fetch is still a fetch: the server's log says
+                pass
+    return loaded, seen
+
+
+def test_index_rows_outside_the_index_folder_are_not_fetched(tmp_path: Path) -> None:
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    _mp4(data / "ok.mp4", 0)
+    secret = _mp4(outside / "secret.mp4", 1)
+    web = _CountingHTTP(secret)
+    try:
+        rows = ["ok.mp4", f"{web.url}/secret.mp4", f"file://{outside}/secret.mp4", f"{outside}/secret.mp4",
+                "../outside/secret.mp4", f"file://{data}/../outside/secret.mp4"]
+        (data / "index.csv").write_text("video,caption\n" + "".join(f"{r},a red square\n" for r in rows))
+        loaded, seen = _load_all(str(data / "index.csv"))
+    finally:
+        web.close()
+    assert web.requests == [], f"an index row made the reader fetch {web.url}: {web.requests}"
+    assert loaded == ["ok.mp4"], f"videos outside {data} were read: {loaded}"
+    assert len(seen) == len(rows)  # the refused rows are counted (skipped with a reason), not dropped
+
+
+@pytest.mark.s3
+def test_s3_index_rows_outside_the_index_prefix_are_not_fetched(tmp_path: Path, s3_prefix: str) -> None:
+    ok, secret = _mp4(tmp_path / "ok.mp4", 0), _mp4(tmp_path / "secret.mp4", 1)
+    storage.write_bytes(f"{s3_prefix}/data/ok.mp4", ok)
+    storage.write_bytes(f"{s3_prefix}/outside/secret.mp4", secret)
+    rows = ["ok.mp4", f"{s3_prefix}/data/ok.mp4", f"{s3_prefix}/outside/secret.mp4", "../outside/secret.mp4",
+            f"file://{tmp_path}/secret.mp4", str(tmp_path / "secret.mp4")]
+    storage.write_bytes(f"{s3_prefix}/data/index.csv",
+                        ("video,caption\n" + "".join(f"{r},a red square\n" for r in rows)).encode())
+    loaded, seen = _load_all(f"{s3_prefix}/data/index.csv")
+    assert loaded == ["ok.mp4", f"{s3_prefix}/data/ok.mp4"], f"videos outside {s3_prefix}/data were read: {loaded}"
+    assert len(seen) == len(rows)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,26 @@ def _join(base: str, rel: str) -> str:
     if "://" in rel or rel.startswith("/"):
         return rel
     return base.rstrip("/") + "/" + rel
+
+
+def _row_video(index_url: str, base: str, video: str) -> str:
+    """Where an index row's ``video`` is read from: only a file under the index's own folder/prefix, in the
+    index's own scheme -- a relative path, or a path/URL that starts with that folder. Anything else (another
+    scheme or host: ``http://…``, ``file:///…`` from an S3 index; another bucket or prefix; an absolute path
+    outside the folder; a ``..`` segment) raises :class:`ClipError` (bad metadata): it is never fetched."""
+    v = video.strip()
+    if is_remote(index_url):
+        root = base.rstrip("/") + "/"
+        rel = v[len(root) :] if v.startswith(root) else None if "://" in v or v.startswith("/") else v
+    else:
+        path = v[len("file://") :] if v.startswith("file://") else v
+        root = os.path.abspath(_local(base)).rstrip("/") + "/"
+        rel = None if "://" in path else path[len(root) :] if path.startswith(root) else None if path.startswith("/") else path
+    parts = [p for p in (rel or "").split("/") if p != "."]
+    if rel is None or not parts or ".." in parts or "\x00" in rel:
+        raise ClipError(BAD_METADATA, f"video {v!r} is not a file under the index's folder {base}; an index may "
+                        "only name videos beside or below it (relative paths or URLs under that folder)")
+    return _join(base, "/".join(parts))
 
 
 def _open(url: str) -> IO[bytes]:
@@ -239,7 +260,12 @@ def index_source(url: str) -> Iterator[Record]:
         if caption is None:
             yield SkippedRecord(video, MISSING_CAPTION, f"{url} {where} has no 'caption'")
             continue
-        yield RawClip(video, caption, _video_loader(_join(base, video.strip())))
+        try:
+            where_url = _row_video(url, base, video)
+        except ClipError as e:
+            yield SkippedRecord(video, e.reason, f"{url} {where}: {e.detail}")
+            continue
+        yield RawClip(video, caption, _video_loader(where_url))
 
 
 def _jsonl_row(i: int, line: str) -> tuple[str, dict[str, Any] | None, str]:
