@@ -114,13 +114,18 @@ def _overlap_caption(series: Mapping[str, Mapping[int, float]]) -> str:
     pairs = _coinciding(series)
     if not pairs:
         return ""
-    parts = [
-        f"{b}'s curve lies on {a}'s ("
-        + ("identical values" if d == 0 else f"largest difference {format_value(d)}")
-        + ")"
-        for a, b, d in pairs
-    ]
-    return "; ".join(parts) + ". Each model keeps its own marker and line style, so the hidden curve still shows."
+    groups: list[list[str]] = []  # models whose curves lie on one another (connected by coinciding pairs)
+    for a, b, _ in pairs:
+        hit = [g for g in groups if a in g or b in g]
+        merged = [m for m in series if m in {a, b}.union(*hit)]
+        groups = [g for g in groups if g not in hit] + [merged]
+    parts = []
+    for group in groups:
+        d = max(diff for a, b, diff in pairs if a in group and b in group)
+        names = ", ".join(group[:-1]) + " and " + group[-1]
+        parts.append(f"{names} lie on one another ("
+                     + ("identical values" if d == 0 else f"largest difference {format_value(d)}") + ")")
+    return "; ".join(parts) + ". Each model keeps its own marker and line style, so a hidden curve still shows."
 
 
 def _nfe_plot(metric: str, series: Mapping[str, Mapping[int, float]], title: str | None = None) -> str:
