@@ -261,7 +261,7 @@ def test_kfp_host_from_the_environment_for_every_command(kfp_server, no_kube, ca
     assert cli.main(["status", "run-123"]) == 0
     assert "run-123  SUCCEEDED" in capsys.readouterr().out
     # rerun with KFP_HOST set goes to the cluster (it used to train locally on CPU)
-    assert cli.main(["rerun", "--stage", "prepare_data", "--image", IMAGE, "--store", "s3://b/p"]) == 0
+    assert cli.main(["rerun", "--stage", "prepare_data", "--image", IMAGE, "--store", "s3://bkt/p"]) == 0
     assert any(r["path"].startswith("/apis/v2beta1/runs") and r["method"] == "POST" for r in rec.requests)
     assert not (tmp_path / "anyflow-runs").exists()
 
@@ -269,8 +269,8 @@ def test_kfp_host_from_the_environment_for_every_command(kfp_server, no_kube, ca
 def test_flags_a_pipeline_does_not_declare_are_errors(kfp_server, no_kube, capsys) -> None:
     url, rec = kfp_server
     base = ["submit", "--host", url, "--image", IMAGE, "--pipeline", "anyflow-redistill"]
-    required = ["--store", "s3://b/p", "--param", "source=s3://b/videos/", "--param", "teacher_uri=s3://b/t"]
-    assert cli.main([*base, "--store", "s3://b/p"]) == 2  # source and teacher_uri are required
+    required = ["--store", "s3://bkt/p", "--param", "source=s3://bkt/videos/", "--param", "teacher_uri=s3://bkt/t"]
+    assert cli.main([*base, "--store", "s3://bkt/p"]) == 2  # source and teacher_uri are required
     err = capsys.readouterr().err
     assert "needs --param for source, teacher_uri" in err
     assert cli.main([*base, *required, "--preset", "wan2.1-t2v-1.3b"]) == 2
@@ -280,5 +280,5 @@ def test_flags_a_pipeline_does_not_declare_are_errors(kfp_server, no_kube, capsy
     assert not [r for r in rec.requests if r["method"] == "POST"]
     assert cli.main([*base, *required]) == 0
     run = next(r["body"] for r in rec.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
-    assert run["runtime_config"]["parameters"] == {"store": "s3://b/p", "source": "s3://b/videos/",
-                                                   "teacher_uri": "s3://b/t"}
+    assert run["runtime_config"]["parameters"] == {"store": "s3://bkt/p", "source": "s3://bkt/videos/",
+                                                   "teacher_uri": "s3://bkt/t"}

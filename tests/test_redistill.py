@@ -274,7 +274,7 @@ def test_cli_and_pipeline_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
-    args = parser.parse_args(["redistill", "--store", "s3://b/p", "--source", "procedural:n=4", "--teacher", "t",
+    args = parser.parse_args(["redistill", "--store", "s3://bkt/p", "--source", "procedural:n=4", "--teacher", "t",
                               "--metric", "psnr:higher", "--set", "evaluate.nfes=1,2"])
     assert args.func.__name__ == "cmd_redistill" and args.metric == ["psnr:higher"]
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import sys
 import tempfile
 from typing import Any
+
+from anyflow.urls import url_argument
 
 DEFAULT_WORKDIR = "./anyflow-runs"
 DEFAULT_PRESET = "tiny"
@@ -225,8 +228,7 @@ def _guard(handler):
                   file=sys.stderr)
             return 2
 
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
+    return functools.update_wrapper(wrapped, handler)
 
 
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
@@ -236,7 +238,7 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
                    help="component image, best by digest (REPO@sha256:…; default: $ANYFLOW_IMAGE); required on a cluster")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
     if store:
-        p.add_argument("--store", default=None, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
+        p.add_argument("--store", default=None, type=url_argument, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
         # SUPPRESS: do not overwrite the top-level ``anyflow --s3-endpoint`` when not given here.
         p.add_argument("--s3-endpoint", default=argparse.SUPPRESS,
                        help="S3 endpoint URL for --store s3://… (e.g. http://127.0.0.1:9000)")

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from anyflow.urls import url_argument
+
 
 def _summary(m: dict) -> list[str]:
     total = sum(e["size"] for e in m["files"].values())
@@ -63,10 +65,10 @@ def add_cli(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="artifacts_cmd", required=True)
     show = sub.add_parser("show", help="print an artifact's manifest summary and its parents chain",
                           description="Print the manifest summary of URL and of every parent artifact.")
-    show.add_argument("url", help="artifact URL (local directory or s3://bucket/prefix)")
+    show.add_argument("url", type=url_argument, help="artifact URL (local directory or s3://bucket/prefix)")
     show.add_argument("--json", action="store_true", help="print the full lineage as JSON")
     show.set_defaults(func=cmd_show)
     ver = sub.add_parser("verify", help="re-check every file's size and sha256 (exit 1 on mismatch)",
                          description="Re-hash every file of the artifact at URL against its manifest.")
-    ver.add_argument("url", help="artifact URL (local directory or s3://bucket/prefix)")
+    ver.add_argument("url", type=url_argument, help="artifact URL (local directory or s3://bucket/prefix)")
     ver.set_defaults(func=cmd_verify)

@@ -9,19 +9,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from anyflow.cli._common import UserError, _guard
+from anyflow.urls import LocationError, check_url, url_argument
+
+#: The store ``anyflow run`` writes to by default (``--workdir`` ./anyflow-runs), and so the default here.
+DEFAULT_STORE = os.path.join(".", "anyflow-runs", "store")
+
 
 def _root(args: argparse.Namespace) -> str:
-    root = args.root or os.environ.get("ANYFLOW_STORE")
-    if not root:
-        raise SystemExit("error: give the store with --root URL (or set ANYFLOW_STORE).")
-    return root
+    """``--store`` (``--root`` is its old name), else ``$ANYFLOW_STORE``, else ``anyflow run``'s default store."""
+    root = args.store or os.environ.get("ANYFLOW_STORE") or DEFAULT_STORE
+    try:
+        return check_url(root, "store")
+    except LocationError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from anyflow import registry
 
     root = _root(args)
-    for name in registry.list_models(root):
+    names = registry.list_models(root)
+    if not names:
+        print(f"no models in {root} (promote one with 'anyflow models promote NAME ARTIFACT_URL --store {root}')")
+    for name in names:
         live = registry.promoted(root, name)
         where = f"{live['uri']}  (since {live['since']})" if live else "(nothing promoted)"
         print(f"{name}\t{where}")
@@ -49,7 +60,13 @@ def _metrics_arg(text: str | None) -> dict:
     if not text:
         return {}
     path = Path(text)
-    return json.loads(path.read_text() if path.is_file() else text)
+    try:
+        value = json.loads(path.read_text() if path.is_file() else text)
+    except ValueError as exc:
+        raise UserError(f"--metrics {text!r} is neither a JSON file nor a JSON object ({exc}).") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--metrics must be a JSON object (NFE -> metric -> value), got {type(value).__name__}.")
+    return value
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -59,7 +76,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         entry = registry.promote(_root(args), args.name, args.uri, metrics=_metrics_arg(args.metrics),
                                  reason=args.reason, expected_current=args.expected_current)
     except (registry.RegistryError, storage.ArtifactError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"anyflow models: {exc}", file=sys.stderr)
         return 1
     print(f"promoted {args.name} -> {entry['uri']} (manifest sha256 {entry['manifest_sha256'][:16]})")
     return 0
@@ -71,7 +88,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         entry = registry.rollback(_root(args), args.name, reason=args.reason)
     except (registry.RegistryError, storage.ArtifactError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"anyflow models: {exc}", file=sys.stderr)
         return 1
     print(f"rolled back {args.name} -> {entry['uri']} (manifest sha256 {entry['manifest_sha256'][:16]})")
     return 0
@@ -85,8 +102,10 @@ def add_cli(subparsers: Any) -> None:
 
     def add(name: str, help: str, func: Any) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--root", help="store URL holding models/ (local dir or s3://…; default $ANYFLOW_STORE)")
-        sp.set_defaults(func=func)
+        sp.add_argument("--store", "--root", dest="store", type=url_argument,
+                        help=f"store holding models/ (folder or s3://…; default $ANYFLOW_STORE, else {DEFAULT_STORE}, "
+                        "where 'anyflow run' writes); --root is its old name")
+        sp.set_defaults(func=_guard(func), command="models")  # usage errors: one sentence, exit 2
         return sp
 
     add("list", "list models and the artifact each one promotes", cmd_list)

@@ -7,12 +7,15 @@ import json
 import os
 from typing import Any
 
+from anyflow.cli._common import UserError, _guard
+from anyflow.urls import LocationError, check_url, url_argument
+
 
 def parse_metric(text: str) -> tuple[str, bool]:
     """``coupled_mse:lower`` / ``psnr:higher`` → ``(name, higher_is_better)``."""
     name, _, way = text.partition(":")
     if way not in ("lower", "higher") or not name:
-        raise SystemExit(f"--metric {text!r}: expected NAME:lower or NAME:higher, e.g. coupled_mse:lower")
+        raise UserError(f"--metric {text!r}: expected NAME:lower or NAME:higher, e.g. coupled_mse:lower")
     return name, way == "higher"
 
 
@@ -22,7 +25,11 @@ def cmd_redistill(args: argparse.Namespace) -> int:
 
     store = args.store or os.environ.get("ANYFLOW_STORE")
     if not store:
-        raise SystemExit("give the store with --store URL (or set ANYFLOW_STORE).")
+        raise UserError("give the store with --store URL (or set ANYFLOW_STORE).")
+    try:
+        check_url(store, "store")
+    except LocationError as exc:
+        raise UserError(str(exc)) from None
     overrides: dict[str, Any] = load_overrides_file(args.config) if args.config else {}
     overrides.update(parse_override_args(args.overrides))
     cfg = RedistillConfig(
@@ -55,11 +62,11 @@ def add_cli(subparsers: Any) -> None:
                     "sample), warm-start distill from the live generator and critic, evaluate candidate and live "
                     "model on the same protocol, promote only if not worse at every NFE. See docs/operations.md.",
     )
-    p.add_argument("--store", help="store URL holding artifacts/ and models/ (default $ANYFLOW_STORE)")
+    p.add_argument("--store", type=url_argument, help="store URL holding artifacts/ and models/ (default $ANYFLOW_STORE)")
     p.add_argument("--source", required=True, help="data source spec (folder, s3:// prefix, index, tars, procedural:n=…)")
-    p.add_argument("--teacher", required=True, help="the current teacher artifact URL")
-    p.add_argument("--flowmap", help="flow-map artifact: generator init for the first run or after a teacher change")
-    p.add_argument("--eval-dataset", help="fixed held-out dataset artifact for evaluation (optional)")
+    p.add_argument("--teacher", required=True, type=url_argument, help="the current teacher artifact URL")
+    p.add_argument("--flowmap", type=url_argument, help="flow-map artifact: generator init for the first run or after a teacher change")
+    p.add_argument("--eval-dataset", type=url_argument, help="fixed held-out dataset artifact for evaluation (optional)")
     p.add_argument("--name", default="anyflow-t2v", help="registry model name (default: anyflow-t2v)")
     p.add_argument("--preset", default="tiny", help="preset name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -86,4 +93,4 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--fail-on-reject", action="store_true", help="exit 3 when the candidate is not promoted")
     p.add_argument("--json", action="store_true", help="print the full run record")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_redistill)
+    p.set_defaults(func=_guard(cmd_redistill), command="redistill")

@@ -23,6 +23,7 @@ from anyflow.cli._common import (
     _store,
     _submit,
 )
+from anyflow.urls import role_url_argument
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -209,7 +210,7 @@ def add_rerun(subparsers: Any) -> None:
     _kfp(p)
     p.add_argument("--stage", required=True, help="stage to rerun (prepare_data, train_teacher, train_flowmap, "
                    "distill, finetune, evaluate)")
-    p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", help="input artifact, repeatable")
+    p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", type=role_url_argument, help="input artifact, repeatable")
     p.add_argument("--run", default=None, metavar="RUN",
                    help="take the inputs from an earlier run: a KFP run id (its stage records under "
                    "<store>/runs/<id>/, so pass the run's --store) or a local run name or id from 'anyflow run' "

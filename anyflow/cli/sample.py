@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from anyflow.urls import url_argument
+
 
 def _handler(args: argparse.Namespace) -> int:
     from anyflow.config import parse_override_args
@@ -34,7 +36,7 @@ def add_cli(sub: Any) -> None:
         description="Sample a generator checkpoint with the FlowMap-Euler sampler (N network calls; causal FAR "
                     "checkpoints: N calls per chunk plus the KV-cache passes). --image / --video condition a FAR "
                     "checkpoint on an image (I2V) or the first frames of a video (V2V).")
-    p.add_argument("checkpoint", help="checkpoint artifact URL (a distill/finetune/train_flowmap output)")
+    p.add_argument("checkpoint", type=url_argument, help="checkpoint artifact URL (a distill/finetune/train_flowmap output)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one procedural caption)")
     p.add_argument("--nfe", type=int, default=4, help="number of sampling steps = network calls (default 4)")
     p.add_argument("--preset", default="tiny", help="preset the checkpoint was trained with (far-* for causal)")

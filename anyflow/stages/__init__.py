@@ -34,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from anyflow.config import StageInputError
+from anyflow.urls import role_url_argument, url_argument
 
 STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "finetune", "evaluate")
 
@@ -314,10 +315,10 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. --set distill.train.steps=10 (repeatable)")
     p.add_argument("--config", help="YAML file of overrides (applied before --set)")
-    p.add_argument("--in", dest="inputs", action="append", default=[], metavar="ROLE=URL",
+    p.add_argument("--in", dest="inputs", action="append", default=[], metavar="ROLE=URL", type=role_url_argument,
                    help="input artifact, e.g. --in dataset=s3://bucket/data (repeatable)")
-    p.add_argument("--out", help="output artifact URL (default: content-addressed under --store)")
-    p.add_argument("--store", help="artifact store URL (local folder or s3://bucket/prefix)")
+    p.add_argument("--out", type=url_argument, help="output artifact URL (default: content-addressed under --store)")
+    p.add_argument("--store", type=url_argument, help="artifact store URL (local folder or s3://bucket/prefix)")
     p.add_argument("--force", action="store_true", help="recompute even if a cached artifact exists")
     p.add_argument("--strict", action="store_true",
                    help="prepare_data: a bad input clip (undecodable, too short, no caption) is fatal instead of skipped")
