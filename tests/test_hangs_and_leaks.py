@@ -122,14 +122,14 @@ class _CountingHTTP:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.requests.append(self.path)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 outer.requests.append(self.path)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -169,7 +169,7 @@ def _load_all(spec_url: str) -> tuple[list[str], list[str]]:
             try:
                 rec.load(spec)
                 loaded.append(rec.key)
-            except Exception:  # noqa: BLE001 -- a failed fetch is still a fetch: the server's log says
+            except Exception:
                 pass
     return loaded, seen
 
@@ -203,3 +203,55 @@ def test_s3_index_rows_outside_the_index_prefix_are_not_fetched(tmp_path: Path, 
     loaded, seen = _load_all(f"{s3_prefix}/data/index.csv")
     assert loaded == ["ok.mp4", f"{s3_prefix}/data/ok.mp4"], f"videos outside {s3_prefix}/data were read: {loaded}"
     assert len(seen) == len(rows)
+
+
+# ------------------------------------------------------------------- a killed training run leaks nothing
+def _stage_cmd(store: Path, dataset: str, steps: int) -> list[str]:
+    return [sys.executable, "-m", "anyflow.stages.train_flowmap", "--store", str(store), "--in", f"dataset={dataset}",
+            "--set", f"flowmap.train.steps={steps}", "--set", "flowmap.train.checkpoint_every=1", "--no-progress"]
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_sigkilled_training_leaves_no_copies_and_pruning_leaves_no_empty_folders(tmp_path: Path) -> None:
+    """A training stage killed with SIGKILL after its first checkpoints, then rerun to the end: the temp dir
+    holds no checkpoint copy afterwards, and the local store keeps only the newest ``step-*`` folder."""
+    from anyflow.stages import run_stage
+
+    store, tmp = tmp_path / "store", tmp_path / "tmp"
+    tmp.mkdir()
+    dataset = run_stage("prepare_data", store=str(store), progress=False).uri
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("ANYFLOW_WORK_DIR", None)
+    ckpts = store / "checkpoints" / "train_flowmap"
+    steps = 40
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(_stage_cmd(store, dataset, steps), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+
+        def newest() -> int:
+            return max((int(m.parent.name[5:]) for m in ckpts.glob("*/step-*/manifest.json")
+                        if m.parent.name[5:].isdigit()), default=0)
+
+        while proc.poll() is None and time.monotonic() < deadline and newest() < 3:
+            time.sleep(0.02)  # a few checkpoints published: pruning has run
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.seek(0)
+        assert alive, f"the stage ended before it could be killed: {log.read()[-2000:]}"
+    copies = [p for p in _files(tmp) if p.suffix == ".safetensors"]
+    assert copies, "expected the killed run's local checkpoint copy in its work folder"  # the leak being fixed
+    res = subprocess.run(_stage_cmd(store, dataset, steps), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    left = [str(p.relative_to(tmp)) for p in _files(tmp) if p.suffix in (".safetensors", ".json", ".jsonl")]
+    (key_dir,) = list(ckpts.iterdir())
+    kept = sorted(p.name for p in key_dir.iterdir())
+    assert (left, kept) == ([], [f"step-{steps:08d}"]), (
+        f"training state left in the temp dir after the rerun: {left}; checkpoint folders kept: {kept}")
+    assert (key_dir / f"step-{steps:08d}" / "manifest.json").is_file()

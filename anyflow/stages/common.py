@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +215,75 @@ def _step_dirs(ckpt_url: str) -> list[tuple[int, str]]:
     return sorted(steps.items(), reverse=True)
 
 
+def _remove_checkpoint(url: str) -> None:
+    """Delete a pruned ``step-*`` checkpoint: its files, and on a local store the folder itself (an emptied
+    folder would otherwise stay behind for every checkpoint ever pruned)."""
+    storage.delete(storage.list_prefix(url))
+    if not storage.is_remote(url):
+        shutil.rmtree(storage.local_path(url), ignore_errors=True)
+
+
+_STALE_UNLOCKED_S = 60.0  # a run folder without its lock file is a kill between mkdtemp and the lock, or racing
+
+
+def _work_root(stage: str) -> Path:
+    """The stage's own work folder: ``$ANYFLOW_WORK_DIR/<stage>``, else ``<temp dir>/anyflow-work-<uid>/<stage>``
+    (the temp dir honours ``$TMPDIR``). The per-user folder must be a real folder owned by this user (0700); a
+    shared or planted one is not used (a fresh temporary folder is, as before)."""
+    explicit = os.environ.get("ANYFLOW_WORK_DIR", "").strip()
+    top = Path(explicit) if explicit else Path(tempfile.gettempdir()) / f"anyflow-work-{os.getuid()}"
+    try:
+        top.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = top.lstat()
+        if not explicit and (not top.is_dir() or top.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077):
+            raise PermissionError(f"{top} is not a private folder of this user")
+        root = top / stage
+        root.mkdir(exist_ok=True)
+        return root
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"anyflow-work-{stage}-"))
+
+
+def _clean_stale_runs(root: Path) -> None:
+    """Remove the run folders under ``root`` whose process is gone: a live run holds an exclusive ``flock`` on
+    its ``.lock`` for as long as it trains (the kernel drops it when the process dies, SIGKILL included)."""
+    for run in root.glob("run-*"):
+        lock = run / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - run.lstat().st_mtime > _STALE_UNLOCKED_S:
+                    shutil.rmtree(run, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live run
+        finally:
+            os.close(fd)  # also releases a lock just taken: the folder goes now, nothing waits on it
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _run_folder(stage: str) -> Iterator[Path]:
+    """A private folder for one training run's state (checkpoint copies, the resume download) under the stage's
+    own work folder, locked while the run lives and removed at its end; folders of runs killed before they
+    could remove theirs are removed when the next run of the stage starts."""
+    root = _work_root(stage)
+    _clean_stale_runs(root)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(fd)
+
+
 def train_resumable(
     method: Any,
     tr: TrainConfig,
@@ -225,11 +297,18 @@ def train_resumable(
 
     Each save is published to a new ``step-XXXXXXXX`` folder (manifest last) and older folders are
     deleted only after it is complete, so a kill during an upload leaves the previous checkpoint valid.
-    A rerun resumes from the newest folder whose manifest verifies.
+    A rerun resumes from the newest folder whose manifest verifies. The local copies (the newest state, the
+    resume download) live in a locked run folder under the stage's own work folder (:func:`_run_folder`), so a
+    killed run's copy is removed by the next run instead of filling the temp dir.
     """
+    with _run_folder(getattr(method, "name", "train")) as work:
+        return _train_in(method, tr, batches, work=work, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+
+
+def _train_in(method: Any, tr: TrainConfig, batches: Any, *, work: Path, out_dir: Path, ckpt_url: str | None,
+              progress: bool) -> Any:
     from anyflow.train.loop import fit
 
-    work = Path(tempfile.mkdtemp(prefix="anyflow-train-"))
     resume, resume_url = None, None
     for _, url in _step_dirs(ckpt_url) if ckpt_url else []:
         try:
@@ -244,14 +323,11 @@ def train_resumable(
             storage.publish(path, url, kind="train-state", extra={"step": step})
             stale = [u for s, u in _step_dirs(ckpt_url) if s != step]
             for old in stale:
-                storage.delete(storage.list_prefix(old))
+                _remove_checkpoint(old)
             return url
-    try:
-        result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume,
-                     resume_label=resume_url, progress=progress)
-        log_src = work / "log.jsonl"
-        if log_src.exists():
-            shutil.copy(log_src, out_dir / "log.jsonl")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume,
+                 resume_label=resume_url, progress=progress)
+    log_src = work / "log.jsonl"
+    if log_src.exists():
+        shutil.copy(log_src, out_dir / "log.jsonl")
     return result
