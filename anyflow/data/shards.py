@@ -15,7 +15,7 @@ tensor bytes and every field are unchanged, so readers see the same layout as be
 of the same samples produce byte-identical shards (and hashes).
 
 Loader order (deterministic per seed, epoch, rank and world size — the "chunked shuffling per rank" of
-METHOD.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and concatenates
+docs/method.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and concatenates
 them into one global order; rank r takes the contiguous r-th slice of ``N // world_size`` samples, so
 ranks are disjoint, each touches only ~1/world_size of the shards, and the few samples past
 ``world_size · (N // world_size)`` (different ones each epoch) are dropped. Position = (epoch, cursor):
