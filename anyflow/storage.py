@@ -395,10 +395,14 @@ def _manifest_bytes(url: str | os.PathLike) -> bytes:
 def _parse_manifest(url: str | os.PathLike, raw: bytes) -> dict:
     try:
         m = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{join(url, MANIFEST)} is not UTF-8 JSON (byte {exc.start}); re-publish the artifact.") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{join(url, MANIFEST)} is not valid JSON ({exc}); re-publish the artifact.") from exc
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or "files" not in m:
         raise ArtifactError(f"{join(url, MANIFEST)} is not an anyflow manifest (schema field); re-publish it.")
+    if not isinstance(m.get("schema_version", 0), int) or isinstance(m.get("schema_version"), bool):
+        raise ArtifactError(f"{join(url, MANIFEST)}: 'schema_version' must be an integer; re-publish the artifact.")
     if m.get("schema_version", 0) > SCHEMA_VERSION:
         raise ArtifactError(
             f"{join(url, MANIFEST)} has schema_version {m['schema_version']}, newer than this anyflow "

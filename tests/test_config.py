@@ -84,3 +84,17 @@ def test_merge_overrides_later_layers_win_and_nested_keys_merge() -> None:
     assert apply_overrides(get_preset("tiny"), merge_overrides({"data.height": 64}, {"data": {"height": 48}})).data.height == 48
     assert apply_overrides(get_preset("tiny"), merge_overrides({"data.height": 64}, {"data.height": 48})).data.height == 48
     assert merge_overrides(None, {}) == {}
+
+
+def test_declared_choices_match_the_code_that_reads_them() -> None:
+    from anyflow.config import WEIGHT_TYPES
+    from anyflow.timesteps import WEIGHT_KINDS
+
+    assert WEIGHT_TYPES == WEIGHT_KINDS
+
+
+def test_every_preset_satisfies_its_declared_ranges() -> None:
+    from anyflow.config import PRESETS, validate
+
+    for name in PRESETS:
+        validate(get_preset(name))

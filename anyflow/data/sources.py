@@ -33,6 +33,7 @@ from typing import IO, Any
 import torch
 
 from anyflow._storage_s3 import StorageError
+from anyflow.config import StageInputError
 from anyflow.data.procedural import describe, make_clip
 from anyflow.data.video import (
     BAD_METADATA,
@@ -75,6 +76,11 @@ class SkippedRecord:
 
 
 Record = RawClip | SkippedRecord
+
+
+class SourceError(StageInputError):
+    """The data source as a whole is unusable (a malformed ``procedural:`` spec, an index without a header,
+    not UTF-8, or empty): bad input, which a retry reproduces. The message names ``data.source`` and the file."""
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -239,12 +245,19 @@ def folder_source(url: str, files: list[str] | None = None) -> Iterator[Record]:
 def index_source(url: str) -> Iterator[Record]:
     """Rows of a CSV (header with ``video``, ``caption``) or JSONL index; paths relative to the index."""
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    text = _read_bytes(url).decode("utf-8")
+    text = read_index_text(url)
     rows: Iterable[tuple[str, dict[str, Any] | None, str]]
     if url.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None or "video" not in reader.fieldnames:
-            raise ValueError(f"index {url} needs a header row with columns 'video' and 'caption'; found {reader.fieldnames}")
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise SourceError(f"data.source={url}: the CSV header row is malformed ({e})") from None
+        if header is None or "video" not in header:
+            found = f"columns {', '.join(map(repr, header))}" if header else "no header row"
+            raise SourceError(
+                f"data.source={url}: a CSV index needs a header row with columns 'video' and 'caption'; found {found}"
+            )
         rows = ((f"row {i + 2}", dict(r), "") for i, r in enumerate(reader))
     else:
         rows = (_jsonl_row(i, line) for i, line in enumerate(text.splitlines()) if line.strip())
@@ -266,6 +279,21 @@ def index_source(url: str) -> Iterator[Record]:
             yield SkippedRecord(video, e.reason, f"{url} {where}: {e.detail}")
             continue
         yield RawClip(video, caption, _video_loader(where_url))
+
+
+def read_index_text(url: str) -> str:
+    """The text of a CSV/JSONL index: :class:`SourceError` naming the file when it is empty or not UTF-8."""
+    data = _read_bytes(url)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(
+            f"data.source={url}: the index is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise SourceError(f"data.source={url}: the index is empty; it needs a header row 'video,caption' and one row per clip")
+    return text
 
 
 def _jsonl_row(i: int, line: str) -> tuple[str, dict[str, Any] | None, str]:
@@ -336,11 +364,16 @@ def parse_procedural(spec: str) -> dict[str, int]:
     out = {"n": 32, "seed": 0}
     for part in filter(None, (p.strip() for p in body.split(","))):
         name, _, value = part.partition("=")
-        if name not in out or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad procedural source option {part!r} in {spec!r}; use e.g. 'procedural:n=32,seed=0'")
+        name, value = name.strip(), value.strip()
+        if name not in out:
+            raise SourceError(f"data.source={spec!r}: unknown option {name!r}; use e.g. 'procedural:n=32,seed=0' "
+                              "(options n and seed)")
+        if not value.isdigit():
+            raise SourceError(f"data.source={spec!r}: {name}={value!r} must be a whole number >= 0; "
+                              "use e.g. 'procedural:n=32,seed=0'")
         out[name] = int(value)
-    if out["n"] < 1:
-        raise ValueError(f"procedural source {spec!r} needs n >= 1")
+    if not 1 <= out["n"] <= 10_000_000:
+        raise SourceError(f"data.source={spec!r}: n={out['n']} clips must be in [1, 10000000]")
     return out
 
 

@@ -18,9 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyflow import storage
-from anyflow.config import Preset, StageInputError, TrainConfig
+from anyflow.config import ConfigError, Preset, StageInputError, TrainConfig
 
 MODEL_JSON = "model.json"
+
+TRAINING_SECTIONS = ("teacher", "flowmap", "distill", "finetune")
+
+
+class NonFiniteWeights(ConfigError):
+    """Trained weights hold NaN/inf and were not published: bad input (a setting), which a retry reproduces."""
 
 
 def cache_dir(preset: Preset) -> Path:
@@ -149,6 +155,9 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
             adapters[name] = load_file(str(storage.listed_file(local, meta["adapters"][name]["file"])))
         except storage.ArtifactError as exc:
             raise StageInputError(f"{role} input {url}: adapter {name!r}: {exc}") from exc
+        except Exception as exc:  # safetensors refuses the bytes (e.g. a pickle named .safetensors)
+            raise StageInputError(f"{role} input {url}: adapter file {meta['adapters'][name]['file']!r} is not a "
+                                  f"readable safetensors file ({type(exc).__name__}: {exc})") from None
     try:
         log: Path | None = storage.listed_file(local, "log.jsonl")
     except storage.ArtifactError:
@@ -159,8 +168,16 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
 # ------------------------------------------------------------------------------ training stages
 
 
+def training_section(cfg: Preset, tr: TrainConfig) -> str:
+    """The preset section (``teacher``, ``flowmap``, ``distill``, ``finetune``) whose ``train`` is ``tr``."""
+    return next((s for s in TRAINING_SECTIONS if getattr(cfg, s).train is tr), "<stage>")
+
+
 def training_setup(cfg: Preset, dataset_url: str, tr: TrainConfig) -> tuple[Any, Any]:
     """The dataset loader and one frozen base with room for named adapters."""
+    if tr.mixed_precision == "fp16" and runtime_device().type != "cuda":
+        raise ConfigError(f"{training_section(cfg, tr)}.train.mixed_precision='fp16' needs a CUDA GPU and this "
+                          "process has none; use 'auto' (bf16 on CUDA, fp32 on the CPU) or 'no'")
     data = open_dataset(dataset_url, tr, cfg)
     return data, adapter_model(cfg, load_models(cfg, mixed_precision=tr.mixed_precision).transformer)
 
@@ -196,9 +213,39 @@ def train_and_export(
 ) -> dict:
     """Train (resumably), put the EMA into ``ema_adapter``, write adapters ``export`` ({name: role})."""
     result = train_resumable(method, tr, data, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+    trained_finite = all(bool(torch.isfinite(p).all()) for p in models.params(ema_adapter).values())
     models.load_params(ema_adapter, result.ema)
-    write_checkpoint(out_dir, cfg, {name: (role, models.state(name)) for name, role in export.items()}, kind=kind)
+    states = {name: models.state(name) for name in export}
+    refuse_non_finite(cfg, tr, method, states, steps=result.steps, ema=ema_adapter if trained_finite else None)
+    write_checkpoint(out_dir, cfg, {name: (role, states[name]) for name, role in export.items()}, kind=kind)
     return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if "loss" in k}}
+
+
+def refuse_non_finite(cfg: Preset, tr: TrainConfig, method: Any, states: Mapping[str, Mapping[str, torch.Tensor]],
+                      *, steps: int, ema: str | None = None) -> None:
+    """:class:`NonFiniteWeights` naming the first exported tensor holding NaN/inf and the setting likely at fault,
+    so that no stage publishes weights nothing downstream can use. ``ema``: the adapter whose trained weights
+    were finite before its EMA replaced them (then the EMA is at fault, else the adapter's learning rate)."""
+    for adapter, tensors in states.items():
+        for key, t in tensors.items():
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if not bad:
+                continue
+            section = training_section(cfg, tr)
+            oc = method.optim_groups().get(adapter, (None, None))[1]
+            stage = getattr(cfg, section, None)
+            field = next((f for f in ("optim", "generator_optim", "critic_optim") if getattr(stage, f, None) is oc), None)
+            if adapter == ema:
+                cause = (f"the trained weights were finite, so the EMA is at fault: check "
+                         f"{section}.train.ema_decay={tr.ema_decay:g}")
+            elif field:
+                cause = f"the optimiser's updates overflowed: lower {section}.{field}.lr={oc.lr:g}"
+            else:
+                cause = "the adapter came from an input checkpoint that is likely already non-finite"
+            raise NonFiniteWeights(
+                f"{section}: refusing to publish adapter {adapter!r}: tensor {key!r} has {bad} of {t.numel()} values "
+                f"NaN or infinite after {steps} steps; {cause}"
+            )
 
 
 # ------------------------------------------------------------------------------ resumable training
