@@ -103,19 +103,37 @@ def backend_warning(backend: Backend) -> str | None:
             "context (non-root user) silently. Upgrade Kubeflow Pipelines.")
 
 
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace removed); :class:`KfpClientError` naming the file
+    when it cannot be read or is empty."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise KfpClientError(f"cannot read the KFP token file {path} ({why}); pass a readable file to "
+                             "--existing-token-file or set KFP_TOKEN.") from None
+    if not token:
+        raise KfpClientError(f"the KFP token file {path} is empty; write the bearer token into it.")
+    return token
+
+
 def connect(host: str | None, namespace: str | None = None, existing_token: str | None = None,
-            cookies: str | None = None, ssl_ca_cert: str | None = None, verify_ssl: bool | None = None) -> Connection:
+            cookies: str | None = None, ssl_ca_cert: str | None = None, verify_ssl: bool | None = None,
+            existing_token_file: str | None = None) -> Connection:
     """A ``kfp.Client`` for ``host`` (or ``$KFP_HOST``) and the namespace its runs use.
 
-    Credentials: ``existing_token`` or ``$KFP_TOKEN``, else cookies, else — in a pod — the projected
-    service-account token (``kfp.Client(host=...)`` ignores it unless passed as ``credentials=``).
+    Credentials: ``existing_token``, else the token in ``existing_token_file``, else ``$KFP_TOKEN`` (a token on
+    the command line is visible to other users in ``ps``; the file and the environment are not), else cookies,
+    else — in a pod — the projected service-account token (``kfp.Client(host=...)`` ignores it unless passed as
+    ``credentials=``).
     """
     import kfp
 
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise KfpClientError("no KFP host given; pass --host https://<kfp-endpoint> (or set KFP_HOST).")
-    token = existing_token or os.environ.get("KFP_TOKEN") or None
+    token = (existing_token or (read_token_file(existing_token_file) if existing_token_file else None)
+             or os.environ.get("KFP_TOKEN") or None)
     credentials = None
     token_file = None if (token or cookies) else sa_token_path()
     if token_file:
@@ -176,7 +194,7 @@ def _healthz(host: str, api: str, *, token: str | None, cookies: str | None, ver
         if exc.code in (401, 403) or 300 <= exc.code < 400:
             what = f"redirected to a login page (HTTP {exc.code})" if exc.code < 400 else f"refused the request (HTTP {exc.code})"
             raise KfpClientError(
-                f"the KFP API at {host} {what}; pass --existing-token (or set KFP_TOKEN) or --cookies for your "
+                f"the KFP API at {host} {what}; pass --existing-token-file (or set KFP_TOKEN) or --cookies for your "
                 "Kubeflow login."
             ) from None
         return None  # other statuses (404: an API version this backend lacks): ask the next / let kfp.Client report
@@ -215,7 +233,7 @@ def friendly_errors(host: str) -> Iterator[None]:
     except ApiException as exc:
         if exc.status in (401, 403):
             raise KfpClientError(
-                f"the KFP API at {host} refused the request (HTTP {exc.status}); pass --existing-token "
+                f"the KFP API at {host} refused the request (HTTP {exc.status}); pass --existing-token-file "
                 "(or set KFP_TOKEN) or --cookies for your Kubeflow login."
             ) from None
         if exc.status == 404:

@@ -255,3 +255,38 @@ def test_sigkilled_training_leaves_no_copies_and_pruning_leaves_no_empty_folders
     assert (left, kept) == ([], [f"step-{steps:08d}"]), (
         f"training state left in the temp dir after the rerun: {left}; checkpoint folders kept: {kept}")
     assert (key_dir / f"step-{steps:08d}" / "manifest.json").is_file()
+
+
+# --------------------------------------------------------------------------- the KFP token stays off argv
+IMAGE = "registry.example/ml/anyflow-train@sha256:" + "ab" * 32
+
+
+def test_kfp_token_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The token reaches the KFP API from ``--existing-token-file`` or ``$KFP_TOKEN`` (neither shows in ``ps``);
+    an unreadable file is one sentence naming it; the help says the command-line flag is visible to others."""
+    from helpers.kfp_api import Recorder, serve
+
+    from anyflow import cli
+
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    token = "s3cr3t-" + os.urandom(6).hex()
+    (tmp_path / "token").write_text(token + "\n")
+    rec = Recorder(token=token)
+    with serve(rec) as url:
+        assert cli.main(["submit", "--host", url, "--existing-token-file", str(tmp_path / "token"), "--image", IMAGE]) == 0
+        assert rec.requests and all(r["auth"] == f"Bearer {token}" for r in rec.requests)
+        rec.requests.clear()
+        monkeypatch.setenv("KFP_TOKEN", token)
+        assert cli.main(["submit", "--host", url, "--image", IMAGE]) == 0
+        assert rec.requests and all(r["auth"] == f"Bearer {token}" for r in rec.requests)
+        monkeypatch.delenv("KFP_TOKEN")
+        capsys.readouterr()
+        missing = tmp_path / "no-such-token"
+        assert cli.main(["submit", "--host", url, "--existing-token-file", str(missing), "--image", IMAGE]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert str(missing) in err[-1] and "Traceback" not in "\n".join(err)
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--existing-token-file" in help_text and "KFP_TOKEN" in help_text and "ps" in help_text

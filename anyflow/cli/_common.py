@@ -110,6 +110,7 @@ def _client(args: argparse.Namespace):
     from pipelines.client import connect
 
     conn = connect(args.host, namespace=args.namespace, existing_token=args.existing_token,
+                   existing_token_file=getattr(args, "existing_token_file", None),
                    cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
     args.namespace = conn.namespace
     return conn.client
@@ -252,7 +253,11 @@ def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
                    "$ANYFLOW_NAMESPACE, else kubeflow). The S3 secret must be there (docs/cluster.md)")
     p.add_argument("--experiment", default="anyflow", help="experiment name (default: anyflow)")
     p.add_argument("--run-name", default=None, help="run name")
-    p.add_argument("--existing-token", default=None, help="bearer token for the KFP API (or $KFP_TOKEN)")
+    p.add_argument("--existing-token-file", default=None, metavar="PATH",
+                   help="read the bearer token for the KFP API from this file (e.g. a mounted secret); or set $KFP_TOKEN")
+    p.add_argument("--existing-token", default=None, metavar="TOKEN",
+                   help="bearer token for the KFP API on the command line: other users of this machine can read it "
+                   "(ps, /proc); prefer --existing-token-file or $KFP_TOKEN")
     p.add_argument("--cookies", default=None, help="cookie header for the Kubeflow login (e.g. authservice_session=…)")
     p.add_argument("--ssl-ca-cert", default=None, help="CA bundle for the KFP endpoint")
     p.add_argument("--platform", default=None, help="platform YAML (GPUs, tolerations, secrets…; see pipelines/README.md)")
