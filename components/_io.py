@@ -187,7 +187,8 @@ def write_run_record(artifact: Any, store: str, run_id: str, entry: str = "") ->
     log = os.environ.get(RECORD_LOG_ENV)
     if log:
         with open(log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"run_id": run_id, "entry": entry, "uri": uri}) + "\n")
+            fh.write(json.dumps({"run_id": run_id, "entry": entry, "uri": uri,
+                                 "cached": bool(meta.get("anyflow_cached"))}) + "\n")
     print(f"[anyflow] record {entry}: run {run_id} -> {uri}", flush=True)
     return doc
 

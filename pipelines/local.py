@@ -200,6 +200,17 @@ def _failed_task(message: str) -> str:
     return match.group(1) if match else "a stage"
 
 
+def _recorded_entries(log: Path) -> dict[str, tuple[str, bool]]:
+    """Every stage task the record tasks of one local run recorded: entry -> (artifact URL, store cache hit).
+
+    The pipeline's outputs name only the main DAG's artifacts; the records also hold the optional branches'
+    (``prepare_finetune_data``, ``finetune``, ``evaluate_finetuned``)."""
+    if not log.is_file():
+        return {}
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["entry"]: (r["uri"], bool(r.get("cached"))) for r in rows}
+
+
 def _recorded_run_id(log: Path) -> str | None:
     """The run id the record tasks of one local run wrote their records under (``None``: none ran)."""
     if not log.is_file():
@@ -263,6 +274,7 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
             if previous_interval is None:
                 os.environ.pop(_PROGRESS_INTERVAL_ENV, None)
         run = LocalRun(name=name, run_id=_recorded_run_id(log))
+        recorded = _recorded_entries(log)
     outputs = getattr(task, "outputs", None) or {}
     if not outputs and getattr(task, "output", None) is not None:
         outputs = {"output": task.output}
@@ -277,6 +289,10 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
             run.report_html = art.path
         if getattr(art, "schema_title", "") == "system.Metrics":
             run.metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = set(run.artifacts.values())
+    for entry, (uri, cached) in recorded.items():  # what the pipeline's outputs do not name (optional branches)
+        if uri not in shown:
+            run.artifacts[entry], run.cached[entry], run.stages[entry] = uri, cached, entry
     return run
 
 

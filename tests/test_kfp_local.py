@@ -89,7 +89,18 @@ def test_finetune_dataset_takes_common_overrides_then_its_own(tmp_path: Path, ca
     assert "data.* keys only" in capsys.readouterr().err
 
     assert cli.main([*base, "--finetune", "--finetune-set", "data.source=procedural:n=8,seed=3"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out.strip().splitlines()
+    # the branch's results are visible: its artifacts listed, counted, recorded, its report named
+    # (before, the summary said "5/5 outputs reused" and showed only the run without fine-tuning)
+    listed = {line.split()[0]: line.split()[-1] for line in out if line.startswith("  ") and len(line.split()) == 3}
+    assert {"prepare_finetune_data", "finetune", "evaluate_finetuned"} <= set(listed), out
+    assert any(line.endswith("outputs reused from the store cache.") and "/8 " in line for line in out), out
+    assert storage.verify(listed["finetune"])["extra"]["stage"] == "finetune"
+    (ft_report,) = [line for line in out if line.startswith("report of the fine-tuned generator: ")]
+    assert storage.exists(ft_report.split(": ", 1)[1])
+    assert out[-1].startswith("report.html: ")  # the report path is the last line
+    (record,) = [line.split(": ", 1)[1] for line in out if line.startswith("run record: ")]
+    assert "finetune" in load_record(record, workdir)["artifacts"]
     datasets = {}
     for manifest_url in storage.list_prefix(str(workdir / "store" / "artifacts" / "prepare_data")):
         if manifest_url.endswith("/manifest.json"):

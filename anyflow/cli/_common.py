@@ -16,7 +16,6 @@ from anyflow.urls import url_argument
 
 DEFAULT_WORKDIR = "./anyflow-runs"
 DEFAULT_PRESET = "tiny"
-_MAX_METRICS = 16
 
 
 class UserError(Exception):
@@ -76,32 +75,58 @@ def _configure_s3(args: argparse.Namespace) -> None:
         storage.configure(s3_endpoint=args.s3_endpoint)
 
 
+#: The headline quality metrics printed at the end of a run (the rest are in the report).
+_HEADLINE = ("coupled_mse", "energy_distance")
+#: Evaluate entries whose report is printed, with what they evaluated.
+_REPORTS = {"report": "the distilled generator", "evaluate_finetuned": "the fine-tuned generator"}
+
+
+def _headline(metrics: Any) -> list[str]:
+    """``generator/nfe<N>/<metric>`` lines of the evaluated generator, by metric then NFE."""
+    import re
+
+    rows = []
+    for name, value in metrics.items():
+        m = re.fullmatch(r"generator/nfe(\d+)/(\w+)", name)
+        if m and m.group(2) in _HEADLINE and isinstance(value, (int, float)):
+            rows.append((_HEADLINE.index(m.group(2)), int(m.group(1)), name, float(value)))
+    return [f"  {name} = {value:.6g}" for *_, name, value in sorted(rows)]
+
+
 def _print_run(run: Any, store: str) -> None:
+    """The run's artifacts (optional branches included), its headline metrics, and the report path(s), last."""
+    from anyflow import storage
+    from components._io import flatten_metrics
+
     reused = sum(run.cached.values())
     for role, uri in run.artifacts.items():
         state = "cached" if run.cached.get(role) else "computed"
-        print(f"  {role:<12} {state:<8} {uri}")
+        print(f"  {role:<21} {state:<8} {uri}")
     print(f"{reused}/{len(run.artifacts)} outputs reused from the store cache.")
-    shown = sorted(run.metrics.items())[:_MAX_METRICS]
-    for name, value in shown:
-        print(f"  metric {name} = {value:.6g}")
-    if len(run.metrics) > len(shown):
-        print(f"  … {len(run.metrics) - len(shown)} more metrics in the report")
-    if "report" in run.artifacts:
-        from anyflow import storage
-
-        try:
-            print(f"report (store): {storage.file_url(run.artifacts['report'], 'report.html')}")
-        except (storage.ArtifactError, OSError):  # never fail a finished run over printing a location
-            print(f"report (store): in {run.artifacts['report']}")
-    if run.report_html:
-        print(f"report.html: {run.report_html}")
-    if run.record:
-        print(f"run record: {run.record}")
     if run.run_id:
         print(f"run id: {run.run_id} (stage records in {store}; reuse them with "
               f"'anyflow rerun --stage STAGE --run {run.run_id} --store {store}')")
-
+    if run.record:
+        print(f"run record: {run.record}")
+    reports = []
+    for entry, what in _REPORTS.items():
+        if entry not in run.artifacts:
+            continue
+        try:
+            manifest = storage.read_manifest(run.artifacts[entry])
+            lines = _headline(flatten_metrics(manifest.get("metrics", {})))
+            reports.append((what, storage.file_url(run.artifacts[entry], "report.html", manifest=manifest)))
+        except (storage.ArtifactError, OSError) as exc:  # never fail a finished run over printing
+            lines = [f"  (metrics unreadable: {exc})"]
+        if lines:
+            print(f"{what} (lower is better; all metrics in the report):")
+            print("\n".join(lines))
+    for what, url in reports[1:]:
+        print(f"report of {what}: {url}")
+    if run.report_html:
+        print(f"report.html: {run.report_html}")  # the last line: what to open
+    elif reports:
+        print(f"report.html: {reports[0][1]}")
 
 
 def _client(args: argparse.Namespace):
