@@ -1,4 +1,4 @@
-"""Presets and strict configuration (METHOD.md §10).
+"""Presets and strict configuration (docs/method.md §10).
 
 Presets are Python functions returning frozen dataclasses; overrides come from the CLI
 (``key.sub=value``) or YAML and are validated: an unknown key is an error naming it and the valid keys.
@@ -205,7 +205,7 @@ class EvalStage:
 
 @dataclass(frozen=True)
 class FarConfig:
-    """The causal FAR variant (METHOD.md §8.1-8.2, §10); read only when ``variant == "far"``."""
+    """The causal FAR variant (docs/method.md §8.1-8.2, §10); read only when ``variant == "far"``."""
 
     chunk_partition: tuple[int, ...] = setting((1, 3, 3, 3, 3, 3, 3, 2), ge=1)  # latent frames per chunk; sums to F
     full_chunk_limit: int = setting(3, ge=1)  # the window: current chunk + 2 most recent at full resolution
@@ -251,7 +251,7 @@ def tiny() -> Preset:
 
 
 def _wan(name: str, base: str, batch: int, iters: int) -> Preset:
-    """The released hyperparameters (METHOD.md §10); sizes differ only in base, batch and iterations."""
+    """The released hyperparameters (docs/method.md §10); sizes differ only in base, batch and iterations."""
     stage_train = TrainConfig(
         steps=iters, batch_size=batch, seed=0, ema_decay=0.999, ema_warmup_step=1000,
         checkpoint_every=500, log_every=10, mixed_precision="bf16", shard_optimizer=True,
