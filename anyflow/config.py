@@ -235,7 +235,7 @@ class Preset:
 
 
 def tiny() -> Preset:
-    """CPU, seconds per stage: the embedded `anyflow run` and the tests.
+    """CPU, tens of seconds to two minutes per stage on 2 cores: the embedded `anyflow run` and the tests.
 
     Same recipe as the Wan presets on a 40k-parameter transformer, 16 procedural clips (9×32×32 →
     3×4×4×4 latents), LoRA rank 4, a few dozen steps, higher learning rates and a short EMA.
