@@ -20,11 +20,13 @@ them from the store itself, manifest-verified).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 POINTER_KEY = "anyflow_uri"
@@ -86,6 +88,25 @@ def stage_inputs(artifacts: Mapping[str, Any], uris: Mapping[str, str] | None = 
             if uris.get(role) or artifacts.get(role) is not None}
 
 
+@contextlib.contextmanager
+def known_failures_exit(stage: str) -> Iterator[None]:
+    """A stage's own clear failure (bad input, preemption, a refused artifact: ``anyflow.errors.classify_failure``)
+    ends the component with its one line and exit code, not a traceback through KFP's executor; anything else
+    (a bug) still raises with its traceback. The exit code is what ``python -m anyflow.stages.<stage>`` gives."""
+    from anyflow.errors import classify_failure
+
+    try:
+        yield
+    except Exception as exc:
+        known = classify_failure(exc)
+        if known is None:
+            raise
+        code, line = known
+        line = line.removeprefix("anyflow: ").removeprefix("error: ")
+        print(f"[anyflow] {stage} failed: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
 def run_component(stage: str, output: Any, *, preset: str, overrides_json: str, store: str,
                   artifacts: Mapping[str, Any] | None = None, uris: Mapping[str, str] | None = None,
                   metrics: Any = None, nproc_per_node: int = 1, extra_overrides_json: str = "") -> Any:
@@ -100,8 +121,9 @@ def run_component(stage: str, output: Any, *, preset: str, overrides_json: str, 
 
     overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
     inputs = stage_inputs(artifacts or {}, uris)
-    res = run_in_pod(stage, output, store, nproc_per_node=nproc_per_node, preset=preset, overrides=overrides,
-                     inputs=inputs)
+    with known_failures_exit(stage):
+        res = run_in_pod(stage, output, store, nproc_per_node=nproc_per_node, preset=preset, overrides=overrides,
+                         inputs=inputs)
     record_output(output, res, store, stage, inputs=inputs)
     if metrics is not None:
         log_metrics(metrics, res.metrics)

@@ -152,10 +152,19 @@ def test_failed_local_run_names_the_task_and_shows_the_log_tail(tmp_path: Path, 
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
     workdir = tmp_path / "runs"
-    bad = str(tmp_path / "no-such-folder")
+    missing = str(tmp_path / "no-such-folder")  # checked before the runner starts: one sentence, no KFP at all
+    assert cli.main(["run", "--workdir", str(workdir), "--set", f"data.source={missing}", "--name", "early"]) == 2
+    out, err = capsys.readouterr()
+    assert f"data source {missing} is empty or does not exist" in err and "Traceback" not in err
+    assert not (workdir / "runs" / "early.log").exists() and "▶" not in out
+    bad = tmp_path / "junk"  # listable, but nothing in it decodes: the prepare-data task itself fails
+    bad.mkdir()
+    (bad / "clip.mp4").write_bytes(b"not a video")
+    (bad / "clip.txt").write_text("a caption")
     assert cli.main(["run", "--workdir", str(workdir), "--set", f"data.source={bad}", "--name", "broken"]) == 2
     out, err = capsys.readouterr()
-    assert "▶ prepare-data" in out and f"data source {bad} is not a folder" in out  # the tail of the log
+    assert "▶ prepare-data" in out and "[anyflow] prepare_data failed: no usable clips" in out  # the log's tail
+    assert "Traceback" not in out  # the stage's own clear error, not a traceback through KFP's executor
     assert "task 'prepare-data' failed in the local KFP runner" in err and str(workdir / "runs" / "broken.log") in err
     assert "non-Python base image" not in out + err  # the local runner's irrelevant warnings are filtered
     assert '"parameterValues"' not in out  # executor JSON stays in the log

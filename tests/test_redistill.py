@@ -316,7 +316,11 @@ def test_kfp_local_runner_runs_the_pipeline_then_skips(tiny_chain: dict, s3_serv
 
     store = _store(s3_server)
     init_local(tmp_path)
-    pipeline = build_redistill_pipeline(image="ghcr.io/anyflow/anyflow-train:v0.0.0-test")
+    from pipelines.platform import Platform
+
+    # what the local runner runs on: one process on CPU, no retries (the default platform's 8-GPU distill would
+    # start 8 torchrun processes)
+    pipeline = build_redistill_pipeline(Platform.local_runner(), image="ghcr.io/anyflow/anyflow-train:v0.0.0-test")
     args = {"store": store, "source": "procedural:n=2,seed=7", "teacher_uri": tiny_chain["teacher"].uri,
             "flowmap_uri": tiny_chain["flowmap"].uri, "config_json": json.dumps({"name": "kfp", "overrides": EV})}
     pipeline(**args)

@@ -101,7 +101,7 @@ def _print_run(run: Any, store: str) -> None:
     reused = sum(run.cached.values())
     for role, uri in run.artifacts.items():
         state = "cached" if run.cached.get(role) else "computed"
-        print(f"  {role:<21} {state:<8} {uri}")
+        print(f"  {role:<12} {state:<8} {uri}")
     print(f"{reused}/{len(run.artifacts)} outputs reused from the store cache.")
     if run.run_id:
         print(f"run id: {run.run_id} (stage records in {store}; reuse them with "

@@ -26,6 +26,18 @@ from anyflow.cli._common import (
 from anyflow.urls import role_url_argument
 
 
+def _check_sources(cfg: Any) -> None:
+    """List the data source before the local runner starts (what the pipeline's fingerprint task does first): a
+    missing or unreadable source is one sentence and exit 2, not a failed KFP task after seconds of start-up."""
+    from anyflow.config import StageInputError
+    from anyflow.stages.prepare_data import source_digest
+
+    try:
+        source_digest(cfg)
+    except StageInputError as exc:
+        raise UserError(str(exc)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the whole training pipeline (``anyflow-t2v``, or ``anyflow-far`` for a far-* preset) through KFP's
     local runner."""
@@ -36,7 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.platform import Platform
 
     overrides = _overrides(args)
-    far = apply_overrides(get_preset(args.preset), overrides).variant == "far"  # also validates before any stage
+    cfg = apply_overrides(get_preset(args.preset), overrides)  # also validates before any stage
+    far = cfg.variant == "far"
     build = build_far_pipeline if far else build_t2v_pipeline
     _configure_s3(args)
     store = _store(args.store, args.workdir)
@@ -51,6 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"--finetune-set takes data.* keys only (the fine-tuning dataset); got {', '.join(other)}; "
                             "use --set for the stages.")
         params["finetune_data_overrides_json"] = json.dumps(ft, sort_keys=True)
+        _check_sources(apply_overrides(cfg, ft))  # the fine-tuning dataset's own source
+    _check_sources(cfg)
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
           f"(KFP local runner, workdir {args.workdir})", flush=True)

@@ -128,6 +128,9 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         local = storage.fetch(url, cache_dir=cache_dir(preset))
     except storage.ArtifactError as exc:
         raise StageInputError(f"{role} input: {exc}") from exc
+    if MODEL_JSON not in storage.read_manifest(local)["files"]:  # e.g. a dataset given as a checkpoint
+        raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint (no {MODEL_JSON}); "
+                              f"pass a train_teacher/train_flowmap/distill/finetune output.")
     try:  # files of a fetched artifact are opened through its manifest (storage.listed_file), never by bare path
         meta = json.loads(storage.listed_file(local, MODEL_JSON).read_text())
     except storage.ArtifactError as exc:
