@@ -62,3 +62,10 @@ def test_models_defaults_to_the_run_store_and_says_when_empty(tmp_path: Path, ca
     assert out.startswith("no models in ./anyflow-runs/store") and "anyflow models promote" in out
     assert cli.main(["models", "promote", "m", "x", "--metrics", "[1"]) == 2  # a usage error: exit 2, one line
     assert capsys.readouterr().err.startswith("anyflow models: --metrics '[1'")
+
+
+@pytest.mark.parametrize("nfe", ["0", "-3", "two"])
+def test_sample_refuses_a_step_count_below_one(nfe: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "some/checkpoint", "--nfe", nfe])
+    assert exc.value.code == 2 and "argument --nfe" in capsys.readouterr().err

@@ -30,6 +30,17 @@ def _handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """``--nfe``: a whole number of network calls, at least 1 (0 or less used to end in a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} steps: sampling needs at least 1 network call")
+    return value
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "sample", help="generate videos from a checkpoint at any NFE (T2V; I2V/V2V for FAR checkpoints)",
@@ -38,7 +49,7 @@ def add_cli(sub: Any) -> None:
                     "checkpoint on an image (I2V) or the first frames of a video (V2V).")
     p.add_argument("checkpoint", type=url_argument, help="checkpoint artifact URL (a distill/finetune/train_flowmap output)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: one procedural caption)")
-    p.add_argument("--nfe", type=int, default=4, help="number of sampling steps = network calls (default 4)")
+    p.add_argument("--nfe", type=_positive_int, default=4, help="number of sampling steps = network calls (default 4)")
     p.add_argument("--preset", default="tiny", help="preset the checkpoint was trained with (far-* for causal)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="preset override")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
