@@ -168,7 +168,7 @@ def _index_rows(source: str) -> list[dict[str, Any]]:
     import csv
     import io
 
-    text = storage.read_bytes(source).decode("utf-8") if storage.is_remote(source) else open(source, encoding="utf-8").read()
+    text = S.read_index_text(source)  # one reader of index files: empty or non-UTF-8 is a SourceError naming it
     if source.lower().endswith(".csv"):
         return [dict(r) for r in csv.DictReader(io.StringIO(text))]
     rows = []
