@@ -25,6 +25,14 @@ if str(_TESTS.parent) not in sys.path:  # run from a checkout without `pip insta
     sys.path.insert(1, str(_TESTS.parent))
 from s3server import FAKE_ENV, MotoServer  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on 2 pytest-xdist workers (pyproject addopts) on 2 cores: one compute thread each (and in the
+    # processes they start), or each worker's torch takes every core and the two fight over them.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    if "torch" in sys.modules:  # already imported by a plugin: its thread pool would not read the variable
+        sys.modules["torch"].set_num_threads(1)
+
 
 @dataclass
 class S3Server:
