@@ -85,10 +85,12 @@ wait_run() {
   [ "$state" = "$want" ] || { "${ANYFLOW[@]}" status "$id" "${KFP[@]}" >&2 || true; fail "run $id ended $state, expected $want"; }
   ok "run $id $state"
 }
-store_cat() {  # store_cat KEY: a store object, read inside the MinIO pod
-  kubectl -n "$NS" exec deploy/anyflow-minio -- sh -c \
-    "mc --config-dir /tmp/mc alias set local http://127.0.0.1:9000 \"\$MINIO_ROOT_USER\" \"\$MINIO_ROOT_PASSWORD\" >/dev/null && mc --config-dir /tmp/mc cat local/${BUCKET}/acceptance/$1"
+store_cat_cmd() {  # store_cat_cmd KEY: STORE_CAT = the command that prints a store object, inside the MinIO pod
+  STORE_CAT=(kubectl -n "$NS" exec deploy/anyflow-minio -- sh -c
+    "mc --config-dir /tmp/mc alias set local http://127.0.0.1:9000 \"\$MINIO_ROOT_USER\" \"\$MINIO_ROOT_PASSWORD\" >/dev/null && mc --config-dir /tmp/mc cat local/${BUCKET}/acceptance/$1")
 }
+# store_cat KEY: print the command (the very one a user can paste) and run it
+store_cat() { store_cat_cmd "$1"; show "${STORE_CAT[@]}" >&2; "${STORE_CAT[@]}"; }
 trainjobs() { kubectl -n "$NS" get trainjobs.trainer.kubeflow.org -l app.kubernetes.io/part-of=anyflow -o name; }
 # wait_new_trainjob BEFORE: the first TrainJob not in BEFORE (the names listed before the run)
 wait_new_trainjob() {
@@ -185,7 +187,7 @@ capture OUT "submitted run RERUN_ID" "${ANYFLOW[@]}" rerun --stage evaluate --ru
 RERUN="$(run_id_of "$OUT")"; [ -n "$RERUN" ] || fail "no run id in: $OUT"
 wait_run "$RERUN" SUCCEEDED
 check "the rerun's evaluate record says cached (runs/$RERUN/evaluate.json)"
-show kubectl -n "$NS" exec deploy/anyflow-minio -- mc cat "local/${BUCKET}/acceptance/runs/${RERUN}/evaluate.json"
+store_cat_cmd "runs/${RERUN}/evaluate.json"; show "${STORE_CAT[@]}"
 if [ "$DRY_RUN" = 0 ]; then
   store_cat "runs/${RERUN}/evaluate.json" | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d.get("cached") else 1)' \
     || fail "evaluate was recomputed, not taken from the cache"
@@ -194,7 +196,7 @@ fi
 
 step "schedule anyflow-redistill (KFP recurring run, every minute), see it fire once, disable it"
 TEACHER="TEACHER_URI"
-show kubectl -n "$NS" exec deploy/anyflow-minio -- mc cat "local/${BUCKET}/acceptance/runs/${RUN}/train_teacher.json"
+store_cat_cmd "runs/${RUN}/train_teacher.json"; show "${STORE_CAT[@]}"
 if [ "$DRY_RUN" = 0 ]; then
   TEACHER="$(store_cat "runs/${RUN}/train_teacher.json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["uri"])')" \
     || fail "no train_teacher record for run $RUN"

@@ -181,3 +181,15 @@ def test_the_printed_kfp_commands_are_accepted_by_the_cli(dry_run, sub: str, mon
         assert "registry.test/anyflow-train:1.0-abc" in images
     experiments = [r["body"] for r in rec.requests if r["method"] == "POST" and "/experiments" in r["path"]]
     assert experiments and all(e["namespace"] == "team-a" for e in experiments)
+
+
+def test_the_printed_store_reads_are_the_commands_it_runs(dry_run) -> None:
+    # A pasted read of a run record must work: the printed command sets MinIO's alias with the root keys first
+    # (mc's default "local" alias has no credentials), exactly as the script's own read does.
+    out, _ = dry_run
+    reads = [c for c in _commands(out) if c[:1] == ["kubectl"] and "exec" in c and "deploy/anyflow-minio" in c]
+    cat = [c for c in reads if any("mc --config-dir /tmp/mc cat" in a for a in c)]
+    assert len(cat) == 2, reads
+    for cmd in cat:
+        assert cmd[-3:-1] == ["sh", "-c"] and cmd[-1].startswith("mc --config-dir /tmp/mc alias set local "), cmd
+        assert "$MINIO_ROOT_USER" in cmd[-1] and "/acceptance/runs/" in cmd[-1]

@@ -236,8 +236,8 @@ def test_job_names_are_deterministic_per_run_and_stage() -> None:
     long_stage = "train_" + "very_long_stage_name_" * 5
     for stage in ("distill", "train_teacher", long_stage):
         name = launcher.job_name(stage, launcher.job_key("r", stage, cmd))
-        assert len(name) <= 63 and DNS1123_LABEL.match(name), name
-        assert name.endswith(launcher.job_key("r", stage, cmd))  # the key survives truncation
+        assert len(name) <= launcher.MAX_JOB_NAME and DNS1123_LABEL.match(name), name
+        assert name.endswith(launcher.job_key("r", stage, cmd)[:12])  # the key's head survives truncation
     assert len(key) <= 63 and DNS1123_LABEL.match(key)  # also a valid label value
 
 
@@ -530,3 +530,30 @@ def test_a_job_that_publishes_nothing_fails_the_component(tmp_path: Path, monkey
                                            r"artifact.*WORLD_SIZE=2"):
         _run_component(tmp_path, monkeypatch, api, dataset, store)
     assert not any(Path(store, "artifacts", "train_teacher").glob("*/manifest.json"))  # never computed here
+
+
+@pytest.mark.parametrize("stage", ["train_teacher", "train_flowmap", "distill", "finetune"])
+def test_job_names_leave_jobset_room_for_its_pod_names(stage: str) -> None:
+    # Trainer v2 names the JobSet after the TrainJob; JobSet's webhook refuses one whose longest pod name,
+    # <jobset>-<replicated job>-<job index>-<pod index>-<5 random>, exceeds 63 characters (kubernetes-sigs/jobset
+    # podNameTooLongErrorMsg). The replicated job of the vendored torch-distributed runtime is "node".
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    (rjob,) = [j["name"] for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]]
+    name = launcher.job_name(stage, launcher.job_key("anyflow-t2v-abcde", stage, ["torchrun", "-m", stage]))
+    for nodes in (2, 16, 1000):
+        assert len(f"{name}-{rjob}-0-{nodes - 1}-abcde") <= 63, (name, nodes)  # a TrainJob's pods
+        assert len(f"{name}-worker-{nodes - 2}") <= 63, (name, nodes)  # a PyTorchJob's pods
+    assert launcher.job_name(stage, "b" * 32) != launcher.job_name(stage, "c" * 32)  # the key still tells jobs apart
+
+
+def test_workers_read_back_the_launchers_exact_overrides() -> None:
+    # The launcher waits for the artifact under the key of *its* config; the workers rebuild the config from the
+    # command line. A tuple or list override must survive that (str() gave "(1, 2)", which does not parse).
+    from anyflow.config import apply_overrides, get_preset, parse_override_args, to_dict
+
+    overrides = {"evaluate.nfes": (1, 2), "distill.train.steps": 3, "data.source": "procedural:n=4,seed=1",
+                 "data.strict": True, "distill.train.ema_decay": 0.99}
+    cmd = launcher.stage_command("distill", preset="tiny", overrides=overrides, inputs={}, store="s3://bkt/p")
+    items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    preset = get_preset("tiny")
+    assert to_dict(apply_overrides(preset, parse_override_args(items))) == to_dict(apply_overrides(preset, overrides))

@@ -215,7 +215,7 @@ def add_stage(subparsers: Any) -> None:
 def add_rerun(subparsers: Any) -> None:
     """Register ``rerun``."""
     p = subparsers.add_parser("rerun", help="rerun one stage on earlier artifacts (given by store URL)",
-                              description="Rerun one stage with inputs imported by URI: locally through the KFP "
+                              description="Rerun one stage with inputs given by store URL (<role>_uri parameters): locally through the KFP "
                               "local runner, or on a cluster with --host. Inputs come from --from ROLE=URI or from "
                               "an earlier run (--run): after every stage task a pipeline run records the task's artifact "
                               "URL and manifest digest under <store>/runs/<KFP run id>/ (also when KFP took the "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import signal
 import time
@@ -109,10 +110,19 @@ def job_key(run: str, stage: str, command: Sequence[str]) -> str:
     return hashlib.sha256("\0".join([run, stage, *command]).encode()).hexdigest()[:32]
 
 
+#: Longest job name. Trainer v2 names the JobSet after the TrainJob, and JobSet's admission webhook refuses a
+#: JobSet whose longest pod name, ``<jobset>-<replicated job>-<job index>-<pod index>-<5 random>``, exceeds 63
+#: characters (kubernetes-sigs/jobset ``podNameTooLongErrorMsg``); ``-node-0-999-abcde`` is 17 of them. A
+#: PyTorchJob's pods are ``<name>-worker-<i>``. 40 leaves room for both, up to 1000 nodes.
+MAX_JOB_NAME = 40
+#: Hex digits of the (run, stage, command) key in the name (the whole key is the job's label).
+_NAME_KEY = 12
+
+
 def job_name(stage: str, suffix: str) -> str:
-    """A DNS-1123 name ``anyflow-<stage>-<suffix>`` of at most 63 characters (the suffix kept whole)."""
-    suffix = _NAME.sub("-", suffix.lower()).strip("-")
-    prefix = _NAME.sub("-", f"anyflow-{stage}".lower()).strip("-")[: 62 - len(suffix)].rstrip("-")
+    """A DNS-1123 name ``anyflow-<stage>-<suffix[:12]>`` of at most :data:`MAX_JOB_NAME` characters."""
+    suffix = _NAME.sub("-", suffix.lower()).strip("-")[:_NAME_KEY].strip("-")
+    prefix = _NAME.sub("-", f"anyflow-{stage}".lower()).strip("-")[: MAX_JOB_NAME - 1 - len(suffix)].rstrip("-")
     return f"{prefix}-{suffix}"
 
 
@@ -145,7 +155,9 @@ def stage_command(stage: str, *, preset: str, overrides: Mapping[str, Any], inpu
     for role, uri in sorted(inputs.items()):
         cmd += ["--in", f"{role}={uri}"]
     for key, value in sorted(overrides.items()):
-        cmd += ["--set", f"{key}={value}"]
+        # strings as given, the rest as JSON: the workers must read back the launcher's exact values (the key of
+        # the artifact it waits for); str() of a list or a mapping is a Python repr that would not parse as one
+        cmd += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return cmd
 
 
