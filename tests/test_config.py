@@ -97,4 +97,13 @@ def test_every_preset_satisfies_its_declared_ranges() -> None:
     from anyflow.config import PRESETS, validate
 
     for name in PRESETS:
-        validate(get_preset(name))
+        validate(get_preset(name))  # raises ConfigError naming the key on a value out of its range
+    # control: the same call refuses a preset with one value out of range
+    import dataclasses
+
+    from anyflow.config import ConfigError
+
+    tiny = get_preset("tiny")
+    bad = dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, fps=0))
+    with pytest.raises(ConfigError, match="data.fps"):
+        validate(bad)
