@@ -222,7 +222,6 @@ def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]
     return 0
 
 
-
 #: errnos of "this place cannot be written": permission, read-only filesystem, a file where a folder should be.
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 

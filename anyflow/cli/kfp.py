@@ -44,7 +44,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_submit(args: argparse.Namespace) -> int:
     """Compile and submit a pipeline to a KFP endpoint."""
     from pipelines.compile import CompileError, build
@@ -54,7 +53,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
     return _submit(args, func, _pipeline_params(args, func))
-
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -128,7 +126,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if run.error:
         print(f"error: {run.error}")
     return 0
-
 
 
 def add_cli(subparsers: Any) -> None:

@@ -77,7 +77,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 @dataclass
 class _RunInputs:
     """What ``--run`` resolved to: role → artifact URL and role → recorded manifest digest."""
@@ -130,12 +129,7 @@ def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
         # the run fine-tuned on its second dataset, not on the training one
         run.uris["dataset"], run.digests["dataset"] = run.extra["prepare_finetune_data"]
     uris = {role: uri for role, uri in (run.uris if run else {}).items() if role in wanted}
-    given: dict[str, str] = {}
-    for item in args.from_ or []:
-        role, sep, uri = item.partition("=")
-        if not sep or not uri:
-            raise UserError(f"--from {item!r} must look like role=URI, e.g. dataset=s3://bucket/artifacts/...")
-        given[role] = uri
+    given = dict(item.partition("=")[::2] for item in args.from_ or [])  # ROLE=URL checked by role_url_argument
     uris.update(given)
     missing = [r for r in STAGE_INPUTS[args.stage] if r not in uris]
     if missing and run is not None:
@@ -181,7 +175,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     save_record(run, args.workdir, params)
     _print_run(run, store)
     return 0
-
 
 
 def add_run(subparsers: Any) -> None:
