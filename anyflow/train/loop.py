@@ -138,11 +138,27 @@ class TrainContext:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(self.world_size)
+        opt = self.optimizers[name]
+        # train.mixed_precision="fp16" on CUDA: accelerate's backward multiplied the loss by its GradScaler's
+        # scale (2^16 to start), but our optimisers are not accelerate-wrapped, so nothing divides it out
+        # again. Unscale before clipping (the clip threshold and the logged norm are in true units), and let
+        # the scaler skip the step and lower its scale on an overflow, as fp16 training expects, instead of
+        # calling it divergence. The groups back-propagate and step one after the other, so one scaler
+        # updated after each group's step always unscales with the scale its backward used.
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip[name])
         value = float(norm)
+        if scaler is not None:
+            scaler.step(opt)  # skipped when the unscaled gradients hold an inf or NaN
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if math.isfinite(value):
+                self.last_grad_norm[name] = value
+            return value
         if not math.isfinite(value):
             raise TrainingDiverged(f"gradient norm of {name!r} is {value}")
-        opt = self.optimizers[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.last_grad_norm[name] = value
