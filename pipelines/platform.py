@@ -9,6 +9,7 @@ Defaults describe a typical cloud GPU pool (NVIDIA GPU operator labels and taint
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ RECORD_PROFILE = "record_stage"
 #: Argo labels every pod of a workflow (= one KFP run) with its name.
 RUN_FIELD_PATH = "metadata.labels['workflows.argoproj.io/workflow']"
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+#: The label that hands a workload to a Kueue LocalQueue of its namespace (Kueue's job and pod integrations).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: A Kubernetes label value that is also a LocalQueue (object) name: a DNS-1123 label, at most 63 characters.
+_QUEUE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 class PlatformError(ValueError):
@@ -113,6 +118,8 @@ class Platform:
     run_as_user: int = 1000
     trainjob_api: str = "trainer"  # "trainer" (Kubeflow Trainer v2 TrainJob) or "pytorchjob" (training operator v1)
     trainjob_runtime: str = "torch-distributed"  # ClusterTrainingRuntime for TrainJobs
+    # Kueue LocalQueue (in the pipeline's namespace) for the GPU stages' pods and the multi-node jobs; "" = no Kueue
+    kueue_queue: str = ""
 
     def for_stage(self, stage: str) -> StageResources:
         """The resources of ``stage`` (unknown stages are an error naming the valid ones)."""
@@ -158,6 +165,11 @@ class Platform:
         # job after (run, stage), so a launcher started again for the same run adopts its job instead of
         # starting a second one. A pod env, not a task input: the cache key is unchanged.
         kubernetes.use_field_path_as_env(task, RUN_ENV, RUN_FIELD_PATH)
+        # Kueue admits the GPU pods through its queue (its plain-pod integration); the CPU tasks (prepare_data,
+        # the trainjob launcher, record_stage) hold no GPU and are not queued: a launcher gated behind its own
+        # job's quota could never start it. The label is pod metadata, not a task input: the cache key is unchanged.
+        if self.kueue_queue and res.gpus > 0:
+            kubernetes.add_pod_label(task, KUEUE_QUEUE_LABEL, self.kueue_queue)
         # A record task must run in every run (after a KFP cache hit of its stage too): never cached.
         task.set_caching_options(enable_caching=self.caching and stage != RECORD_PROFILE)
         return task
@@ -171,7 +183,9 @@ class Platform:
         if res.gpus > 0 and res.gpu_product:
             selector[res.gpu_product_label] = res.gpu_product
         tolerations = [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in res.tolerations]
-        return {
+        # the queue only when set: an unqueued platform hands the launcher the same parameter as before
+        queue = {"kueue_queue": self.kueue_queue} if self.kueue_queue else {}
+        return {**queue,
             "gpu_resource": res.gpu_resource,
             "cpu_request": res.cpu_request, "cpu_limit": res.cpu_limit,
             "memory_request": res.memory_request, "memory_limit": res.memory_limit,
@@ -204,6 +218,10 @@ class Platform:
             raise PlatformError(f"{source}: trainjob_api must be 'trainer' or 'pytorchjob', got {data['trainjob_api']!r}.")
         if "image_pull_policy" in data and data["image_pull_policy"] not in _PULL_POLICIES:
             raise PlatformError(f"{source}: image_pull_policy must be one of {_PULL_POLICIES}, got {data['image_pull_policy']!r}.")
+        queue = data.get("kueue_queue", "")
+        if not isinstance(queue, str) or (queue and not (len(queue) <= 63 and _QUEUE_NAME.fullmatch(queue))):
+            raise PlatformError(f"{source}: kueue_queue must be a LocalQueue name (lowercase letters, digits and '-', "
+                                f"at most 63 characters) or empty, got {queue!r}.")
         return dataclasses.replace(base, stages=stages, **data)
 
     @classmethod

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as kpb
 
 from pipelines.compile import COMPILED_DIR, PIPELINES, compile_pipeline
-from pipelines.platform import Platform
+from pipelines.platform import Platform, PlatformError
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.32.0"
@@ -77,7 +77,10 @@ def _pod(name: str, cfg: dict, container: dict) -> dict:
         spec["nodeSelector"] = cfg["nodeSelector"]["labels"]
     if "activeDeadlineSeconds" in cfg:
         spec["activeDeadlineSeconds"] = int(cfg["activeDeadlineSeconds"])
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name.replace("exec-", "x-")}, "spec": spec}
+    meta: dict[str, Any] = {"name": name.replace("exec-", "x-")}
+    if cfg.get("podMetadata", {}).get("labels"):  # the driver copies podMetadata onto the pod (k8s.go)
+        meta["labels"] = cfg["podMetadata"]["labels"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
 def _check(spec: dict, platform: dict) -> int:
@@ -125,3 +128,32 @@ def test_gke_gpu_pods_select_a_label_gke_nodes_carry(tmp_path: Path) -> None:
     assert labels == {"cloud.google.com/gke-nodepool": "gpu-h100", "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert "cloud.google.com/gke-accelerator" not in executors["exec-prepare-data"]["nodeSelector"]["labels"]
     assert not any("nvidia.com/gpu.product" in e.get("nodeSelector", {}).get("labels", {}) for e in executors.values())
+
+
+def test_a_kueue_queue_labels_the_gpu_pods_only(tmp_path: Path) -> None:
+    """``kueue_queue`` in the platform file → label ``kueue.x-k8s.io/queue-name`` (Kueue's plain-pod integration
+    reads it from the pod's metadata) on every task that asks for a GPU, none on the CPU tasks; the settings stay
+    a valid KFP platform spec and valid 1.32 pods (label key and value checked by kubernetes-validate's ObjectMeta
+    only as strings: there is no Kueue schema to check them against). Without the key no task has the label."""
+    queued = Platform.from_dict({"kueue_queue": "gpu-team-a"})
+    out = compile_pipeline("anyflow-t2v", tmp_path / "q.yaml", queued, image="r/anyflow-train@sha256:" + "0" * 64)
+    spec, platform = _docs(out)
+    assert _check(spec, platform) >= 6
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers = spec["deploymentSpec"]["executors"]
+    gpu = {n for n, c in containers.items() if "accelerator" in c["container"].get("resources", {})}
+    assert {"exec-train-teacher", "exec-distill", "exec-evaluate"} <= gpu
+    for name, cfg in executors.items():
+        labels = cfg.get("podMetadata", {}).get("labels", {})
+        assert labels == ({"kueue.x-k8s.io/queue-name": "gpu-team-a"} if name in gpu else {}), name
+        pod = _pod(name, cfg, containers[name]["container"])
+        assert pod["metadata"].get("labels", {}) == labels
+    plain = _docs(compile_pipeline("anyflow-t2v", tmp_path / "p.yaml", Platform(),
+                                   image="r/anyflow-train@sha256:" + "0" * 64))[1]
+    assert not any("podMetadata" in c for c in plain["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
+
+
+@pytest.mark.parametrize("queue", ["Team_A", "a" * 64, "-gpu", 7])
+def test_a_bad_kueue_queue_is_refused_naming_the_field(queue: Any) -> None:
+    with pytest.raises(PlatformError, match="kueue_queue must be a LocalQueue name"):
+        Platform.from_dict({"kueue_queue": queue})

@@ -224,6 +224,44 @@ def test_the_pipeline_hands_the_stage_platform_to_the_launcher(tmp_path: Path) -
         launcher.Workers.from_dict({**sent, "gpus": 8})
 
 
+@pytest.mark.parametrize("kind", ["trainer", "pytorchjob"])
+def test_a_kueue_queue_labels_the_job_and_it_still_validates(kind: str) -> None:
+    """Kueue's job integrations take the LocalQueue from the job's ``kueue.x-k8s.io/queue-name`` label (Kueue docs,
+    "Run A TrainJob": metadata.labels) and admit the whole job as one workload. There is no Kueue CRD here to
+    check against: the label is the whole interface. The object must still pass the vendored Trainer / training
+    operator CRDs (the TrainJob CRD names Kueue only in ``managedBy`` and ``runtimePatches[].manager``, which
+    Kueue itself sets)."""
+    build = launcher.build_trainjob if kind == "trainer" else launcher.build_pytorchjob
+    queued = Platform.from_dict({"kueue_queue": "gpu-team-a"})
+    body = build(**_job_args(_workers(queued)))
+    crd.validate(body)
+    labels = body["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+    assert labels[launcher.STAGE_LABEL] == "distill"  # the launcher's own labels (adoption) are kept
+    plain = build(**_job_args(_workers(Platform())))
+    crd.validate(plain)
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+    # an unqueued platform hands the launcher exactly the parameter it did before the queue existed
+    assert "kueue_queue" not in Platform().worker_settings("distill")
+
+
+def test_the_pipeline_hands_the_queue_to_the_launcher_not_to_the_launcher_pod(tmp_path: Path) -> None:
+    from kfp import compiler
+
+    from pipelines.anyflow_t2v import build_t2v_pipeline
+
+    plat = Platform.from_dict({"kueue_queue": "gpu-team-a", "stages": {"distill": {"num_nodes": 2, "gpus": 8}}})
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(build_t2v_pipeline(plat, image="r/anyflow-train:v0.1.0-abc"), str(out))
+    spec, platform_spec = list(yaml.safe_load_all(out.read_text()))
+    params = spec["root"]["dag"]["tasks"]["trainjob"]["inputs"]["parameters"]
+    assert launcher.Workers.from_dict(json.loads(params["workers_json"]["runtimeValue"]["constant"])).kueue_queue \
+        == "gpu-team-a"
+    # the launcher pod holds no GPU: queued behind its own job's quota it could never start the job
+    executors = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "podMetadata" not in executors["exec-trainjob"]
+
+
 # ------------------------------------------------------------------------------------ names, owner
 
 

@@ -39,6 +39,8 @@ TRAINER_CONTAINER = "node"
 PYTORCH_CONTAINER = "pytorch"
 STAGE_LABEL = "anyflow/stage"
 KEY_LABEL = "anyflow/job-key"
+#: Kueue's queue label (``pipelines.platform.KUEUE_QUEUE_LABEL``): on the job, Kueue admits all its nodes at once.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _NAME = re.compile(r"[^a-z0-9-]+")
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -91,6 +93,7 @@ class Workers:
     s3_secret_keys: Mapping[str, str] = field(default_factory=lambda: {
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
     s3_endpoint: str = ""
+    kueue_queue: str = ""  # a Kueue LocalQueue: the job's queue label; "" = none
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Workers:
@@ -217,6 +220,14 @@ def container_settings(workers: Workers) -> dict[str, Any]:
     }
 
 
+def job_labels(workers: Workers, labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The job's labels: ``labels`` plus, with a Kueue queue, ``kueue.x-k8s.io/queue-name``. Kueue's TrainJob and
+    PyTorchJob integrations read it from the job's metadata, suspend the job and admit it as one workload when the
+    quota of every node is free (gang admission), so no node's GPUs sit idle waiting for the others."""
+    queue = {KUEUE_QUEUE_LABEL: workers.kueue_queue} if workers.kueue_queue else {}
+    return {**(labels or {}), **queue}
+
+
 def _metadata(name: str, namespace: str, labels: Mapping[str, str],
               owner: Mapping[str, str] | None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace,
@@ -250,7 +261,7 @@ def build_trainjob(*, name: str, namespace: str, image: str, command: Sequence[s
     return {
         "apiVersion": f"{TRAINJOB.group}/{TRAINJOB.version}",
         "kind": TRAINJOB.kind,
-        "metadata": _metadata(name, namespace, labels or {}, owner),
+        "metadata": _metadata(name, namespace, job_labels(workers, labels), owner),
         "spec": {
             "runtimeRef": {"name": runtime, "apiGroup": TRAINJOB.group, "kind": "ClusterTrainingRuntime"},
             "trainer": {
@@ -286,7 +297,7 @@ def build_pytorchjob(*, name: str, namespace: str, image: str, command: Sequence
     return {
         "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
         "kind": PYTORCHJOB.kind,
-        "metadata": _metadata(name, namespace, labels or {}, owner),
+        "metadata": _metadata(name, namespace, job_labels(workers, labels), owner),
         "spec": {
             "nprocPerNode": str(procs_per_node(gpus_per_node)),
             "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0},
