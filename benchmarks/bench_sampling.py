@@ -8,13 +8,16 @@
 Sampling paths, all N transformer calls from the same noise, timed side by side in one run:
 
 * ``bare``: a loop calling the merged transformer directly with precomputed (B, F) τ tensors.
-* ``bare+lora``: the same loop on the peft model with the generator adapter active (unmerged LoRA).
-* ``ours``: the evaluate stage's path, ``flowmap_euler_sample`` over ``AdapterModel.fn("generator")``.
-* ``pipeline``: ``anyflow.eval.pipeline.sample_with_pipeline`` (diffusers' AnyFlowPipeline, merged LoRA).
+* ``evaluate``: exactly what the evaluate stage runs (``anyflow/stages/evaluate.py``):
+  ``anyflow.eval.pipeline.sample_with_pipeline`` over the ``AnyFlowPipeline`` built once around the
+  transformer with the generator LoRA merged.
+* ``bare+lora``: the bare loop on the peft model with the generator adapter active (unmerged LoRA).
+* ``fn``: ``flowmap_euler_sample`` over ``AdapterModel.fn("generator")`` (the training-time sampler, unmerged).
 
-The table prints milliseconds per sampled batch for ``bare`` and each path's time over ``bare``
-(ratio > 1 = overhead: Python, the scheduler, LoRA matmuls); ``ours/(bare+lora)`` isolates the
-evaluate path's own overhead from the unmerged LoRA's extra matmuls. The best of ``--repeats`` runs is kept.
+Every path runs once per round (order reversed every other round), ``--repeats`` rounds per NFE after one
+warm-up. The table prints the median ``bare`` milliseconds, ``evaluate/bare`` as min / median of the
+per-round ratios with the number of pairs (> 1 = overhead: Python, the scheduler, the pipeline's
+bookkeeping), the median fixed cost evaluate − bare per call, and the medians of the other two ratios.
 Times are wall-clock on whatever machine runs it: compare rows of one run, not across machines.
 The e2e and MFU sections are in :mod:`benchmarks.sampling_extras`.
 """
@@ -22,6 +25,7 @@ The e2e and MFU sections are in :mod:`benchmarks.sampling_extras`.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,9 +57,17 @@ class SamplingConfig:
         from anyflow.models.tiny import tiny_transformer_config
 
         cfg = tiny_transformer_config()
-        cfg.update(num_attention_heads=self.dim_heads, attention_head_dim=self.head_dim, num_layers=self.layers,
-                   ffn_dim=self.ffn, text_dim=self.text_dim, in_channels=self.latent[1], out_channels=self.latent[1],
-                   freq_dim=max(32, min(256, self.dim_heads * self.head_dim)), rope_max_seq_len=1024)
+        cfg.update(
+            num_attention_heads=self.dim_heads,
+            attention_head_dim=self.head_dim,
+            num_layers=self.layers,
+            ffn_dim=self.ffn,
+            text_dim=self.text_dim,
+            in_channels=self.latent[1],
+            out_channels=self.latent[1],
+            freq_dim=max(32, min(256, self.dim_heads * self.head_dim)),
+            rope_max_seq_len=1024,
+        )
         return cfg
 
     def tokens(self) -> int:
@@ -98,16 +110,23 @@ def build(cfg: SamplingConfig, device: str) -> Bench:
     wan = WanTransformer3DModel(**cfg.wan_config())
     with torch.no_grad():  # weights do not change the cost; draw them from an explicit generator anyway
         for p in wan.parameters():
-            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / max(p[0].numel() if p.ndim > 1 else p.numel(), 1) ** 0.5)
+            p.copy_(
+                (torch.rand(p.shape, generator=gen) * 2 - 1)
+                / max(p[0].numel() if p.ndim > 1 else p.numel(), 1) ** 0.5
+            )
     transformer = wan_to_anyflow(wan, copy=False).to(device).eval().requires_grad_(False)
-    models = AdapterModel(transformer, rank=cfg.lora_rank, alpha=float(cfg.lora_rank), gradient_checkpointing=False)
+    models = AdapterModel(
+        transformer, rank=cfg.lora_rank, alpha=float(cfg.lora_rank), gradient_checkpointing=False
+    )
     models.add("generator", "generator", trainable=False)
     with torch.no_grad():
         for p in models.params("generator").values():
             p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.02)
     merged = lora.merge_adapter(transformer, "generator")
     # The pipeline only reads the VAE's scale factors and the tokenizer when given latents + embeddings.
-    base = BaseModel(transformer=merged, vae=VideoVAE(build_tiny_vae(0)), text=build_tiny_text_encoder(0), source="bench")
+    base = BaseModel(
+        transformer=merged, vae=VideoVAE(build_tiny_vae(0)), text=build_tiny_text_encoder(0), source="bench"
+    )
     pipe = build_pipeline(base, merged, shift=SHIFT)
     noise = torch.randn((cfg.batch, *cfg.latent), generator=gen).to(device)
     c = torch.randn((cfg.batch, cfg.text_len, cfg.text_dim), generator=gen).to(device)
@@ -121,8 +140,13 @@ def bare_loop(transformer: torch.nn.Module, noise: torch.Tensor, c: torch.Tensor
     taus = [torch.full(bf, 1000.0 * s, dtype=torch.float32, device=noise.device) for s in sig]
     z = noise
     for i in range(nfe):
-        u = transformer(hidden_states=z, timestep=taus[i], r_timestep=taus[i + 1], encoder_hidden_states=c,
-                        return_dict=False)[0]
+        u = transformer(
+            hidden_states=z,
+            timestep=taus[i],
+            r_timestep=taus[i + 1],
+            encoder_hidden_states=c,
+            return_dict=False,
+        )[0]
         z = z - (sig[i] - sig[i + 1]) * u
     return z
 
@@ -138,8 +162,10 @@ def paths(b: Bench) -> dict[str, Callable[[int], torch.Tensor]]:
     return {
         "bare": lambda n: bare_loop(b.merged, b.noise, b.c, n),
         "bare+lora": bare_lora,
-        "ours": lambda n: flowmap_euler_sample(b.models.fn("generator"), b.noise, b.c, n, shift=SHIFT),
-        "pipeline": lambda n: sample_with_pipeline(b.base, b.pipe, b.c, b.noise, n, shift=SHIFT),
+        "fn": lambda n: flowmap_euler_sample(b.models.fn("generator"), b.noise, b.c, n, shift=SHIFT),
+        # what anyflow/stages/evaluate.py runs: sample_with_pipeline over the pipeline built once per role
+        # around the transformer with the generator LoRA merged
+        "evaluate": lambda n: sample_with_pipeline(b.base, b.pipe, b.c, b.noise, n, shift=SHIFT),
     }
 
 
@@ -149,33 +175,66 @@ def _sync(device: str) -> None:
 
 
 def time_paths(b: Bench, nfes: tuple[int, ...], repeats: int, device: str) -> list[dict]:
-    """Best-of-``repeats`` seconds per path and NFE; paths interleaved so machine noise hits all alike."""
+    """Seconds of each path per round and NFE: every path runs once per round (order reversed every other
+    round, so machine noise and ordering hit all alike), ``repeats`` rounds after one warm-up each."""
     fns = paths(b)
+    names = list(fns)
     rows = []
     with torch.no_grad():
         ref = {name: fn(1) for name, fn in fns.items()}  # warm-up (and a sanity check of agreement below)
         spread = max((ref[k] - ref["bare"]).abs().max().item() for k in ref)
         for n in nfes:
-            best = dict.fromkeys(fns, float("inf"))
-            for _ in range(repeats):
-                for name, fn in fns.items():
+            times: dict[str, list[float]] = {k: [] for k in names}
+            for i in range(repeats):
+                for name in names if i % 2 == 0 else reversed(names):
                     _sync(device)
                     t0 = time.perf_counter()
-                    fn(n)
+                    fns[name](n)
                     _sync(device)
-                    best[name] = min(best[name], time.perf_counter() - t0)
-            rows.append({"config": b.cfg.name, "nfe": n, **best, "agree": spread})
+                    times[name].append(time.perf_counter() - t0)
+            rows.append({"config": b.cfg.name, "nfe": n, "times": times, "agree": spread})
     return rows
 
 
+def ratio(r: dict, num: str, den: str = "bare") -> tuple[float, float, int]:
+    """(min, median, pairs) of the per-round ratios of path ``num`` over path ``den``."""
+    q = [a / d for a, d in zip(r["times"][num], r["times"][den], strict=True)]
+    return min(q), statistics.median(q), len(q)
+
+
 def print_table(rows: list[dict]) -> None:
-    header = ("config", "NFE", "bare ms", "ms/call", "bare+lora/bare", "ours/bare", "ours/(bare+lora)", "pipeline/bare",
-              "pipeline/ours")
+    header = (
+        "config",
+        "NFE",
+        "bare ms (median)",
+        "ms/call",
+        "evaluate/bare min",
+        "median",
+        "pairs",
+        "evaluate fixed ms (median)",
+        "bare+lora/bare median",
+        "fn/bare median",
+    )
     out = [header]
     for r in rows:
-        out.append((r["config"], str(r["nfe"]), f"{1e3 * r['bare']:.2f}", f"{1e3 * r['bare'] / r['nfe']:.2f}",
-                    f"{r['bare+lora'] / r['bare']:.2f}", f"{r['ours'] / r['bare']:.2f}",
-                    f"{r['ours'] / r['bare+lora']:.2f}", f"{r['pipeline'] / r['bare']:.2f}", f"{r['pipeline'] / r['ours']:.2f}"))
+        t = r["times"]
+        lo, med, k = ratio(r, "evaluate")
+        bare = statistics.median(t["bare"])
+        fixed = statistics.median([e - b for e, b in zip(t["evaluate"], t["bare"], strict=True)])
+        out.append(
+            (
+                r["config"],
+                str(r["nfe"]),
+                f"{1e3 * bare:.2f}",
+                f"{1e3 * bare / r['nfe']:.2f}",
+                f"{lo:.2f}",
+                f"{med:.2f}",
+                str(k),
+                f"{1e3 * fixed:.2f}",
+                f"{ratio(r, 'bare+lora')[1]:.2f}",
+                f"{ratio(r, 'fn')[1]:.2f}",
+            )
+        )
     widths = [max(len(row[i]) for row in out) for i in range(len(header))]
     for row in out:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
@@ -183,18 +242,48 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="tiny,mid", help="comma-separated subset of: " + ", ".join(CONFIGS))
-    parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFEs to time (default 1,2,4,8,16,32)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per path and NFE; the best is kept (default 5)")
+    parser.add_argument(
+        "--configs", default="tiny,mid", help="comma-separated subset of: " + ", ".join(CONFIGS)
+    )
+    parser.add_argument(
+        "--nfes", default=",".join(map(str, NFES)), help="NFEs to time (default 1,2,4,8,16,32)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="alternated rounds per NFE, each running every path once (default 7, quick 5)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the 1.3B MFU section)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and NFEs on the mid config (< 1 min on CPU)")
-    parser.add_argument("--e2e", action="store_true", help="also time each stage of an `anyflow run` on the tiny preset")
-    parser.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
-                        help="transformer fwd/bwd throughput and MFU (default: on with --device cuda)")
-    parser.add_argument("--mfu-shape", default="1.3b", help="1.3b (Wan2.1-T2V-1.3B) or small (a CPU smoke shape)")
-    parser.add_argument("--mfu-frames", type=int, default=None, help="latent frames for the MFU run (default 21, fewer on OOM)")
-    parser.add_argument("--mfu-grad-ckpt", action="store_true", help="MFU: gradient checkpointing in forward+backward")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 5 rounds, NFE ≤ 8 on tiny and ≤ 4 on mid (< 1 min on CPU)",
+    )
+    parser.add_argument(
+        "--e2e", action="store_true", help="also time each stage of an `anyflow run` on the tiny preset"
+    )
+    parser.add_argument(
+        "--mfu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="transformer fwd/bwd throughput and MFU (default: on with --device cuda)",
+    )
+    parser.add_argument(
+        "--mfu-shape", default="1.3b", help="1.3b (Wan2.1-T2V-1.3B) or small (a CPU smoke shape)"
+    )
+    parser.add_argument(
+        "--mfu-frames",
+        type=int,
+        default=None,
+        help="latent frames for the MFU run (default 21, fewer on OOM)",
+    )
+    parser.add_argument(
+        "--mfu-grad-ckpt", action="store_true", help="MFU: gradient checkpointing in forward+backward"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,13 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         cfg = CONFIGS[name]
-        # quick: every NFE on tiny (ms per call), NFE ≤ 4 and one repeat on mid
-        run_nfes = tuple(n for n in nfes if n <= 4) if args.quick and name != "tiny" else nfes
-        repeats = 1 if args.quick and name != "tiny" else args.repeats
+        # quick: NFE ≤ 8 on tiny, NFE ≤ 4 on mid, 5 rounds (unless --repeats is given)
+        run_nfes = tuple(n for n in nfes if n <= (8 if name == "tiny" else 4)) if args.quick else nfes
+        repeats = args.repeats or (5 if args.quick else 7)
         b = build(cfg, args.device)
         params = sum(p.numel() for p in b.merged.parameters()) / 1e6
-        print(f"{name}: {params:.2f}M params, latent {cfg.latent} x batch {cfg.batch} ({cfg.tokens()} tokens), "
-              f"text {cfg.text_len}x{cfg.text_dim}, LoRA rank {cfg.lora_rank}")
+        print(
+            f"{name}: {params:.2f}M params, latent {cfg.latent} x batch {cfg.batch} ({cfg.tokens()} tokens), "
+            f"text {cfg.text_len}x{cfg.text_dim}, LoRA rank {cfg.lora_rank}"
+        )
         rows += time_paths(b, run_nfes, repeats, args.device)
         print(f"  max |path − bare| at NFE 1: {rows[-1]['agree']:.2e} (merged vs unmerged LoRA, same maths)")
     print_table(rows)
