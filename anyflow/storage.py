@@ -120,14 +120,32 @@ def fs_and_path(url: str | os.PathLike) -> tuple[Any, str]:
     if u.startswith(("s3://", "s3a://")):
         import s3fs
 
-        ep = s3.endpoint()
+        ep, t = s3.endpoint(), s3.timeouts()
+        config: dict[str, Any] = {"connect_timeout": t["connect"], "read_timeout": t["read"],
+                                  "retries": {"total_max_attempts": 1}}  # s3fs retries (below), not botocore too
+        if ep:
+            config["s3"] = {"addressing_style": "path"}
         fs = s3fs.S3FileSystem(
             client_kwargs={"endpoint_url": ep} if ep else {},
-            config_kwargs={"s3": {"addressing_style": "path"}} if ep else {},
+            config_kwargs=config,
             use_listings_cache=False,
         )
+        fs.retries = _s3fs_attempts(t)
         return fs, u.split("://", 1)[1]
     return fsspec.core.url_to_fs(u)
+
+
+def _s3fs_attempts(t: dict[str, float]) -> int:
+    """How many attempts s3fs may make per request so that a silent endpoint is given up within the deadline
+    (``ANYFLOW_S3_DEADLINE``): each attempt may last connect + read timeout, plus s3fs's own pause after it
+    (0.1 s × 1.7^i, capped at 15 s); at least one attempt."""
+    n, spent = 0, 0.0
+    while n < s3.attempts():
+        nxt = spent + t["connect"] + t["read"] + min(1.7**n * 0.1, 15)
+        if n and nxt > t["deadline"]:
+            break
+        n, spent = n + 1, nxt
+    return n
 
 
 def open_url(url: str | os.PathLike, mode: str = "rb") -> IO:

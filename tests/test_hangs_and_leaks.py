@@ -290,3 +290,25 @@ def test_kfp_token_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: p
         cli.main(["submit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--existing-token-file" in help_text and "KFP_TOKEN" in help_text and "ps" in help_text
+
+
+# ------------------------------------------------------------- s3fs (source reads, listings) has the same bounds
+def test_silent_s3_endpoint_bounds_s3fs_reads_and_listings(silent_s3) -> None:
+    """Data sources read and list through s3fs (``storage.open_url``, ``storage.fs_and_path``), not boto3: those
+    calls get the same connect/read timeouts and give up within ANYFLOW_S3_DEADLINE (5 s here), naming the
+    endpoint. Before, s3fs's defaults (15 s read timeout, 5 s3fs retries over botocore's own) held one call for
+    minutes."""
+    url, conns = silent_s3
+    calls = {
+        "open+read": lambda: storage.open_url("s3://bucket/videos/index.csv").read(),
+        "find": lambda: storage.fs_and_path("s3://bucket/videos")[0].find("bucket/videos"),
+    }
+    for name, fn in calls.items():
+        before = len(conns)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as info:
+            fn()
+        took = time.monotonic() - t0
+        assert took < 8.0, f"{name}: a silent endpoint stalled the s3fs call for {took:.0f} s (deadline 5 s)"
+        assert len(conns) > before, f"{name}: never reached the endpoint"
+        assert url in str(info.value), f"{name}: the error does not name the endpoint: {info.value}"
