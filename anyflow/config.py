@@ -95,6 +95,9 @@ class DataConfig:
     samples_per_shard: int = setting(8, ge=1, le=1_000_000)
     strict: bool = False
     heldout_fraction: float = setting(0.25, ge=0, lt=1)  # last part of the procedural set kept for evaluation
+    # clips per prepare_data partition (arrival-ordered runs of the source listing, each its own cached artifact;
+    # anyflow/data/partitions.py, docs/interfaces.md "Partitioned data preparation"); 0 = one unpartitioned run
+    partition_size: int = setting(0, ge=0, le=10_000_000)
 
 
 @dataclass(frozen=True)

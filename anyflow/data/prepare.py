@@ -55,6 +55,7 @@ def prepare(
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
     max_upscale: float = 2.0,
+    require_samples: bool = True,
 ) -> dict[str, Any]:
     """Encode a clip source into a prepared dataset folder and return the summary.
 
@@ -73,6 +74,8 @@ def prepare(
         dtype: shard storage dtype.
         limit: stop after this many records (None: all).
         max_upscale: videos smaller than (height, width) / max_upscale are skipped as ``wrong_size``.
+        require_samples: raise :class:`DataPrepError` when no clip was usable; a partition of a partitioned run
+            (``anyflow.data.partitions``) passes False, and the merge checks the whole dataset instead.
 
     Returns:
         The summary also written to ``summary.json``: clips read/written/skipped, ``skipped`` counts by
@@ -175,7 +178,7 @@ def prepare(
             f"prepare_data: read {read}, wrote {written} in {summary['num_shards']} shards, "
             f"skipped {summary['clips_skipped']} ({reasons}), {summary['clips_per_s']} clips/s → {out}"
         )
-    if written == 0:
+    if written == 0 and require_samples:
         raise DataPrepError(
             f"no usable clips: read {read}, skipped {summary['clips_skipped']} ({dict(skipped)}); "
             f"see {out / 'summary.json'} for examples and check the source"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -96,6 +97,11 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
                 from anyflow.train.deepspeed_zero import load_config
 
                 train["deepspeed"] = load_config(spec)[0]
+    data = config.get("data")
+    if data is not None and (name != "prepare_data" or not data.get("partition_size")):
+        # 0 (one partition: the layout of keys made before the field existed) or another stage (the dataset's
+        # digest already says how it was prepared): no entry
+        data.pop("partition_size", None)
     payload = {
         "stage": name,
         "config": config,
@@ -155,14 +161,17 @@ def run_stage(
         staging.mkdir(parents=True)
     try:
         try:
-            metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress)
+            extra_args = {"store": store} if "store" in inspect.signature(module.run).parameters else {}
+            metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress, **extra_args)
         except _permanent_failures() as exc:
             if marker and run_id and _is_rank_zero():  # one writer under torchrun
                 _record_failure(marker, run_id, name, exc)
             raise
         if _is_rank_zero():
+            # a stage may name more parents than its inputs (prepare_data: the partition artifacts it references)
+            parents = list(inputs.values()) + list(getattr(module, "artifact_parents", lambda _: [])(staging))
             manifest = storage.publish(
-                staging, out, kind=module.KIND, parents=list(inputs.values()), config=to_dict(cfg), metrics=metrics,
+                staging, out, kind=module.KIND, parents=parents, config=to_dict(cfg), metrics=metrics,
                 extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
             )
         else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it

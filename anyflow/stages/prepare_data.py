@@ -21,7 +21,8 @@ INPUTS: tuple[str, ...] = ()
 SECTIONS = ("model", "data")
 
 
-def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True) -> dict:
+def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True,
+        store: str | None = None) -> dict:
     from anyflow.data.prepare import prepare
     from anyflow.models.text import WAN_NEGATIVE_PROMPT
 
@@ -30,6 +31,24 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         raise common.StageInputError(
             "data.source is empty: set it to a folder, s3:// prefix, .csv/.jsonl index, .tar shards or 'procedural:n=…'"
         )
+    d = cfg.data
+    if d.partition_size:  # partitions: each its own cached artifact in the store, then one index over them
+        from anyflow.data.partitions import prepare_partitioned
+
+        summary, _ = prepare_partitioned(d.source, cfg, _need_store(cfg, store), out_dir,
+                                         load_encoders=lambda: _encoders(cfg), progress=progress)
+    else:
+        encode_video, encode_text = _encoders(cfg)
+        summary = prepare(
+            d.source, encode_video=encode_video, encode_text=encode_text, negative_prompt=WAN_NEGATIVE_PROMPT,
+            out_dir=out_dir, frames=d.frames, height=d.height, width=d.width, fps=d.fps,
+            samples_per_shard=d.samples_per_shard, strict=d.strict, progress=progress,
+        )
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+def _encoders(cfg: Preset) -> tuple:
+    """The VAE and text encoder of the preset's model as plain callables (loaded now)."""
     base = common.load_models(cfg)
 
     @torch.no_grad()
@@ -40,13 +59,57 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     def encode_text(captions: list[str]) -> torch.Tensor:
         return base.text.encode(captions)
 
-    d = cfg.data
-    summary = prepare(
-        d.source, encode_video=encode_video, encode_text=encode_text, negative_prompt=WAN_NEGATIVE_PROMPT,
-        out_dir=out_dir, frames=d.frames, height=d.height, width=d.width, fps=d.fps,
-        samples_per_shard=d.samples_per_shard, strict=d.strict, progress=progress,
-    )
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return encode_video, encode_text
+
+
+def _need_store(cfg: Preset, store: str | None) -> str:
+    if not store:
+        raise common.StageInputError(
+            f"data.partition_size={cfg.data.partition_size} needs a store (partition artifacts are cached there): "
+            "pass --store, or set data.partition_size=0 for one unpartitioned run"
+        )
+    return store
+
+
+def artifact_parents(out_dir: Path) -> list[str]:
+    """The partition artifacts a partitioned dataset references (its manifest parents); none otherwise."""
+    import json
+
+    index = out_dir / "index.json"
+    if not index.is_file():
+        return []
+    return [p["artifact"] for p in json.loads(index.read_text()).get("partitions", [])]
+
+
+def partition_plan(cfg: Preset, store: str) -> list[str]:
+    """The partitions a pipeline's ``ParallelFor`` encodes: ``"<index>:<fingerprint>"`` of each partition whose
+    artifact is not in the store yet (cached ones need no pod). Empty when ``data.partition_size`` is 0 or there is
+    no store: the ``prepare_data`` task then encodes everything itself, as without partitions."""
+    from anyflow.data.partitions import cached_partition, partition_key, partition_url, plan_partitions
+    from anyflow.ops.window import WindowError
+
+    if not cfg.data.partition_size or not store or not cfg.data.source:
+        return []
+    try:
+        parts = plan_partitions(cfg.data.source, cfg.data.partition_size)
+    except WindowError as exc:
+        raise common.StageInputError(f"prepare_data: {exc}") from None
+    return [f"{p.index}:{p.fingerprint[:16]}" for p in parts
+            if not cached_partition(partition_url(store, p, cfg), partition_key(p, cfg))]
+
+
+def encode_partition_item(cfg: Preset, store: str, item: str, *, progress: bool = True) -> dict:
+    """Encode one partition of :func:`partition_plan` (``item`` = ``"<index>:<fingerprint>"``) into the store."""
+    from anyflow.data.partitions import prepare_partitioned
+
+    index, _, fingerprint = item.partition(":")
+    if not index.isdigit():
+        raise common.StageInputError(f"partition item {item!r} is not '<index>:<fingerprint>' (partition_plan's form)")
+    summary, urls = prepare_partitioned(cfg.data.source, cfg, _need_store(cfg, store), Path("."),
+                                        load_encoders=lambda: _encoders(cfg), progress=progress, only=[int(index)])
+    print(f"[anyflow] prepare_data partition {index} (planned listing {fingerprint}): {urls[0]} "
+          f"({'encoded' if summary['partitions_encoded'] else 'cached'})", flush=True)
+    return {"uri": urls[0], **summary}
 
 
 def source_digest(cfg: Preset) -> str | None:

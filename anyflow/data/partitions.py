@@ -1,0 +1,382 @@
+"""Partitioned, incremental data preparation: the source listing cut into partitions, each encoded into its own
+content-addressed artifact, and one dataset index over them (docs/interfaces.md "Partitioned data preparation").
+
+* **Partitions** (:func:`plan_partitions`): the source's items (:func:`anyflow.ops.window.list_items`: a clip
+  for folders / S3 prefixes / procedural sets, a row's ``video`` for CSV/JSONL indexes, a ``.tar`` for
+  webdataset shards) in *arrival order* -- an index's row order; every other source's keys sorted (a folder's
+  by stem, as ``folder_source`` reads them) -- cut into runs of ``data.partition_size`` items. Clips that
+  arrive at the end of the order (appended index rows, higher procedural indices, names that sort later such as
+  dated or numbered uploads) touch only the last partition and new ones; a key that sorts into the middle
+  shifts the runs after it, which re-encodes those (the run reports the count). Not a hash of the key: with P
+  hash partitions, k >= P new clips would touch nearly all of them.
+* **Partition artifact** (:func:`encode_partition`): ``<store>/artifacts/prepare_partition/<key>``, an ordinary
+  prepared-dataset folder (``anyflow.data.prepare``), keyed by the partition's listing fingerprint (items and
+  their versions: ETag, size+mtime or the row's digest) plus the encoder config (model section, clip geometry,
+  shard size, strictness, code version). A listing that did not change is a cache hit.
+* **Merge** (:func:`merge_partitions`): the dataset folder holds ``index.json`` whose shards name the partition
+  artifact they live in (``artifact`` + that artifact's ``manifest_sha256``): referenced, not copied; the
+  reader (:class:`anyflow.data.shards.LatentDataset`) fetches them through ``anyflow.storage.fetch_file`` and
+  checks the recorded manifest digest. ``summary.json`` sums the partitions' counts (skipped clips by reason
+  too); the published dataset lists the partition artifacts as its manifest parents.
+
+Samples keep the order of the unpartitioned run (partition order, then each partition's record order), so a
+dataset prepared with 3 partitions reads sample for sample like the 1-partition one (tests/test_data_partitions.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare
+from anyflow.data.shards import FORMAT, INDEX, NEGATIVE, VERSION
+
+#: Where partition artifacts live under a store: ``<store>/artifacts/prepare_partition/<key>``.
+PARTITION_STAGE = "prepare_partition"
+PARTITION_KIND = "dataset_partition"
+SUMMARY = "summary.json"
+#: Encoders built on first use: a merge whose partitions are all cached loads no model.
+LoadEncoders = Callable[[], tuple[EncodeVideo, EncodeText]]
+
+
+class PartitionsFailed(RuntimeError):
+    """Some partitions failed to encode (transient failures: storage, out of memory, ...); the others are cached."""
+
+
+class PartitionsBadInput(DataPrepError):
+    """Some partitions failed on bad input (strict mode, an unusable source); the others are cached."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One run of the source listing: ``items`` are ``(key, version)`` in arrival order."""
+
+    index: int
+    kind: str
+    base: str  # what item keys are relative to (folder / prefix / index folder; "procedural")
+    items: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the partition's listing (source kind and base, items and their versions, in order)."""
+        doc = {"kind": self.kind, "base": self.base, "items": [list(i) for i in self.items]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def describe(self) -> str:
+        first, last = self.items[0][0], self.items[-1][0]
+        return f"{self.name} ({len(self.items)} items, {first} .. {last})"
+
+
+def _base(source: str, kind: str) -> str:
+    if kind == "procedural":
+        return "procedural"  # keys carry the seed; the content is a function of (seed, index) alone
+    if kind == "index" or source.lower().rstrip("/").endswith(".tar"):
+        return source.rsplit("/", 1)[0] if "/" in source else "."
+    return source.rstrip("/")
+
+
+def plan_partitions(source: str, partition_size: int) -> list[Partition]:
+    """The source's partitions now (see the module docstring); ``partition_size`` 0: one partition of everything.
+
+    A source that cannot be listed raises :class:`anyflow.ops.window.WindowError` / ``SourceError`` naming it.
+    """
+    from anyflow.ops.window import WindowError, list_items
+
+    kind, items, _ = list_items(source)
+    if not items:
+        raise WindowError(
+            f"data.source={source}: no clips found (nothing to partition); check the path/prefix"
+        )
+    if kind == "index":
+        order = list(items)  # row order: appended rows land in the last partitions
+    elif kind == "folder":  # folder_source reads clips sorted by stem (path without its extension)
+        order = sorted(items, key=lambda k: (k[: -len(PurePosixPath(k).suffix)], k))
+    else:
+        order = sorted(items)
+    size = partition_size if partition_size > 0 else len(order)
+    base = _base(source, kind)
+    return [
+        Partition(i // size, kind, base, tuple((k, items[k]) for k in order[i : i + size]))
+        for i in range(0, len(order), size)
+    ]
+
+
+def partition_records(source: str, part: Partition) -> Iterator[Any]:
+    """The raw records of ``part`` (``anyflow.data.sources`` records, in the source's own order)."""
+    from anyflow.ops.window import Window, window_records
+
+    seen = dict(part.items)
+    return window_records(Window(source, part.kind, 0, 0, seen, sorted(seen), []))
+
+
+def encoder_config(cfg: Any) -> dict[str, Any]:
+    """What the encoded tensors depend on besides the clips: model section, clip geometry, shard layout."""
+    from anyflow import __version__
+
+    data = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.data).items()
+        if k not in ("source", "partition_size", "heldout_fraction")
+    }
+    return {"model": dataclasses.asdict(cfg.model), "data": data, "version": __version__}
+
+
+def partition_key(part: Partition, cfg: Any) -> str:
+    """Content key of a partition artifact: its listing fingerprint + :func:`encoder_config`."""
+    doc = {"partition": part.fingerprint, "encoder": encoder_config(cfg)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()[:20]
+
+
+def partition_url(store: str, part: Partition, cfg: Any) -> str:
+    from anyflow import storage
+
+    return storage.join(store, "artifacts", PARTITION_STAGE, partition_key(part, cfg))
+
+
+def cached_partition(url: str, key: str) -> bool:
+    """True when ``url`` holds a complete partition artifact made for ``key`` (sizes checked, hashes once)."""
+    from anyflow import storage
+
+    if not storage.exists(storage.join(url, "manifest.json")):
+        return False
+    try:
+        return storage.verify_cached(url).get("extra", {}).get("cache_key") == key
+    except storage.ArtifactError as exc:
+        print(f"[anyflow] {url}: not reused as a cached partition ({exc})", file=sys.stderr, flush=True)
+        return False
+
+
+def encode_partition(
+    source: str, part: Partition, cfg: Any, store: str, *, load_encoders: LoadEncoders, progress: bool = False
+) -> tuple[str, bool]:
+    """Encode ``part`` into its artifact (or find it cached); returns ``(url, cached)``."""
+    from anyflow import storage
+    from anyflow.config import to_dict
+    from anyflow.models.text import WAN_NEGATIVE_PROMPT
+
+    key = partition_key(part, cfg)
+    url = storage.join(store, "artifacts", PARTITION_STAGE, key)
+    if cached_partition(url, key):
+        return url, True
+    encode_video, encode_text = load_encoders()
+    d = cfg.data
+    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{part.name}-"))
+    try:
+        summary = prepare(
+            partition_records(source, part),
+            encode_video=encode_video,
+            encode_text=encode_text,
+            negative_prompt=WAN_NEGATIVE_PROMPT,
+            out_dir=staging,
+            frames=d.frames,
+            height=d.height,
+            width=d.width,
+            fps=d.fps,
+            samples_per_shard=d.samples_per_shard,
+            strict=d.strict,
+            progress=progress,
+            require_samples=False,
+        )
+        conf = to_dict(cfg)
+        conf["data"]["source"] = f"{part.name} of {source}"
+        metrics = {
+            k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        storage.publish(
+            staging,
+            url,
+            kind=PARTITION_KIND,
+            config=conf,
+            metrics=metrics,
+            extra={
+                "cache_key": key,
+                "stage": PARTITION_STAGE,
+                "partition": {
+                    "index": part.index,
+                    "fingerprint": part.fingerprint,
+                    "items": len(part.items),
+                    "first": part.items[0][0],
+                    "last": part.items[-1][0],
+                    "source": source,
+                },
+            },
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return url, False
+
+
+def _memo(load: LoadEncoders) -> LoadEncoders:
+    box: list[tuple[EncodeVideo, EncodeText]] = []
+
+    def once() -> tuple[EncodeVideo, EncodeText]:
+        if not box:
+            box.append(load())
+        return box[0]
+
+    return once
+
+
+def prepare_partitioned(
+    source: str,
+    cfg: Any,
+    store: str,
+    out_dir: str | Path,
+    *,
+    load_encoders: LoadEncoders,
+    progress: bool = False,
+    only: Sequence[int] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Encode every partition of ``source`` that is not cached yet, then merge them into ``out_dir``.
+
+    A failing partition does not stop the others (they are published, hence cached for the rerun); after the
+    loop one error names every failed partition. ``only``: encode just these partition indexes and skip the merge
+    (a pipeline's per-partition task). Returns ``(summary, partition artifact URLs)``.
+    """
+    from anyflow.config import StageInputError
+
+    parts = plan_partitions(source, cfg.data.partition_size)
+    load = _memo(load_encoders)
+    if only is not None:
+        unknown = sorted(set(only) - {p.index for p in parts})
+        if unknown:
+            raise StageInputError(
+                f"data.source={source} has {len(parts)} partitions now; no partition {unknown[0]} "
+                "(the source shrank since the plan: rerun the pipeline)"
+            )
+    urls: list[str] = []
+    encoded: list[str] = []
+    failures: list[tuple[Partition, BaseException]] = []
+    for part in parts:
+        if only is not None and part.index not in only:
+            continue
+        try:
+            url, cached = encode_partition(source, part, cfg, store, load_encoders=load, progress=progress)
+        except Exception as exc:  # every partition gets its chance; the error names them all below
+            print(
+                f"[anyflow] prepare_data: {part.describe()} failed: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            failures.append((part, exc))
+            continue
+        urls.append(url)
+        if not cached:
+            encoded.append(part.name)
+    if progress:
+        print(
+            f"[anyflow] prepare_data: {len(parts)} partitions of {source}: {len(encoded)} encoded "
+            f"({', '.join(encoded) or 'none'}), {len(urls) - len(encoded)} cached, {len(failures)} failed",
+            flush=True,
+        )
+    if failures:
+        from anyflow.config import StageInputError
+
+        bad_input = all(
+            isinstance(e, (DataPrepError, StageInputError, FileNotFoundError)) for _, e in failures
+        )
+        names = "; ".join(f"{p.describe()}: {type(e).__name__}: {e}" for p, e in failures)
+        cls = PartitionsBadInput if bad_input else PartitionsFailed
+        raise cls(
+            f"prepare_data: {len(failures)} of {len(parts)} partitions failed -- {names}. The other "
+            f"{len(urls)} are cached in the store; a rerun encodes only the failed ones"
+        ) from failures[0][1]
+    if only is not None:
+        return {"partitions": len(parts), "partitions_encoded": len(encoded), "encoded": encoded}, urls
+    summary = merge_partitions(urls, out_dir, source=source)
+    summary.update(
+        partitions=len(parts), partitions_encoded=len(encoded), partitions_cached=len(urls) - len(encoded)
+    )
+    Path(out_dir, SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, urls
+
+
+def merge_partitions(urls: Sequence[str], out_dir: str | Path, *, source: str = "") -> dict[str, Any]:
+    """Write the dataset folder over the partition artifacts ``urls`` (in order): ``index.json`` referencing
+    their shards, ``negative.safetensors`` (the first partition's, a few KB to MB), ``summary.json`` (sums).
+
+    Reads only the partitions' manifests, ``index.json`` and ``summary.json`` (CPU, no model). Raises
+    :class:`DataPrepError` when no partition holds a usable clip or when partitions disagree on shapes.
+    """
+    from anyflow import storage
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    partitions: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    totals = Counter[str]()
+    shapes: dict[str, Any] | None = None
+    negative_from = None
+    for url in urls:
+        digest = storage.manifest_digest(url)
+        index = json.loads(storage.fetch_file(url, INDEX).read_bytes())
+        summary = json.loads(storage.fetch_file(url, SUMMARY).read_bytes())
+        partitions.append({"artifact": url, "manifest_sha256": digest, "num_samples": index["num_samples"]})
+        for key in ("clips_read", "clips_written", "clips_skipped"):
+            totals[key] += int(summary.get(key, 0))
+        skipped.update(summary.get("skipped", {}))
+        for reason, ex in summary.get("skipped_examples", {}).items():
+            examples.setdefault(reason, []).extend(ex[: max(0, 5 - len(examples.get(reason, [])))])
+        if index["num_samples"] == 0:
+            continue
+        mine = {"latents": index["latents"], "text": index["text"]}
+        if shapes is None:
+            shapes, negative_from = mine, url
+        elif mine != shapes:
+            raise DataPrepError(
+                f"partition {url} holds latents/text {mine} but earlier partitions hold {shapes}; "
+                "all partitions of a dataset must come from one encoder config"
+            )
+        for s in index["shards"]:
+            shards.append(
+                {
+                    "file": s["file"],
+                    "num_samples": s["num_samples"],
+                    "artifact": url,
+                    "manifest_sha256": digest,
+                }
+            )
+    if shapes is None or negative_from is None:
+        raise DataPrepError(
+            f"no usable clips in {len(urls)} partitions of {source or 'the source'}: read "
+            f"{totals['clips_read']}, skipped {totals['clips_skipped']} ({dict(skipped)}); see the "
+            "partitions' summary.json for examples and check the source"
+        )
+    shutil.copyfile(storage.fetch_file(negative_from, NEGATIVE), out / NEGATIVE)
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "samples_per_shard": max(s["num_samples"] for s in shards),
+        **shapes,
+        "shards": shards,
+        "partitions": partitions,
+    }
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    summary = {
+        **dict(totals),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples,
+        "num_shards": len(shards),
+        "latents_shape": shapes["latents"]["shape"],
+        "text_shape": shapes["text"]["shape"],
+        "source": source,
+        "partitions": len(urls),
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
