@@ -143,3 +143,68 @@ def test_input_errors(tiny):
         sample_with_pipeline(base, pipe, tiny["c"][:1], tiny["noise"], 2)
     with pytest.raises(TypeError, match="AnyFlowTransformer3DModel"):
         build_pipeline(base, torch.nn.Linear(2, 2))
+
+
+def _plain_pipeline(base, transformer):
+    """The pipeline as diffusers builds it, without the execution-device cache (the old path)."""
+    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    pipe = AnyFlowPipeline(tokenizer=base.text.tokenizer, text_encoder=base.text.model, transformer=transformer,
+                           vae=base.vae.vae, scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_cached_execution_device_keeps_outputs_identical(tiny, guidance):
+    """build_pipeline's pipeline (execution device cached) gives bit-identical samples to a plain diffusers
+    AnyFlowPipeline over the same merged transformer, with and without CFG, N ∈ {1, 2, 4}."""
+    base, noise, c = tiny["base"], tiny["noise"], tiny["c"]
+    pipe = tiny["gen_pipe"] if guidance == 1.0 else tiny["teacher_pipe"]
+    plain = _plain_pipeline(base, pipe.transformer)
+    assert type(plain) is not type(pipe)
+    kw = {} if guidance == 1.0 else {"guidance_scale": guidance, "negative_embeds": tiny["c_neg"],
+                                     "use_mean_velocity": False}
+    for nfe in (1, 2, 4):
+        ours = sample_with_pipeline(base, pipe, c, noise, nfe, **kw)
+        old = sample_with_pipeline(base, plain, c, noise, nfe, **kw)
+        assert torch.equal(ours, old)
+
+
+def test_execution_device_is_computed_once_per_pipeline(tiny, monkeypatch):
+    """diffusers walks every module of every component for the execution device; after the first call the
+    pipeline answers from its cache, and the answer is diffusers' own (also when a hook appears)."""
+    from diffusers import DiffusionPipeline
+
+    base, noise, c = tiny["base"], tiny["noise"], tiny["c"]
+    pipe = build_pipeline(base, tiny["gen_pipe"].transformer)
+    walks = [0]
+    original = DiffusionPipeline._execution_device.fget
+
+    def counting(self):
+        walks[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(counting))
+    sample_with_pipeline(base, pipe, c, noise, 2)
+    first = walks[0]
+    sample_with_pipeline(base, pipe, c, noise, 2)
+    sample_with_pipeline(base, pipe, c, noise, 4)
+    assert first == 1 and walks[0] == 1  # the plain diffusers pipeline walks ≥ 2 times per call
+    plain = _plain_pipeline(base, pipe.transformer)
+    walks[0] = 0
+    sample_with_pipeline(base, plain, c, noise, 2)
+    assert walks[0] >= 2
+    assert pipe._execution_device == original(pipe) == torch.device("cpu")
+
+    class Hook:  # what accelerate's offloading leaves on a component: the device the pipeline must use
+        execution_device = "meta"
+
+    vae = pipe.vae
+    try:
+        vae._hf_hook = Hook()
+        assert original(pipe) == torch.device("meta")
+        assert pipe._execution_device == torch.device("meta")  # recomputed: the component got a hook
+    finally:
+        del vae._hf_hook
+    assert pipe._execution_device == torch.device("cpu")

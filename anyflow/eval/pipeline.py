@@ -31,6 +31,7 @@ embeddings every other stage uses), not with the pipeline's own encoder.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ def _assemble(pipeline_cls: Any, base: BaseModel, transformer: torch.nn.Module, 
     scheduler with ``shift``; no progress bar."""
     from diffusers import FlowMapEulerDiscreteScheduler
 
-    pipe = pipeline_cls(
+    pipe = _with_cached_execution_device(pipeline_cls)(
         tokenizer=base.text.tokenizer,
         text_encoder=base.text.model,
         transformer=transformer,
@@ -83,6 +84,48 @@ def _assemble(pipeline_cls: Any, base: BaseModel, transformer: torch.nn.Module, 
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _component_key(pipe: Any) -> tuple:
+    """What ``_execution_device`` depends on, cheaply: per module component its identity, the device of its
+    first parameter or buffer, and the accelerate / diffusers hooks on it."""
+    key = []
+    for name, model in pipe.components.items():
+        if isinstance(model, torch.nn.Module):
+            first = next(itertools.chain(model.parameters(), model.buffers()), None)
+            key.append((name, id(model), None if first is None else first.device,
+                        id(getattr(model, "_hf_hook", None)), id(getattr(model, "_diffusers_hook", None))))
+    return tuple(key)
+
+
+_CACHED_CLASSES: dict[type, type] = {}
+
+
+def _with_cached_execution_device(pipeline_cls: type) -> type:
+    """``pipeline_cls`` with ``_execution_device`` cached per pipeline.
+
+    diffusers' property walks every submodule of every component looking for offloading hooks, several
+    times per pipeline call (≈ 5 ms of fixed cost per call on a CPU: measured by ``benchmarks/bench_sampling``).
+    The cached value is diffusers' own answer, computed again whenever a component is replaced, moved to
+    another device or gets an accelerate / diffusers hook on its top module (``_component_key``); the
+    pipelines built here are never offloaded, so the answer cannot change otherwise. Outputs are unchanged
+    (``tests/test_eval_pipeline.py`` compares with a plain diffusers pipeline).
+    """
+    if pipeline_cls not in _CACHED_CLASSES:
+        from diffusers import DiffusionPipeline
+
+        def _execution_device(self: Any) -> torch.device:
+            key = _component_key(self)
+            cached = self.__dict__.get("_anyflow_execution_device")
+            if cached is None or cached[0] != key:
+                cached = (key, DiffusionPipeline._execution_device.fget(self))
+                self.__dict__["_anyflow_execution_device"] = cached
+            return cached[1]
+
+        _CACHED_CLASSES[pipeline_cls] = type(pipeline_cls.__name__, (pipeline_cls,),
+                                             {"_execution_device": property(_execution_device),
+                                              "__module__": pipeline_cls.__module__})
+    return _CACHED_CLASSES[pipeline_cls]
 
 
 def pipeline_sigmas(pipe: AnyFlowPipeline, nfe: int) -> Tensor:
@@ -180,7 +223,7 @@ def sample_with_pipeline(
                 "sample_with_pipeline: guidance_scale > 1 needs negative_embeds (e.g. base.text.encode([WAN_NEGATIVE_PROMPT]))."
             )
         neg = negative_embeds.expand(b, -1, -1) if negative_embeds.shape[0] == 1 else negative_embeds
-    device = pipe.transformer.device
+    device = next(itertools.chain(pipe.transformer.parameters(), pipe.transformer.buffers())).device
     if torch.device(pipe._execution_device) != device:  # the pipeline puts the latents on its first module's device
         raise ValueError(
             f"sample_with_pipeline: the pipeline runs on {pipe._execution_device} but the transformer is on {device};"
