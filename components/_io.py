@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -237,18 +236,62 @@ def log_metrics(output: Any, metrics: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-def copy_report(html: Any, report: str | None, uri: str) -> None:
-    """Copy ``report.html`` into a KFP ``Output[HTML]`` (or write a link page when it is remote)."""
-    os.makedirs(os.path.dirname(html.path) or ".", exist_ok=True)
-    if report and os.path.isfile(report):
-        shutil.copyfile(report, html.path)
-        return
-    if report:
-        from anyflow import storage  # the only module that opens URLs (s3://…)
+#: ``src``/``href`` attribute values a report may keep: inline data, in-page anchors, web pages.
+_SELF_CONTAINED = ("data:", "#", "http://", "https://", "mailto:")
+_MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+         ".webp": "image/webp", ".svg": "image/svg+xml", ".mp4": "video/mp4", ".webm": "video/webm",
+         ".css": "text/css", ".json": "application/json", ".html": "text/html"}
 
-        if storage.exists(report):
-            with open(html.path, "wb") as fh:
-                fh.write(storage.read_bytes(report))
-            return
+
+def inline_report(text: str, base: str) -> str:
+    """``text`` (an HTML page) with every ``src=``/``href=`` that names a file beside it replaced by a
+    ``data:`` URI of that file of the artifact at ``base`` (a local folder or ``s3://…``), so the
+    page shows everything wherever it is opened (the KFP UI has no access to the artifact's folder).
+
+    A link that names no file of the artifact (an absolute local path, ``file://``, ``..``) raises
+    ``ValueError`` naming it: such a page would show a broken link.
+    """
+    import base64
+    import re
+
+    from anyflow import storage  # the only module that opens URLs (s3://…)
+
+    def data_uri(match: re.Match) -> str:
+        attr, quote, value = match.group(1), match.group(2), match.group(3)
+        if value.startswith(_SELF_CONTAINED) or not value:
+            return match.group(0)
+        rel = value.split("#", 1)[0].split("?", 1)[0]
+        if rel.startswith(("/", "file:")) or "://" in rel or ".." in rel.split("/"):
+            raise ValueError(f"report.html in {base} links {value!r}, which only resolves on the machine that wrote "
+                             f"it; the report must reference files beside it or inline them.")
+        try:
+            url = storage.file_url(base, rel)  # on S3: where the publisher staged it
+        except storage.ArtifactError:
+            raise ValueError(f"report.html in {base} links {value!r}, but the artifact lists no such file.") from None
+        mime = _MIME.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
+        return f"{attr}={quote}data:{mime};base64,{base64.b64encode(storage.read_bytes(url)).decode('ascii')}{quote}"
+
+    return re.sub(r"""\b(src|href)=(["'])(.*?)\2""", data_uri, text, flags=re.IGNORECASE | re.DOTALL)
+
+
+def copy_report(html: Any, report: str | None, uri: str) -> None:
+    """Write ``report.html`` (a local path or a store URL) into a KFP ``Output[HTML]``, with anything it links
+    beside it inlined (:func:`inline_report`): the KFP UI shows the full report, never a link to a store.
+
+    A report that cannot be read fails the task naming it (no placeholder page).
+    """
+    from anyflow import storage  # the only module that opens URLs (s3://…)
+
+    if not report:
+        raise ValueError(f"the evaluate artifact {uri} names no report.html to show in the KFP UI.")
+    if os.path.isfile(report):
+        with open(report, "rb") as fh:
+            raw = fh.read()
+    elif storage.exists(report):
+        raw = storage.read_bytes(report)
+    else:
+        raise FileNotFoundError(f"report.html of the evaluate artifact {uri} not found at {report}.")
+    text = inline_report(raw.decode("utf-8"), uri)
+    os.makedirs(os.path.dirname(html.path) or ".", exist_ok=True)
     with open(html.path, "w", encoding="utf-8") as fh:
-        fh.write(f"<html><body><p>AnyFlow evaluation report: <code>{report or uri}/report.html</code></p></body></html>\n")
+        fh.write(text)

@@ -13,6 +13,8 @@ and the alias compare-and-swap keep manual runs safe too). See docs/operations.m
 # No ``from __future__ import annotations``: KFP reads real type annotations of components/pipelines.
 from typing import NamedTuple
 
+from kfp.dsl import Markdown, Output
+
 from pipelines.platform import Platform
 
 PIPELINE_NAME = "anyflow-redistill"
@@ -82,7 +84,7 @@ def redistill_evaluate(plan_url: str, candidate_url: str) -> str:
     return evaluate_step(plan_url, candidate_url)
 
 
-def redistill_decide(plan_url: str, candidate_url: str, evals_url: str) -> str:
+def redistill_decide(plan_url: str, candidate_url: str, evals_url: str, decision: Output[Markdown]) -> str:
     """Gate at every NFE; promote atomically (compare-and-swap) or record the rejection; write the report.
 
     CPU only. Fails without promoting if the run lost its lease.
@@ -91,10 +93,20 @@ def redistill_decide(plan_url: str, candidate_url: str, evals_url: str) -> str:
         plan_url: The run's plan.json.
         candidate_url: candidate.json written by redistill_distill.
         evals_url: evals.json written by redistill_evaluate.
+
+    Returns:
+        decision: Markdown for the KFP UI: the outcome, the gate's reasons and the candidate-vs-promoted table
+            per NFE and metric (``anyflow.ops.record.markdown_summary``).
     """
+    import os
+
+    from anyflow.ops.record import markdown_summary
     from anyflow.ops.steps import decide_step
 
     rec = decide_step(plan_url, candidate_url, evals_url)
+    os.makedirs(os.path.dirname(decision.path) or ".", exist_ok=True)
+    with open(decision.path, "w", encoding="utf-8") as fh:
+        fh.write(markdown_summary(rec))
     print(f"[anyflow] redistill {rec['run_id']}: {rec['status']}; report {rec.get('report')}", flush=True)
     return str(rec["status"])
 

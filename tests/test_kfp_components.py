@@ -24,7 +24,7 @@ from components._io import (
 )
 
 EXPECTED_IO = {
-    "prepare_data": ({}, {"dataset": "system.Dataset"}),
+    "prepare_data": ({}, {"dataset": "system.Dataset", "metrics": "system.Metrics"}),
     "train_teacher": ({"dataset": "system.Dataset"}, {"teacher": "system.Model", "metrics": "system.Metrics"}),
     "train_flowmap": ({"dataset": "system.Dataset"}, {"flowmap": "system.Model", "metrics": "system.Metrics"}),
     "distill": ({"dataset": "system.Dataset", "teacher": "system.Model", "flowmap": "system.Model"},
@@ -146,11 +146,68 @@ def test_prepare_data_component_body_runs_stage_and_reuses_store(tmp_path: Path)
     func = components.stage_functions()["prepare_data"]
     store = str(tmp_path / "store")
     first = dsl.Dataset(uri=str(tmp_path / "kfp" / "dataset1"))
-    func(dataset=first, preset="tiny", overrides_json="{}", store=store)
+    metrics = dsl.Metrics(uri=str(tmp_path / "kfp" / "metrics1"))
+    func(dataset=first, metrics=metrics, preset="tiny", overrides_json="{}", store=store)
     uri = first.metadata["anyflow_uri"]
     assert uri.startswith(store + "/artifacts/prepare_data/") and first.metadata["anyflow_cached"] is False
-    storage.verify(uri)
+    summary = storage.verify(uri)["metrics"]
+    # the KFP UI's metrics are the dataset's summary as the manifest records it (tiny: procedural n=16)
+    assert metrics.metadata["clips_written"] == summary["clips_written"] == 16.0
+    assert metrics.metadata["num_shards"] == summary["num_shards"] >= 1 and metrics.metadata["clips_per_s"] > 0
     assert json.loads(Path(first.path).read_text())["anyflow_uri"] == uri  # pointer file
     second = dsl.Dataset(uri=str(tmp_path / "kfp" / "dataset2"))
-    func(dataset=second, preset="tiny", overrides_json="{}", store=store)
+    func(dataset=second, metrics=dsl.Metrics(uri=str(tmp_path / "kfp" / "metrics2")), preset="tiny",
+         overrides_json="{}", store=store)
     assert second.metadata["anyflow_uri"] == uri and second.metadata["anyflow_cached"] is True
+
+
+def _report_artifact(url: str, tmp_path: Path, html: str, files: dict[str, bytes]) -> str:
+    """Publish an evaluate-like artifact (report.html + files beside it) at ``url``; returns the report's URL."""
+    from anyflow import storage
+
+    src = tmp_path / "report-src"
+    (src / "samples").mkdir(parents=True)
+    (src / "report.html").write_text(html, encoding="utf-8")
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    storage.publish(src, url, kind="evaluation")
+    return storage.file_url(url, "report.html")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_kfp_html_artifact_is_the_whole_report_with_its_files_inlined(where: str, tmp_path: Path,
+                                                                      request: pytest.FixtureRequest) -> None:
+    """The evaluate task's HTML artifact is the report itself (also when the artifact is on S3), with a file it
+    links beside it turned into a data: URI of exactly that file's bytes; never a page linking elsewhere."""
+    import base64
+
+    from components._io import copy_report
+
+    url = (request.getfixturevalue("s3_prefix") + "/artifacts/evaluate/k") if where == "s3" else str(tmp_path / "a")
+    gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\x00\x00\x00\x00\x00!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00"
+    page = ('<html><body><h1>AnyFlow evaluation</h1><img src="data:image/png;base64,AAAA">'
+            '<img src="samples/nfe1.gif" alt="x"><a href="#metrics">metrics</a></body></html>')
+    report = _report_artifact(url, tmp_path, page, {"samples/nfe1.gif": gif})
+    out = dsl.HTML(uri=str(tmp_path / "kfp" / "html"))
+    copy_report(out, report, url)
+    text = Path(out.path).read_text(encoding="utf-8")
+    want = '<img src="data:image/gif;base64,' + base64.b64encode(gif).decode("ascii") + '" alt="x">'
+    assert want in text and "samples/nfe1.gif" not in text
+    assert '<h1>AnyFlow evaluation</h1>' in text and 'src="data:image/png;base64,AAAA"' in text
+    assert 'href="#metrics"' in text  # in-page anchors stay
+
+
+def test_kfp_html_artifact_refuses_a_report_it_cannot_show(tmp_path: Path) -> None:
+    """No placeholder page: a missing report, or one linking a file only the writer's machine has, fails the
+    task naming it."""
+    from components._io import copy_report
+
+    out = dsl.HTML(uri=str(tmp_path / "kfp" / "html"))
+    with pytest.raises(FileNotFoundError, match="report.html of the evaluate artifact"):
+        copy_report(out, str(tmp_path / "nowhere" / "report.html"), str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="names no report.html"):
+        copy_report(out, None, "s3://b/artifacts/evaluate/k")
+    url = str(tmp_path / "abs")
+    report = _report_artifact(url, tmp_path, '<img src="/home/me/anyflow-runs/x.gif">', {})
+    with pytest.raises(ValueError, match="only resolves on the machine that wrote it"):
+        copy_report(out, report, url)

@@ -308,6 +308,28 @@ def test_exit_handler_records_a_failed_task_and_releases_the_lease(s3_server) ->
     assert registry.promoted(store, "m") is None
 
 
+def test_decision_markdown_has_the_candidate_vs_promoted_table() -> None:
+    """The decide task's Markdown: outcome, reasons, and per NFE and metric candidate, promoted and their
+    difference (computed here by hand), the gate metric first; JSON's string NFE keys match int ones."""
+    from anyflow.ops.record import markdown_summary
+
+    rec = {"run_id": "r7", "name": "m", "status": "rejected", "reason": "",
+           "config": {"metrics": [["coupled_mse", False]]},
+           "gate": {"reasons": ["coupled_mse worse at NFE 2: 0.5 > 0.42"]},
+           "candidate": {"digest": "ab" * 32, "uri": "s3://b/artifacts/distill/c",
+                         "metrics": {"1": {"psnr": 20.0, "coupled_mse": 0.25}, "2": {"coupled_mse": 0.5}}},
+           "baseline": {"digest": "cd" * 32, "uri": "s3://b/artifacts/distill/p",
+                        "metrics": {1: {"coupled_mse": 0.3, "psnr": 19.5}, 2: {"coupled_mse": 0.4}}}}
+    md = markdown_summary(rec).splitlines()
+    assert md[0] == "## Re-distillation r7 — m: **rejected**"
+    assert "- coupled_mse worse at NFE 2: 0.5 > 0.42" in md
+    assert "candidate: `gen-abababab` s3://b/artifacts/distill/c" in md
+    assert "promoted (compared against): `gen-cdcdcdcd` s3://b/artifacts/distill/p" in md
+    rows = [line for line in md if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 1 | coupled_mse (gate) | 0.25 | 0.3 | -0.05 |", "| 1 | psnr | 20 | 19.5 | 0.5 |",
+                    "| 2 | coupled_mse (gate) | 0.5 | 0.4 | 0.1 |"]
+
+
 @pytest.mark.slow
 def test_kfp_local_runner_runs_the_pipeline_then_skips(tiny_chain: dict, s3_server, tmp_path: Path) -> None:
     """The compiled components really call the library: a local KFP run promotes, a second run skips."""
@@ -326,6 +348,13 @@ def test_kfp_local_runner_runs_the_pipeline_then_skips(tiny_chain: dict, s3_serv
     pipeline(**args)
     live = registry.promoted(store, "kfp")
     assert live is not None and [e["event"] for e in registry.history(store, "kfp")] == ["promote"]
+    # the decide task's Markdown artifact (what the KFP UI shows): the decision and the candidate's numbers
+    (md_path,) = [p for p in (tmp_path / "kfp-local").rglob("decision") if p.is_file()]
+    md = md_path.read_text(encoding="utf-8")
+    (rec,) = [storage.read_json(u) for u in storage.list_prefix(f"{store}/redistill/kfp/runs") if u.endswith("record.json")]
+    assert f"Re-distillation {rec['run_id']} — kfp: **promoted**" in md and "nothing (first promotion)" in md
+    for n, row in rec["candidate"]["metrics"].items():
+        assert f"| {n} | coupled_mse (gate) | {float(row['coupled_mse']):.6g} | — | — |" in md
     pipeline(**args)  # nothing new: plan skips, no training task runs
     runs = [storage.read_json(u) for u in storage.list_prefix(f"{store}/redistill/kfp/runs") if u.endswith("record.json")]
     assert sorted(r["status"] for r in runs) == ["promoted", "skipped"]

@@ -36,6 +36,20 @@ def test_artifacts_verify_and_record_lineage(tiny_chain) -> None:
     assert len(chain) >= 4
 
 
+def test_training_metrics_carry_steps_per_second(tiny_chain) -> None:
+    """What the KFP UI shows of a training stage (its manifest's metrics, logged by the component): steps, final
+    losses and the rate, steps_per_s = steps / train_seconds for a run that did not resume, within the stage's
+    own wall time."""
+    from components._io import flatten_metrics
+
+    for role in ("teacher", "flowmap", "generator"):
+        res = tiny_chain[role]
+        m = flatten_metrics(storage.read_manifest(res.uri)["metrics"])
+        assert m["steps"] == 2 and any("loss" in k for k in m), (role, m)
+        assert 0 < m["train_seconds"] <= res.seconds, (role, m, res.seconds)
+        assert m["steps_per_s"] == pytest.approx(2 / m["train_seconds"], rel=1e-2), (role, m)
+
+
 def test_checkpoints_hold_only_the_trained_adapters(tiny_chain) -> None:
     base = load_base("builtin:tiny")
     targets = {

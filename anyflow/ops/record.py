@@ -161,6 +161,40 @@ def flat_gate_metrics(metrics: Mapping[Any, Mapping[str, float]], names: list[st
     return {f"{prefix}nfe{n}/{m}": float(row[m]) for n, row in metrics.items() for m in names if m in row}
 
 
+def _cell(value: Any) -> str:
+    return f"{float(value):.6g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def markdown_summary(record: Mapping[str, Any]) -> str:
+    """The decision of one re-distillation run as Markdown (the decide task's KFP Markdown artifact).
+
+    The outcome and its reasons, then one row per NFE and metric: candidate, promoted (the model live when the
+    gate ran) and the difference; every metric both models have at that NFE, the gate metrics first.
+    """
+    cand, base = record.get("candidate") or {}, record.get("baseline") or {}
+    gate = record.get("gate") or {}
+    cfg = record.get("config") or {}
+    gated = [str(m[0]) for m in cfg.get("metrics", [])] if isinstance(cfg, Mapping) else []
+    lines = [f"## Re-distillation {record.get('run_id')} — {record.get('name')}: **{record.get('status')}**", ""]
+    for why in ([record["reason"]] if record.get("reason") else []) + list(gate.get("reasons") or []):
+        lines.append(f"- {why}")
+    lines += ["", f"candidate: `{label(cand.get('digest'))}` {cand.get('uri', 'none')}",
+              "promoted (compared against): " + (f"`{label(base.get('digest'))}` {base.get('uri')}" if base
+                                                   else "nothing (first promotion)"), ""]
+    cm, bm = cand.get("metrics") or {}, base.get("metrics") or {}
+    if cm:
+        lines += ["| NFE | metric | candidate | promoted | candidate − promoted |", "|---|---|---|---|---|"]
+        for n in sorted(cm, key=lambda k: int(k)):
+            row, brow = cm[n], next((bm[k] for k in (n, str(n), int(n)) if k in bm), {})  # JSON keys are str
+            names = [m for m in gated if m in row] + sorted(m for m in row if m not in gated)
+            for m in names:
+                diff = (_cell(float(row[m]) - float(brow[m]))
+                        if isinstance(row.get(m), (int, float)) and isinstance(brow.get(m), (int, float)) else "—")
+                star = " (gate)" if m in gated else ""
+                lines.append(f"| {n} | {m}{star} | {_cell(row.get(m))} | {_cell(brow.get(m))} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(store: str, name: str, record: Mapping[str, Any]) -> str:
     """Write ``redistill-report.html`` next to the run record with :func:`anyflow.eval.report.build_report`."""
     from anyflow.eval.report import build_report

@@ -221,7 +221,10 @@ def train_and_export(
     states = {name: models.state(name) for name in export}
     refuse_non_finite(cfg, tr, method, states, steps=result.steps, ema=ema_adapter if trained_finite else None)
     write_checkpoint(out_dir, cfg, {name: (role, states[name]) for name, role in export.items()}, kind=kind)
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if "loss" in k}}
+    trained = result.steps - result.resumed_from  # the steps this attempt ran (a resumed run starts later)
+    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if "loss" in k},
+            "train_seconds": round(result.seconds, 3),
+            "steps_per_s": round(trained / result.seconds, 4) if result.seconds > 0 and trained > 0 else 0.0}
 
 
 def refuse_non_finite(cfg: Preset, tr: TrainConfig, method: Any, states: Mapping[str, Mapping[str, torch.Tensor]],

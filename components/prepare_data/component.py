@@ -1,10 +1,11 @@
 """KFP component: prepare_data — build the dataset artifact (latent + text-embedding shards)."""
 
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Metrics, Output
 
 
 def prepare_data(
     dataset: Output[Dataset],
+    metrics: Output[Metrics],
     preset: str = "tiny",
     overrides_json: str = "{}",
     store: str = "",
@@ -28,8 +29,9 @@ def prepare_data(
 
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
+        metrics: Output dataset summary for the KFP UI (clips read and written, shards, seconds, clips/s).
     """
     from components._io import run_component
 
-    run_component("prepare_data", dataset, preset=preset, overrides_json=overrides_json, store=store,
+    run_component("prepare_data", dataset, metrics=metrics, preset=preset, overrides_json=overrides_json, store=store,
                   extra_overrides_json=extra_overrides_json)
