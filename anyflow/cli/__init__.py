@@ -5,7 +5,7 @@ imports it):
 
 * ``run``       — ``run`` (the pipeline through KFP's local runner), ``stage`` (one stage, no KFP), ``rerun``
 * ``kfp``       — ``compile``, ``submit``, ``schedule``, ``runs``, ``status``
-* ``sample``, ``artifacts``, ``models``, ``presets``, ``bench``, ``redistill``
+* ``sample``, ``export``, ``artifacts``, ``models``, ``presets``, ``bench``, ``redistill``
 * ``_common``   — argument groups, validation and the user-error guard they share
 
 The exit-code contract lives below the stages in :mod:`anyflow.errors`. Heavy imports (torch, kfp,
@@ -30,7 +30,7 @@ Exit codes: 0 ok, 1 failure, 2 bad input/usage, 75 preempted (retryable).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anyflow.cli import artifacts, bench, kfp, models, presets, redistill, run, sample
+    from anyflow.cli import artifacts, bench, export, kfp, models, presets, redistill, run, sample
 
     parser = argparse.ArgumentParser(
         prog="anyflow",
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_rerun(sub)
     run.add_stage(sub)
     sample.add_cli(sub)
+    export.add_cli(sub)
     artifacts.add_cli(sub)
     models.add_cli(sub)
     presets.add_cli(sub)
@@ -54,9 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser ``args`` came through, e.g. ``anyflow models promote``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse reports these from the top-level parser ('anyflow: error:'); name the command instead
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -64,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from anyflow import storage
 
         storage.configure(s3_endpoint=args.s3_endpoint)
-    return run_with_exit_codes(args.func, args)
+    from anyflow.cli._common import prog
+
+    return run_with_exit_codes(args.func, args, prog=prog(args))
 
 
 __all__ = ["build_parser", "main", "run_with_exit_codes"]
