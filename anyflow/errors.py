@@ -8,7 +8,8 @@ S3 failing transiently after its retries, a lost conditional write); 2 bad input
 including an input artifact whose manifest or files are refused --, a missing file, the data source, S3
 settings that cannot work: no or wrong credentials, a malformed endpoint, a missing bucket); 75 preempted
 (SIGTERM after a checkpoint: retryable); 130 interrupted. Every known failure prints one line,
-``anyflow: error: <sentence>``; anything else is a bug and keeps its traceback.
+``anyflow: error: <sentence>`` (``anyflow <command>: error: <sentence>`` from the command line, argparse's
+form); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,23 +21,24 @@ from typing import Any
 BAD_INPUT = 2
 
 
-def run_with_exit_codes(func: Callable[..., int | None], *args: Any) -> int:
+def run_with_exit_codes(func: Callable[..., int | None], *args: Any, prog: str = "anyflow") -> int:
     """Call ``func`` and map known failures (:func:`classify_failure`) to one line on stderr and an exit code.
 
     Shared by ``anyflow`` (``anyflow.cli``) and ``python -m anyflow.stages.<name>`` (what a Trainer job runs),
-    which is why it lives below both.
+    which is why it lives below both. ``prog`` leads the line: the command line passes the command as argparse
+    names it (``anyflow sample``), so its failures read ``anyflow sample: error: …`` like its usage errors.
     """
     try:
         return int(func(*args) or 0)
     except KeyboardInterrupt:
-        print("anyflow: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the last line of defence: one clear sentence for known failures
         known = classify_failure(exc)
         if known is None:
             raise
         code, message = known
-        print(message, file=sys.stderr)
+        print(prog + message.removeprefix("anyflow") if message.startswith("anyflow:") else message, file=sys.stderr)
         return code
 
 

@@ -27,36 +27,41 @@ def load_context(path: str, cfg: Any, base: Any, *, video_frames: int) -> Any:
     try:
         video = decode_video(path, spec)
     except ClipError as exc:
-        raise ValueError(f"context {path}: {exc}") from None
+        from anyflow.config import StageInputError
+
+        raise StageInputError(f"context {path}: {exc}") from None
     with torch.no_grad():
         return base.vae.encode(video[None])
 
 
 def sample_latents(
-    checkpoint: str, prompts: list[str], *, nfe: int, preset: str = "tiny", overrides: dict | None = None,
+    checkpoint: str, prompts: list[str], *, nfe: int, preset: str | None = None, overrides: dict | None = None,
     seed: int = 0, adapter: str = "generator", image: str | None = None, video: str | None = None,
     video_frames: int | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Sample ``prompts`` at ``nfe`` steps; returns (latents (B, F, C, h, w), context latents or None, base)."""
+    """Sample ``prompts`` at ``nfe`` steps; returns (latents (B, F, C, h, w), context latents or None, base).
+
+    ``preset`` ``None``: the config the checkpoint was trained with (its ``config.json``), so a far-tiny checkpoint
+    samples as far-tiny without being told; ``overrides`` apply over either."""
     import torch
 
-    from anyflow.config import apply_overrides, get_preset
+    from anyflow.config import StageInputError, apply_overrides, get_preset
     from anyflow.rollout import flowmap_euler_sample
     from anyflow.stages import common
 
-    cfg = apply_overrides(get_preset(preset), overrides)
+    cfg = apply_overrides(common.trained_config(checkpoint) if preset is None else get_preset(preset), overrides)
     if (image or video) and cfg.variant != "far":
-        raise ValueError(f"--image/--video (I2V/V2V) need a causal FAR checkpoint and preset; {preset!r} is "
-                         f"{cfg.variant}")
+        raise StageInputError(f"--image/--video (I2V/V2V) need a causal FAR checkpoint and preset; {cfg.name!r} is "
+                              f"{cfg.variant}")
     if image and video:
-        raise ValueError("give --image (I2V) or --video (V2V), not both")
+        raise StageInputError("give --image (I2V) or --video (V2V), not both")
     ck = common.read_checkpoint(checkpoint, cfg, role="checkpoint", need=(adapter,))
     role = ck.meta["adapters"][adapter]["role"]
     base = common.load_models(cfg)
     models = common.adapter_model(cfg, base.transformer)
     far = cfg.variant == "far" and role == "generator"
     if (image or video) and not far:
-        raise ValueError(f"--image/--video need a generator adapter; {checkpoint} adapter {adapter!r} is a {role} "
+        raise StageInputError(f"--image/--video need a generator adapter; {checkpoint} adapter {adapter!r} is a {role} "
                          "(the bidirectional teacher/critic)")
     models.add(adapter, role, init=ck.adapters[adapter], trainable=False,
                extra=("far_patch_embedding",) if far else ())
@@ -71,7 +76,7 @@ def sample_latents(
             video_frames = video_frames_for(ends[min(2, len(ends) - 1)])
         latent = (video_frames - 1) // 4 + 1
         if (video_frames - 1) % 4 or latent not in ends:
-            raise ValueError(
+            raise StageInputError(
                 f"--video-frames {video_frames}: V2V context must fill whole chunks of far.chunk_partition "
                 f"{list(cfg.far.chunk_partition)}; use one of {[video_frames_for(e) for e in ends]}"
             )

@@ -15,15 +15,46 @@ from typing import Any
 from pipelines.platform import RECORD_PROFILE, Platform
 
 
+def build_partition_components(image: str) -> tuple[Any, Any]:
+    """``(partition_plan, prepare_partition)`` built on ``image`` (``components/prepare_partition``)."""
+    from components import make_component
+    from components.prepare_partition.component import partition_plan, prepare_partition
+
+    return make_component(partition_plan, image), make_component(prepare_partition, image)
+
+
 def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: str, preset: Any, overrides_json: Any,
-             store: Any, extra_overrides_json: Any = "{}", **component_args: Any) -> Any:
+             store: Any, extra_overrides_json: Any = "{}", partitions: tuple[Any, Any] | None = None,
+             **component_args: Any) -> Any:
     """Add ``fingerprint_<name>`` and then the ``prepare_data`` task ``name`` fed by it; returns the latter.
 
     ``prepare_data`` / ``fingerprint`` are the built components (``components.build_components()["prepare_data"]``,
     :func:`components.build_fingerprint_component`); the other arguments are pipeline parameters or constants.
+
+    ``partitions`` (:func:`build_partition_components`): fan the encoding out first (``data.partition_size`` > 0,
+    docs/interfaces.md "Partitioned data preparation"): ``partitions_<name>`` (CPU, never cached) lists the partitions
+    not in the store yet, a ``dsl.ParallelFor`` with ``parallelism=platform.partition_parallelism`` encodes each in
+    its own ``prepare_partition`` pod (the platform's ``prepare_data`` settings: GPU there if it has one), and the
+    ``prepare_data`` task after the loop merges them (every partition is then a cache hit: no model is loaded). With
+    ``data.partition_size`` 0 or no store the list is empty and ``prepare_data`` encodes the source itself.
     """
+    from kfp import dsl
+
     fp = fingerprint(preset=preset, overrides_json=overrides_json, extra_overrides_json=extra_overrides_json)
     platform.apply(fp, RECORD_PROFILE).set_display_name(f"fingerprint_{name}")  # CPU only, never cached
+    loop_task = None
+    if partitions is not None:
+        plan_c, encode_c = partitions
+        common = {"preset": preset, "overrides_json": overrides_json, "store": store,
+                  "extra_overrides_json": extra_overrides_json}
+        plan = plan_c(**common, source_fingerprint=fp.output)
+        platform.apply(plan, RECORD_PROFILE).set_display_name(f"partitions_{name}")  # reads the store: never cached
+        with dsl.ParallelFor(plan.output, parallelism=platform.partition_parallelism,
+                             name=f"{name.replace('_', '-')}-partitions") as item:
+            loop_task = platform.apply(encode_c(partition=item, **common), "prepare_data")
+            loop_task.set_display_name(f"{name}_partition")
     task = prepare_data(preset=preset, overrides_json=overrides_json, store=store,
                         extra_overrides_json=extra_overrides_json, source_fingerprint=fp.output, **component_args)
+    if loop_task is not None:
+        task.after(loop_task)  # the merge waits for every partition pod of the loop
     return platform.apply(task, "prepare_data").set_display_name(name)

@@ -17,6 +17,7 @@ record ``<workdir>/runs/<name>.json`` maps a readable name to that run id and st
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -255,8 +256,12 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
                 task = pipeline_func(**params)
         except RuntimeError as exc:
             run_id = _recorded_run_id(log)
-            kept = (f" The stages that finished are recorded under run id {run_id} "
-                    f"('anyflow rerun --stage STAGE --run {run_id} --store {params.get('store')}')." if run_id else "")
+            if run_id:  # the name answers for the stages that finished, as for a run that succeeded
+                done = {entry: uri for entry, (uri, _) in _recorded_entries(log).items()}
+                with contextlib.suppress(OSError):  # never hide the stage's failure behind this one
+                    save_record(LocalRun(name=name, run_id=run_id, artifacts=done), workdir, params, status="failed")
+            kept = (f" The stages that finished are recorded under run {name} "
+                    f"('anyflow rerun --stage STAGE --run {name}')." if run_id else "")
             where, task = "its log is printed above", _failed_task(str(exc))
             if progress is not None:
                 print("\n".join(progress.tail), file=real_stdout, flush=True)
@@ -296,8 +301,9 @@ def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path
     return run
 
 
-def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any]) -> Path:
-    """Write ``<workdir>/runs/<name>.json``: the name → (run id, store) of the run, its artifacts and report.
+def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any], status: str = "succeeded") -> Path:
+    """Write ``<workdir>/runs/<name>.json``: the name → (run id, store) of the run, its artifacts and report
+    (``status`` ``failed``: the stages that finished before a failure).
 
     ``anyflow rerun --run NAME`` reads the run id and store here and resolves the inputs from the stage
     records under ``<store>/runs/<run id>/``, exactly as for a cluster run id.
@@ -311,7 +317,7 @@ def save_record(run: LocalRun, workdir: str | Path, params: Mapping[str, Any]) -
         run.report_html = str(copy)
     body = {"name": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "params": dict(params), "artifacts": run.artifacts, "cached": run.cached,
-            "report_html": run.report_html, "run_id": run.run_id, "store": params.get("store")}
+            "report_html": run.report_html, "run_id": run.run_id, "store": params.get("store"), "status": status}
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     run.record = path
     return path
@@ -326,13 +332,20 @@ def find_record(ref: str, workdir: str | Path) -> dict[str, Any] | None:
 
 
 def load_record(ref: str, workdir: str | Path) -> dict[str, Any]:
-    """A local run record by file path or by name under ``<workdir>/runs``."""
+    """A local run record by file path, by run name (``<workdir>/runs/<name>.json``) or by the run id its record
+    holds (what the local runner substituted for the KFP run id): a run answers to either."""
     path = Path(ref)
-    if not path.is_file():
-        path = Path(workdir).resolve() / "runs" / f"{ref}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no local run record {ref!r} (looked for {path}); list them with 'anyflow runs'.")
-    return json.loads(path.read_text(encoding="utf-8"))
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    folder = Path(workdir).resolve() / "runs"
+    path = folder / f"{ref}.json"
+    if path.is_file() and "/" not in ref and "\\" not in ref:
+        return json.loads(path.read_text(encoding="utf-8"))
+    by_id = [rec for rec in list_records(workdir) if str(rec.get("run_id") or "") == ref]
+    if by_id:
+        return by_id[-1]  # one run id per local run (the newest record if a copy exists)
+    raise FileNotFoundError(f"no local run named {ref!r} or with that run id in {folder}; list them with "
+                            "'anyflow runs'.")
 
 
 def list_records(workdir: str | Path) -> list[dict[str, Any]]:

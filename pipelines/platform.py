@@ -120,6 +120,9 @@ class Platform:
     trainjob_runtime: str = "torch-distributed"  # ClusterTrainingRuntime for TrainJobs
     # Kueue LocalQueue (in the pipeline's namespace) for the GPU stages' pods and the multi-node jobs; "" = no Kueue
     kueue_queue: str = ""
+    # partitioned prepare_data (data.partition_size > 0): at most this many prepare_partition pods at a time (the
+    # ParallelFor's parallelism, fixed at compile time; each pod has the prepare_data settings)
+    partition_parallelism: int = 8
 
     def for_stage(self, stage: str) -> StageResources:
         """The resources of ``stage`` (unknown stages are an error naming the valid ones)."""
@@ -216,6 +219,10 @@ class Platform:
             stages[name] = _resources(current, {**common, **own}, f"{source}: stages.{name}")
         if data.get("trainjob_api", "trainer") not in ("trainer", "pytorchjob"):
             raise PlatformError(f"{source}: trainjob_api must be 'trainer' or 'pytorchjob', got {data['trainjob_api']!r}.")
+        par = data.get("partition_parallelism", 8)
+        if isinstance(par, bool) or not isinstance(par, int) or not 1 <= par <= 1000:
+            raise PlatformError(f"{source}: partition_parallelism must be a whole number in [1, 1000] (prepare_partition "
+                                f"pods at a time), got {par!r}.")
         if "image_pull_policy" in data and data["image_pull_policy"] not in _PULL_POLICIES:
             raise PlatformError(f"{source}: image_pull_policy must be one of {_PULL_POLICIES}, got {data['image_pull_policy']!r}.")
         queue = data.get("kueue_queue", "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import traceback
@@ -99,7 +100,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list
         code = 1
         print(traceback.format_exc(), file=sys.stderr)
     err = capsys.readouterr().err
-    return code, [ln for ln in err.splitlines() if ln.startswith("anyflow: error:")], err
+    return code, [ln for ln in err.splitlines() if re.match(r"anyflow( [a-z_-]+)*: error: ", ln)], err
 
 
 def _assert_refused(code: int, lines: list[str], err: str, names: str) -> None:
@@ -366,7 +367,7 @@ def test_the_entry_points_exit_2_with_one_line(tmp_path: Path) -> None:
     ]
     for argv, names in runs:
         p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("anyflow: error:")]
+        lines = [ln for ln in p.stderr.splitlines() if re.match(r"anyflow( stage)?: error: ", ln)]
         assert "Traceback" not in p.stderr, p.stderr
         assert p.returncode == 2 and len(lines) == 1 and names in lines[0], p.stderr
     assert _marker(store, "prepare_data")["error"] == "SourceError"

@@ -67,7 +67,7 @@ def test_submit_unreachable_host_is_one_sentence(capsys) -> None:
     rc = cli.main(["submit", "--host", f"http://127.0.0.1:{port}", "--image", IMAGE])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith(f"anyflow submit: cannot reach the KFP API at http://127.0.0.1:{port}")
+    assert err[-1].startswith(f"anyflow submit: error: cannot reach the KFP API at http://127.0.0.1:{port}")
 
 
 def test_submit_missing_auth_then_token(kfp_server, capsys) -> None:
@@ -140,7 +140,7 @@ def test_run_with_unwritable_workdir_is_one_sentence(code: str, capsys, monkeypa
     monkeypatch.setattr(pipelines.local, "init_local", refuse)
     assert cli.main(["run", "--workdir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"anyflow run: cannot write {where}: {os.strerror(getattr(errno, code))}"), err
+    assert err.startswith(f"anyflow run: error: cannot write {where}: {os.strerror(getattr(errno, code))}"), err
     assert "--workdir" in err and "Traceback" not in err
 
 

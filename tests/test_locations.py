@@ -61,7 +61,7 @@ def test_models_defaults_to_the_run_store_and_says_when_empty(tmp_path: Path, ca
     out = capsys.readouterr().out
     assert out.startswith("no models in ./anyflow-runs/store") and "anyflow models promote" in out
     assert cli.main(["models", "promote", "m", "x", "--metrics", "[1"]) == 2  # a usage error: exit 2, one line
-    assert capsys.readouterr().err.startswith("anyflow models: --metrics '[1'")
+    assert capsys.readouterr().err.startswith("anyflow models promote: error: --metrics '[1'")
 
 
 @pytest.mark.parametrize("nfe", ["0", "-3", "two"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_bad_input_exits_2_without_retrying(s3_prefix: str, tmp_path: Path) -> N
     res = _run("cli", s3_prefix, str(not_an_artifact))
     assert res.returncode == 2, res.stderr[-2000:]
     err = res.stderr.strip().splitlines()
-    assert err[-1].startswith("anyflow: error:") and "manifest.json is missing" in err[-1]
+    assert re.match(r"anyflow( stage)?: error: ", err[-1]) and "manifest.json is missing" in err[-1]
     assert "Traceback" not in res.stderr
     assert not storage.list_prefix(storage.join(s3_prefix, "checkpoints"))  # nothing was started
     assert time.monotonic() - t0 < 120

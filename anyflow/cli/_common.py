@@ -93,8 +93,10 @@ def _headline(metrics: Any) -> list[str]:
     return [f"  {name} = {value:.6g}" for *_, name, value in sorted(rows)]
 
 
-def _print_run(run: Any, store: str) -> None:
-    """The run's artifacts (optional branches included), its headline metrics, and the report path(s), last."""
+def _print_run(run: Any, store: str, workdir: str = DEFAULT_WORKDIR) -> None:
+    """The run's artifacts (optional branches included), its headline metrics, and the report path(s), last.
+
+    The run is named by its name only (``status``, ``rerun --run`` take it, or the run id its record holds)."""
     from anyflow import storage
     from components._io import flatten_metrics
 
@@ -104,8 +106,9 @@ def _print_run(run: Any, store: str) -> None:
         print(f"  {role:<12} {state:<8} {uri}")
     print(f"{reused}/{len(run.artifacts)} outputs reused from the store cache.")
     if run.run_id:
-        print(f"run id: {run.run_id} (stage records in {store}; reuse them with "
-              f"'anyflow rerun --stage STAGE --run {run.run_id} --store {store}')")
+        where = "" if os.path.normpath(workdir) == os.path.normpath(DEFAULT_WORKDIR) else f" --workdir {workdir}"
+        print(f"run: {run.name} (show it with 'anyflow status {run.name}{where}'; rerun a stage on its artifacts "
+              f"with 'anyflow rerun --stage STAGE --run {run.name}{where}'; stage records in {store})")
     if run.record:
         print(f"run record: {run.record}")
     reports = []
@@ -226,8 +229,14 @@ def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
+def prog(args: argparse.Namespace) -> str:
+    """The command as argparse names it in its own errors (``anyflow run``, ``anyflow models promote``): every
+    error of a command is one line ``<prog>: error: <sentence>``, the form argparse uses for usage errors."""
+    return getattr(args, "cli_prog", None) or f"anyflow {getattr(args, 'command', None) or ''}".rstrip()
+
+
 def _guard(handler):
-    """Turn the errors users hit into one sentence on stderr and exit code 2."""
+    """Turn the errors users hit into one sentence on stderr (``<prog>: error: …``, :func:`prog`) and exit code 2."""
 
     def wrapped(args: argparse.Namespace) -> int:
         from anyflow.cron import CronError
@@ -242,14 +251,14 @@ def _guard(handler):
         try:
             return handler(args)
         except (UserError, KfpClientError, LocalRunError, CronError) as exc:
-            print(f"anyflow {args.command}: {exc}", file=sys.stderr)
+            print(f"{prog(args)}: error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:  # e.g. --workdir on a read-only root filesystem (a container's)
             if exc.errno not in _UNWRITABLE:
                 raise
             where = exc.filename or getattr(args, "workdir", "") or "the output folder"
             hint = " (choose a writable folder with --workdir)" if getattr(args, "workdir", None) else ""
-            print(f"anyflow {args.command}: cannot write {where}: {exc.strerror or os.strerror(exc.errno)}{hint}",
+            print(f"{prog(args)}: error: cannot write {where}: {exc.strerror or os.strerror(exc.errno)}{hint}",
                   file=sys.stderr)
             return 2
 
@@ -270,13 +279,25 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
 
 
 def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """Every KFP option of a command that creates runs: the connection (:func:`_kfp_connection`) and what the
+    run is created with (experiment, run name, platform, parameters, service account)."""
+    _kfp_connection(p, required)
+    p.add_argument("--experiment", default="anyflow", help="experiment name (default: anyflow)")
+    p.add_argument("--run-name", default=None, help="run name")
+    p.add_argument("--platform", default=None, help="platform YAML (GPUs, tolerations, secrets…; see pipelines/README.md)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="extra pipeline parameter, repeatable")
+    p.add_argument("--service-account", default=None,
+                   help="service account for the run's pods (default: the install's runner account, pipeline-runner "
+                   "standalone or default-editor multi-user, which manifests/ binds the launcher Role to)")
+
+
+def _kfp_connection(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """How to reach the KFP API (host, namespace, credentials): all that ``runs`` and ``status`` use."""
     p.add_argument("--host", required=required, default=None, help="KFP API endpoint, e.g. http://localhost:8080 (or $KFP_HOST)")
     p.add_argument("--namespace", default=None,
                    help="namespace the run's pods run in: multi-user KFP: your profile namespace (default: "
                    "$ANYFLOW_NAMESPACE, else the kube context's); standalone KFP: where it is installed (default: "
                    "$ANYFLOW_NAMESPACE, else kubeflow). The S3 secret must be there (docs/cluster.md)")
-    p.add_argument("--experiment", default="anyflow", help="experiment name (default: anyflow)")
-    p.add_argument("--run-name", default=None, help="run name")
     p.add_argument("--existing-token-file", default=None, metavar="PATH",
                    help="read the bearer token for the KFP API from this file (e.g. a mounted secret); or set $KFP_TOKEN")
     p.add_argument("--existing-token", default=None, metavar="TOKEN",
@@ -284,9 +305,4 @@ def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
                    "(ps, /proc); prefer --existing-token-file or $KFP_TOKEN")
     p.add_argument("--cookies", default=None, help="cookie header for the Kubeflow login (e.g. authservice_session=…)")
     p.add_argument("--ssl-ca-cert", default=None, help="CA bundle for the KFP endpoint")
-    p.add_argument("--platform", default=None, help="platform YAML (GPUs, tolerations, secrets…; see pipelines/README.md)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="extra pipeline parameter, repeatable")
-    p.add_argument("--service-account", default=None,
-                   help="service account for the run's pods (default: the install's runner account, pipeline-runner "
-                   "standalone or default-editor multi-user, which manifests/ binds the launcher Role to)")
 

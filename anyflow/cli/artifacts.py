@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from anyflow.cli._common import prog
 from anyflow.urls import url_argument
 
 
@@ -30,9 +31,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     try:
         chain = storage.lineage(args.url)
-    except (storage.ArtifactError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (storage.ArtifactError, storage.StorageError) as exc:  # not an artifact (or unreadable): bad input
+        print(f"{prog(args)}: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(chain, indent=2, sort_keys=True))
         return 0
@@ -52,8 +53,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         m = storage.verify(args.url)
     except (storage.ArtifactError, storage.StorageError) as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog(args)}: error: {exc}", file=sys.stderr)
+        return 1  # the verdict: the artifact does not match its manifest (or has none)
     print(f"OK: {args.url}: {len(m['files'])} files match manifest sha256 {storage.manifest_digest(args.url)[:16]}")
     return 0
 
@@ -67,8 +68,9 @@ def add_cli(subparsers: Any) -> None:
                           description="Print the manifest summary of URL and of every parent artifact.")
     show.add_argument("url", type=url_argument, help="artifact URL (local directory or s3://bucket/prefix)")
     show.add_argument("--json", action="store_true", help="print the full lineage as JSON")
-    show.set_defaults(func=cmd_show)
+    show.set_defaults(func=cmd_show, cli_prog=show.prog)
     ver = sub.add_parser("verify", help="re-check every file's size and sha256 (exit 1 on mismatch)",
-                         description="Re-hash every file of the artifact at URL against its manifest.")
+                         description="Re-hash every file of the artifact at URL against its manifest; exit 1 when "
+                         "a file or the manifest is missing or differs.")
     ver.add_argument("url", type=url_argument, help="artifact URL (local directory or s3://bucket/prefix)")
-    ver.set_defaults(func=cmd_verify)
+    ver.set_defaults(func=cmd_verify, cli_prog=ver.prog)

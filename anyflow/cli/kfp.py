@@ -17,6 +17,7 @@ from anyflow.cli._common import (
     _compiled,
     _guard,
     _kfp,
+    _kfp_connection,
     _pipeline_params,
     _platform,
     _submit,
@@ -90,14 +91,17 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    """List runs: KFP runs with --host, else the local run records."""
+    """List runs: KFP runs with --host, else the local run records (by name, the one identifier they show)."""
     from pipelines.client import friendly_errors
     from pipelines.local import list_records
 
     if not args.host:
-        for rec in list_records(args.workdir):
-            run_id = f"  run id {rec['run_id']}" if rec.get("run_id") else ""
-            print(f"{rec['name']}  {rec.get('created', '')}  {len(rec.get('artifacts', {}))} artifacts{run_id}")
+        records = list_records(args.workdir)[-args.limit:] if args.limit > 0 else []
+        for rec in records:
+            print(f"{rec['name']}  {rec.get('created', '')}  {rec.get('status', 'succeeded')}  "
+                  f"{len(rec.get('artifacts', {}))} artifacts")
+        if not records:
+            print(f"no local runs in {args.workdir} (start one with 'anyflow run')")
         return 0
     client = _client(args)
     with friendly_errors(args.host):
@@ -107,24 +111,47 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_kfp_run(client: Any, ref: str, namespace: str | None, host: str) -> Any:
+    """The KFP run ``ref`` names: its display name (KFP's API addresses runs by id only, so a name is looked up
+    with ``list_runs`` filtered on ``display_name``; two runs of that name are an error naming their ids), else its
+    run id (``get_run``). Call inside ``friendly_errors``."""
+    from kfp_server_api.exceptions import ApiException
+
+    flt = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "stringValue": ref}]})
+    resp = client.list_runs(page_size=20, namespace=namespace, sort_by="created_at desc", filter=flt)
+    named = [run for run in resp.runs or [] if run.display_name == ref]
+    if len(named) > 1:
+        raise UserError(f"{len(named)} KFP runs are named {ref!r} ({', '.join(r.run_id for r in named)}); give "
+                        "its run id instead.")
+    if named:
+        return named[0]
+    try:
+        return client.get_run(ref)
+    except ApiException as exc:
+        if exc.status not in (400, 404):
+            raise
+        raise UserError(f"no KFP run has the id or name {ref!r} at {host} (namespace {namespace}); list them with "
+                        "'anyflow runs --host …'.") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show one run: a KFP run id with --host, else a local run record name."""
+    """Show one run, by run id or name: a KFP run with --host, else a local run record."""
     from pipelines.client import friendly_errors
     from pipelines.local import load_record
 
     if not args.host:
         try:
-            rec = load_record(args.run_id, args.workdir)
+            rec = load_record(args.run, args.workdir)
         except FileNotFoundError as exc:
             raise UserError(str(exc)) from None
         print(json.dumps(rec, indent=2, sort_keys=True))
         return 0
     client = _client(args)
     with friendly_errors(args.host):
-        run = client.get_run(args.run_id)
+        run = find_kfp_run(client, args.run, args.namespace, args.host)
     print(f"{run.run_id}  {run.state}  created {run.created_at}  finished {run.finished_at}  {run.display_name}")
     if run.error:
-        print(f"error: {run.error}")
+        print(f"run error: {run.error}")
     return 0
 
 
@@ -139,7 +166,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--image", default=None, help="component image (default: $ANYFLOW_IMAGE or the release tag)")
     p.set_defaults(func=_guard(cmd_compile), command="compile")
 
-    p = subparsers.add_parser("submit", help="compile and submit a pipeline run to a KFP endpoint")
+    p = subparsers.add_parser("submit", help="compile and submit a pipeline run to a KFP endpoint",
+                              description="Compile a pipeline and start one run of it on a KFP endpoint (--host or "
+                              "$KFP_HOST) with the image its pods pull (--image or $ANYFLOW_IMAGE); prints the KFP "
+                              "run id, which 'anyflow status' and 'anyflow rerun --run' take (as does the run name).")
     _common(p)
     _kfp(p)
     p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
@@ -156,14 +186,20 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="only validate and print the schedule")
     p.set_defaults(func=_guard(cmd_schedule), command="schedule")
 
-    p = subparsers.add_parser("runs", help="list runs (KFP with --host, else local run records)")
-    _kfp(p)
+    p = subparsers.add_parser("runs", help="list runs (KFP with --host, else local run records)",
+                              description="List runs: with --host (or $KFP_HOST) the newest KFP runs (run id, state, "
+                              "created, name); else the local runs of 'anyflow run' and 'anyflow rerun' under "
+                              "--workdir (name, created, outcome, artifacts).")
+    _kfp_connection(p)
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
-    p.add_argument("--limit", type=int, default=20, help="how many runs (default: 20)")
+    p.add_argument("--limit", type=int, default=20, help="how many runs, newest (default: 20)")
     p.set_defaults(func=_guard(cmd_runs), command="runs")
 
-    p = subparsers.add_parser("status", help="show one run (KFP run id with --host, else a local record)")
-    _kfp(p)
-    p.add_argument("run_id", help="KFP run id, or a local run record name")
+    p = subparsers.add_parser("status", help="show one run, by run id or name (KFP with --host, else a local record)",
+                              description="Show one run. RUN is a run id or a run name: with --host (or $KFP_HOST) "
+                              "a KFP run (its name is looked up among the runs of the namespace; KFP's API knows runs "
+                              "by id); else a local run of 'anyflow run' under --workdir, printed as its JSON record.")
+    _kfp_connection(p)
+    p.add_argument("run", metavar="RUN", help="run id or run name (KFP's with --host, else a local run's)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
     p.set_defaults(func=_guard(cmd_status), command="status")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from anyflow.cli._common import UserError, _guard
+from anyflow.cli._common import UserError, _guard, prog
 from anyflow.urls import LocationError, check_url, url_argument
 
 #: The store ``anyflow run`` writes to by default (``--workdir`` ./anyflow-runs), and so the default here.
@@ -76,7 +76,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         entry = registry.promote(_root(args), args.name, args.uri, metrics=_metrics_arg(args.metrics),
                                  reason=args.reason, expected_current=args.expected_current)
     except (registry.RegistryError, storage.ArtifactError, storage.StorageError) as exc:
-        print(f"anyflow models: {exc}", file=sys.stderr)
+        print(f"{prog(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"promoted {args.name} -> {entry['uri']} (manifest sha256 {entry['manifest_sha256'][:16]})")
     return 0
@@ -88,7 +88,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         entry = registry.rollback(_root(args), args.name, reason=args.reason)
     except (registry.RegistryError, storage.ArtifactError, storage.StorageError) as exc:
-        print(f"anyflow models: {exc}", file=sys.stderr)
+        print(f"{prog(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"rolled back {args.name} -> {entry['uri']} (manifest sha256 {entry['manifest_sha256'][:16]})")
     return 0
@@ -105,7 +105,7 @@ def add_cli(subparsers: Any) -> None:
         sp.add_argument("--store", "--root", dest="store", type=url_argument,
                         help=f"store holding models/ (folder or s3://…; default $ANYFLOW_STORE, else {DEFAULT_STORE}, "
                         "where 'anyflow run' writes); --root is its old name")
-        sp.set_defaults(func=_guard(func), command="models")  # usage errors: one sentence, exit 2
+        sp.set_defaults(func=_guard(func), command="models", cli_prog=sp.prog)  # usage errors: one sentence, exit 2
         return sp
 
     add("list", "list models and the artifact each one promotes", cmd_list)

@@ -4,6 +4,7 @@ process, one stage on earlier artifacts (locally or on a cluster). Heavy imports
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 from anyflow.cli._common import (
     UserError,
+    _client,
     _cluster_image,
     _common,
     _configure_s3,
@@ -73,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = run_local(build(Platform.local_runner(), image=args.image), params, args.workdir, name,
                     verbose=args.verbose)
     save_record(run, args.workdir, params)
-    _print_run(run, store)
+    _print_run(run, store, args.workdir)
     return 0
 
 
@@ -96,8 +98,10 @@ class _RunInputs:
 
 
 def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
-    """Resolve ``--run REF``: a local run name ('anyflow runs') gives its run id and store; anything else
-    is a run id (a KFP run UUID) whose stage records are read from ``--store`` (default <workdir>/store)."""
+    """Resolve ``--run REF``: a local run's name or run id ('anyflow runs') gives its run id and store; anything
+    else is a run id (a KFP run UUID) whose stage records are read from ``--store`` (default <workdir>/store) or,
+    with ``--host`` and no records under that id, the name of a KFP run (looked up by name: KFP's API knows runs
+    by id)."""
     from anyflow.ops.record import RunRecordError, run_artifacts
     from pipelines.local import find_record
 
@@ -110,10 +114,28 @@ def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
     try:
         roles, records = run_artifacts(store, run_id)
     except RunRecordError as exc:
-        raise UserError(str(exc)) from None
+        if local is not None or not getattr(args, "host", None):
+            raise UserError(str(exc)) from None
+        run_id = _kfp_run_id(ref, args)  # a KFP run name
+        if run_id == ref:
+            raise UserError(str(exc)) from None
+        try:
+            roles, records = run_artifacts(store, run_id)
+        except RunRecordError as exc2:
+            raise UserError(f"KFP run {ref!r} is run id {run_id}: {exc2}") from None
     digests = {doc["output"]: doc["manifest_sha256"] for entry, doc in records.items() if entry == doc["stage"]}
     extra = {entry: (doc["uri"], doc["manifest_sha256"]) for entry, doc in records.items() if entry != doc["stage"]}
     return _RunInputs(ref, run_id, store, roles, digests, sorted(records), extra)
+
+
+def _kfp_run_id(ref: str, args: argparse.Namespace) -> str:
+    """The run id of the KFP run named (or with the id) ``ref`` at ``--host``."""
+    from anyflow.cli.kfp import find_kfp_run
+    from pipelines.client import friendly_errors
+
+    client = _client(args)
+    with friendly_errors(args.host):
+        return find_kfp_run(client, ref, args.namespace, args.host).run_id
 
 
 def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
@@ -152,6 +174,22 @@ def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
     return uris
 
 
+def _discard(args: argparse.Namespace, uris: dict[str, str], platform: Any, store: str) -> None:
+    """``--force``: remove the stage's cached artifact and training checkpoints for these inputs and this config
+    (the key the stage task will compute: :func:`anyflow.stages.discard`), so it is computed anew from step 0."""
+    from anyflow.stages import discard
+    from components import TRAINING_STAGES, process_args
+
+    spec = platform.for_stage(args.stage)
+    world_size = process_args(args.stage, spec.gpus).get("nproc_per_node", 1)
+    if args.stage in TRAINING_STAGES and spec.num_nodes > 1:
+        world_size *= spec.num_nodes
+    removed = discard(args.stage, preset=args.preset, overrides=_overrides(args), inputs=uris, store=store,
+                      world_size=world_size)
+    what = ", ".join(removed) if removed else "nothing cached"
+    print(f"--force: removed {what}; {args.stage} is computed anew (stages run on it get new keys)", flush=True)
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Run one stage on earlier artifacts (locally, or on a cluster with --host)."""
     from pipelines.local import run_local, save_record
@@ -163,17 +201,23 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     try:
         platform = _platform(args) if args.host else Platform.local_runner()
         image = _cluster_image(args) if args.host else args.image
+        if args.force:  # KFP's cache must not skip the stage task either (its key is the task's inputs)
+            platform = dataclasses.replace(platform, caching=False)
         func = build_rerun_pipeline(args.stage, uris, platform=platform, image=image)
     except RerunError as exc:
         raise UserError(str(exc)) from None
+    if args.host and args.force and not args.store:
+        raise UserError("--force on a cluster needs the run's --store (the cached artifact to remove is there).")
+    store = args.store if args.host else _store(args.store, args.workdir)
+    if args.force:
+        _discard(args, uris, platform, store)
     if args.host:
         return _submit(args, func, _pipeline_params(args, func))
-    store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
     run = run_local(func, params, args.workdir, name, verbose=getattr(args, "verbose", False))
     save_record(run, args.workdir, params)
-    _print_run(run, store)
+    _print_run(run, store, args.workdir)
     return 0
 
 
@@ -220,8 +264,12 @@ def add_rerun(subparsers: Any) -> None:
                    "distill, finetune, evaluate)")
     p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", type=role_url_argument, help="input artifact, repeatable")
     p.add_argument("--run", default=None, metavar="RUN",
-                   help="take the inputs from an earlier run: a KFP run id (its stage records under "
-                   "<store>/runs/<id>/, so pass the run's --store) or a local run name or id from 'anyflow run' "
-                   "(see 'anyflow runs'); --from overrides single roles")
+                   help="take the inputs from an earlier run: a local run's name or run id from 'anyflow run' "
+                   "(see 'anyflow runs'; its store is in its record), or a KFP run id (its stage records under "
+                   "<store>/runs/<id>/, so pass the run's --store); --from overrides single roles")
+    p.add_argument("--force", action="store_true",
+                   help="recompute the stage even if the store (or KFP's cache) holds it: its cached artifact and "
+                   "training checkpoints for these inputs and settings are removed first and it trains from step 0; "
+                   "stages later run on it get new keys (they key on its manifest digest), so none is served stale")
     p.add_argument("--verbose", action="store_true", help="local rerun: stream the local runner's full output")
     p.set_defaults(func=_guard(cmd_rerun), command="rerun")

@@ -148,6 +148,8 @@ def run_stage(
     if manifest is not None:
         return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
     ckpt_url = storage.join(store, "checkpoints", name, key) if store else None
+    if force and ckpt_url:  # recompute means from step 0: resuming the last training checkpoint would republish it
+        _remove_tree(ckpt_url)
     run_id = os.environ.get(RUN_ENV, "").strip()
     marker = storage.join(ckpt_url, FAILURE_MARKER) if ckpt_url else None
     if marker:
@@ -180,6 +182,42 @@ def run_stage(
         if private:
             shutil.rmtree(staging, ignore_errors=True)
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
+
+
+def discard(name: str, *, preset: str = "tiny", overrides: Mapping[str, Any] | None = None,
+            inputs: Mapping[str, str] | None = None, store: str, world_size: int = 1) -> list[str]:
+    """Remove what the store keeps of stage ``name`` for this config and these inputs -- its artifact
+    (``<store>/artifacts/<name>/<key>``) and its training checkpoints -- so the next run computes it anew from
+    step 0 (``anyflow rerun --force``; KFP's own cache is the caller's to disable). Returns the URLs removed.
+
+    Nothing downstream is served stale afterwards: a stage's key holds its inputs' manifest digests
+    (:func:`cache_key`), and the recomputed artifact's manifest differs (its ``created_at`` at least), so every
+    stage run on it gets a new key. The manifest goes first, so a reader never takes a half-removed artifact for
+    a cached one."""
+    from anyflow import storage
+
+    _, _, _, key = _resolve(name, preset, overrides, inputs, world_size)
+    removed = []
+    for url in (storage.join(store, "artifacts", name, key), storage.join(store, "checkpoints", name, key)):
+        if _remove_tree(url):
+            removed.append(url)
+    return removed
+
+
+def _remove_tree(url: str) -> bool:
+    """Delete every file under ``url`` (its ``manifest.json`` first) and, locally, the folder; True if any."""
+    from anyflow import storage
+
+    files = storage.list_prefix(url)
+    if not files:
+        return False
+    top = storage.join(url, "manifest.json")
+    storage.delete([top])  # missing ones are ignored (a checkpoint folder has its manifests one level down)
+    storage.delete([f for f in files if f != top])
+    if not storage.is_remote(url):
+        shutil.rmtree(url, ignore_errors=True)
+    return True
+
 
 
 def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,

@@ -135,18 +135,19 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         meta = json.loads(storage.listed_file(local, MODEL_JSON).read_text())
     except storage.ArtifactError as exc:
         raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint ({exc})") from exc
+    hint = _preset_hint(local, preset)
     if meta.get("base") != preset.model.base:
         raise StageInputError(
             f"{role} input {url} was trained on base {meta.get('base')!r}, but the preset uses"
-            f" {preset.model.base!r}; use the same preset (model.base) for every stage"
+            f" {preset.model.base!r}; use the same preset (model.base) for every stage{hint}"
         )
     lora_meta = {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha}
     if meta.get("lora") != lora_meta:
-        raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}")
+        raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}{hint}")
     if "generator" in need and meta.get("variant", "bidirectional") != preset.variant:
         raise StageInputError(
             f"{role} input {url} is a {meta.get('variant', 'bidirectional')!r} generator, but preset {preset.name!r} is variant "
-            f"{preset.variant!r}; causal (far) and bidirectional generators are different models"
+            f"{preset.variant!r}; causal (far) and bidirectional generators are different models{hint}"
         )
     adapters = {}
     for name in need:
@@ -166,6 +167,39 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
     except storage.ArtifactError:
         log = None
     return Checkpoint(url, meta, adapters, log)
+
+
+def _preset_hint(local: Any, preset: Preset) -> str:
+    """``: pass --preset far-tiny (the preset it was trained with)`` from the artifact's own record of its
+    preset (the manifest's ``extra.preset``); empty when it names none or the same one."""
+    try:
+        trained = storage.read_manifest(local).get("extra", {}).get("preset")
+    except storage.ArtifactError:
+        return ""
+    if not isinstance(trained, str) or not trained or trained == preset.name:
+        return ""
+    return f": pass --preset {trained} (the preset it was trained with)"
+
+
+def trained_config(url: str) -> Preset:
+    """The resolved config a checkpoint artifact was trained with (its ``config.json``, read through its manifest),
+    for commands that take a checkpoint without ``--preset``. One sentence naming the artifact when it holds none
+    this code can read."""
+    from anyflow.config import from_dict
+
+    try:
+        manifest = storage.read_manifest(url)
+        doc = json.loads(storage.read_bytes(storage.file_url(url, "config.json", manifest=manifest)))
+    except (storage.ArtifactError, OSError, ValueError) as exc:
+        raise StageInputError(f"{url}: no readable config.json to take the preset from ({exc}); pass --preset") from None
+    if not isinstance(doc, dict) or not doc:
+        raise StageInputError(f"{url}: its config.json names no preset; pass --preset (e.g. --preset tiny)")
+    try:
+        return from_dict(doc)
+    except ConfigError as exc:
+        hint = manifest.get("extra", {}).get("preset") or "PRESET"
+        raise StageInputError(f"{url}: its config.json does not fit this version of anyflow ({exc}); pass "
+                              f"--preset {hint}") from None
 
 
 # ------------------------------------------------------------------------------ training stages

@@ -20,6 +20,8 @@ class Recorder:
         self.token = token
         self.multi_user = False
         self.version: str | None = "2.17.0"  # what KFP 2.x's /apis/v1beta1/healthz calls tag_name
+        #: what GET /apis/v2beta1/runs lists; its ``filter`` query (EQUALS predicates, as filter.proto) selects
+        self.runs: list[dict] = [{"run_id": "run-123", "display_name": "r1", "state": "RUNNING"}]
 
     def reply(self, method: str, path: str, body: dict) -> tuple[int, dict]:
         route = path.split("?")[0]
@@ -40,8 +42,30 @@ class Recorder:
         if method == "GET" and route == "/apis/v2beta1/runs/run-123":
             return 200, {"run_id": "run-123", "display_name": "r1", "state": "SUCCEEDED"}
         if method == "GET" and route == "/apis/v2beta1/runs":
-            return 200, {"runs": [{"run_id": "run-123", "display_name": "r1", "state": "RUNNING"}], "total_size": 1}
+            runs = [r for r in self.runs if _matches(r, _query(path).get("filter"))]
+            return 200, {"runs": runs, "total_size": len(runs)}
+        if method == "GET" and route.startswith("/apis/v2beta1/runs/"):
+            found = [r for r in self.runs if r["run_id"] == route.rsplit("/", 1)[1]]
+            if found:
+                return 200, found[0]
         return 404, {"error": f"no route {method} {route}"}
+
+
+def _query(path: str) -> dict[str, str]:
+    from urllib.parse import parse_qs, urlsplit
+
+    return {k: v[0] for k, v in parse_qs(urlsplit(path).query).items()}
+
+
+def _matches(run: dict, flt: str | None) -> bool:
+    """A KFP v2beta1 ``Filter`` (JSON): every EQUALS predicate on a string field holds."""
+    if not flt:
+        return True
+    for pred in json.loads(flt).get("predicates", []):
+        assert pred["operation"] == "EQUALS", pred  # the only operation our client sends
+        if run.get(pred["key"]) != pred.get("stringValue", pred.get("string_value")):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -1,0 +1,79 @@
+"""The partitioned prepare_data in the compiled pipelines: a bounded ``ParallelFor`` of prepare_partition pods
+between the uncached partition plan and the prepare_data (merge) task, every object validated like the others
+(tests/test_compiled_platform.py: KFP's Kubernetes executor schema and the pod the driver makes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.compile import compile_pipeline
+from pipelines.platform import Platform, PlatformError
+from tests.test_compiled_platform import _check
+
+IMAGE = "r/anyflow-train@sha256:" + "0" * 64
+
+
+def _docs(path: Path) -> tuple[dict, dict]:
+    spec, platform = list(yaml.safe_load_all(path.read_text()))
+    return spec, platform
+
+
+def _tasks(spec: dict) -> dict[str, tuple[str, dict]]:
+    out = {n: ("root", t) for n, t in spec["root"]["dag"]["tasks"].items()}
+    for comp, body in spec["components"].items():
+        out.update({n: (comp, t) for n, t in (body.get("dag") or {}).get("tasks", {}).items()})
+    return out
+
+
+@pytest.mark.parametrize(("name", "count"), [("anyflow-t2v", 2), ("anyflow-rerun-prepare-data", 1)])
+def test_prepare_data_fans_out_in_a_bounded_parallel_for(name: str, count: int, tmp_path: Path) -> None:
+    import dataclasses
+
+    base = Platform()
+    gpu = dataclasses.replace(
+        base.stages["prepare_data"], gpus=1
+    )  # the encoders on one GPU per partition pod
+    plat = dataclasses.replace(base, partition_parallelism=3, stages={**base.stages, "prepare_data": gpu})
+    out = compile_pipeline(name, tmp_path / "p.yaml", plat, image=IMAGE)
+    spec, platform = _docs(out)
+    assert _check(spec, platform) >= 3  # every executor, the partition tasks' included, is a valid pod
+    tasks = _tasks(spec)
+    execs = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    merges = {
+        n: t for n, (_, t) in tasks.items() if t["componentRef"]["name"].startswith("comp-prepare-data")
+    }
+    assert len(merges) == count
+    for merge_name, merge in merges.items():
+        (loop_name,) = [d for d in merge["dependentTasks"] if d.startswith("for-loop")]
+        loop = tasks[loop_name][1]
+        assert loop["iteratorPolicy"] == {"parallelismLimit": 3}, merge_name
+        plan_name = loop["dependentTasks"][0]
+        plan = tasks[plan_name][1]
+        assert plan["componentRef"]["name"].startswith("comp-partition-plan")
+        assert loop["parameterIterator"]["items"]["inputParameter"] == f"pipelinechannel--{plan_name}-Output"
+        # the plan reads the store: never cached, and it runs after the source fingerprint task
+        assert plan["cachingOptions"] == {} and plan["dependentTasks"] == [
+            merge["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]["producerTask"]
+        ]
+        plan_exec = spec["components"][plan["componentRef"]["name"]]["executorLabel"]
+        assert "accelerator" not in execs[plan_exec]["container"]["resources"]
+        body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+        (encode,) = body.values()
+        assert encode["componentRef"]["name"].startswith("comp-prepare-partition")
+        assert encode["cachingOptions"] == {"enableCache": True}
+        label = spec["components"][encode["componentRef"]["name"]]["executorLabel"]
+        res = execs[label]["container"]["resources"]
+        assert res["accelerator"]["resourceCount"] == "1" and res["resourceCpuLimit"] == gpu.cpu_limit
+        assert k8s[label]["secretAsEnv"][0]["secretName"] == "anyflow-s3"  # publishes into the store
+        assert merge["cachingOptions"] == {"enableCache": True}
+
+
+def test_partition_parallelism_is_a_checked_platform_setting() -> None:
+    assert Platform.from_dict({"partition_parallelism": 16}).partition_parallelism == 16
+    for bad in (0, -1, "8", 1.5, True):
+        with pytest.raises(PlatformError, match="partition_parallelism must be a whole number"):
+            Platform.from_dict({"partition_parallelism": bad})
