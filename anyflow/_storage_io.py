@@ -8,7 +8,10 @@ import fcntl
 import functools
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +122,55 @@ def cache_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+_STALE_UNLOCKED_S = 60.0  # a private folder with no lock file yet: a writer killed right after creating it
+
+
+@contextlib.contextmanager
+def private_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder ``parent/<prefix><random>`` for one writer, held with an exclusive ``flock`` on its ``.lock``
+    while the block runs and removed at its end. Folders of ``parent`` with this prefix whose writer is gone
+    (lock free: the kernel drops it when a process dies, SIGKILL included) are removed first -- never a live
+    writer's. The lock file is locked under a temporary name and then renamed to ``.lock``, so a cleaner never
+    finds an unlocked ``.lock`` of a live writer."""
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_dead(parent, prefix)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    pending = work / f".lock.tmp-{uuid.uuid4().hex[:8]}"
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(pending, work / ".lock")
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(fd)
+
+
+def clean_dead(parent: Path, prefix: str) -> list[Path]:
+    """Remove the :func:`private_dir` folders under ``parent`` whose writer is gone; returns them."""
+    removed = []
+    for run in parent.glob(f"{prefix}*"):
+        try:
+            fd = os.open(run / ".lock", os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if run.is_dir() and time.time() - run.lstat().st_mtime > _STALE_UNLOCKED_S:
+                    shutil.rmtree(run, ignore_errors=True)
+                    removed.append(run)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer
+        finally:
+            os.close(fd)
+        shutil.rmtree(run, ignore_errors=True)
+        removed.append(run)
+    return removed
 
 
 @functools.cache

@@ -3,13 +3,16 @@
 Artifacts (DESIGN.md "Stages and artifacts") are directories at a URL: safetensors tensors,
 ``config.json`` and ``manifest.json``. The manifest is the commit record:
 
-* ``publish`` to S3 is safe under concurrent writers of one URL (unique staging prefix per writer,
-  conditional manifest write: see :func:`_publish_remote`). Locally, ``publish`` first **removes** any existing manifest, then uploads every file (streamed; multipart
-  and concurrent above ``ANYFLOW_S3_MULTIPART_THRESHOLD``), then writes ``config.json`` and finally
-  ``manifest.json``. A writer killed at any point leaves a directory without a manifest (or, locally,
-  only ``.tmp`` files), which every reader refuses. A rerun overwrites cleanly: the manifest lists
-  exactly the artifact's files, and files under the URL that it does not list (stale files from an
-  earlier publish) are deleted *after* the manifest is written. Readers only ever look at listed files.
+* ``publish`` is safe under concurrent writers of one URL, on S3 and locally: each writer stages its files
+  under its own ``<url>/.anyflow-staging/<writer>/`` and commits with a conditional manifest write against
+  the manifest it found when it started (S3: ``If-Match`` / ``If-None-Match``, :func:`_publish_remote`;
+  locally: the files are renamed into place and the manifest written under an exclusive ``flock``,
+  :func:`_publish_local`). A writer that loses returns the winner's verified manifest. Uploads are streamed
+  (multipart and concurrent above ``ANYFLOW_S3_MULTIPART_THRESHOLD``); ``manifest.json`` is written last. A
+  writer killed at any point leaves the previous artifact or a folder without a manifest, which every
+  reader refuses. A rerun overwrites cleanly: the manifest lists exactly the artifact's files, and files
+  under the URL that it does not list (stale files from an earlier publish) are deleted *after* the
+  manifest is written. Readers only ever look at listed files.
 * Readers (``read_manifest``, ``verify``, ``fetch``, ``fetch_file``) check sizes and sha256 of every
   file they hand out and raise :class:`ArtifactError` naming the URL and the file otherwise.
 * ``fetch`` downloads a remote artifact into a local cache keyed by the manifest's sha256; files
@@ -23,13 +26,14 @@ The cache root is ``cache_dir`` or ``$ANYFLOW_CACHE_DIR`` or ``~/.cache/anyflow`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +50,7 @@ from anyflow._storage_io import (
     local_path,
     local_write_atomic,
     open_inside,
+    private_dir,
 )
 from anyflow._storage_s3 import PreconditionFailed, StorageError
 
@@ -55,6 +60,7 @@ __all__ = [
     "StorageError",
     "check_name",
     "configure",
+    "content_digest",
     "copy_file",
     "delete",
     "exists",
@@ -260,7 +266,8 @@ def _local_files(root: Path) -> list[str]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != MANIFEST and not _internal(p.name) and p.name != ".anyflow-complete":
+        if (p.is_file() and rel != MANIFEST and not _internal(p.name) and p.name != ".anyflow-complete"
+                and rel.split("/", 1)[0] != STAGING):
             out.append(rel)
     return out
 
@@ -289,37 +296,79 @@ def publish(
     if is_remote(dst):
         return _publish_remote(src, dst, kind=kind, parent_refs=parent_refs, config=config, metrics=metrics,
                                extra=extra)
-    delete([join(dst, MANIFEST)])  # from here on, no reader accepts the directory
-
-    rels = [r for r in _local_files(src) if not (config is not None and r == CONFIG)]
-    config_bytes = _dumps(config) if config is not None else None
-    if config is None and CONFIG not in rels:
-        config_bytes = _dumps({})
-
-    def put(rel: str) -> tuple[str, dict]:
-        path = src / rel
-        entry = hash_file(path)
-        if not in_place:
-            copy_file(path, join(dst, rel))
-        return rel, entry
-
-    with ThreadPoolExecutor(_WORKERS) as pool:
-        files = dict(pool.map(put, rels))
-    if config_bytes is not None:
-        write_bytes(join(dst, CONFIG), config_bytes)
-        files[CONFIG] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
-
-    manifest = _manifest_doc(kind, files, parent_refs, metrics, extra)
-    write_json_atomic(join(dst, MANIFEST), manifest)
-    stale = [u for u in list_prefix(dst) if _rel(dst, u) not in files and _rel(dst, u) != MANIFEST]
-    if in_place:  # never delete the caller's own temp files in its working directory
-        stale = [u for u in stale if ".tmp-" not in u]
-    delete(stale)
-    return manifest
+    return _publish_local(src, local_path(dst), in_place=in_place, kind=kind, parent_refs=parent_refs,
+                          config=config, metrics=metrics, extra=extra)
 
 
 STAGING = ".anyflow-staging"
 _STALE_STAGING_S = 24 * 3600.0
+
+
+@contextlib.contextmanager
+def local_staging(url: str | os.PathLike) -> Iterator[Path]:
+    """A private staging folder for one writer of the local artifact ``url``: ``<url>/.anyflow-staging/<writer>/``,
+    locked while in use and removed afterwards (:func:`anyflow._storage_io.private_dir`: staging folders whose
+    writer died, SIGKILL included, are removed when the next writer starts). Write the artifact's files there
+    and :func:`publish` it to ``url``: its files are then moved into place, not copied."""
+    with private_dir(local_path(url) / STAGING, "w-") as stage:
+        yield stage
+
+
+def _publish_local(src: Path, dst: Path, *, in_place: bool, kind: str, parent_refs: list, config: dict | None,
+                   metrics: dict | None, extra: dict | None) -> dict:
+    """Publish to a local folder, safe under concurrent writers of one folder (two processes, two pods on a
+    shared volume: the local counterpart of :func:`_publish_remote`).
+
+    The writer stages every file in its own locked folder ``<dst>/.anyflow-staging/<writer>/`` (or ``src`` itself
+    when ``src`` is such a folder of ``dst``, from :func:`local_staging`), having noted the manifest it found when
+    it started. The commit then runs under an exclusive ``flock`` of the folder's manifest: if the manifest
+    changed meanwhile, another writer committed first -- this writer drops its staging and returns the winner's
+    manifest, verified (or raises ArtifactError naming the file if it does not verify); otherwise it removes the
+    manifest (no reader accepts the folder from here), renames its files into place, writes the manifest
+    atomically and deletes files the manifest does not list. A writer killed at any point leaves the old
+    artifact, or a folder without a manifest, never a manifest over other files.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    man = dst / MANIFEST
+    prev = read_bytes_etag(man)
+    rels = [r for r in _local_files(src) if not (config is not None and r == CONFIG)]
+    config_bytes = _dumps(config) if config is not None else None
+    if config is None and CONFIG not in rels:
+        config_bytes = _dumps({})
+    own = not in_place and src.resolve().parent == (dst / STAGING).resolve()
+    with contextlib.ExitStack() as stack:
+        stage = dst if in_place else src if own else stack.enter_context(local_staging(dst))
+
+        def put(rel: str) -> tuple[str, dict]:
+            entry = hash_file(src / rel)
+            if stage is not src and not in_place:
+                out = stage / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, out)
+            return rel, entry
+
+        with ThreadPoolExecutor(_WORKERS) as pool:
+            files = dict(pool.map(put, rels))
+        if config_bytes is not None:
+            local_write_atomic(stage / CONFIG, config_bytes)
+            files[CONFIG] = {"size": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()}
+        manifest = _manifest_doc(kind, files, parent_refs, metrics, extra)
+        with cache_lock(man):
+            cur = read_bytes_etag(man)
+            if (cur and cur[1]) != (prev and prev[1]):
+                return verify(dst)  # another writer committed first: its complete artifact stands
+            man.unlink(missing_ok=True)  # from here on, no reader accepts the folder
+            if not in_place:
+                for rel in files:
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(stage / rel, dst / rel)
+            local_write_atomic(man, _dumps(manifest))
+            for rel in _local_files(dst):
+                if rel not in files and not (in_place and ".tmp-" in rel):  # never the caller's own temp files
+                    (dst / rel).unlink(missing_ok=True)
+    return manifest
+
+
 
 
 def _manifest_doc(kind: str, files: dict, parent_refs: list, metrics: dict | None, extra: dict | None) -> dict:
@@ -461,6 +510,18 @@ def manifest_digest(url: str | os.PathLike) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def content_digest(url: str | os.PathLike) -> str:
+    """sha256 of what the artifact holds: its kind and every listed file's name, size and sha256 (canonical JSON).
+
+    Unlike :func:`manifest_digest` it leaves out how the artifact was published -- ``created_at``, the code
+    version, metrics, an S3 file's staging ``object`` -- so the same content published again, at another time or
+    by another writer, has the same digest. Stage cache keys use it (anyflow.stages.cache_key), so re-publishing
+    identical content keeps every downstream key; a changed file (``config.json`` included) changes it."""
+    m = read_manifest(url)
+    doc = {"kind": m.get("kind"), "files": {r: [e["size"], e["sha256"]] for r, e in sorted(m["files"].items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _check_entry(url: str, rel: str, entry: dict, got: dict) -> None:
     file_url = join(url, rel)
     if got["size"] < entry["size"]:
@@ -493,6 +554,8 @@ def _unlisted_local(root: Path, files: dict) -> list[str]:
     """Entries of a local artifact folder that its manifest does not list (our own lock/temp files aside)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root) and STAGING in dirnames:  # writers' private staging (:func:`_publish_local`)
+            dirnames.remove(STAGING)
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             rel = Path(dirpath, name).relative_to(root).as_posix()
             if rel != MANIFEST and not _internal(name) and rel not in files:

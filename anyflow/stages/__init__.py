@@ -3,7 +3,8 @@
 
 :func:`run_stage` is the one entry point the CLI and the KFP components use. Artifacts are
 content-addressed: the key hashes the stage, the preset sections it reads (less the operational
-``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' manifest digests, the code
+``train`` fields in ``OPERATIONAL_TRAIN_FIELDS``), the input artifacts' content digests
+(``storage.content_digest``: their files' names, sizes and hashes, not when they were published), the code
 version and the number of processes when more than one, so a rerun with unchanged inputs is a cache
 hit, and training checkpoints for a (stage, key) live at a deterministic place from which a retried pod
 resumes.
@@ -234,7 +235,7 @@ def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
     digests = {}
     for role, url in inputs.items():
         try:
-            digests[role] = storage.manifest_digest(url)
+            digests[role] = storage.content_digest(url)  # content only: re-publishing it keeps this key
         except storage.ArtifactError as exc:
             raise StageInputError(f"{name}: input {role}={url} is not a valid artifact: {exc}") from exc
     source = getattr(module, "source_digest", None)  # a stage reading a data source: what it holds now
