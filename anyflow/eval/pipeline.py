@@ -89,8 +89,12 @@ def _assemble(pipeline_cls: Any, base: BaseModel, transformer: torch.nn.Module, 
 def _component_key(pipe: Any) -> tuple:
     """What ``_execution_device`` depends on, cheaply: per module component its identity, the device of its
     first parameter or buffer, and the accelerate / diffusers hooks on it."""
+    names = pipe.__dict__.get("_anyflow_component_names")
+    if names is None:  # diffusers' ``components`` inspects the signature on every call: list the names once
+        names = pipe.__dict__["_anyflow_component_names"] = tuple(pipe.components)
     key = []
-    for name, model in pipe.components.items():
+    for name in names:
+        model = getattr(pipe, name, None)
         if isinstance(model, torch.nn.Module):
             first = next(itertools.chain(model.parameters(), model.buffers()), None)
             key.append((name, id(model), None if first is None else first.device,
