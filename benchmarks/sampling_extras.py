@@ -22,7 +22,8 @@ f = FFN width, n = layers, C·p = 16·4 patch values, D_t = 4096 text features):
 
 Forward+backward counts 3× the forward (backward = 2×: input and weight gradients; every weight is
 trainable here). Timestep embeddings / modulation (per frame) and norms are left out (< 0.1 %).
-MFU = model FLOPs / time / peak; peak = 989 TFLOP/s bf16 dense for H100 and H200 (SXM).
+MFU = model FLOPs / time / peak; the peak is looked up from the full device name (``peak_bf16``; H100
+SXM vs PCIe vs NVL, H200 SXM vs NVL, GH200, A100) and printed with the table.
 """
 
 from __future__ import annotations
@@ -36,7 +37,18 @@ from dataclasses import dataclass
 import torch
 
 CACHE_ENV = "ANYFLOW_CACHE_DIR"  # the artifact / model cache root (anyflow.storage, anyflow.stages.common)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, FLOP/s (SXM)
+# Dense bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets (their "with sparsity" figures halved):
+# H100 SXM5 / H200 SXM / GH200 989.4 T, H100 NVL / H200 NVL 835.5 T, H100 PCIe 756.5 T, A100 (SXM4 and
+# PCIe, 40 and 80 GB) 312 T. Keyed by variant; ``peak_bf16`` maps a full device name onto one.
+PEAK_BF16 = {
+    "H100 SXM": 989.4e12,
+    "H100 NVL": 835.5e12,
+    "H100 PCIe": 756.5e12,
+    "H200 SXM": 989.4e12,
+    "H200 NVL": 835.5e12,
+    "GH200": 989.4e12,
+    "A100": 312e12,
+}
 
 
 # ------------------------------------------------------------------------------------------- e2e
@@ -55,9 +67,18 @@ def e2e_stage_times(*, quick: bool = False) -> list[tuple[str, float]]:
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
 
-    overrides = ({"teacher.train.steps": 2, "flowmap.train.steps": 2, "distill.train.steps": 2,
-                  "evaluate.nfes": "1,2,4", "evaluate.reference_steps": 16, "evaluate.num_prompts": 2}
-                 if quick else {})
+    overrides = (
+        {
+            "teacher.train.steps": 2,
+            "flowmap.train.steps": 2,
+            "distill.train.steps": 2,
+            "evaluate.nfes": "1,2,4",
+            "evaluate.reference_steps": 16,
+            "evaluate.num_prompts": 2,
+        }
+        if quick
+        else {}
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         saved = os.environ.get(CACHE_ENV)
@@ -67,7 +88,9 @@ def e2e_stage_times(*, quick: bool = False) -> list[tuple[str, float]]:
 
             def stage(name: str, **inputs: str) -> str:
                 t0 = time.perf_counter()
-                res = run_stage(name, preset="tiny", overrides=overrides, inputs=inputs, store=store, progress=False)
+                res = run_stage(
+                    name, preset="tiny", overrides=overrides, inputs=inputs, store=store, progress=False
+                )
                 rows.append((name, time.perf_counter() - t0))
                 return res.uri
 
@@ -82,8 +105,10 @@ def e2e_stage_times(*, quick: bool = False) -> list[tuple[str, float]]:
             else:
                 os.environ[CACHE_ENV] = saved
     total = sum(s for _, s in rows)
-    print(f"\nanyflow run (tiny preset{', quick overrides' if quick else ''}), seconds per stage, fresh store and cache,"
-          " imports done beforehand:")
+    print(
+        f"\nanyflow run (tiny preset{', quick overrides' if quick else ''}), seconds per stage, fresh store and cache,"
+        " imports done beforehand:"
+    )
     width = max(len(n) for n, _ in rows)
     for name, sec in rows:
         print(f"  {name.ljust(width)}  {sec:8.2f} s  {100 * sec / total:5.1f} %")
@@ -114,8 +139,12 @@ class Shape:
 
 
 SHAPES = {
-    "1.3b": Shape(dim=1536, heads=12, layers=30, ffn=8960, text_dim=4096, text_len=512, frames=21, height=60, width=104),
-    "small": Shape(dim=128, heads=2, layers=2, ffn=256, text_dim=64, text_len=32, frames=3, height=8, width=8),
+    "1.3b": Shape(
+        dim=1536, heads=12, layers=30, ffn=8960, text_dim=4096, text_len=512, frames=21, height=60, width=104
+    ),
+    "small": Shape(
+        dim=128, heads=2, layers=2, ffn=256, text_dim=64, text_len=32, frames=3, height=8, width=8
+    ),
 }
 
 
@@ -152,9 +181,18 @@ def _model(s: Shape, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
     with torch.device(device):  # random init straight on the device (weights do not change the cost)
         model = AnyFlowTransformer3DModel(
-            patch_size=s.patch, num_attention_heads=s.heads, attention_head_dim=s.dim // s.heads, in_channels=s.channels,
-            out_channels=s.channels, text_dim=s.text_dim, freq_dim=256, ffn_dim=s.ffn, num_layers=s.layers,
-            cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024,
+            patch_size=s.patch,
+            num_attention_heads=s.heads,
+            attention_head_dim=s.dim // s.heads,
+            in_channels=s.channels,
+            out_channels=s.channels,
+            text_dim=s.text_dim,
+            freq_dim=256,
+            ffn_dim=s.ffn,
+            num_layers=s.layers,
+            cross_attn_norm=True,
+            eps=1e-6,
+            rope_max_seq_len=1024,
         )
     model.to(dtype)
     keep = tuple(model._keep_in_fp32_modules or ())  # as from_pretrained(torch_dtype=bf16) leaves them
@@ -178,14 +216,47 @@ def _time(fn, device: str, repeats: int) -> float:
     return best
 
 
+def peak_bf16(device_name: str) -> tuple[str | None, float | None]:
+    """The PEAK_BF16 variant and peak FLOP/s for a full ``torch.cuda.get_device_name`` string, read whole:
+    "NVIDIA H100 80GB HBM3" is the SXM5 card, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not; "NVIDIA H200"
+    is the SXM card, "NVIDIA H200 NVL" is not. ``(None, None)`` for a card (or an H100/H200 variant) not in the
+    table: MFU is then printed as n/a rather than over a guessed peak."""
+    n = " ".join(device_name.upper().replace("-", " ").split())
+    words = set(n.split())
+    if "GH200" in n:
+        key = "GH200"
+    elif "H200" in words:
+        key = "H200 NVL" if "NVL" in words else None if "PCIE" in words else "H200 SXM"
+    elif "H100" in words:
+        if "PCIE" in words:
+            key = "H100 PCIe"
+        elif "NVL" in words:
+            key = "H100 NVL"
+        elif "HBM3" in words or any(w.startswith("SXM") for w in words):
+            key = "H100 SXM"
+        else:
+            key = None
+    elif "A100" in words:
+        key = "A100"
+    else:
+        key = None
+    return key, (PEAK_BF16[key] if key else None)
+
+
 def _peak(device: str) -> tuple[str, float | None]:
+    """(description of the device and the peak used, peak FLOP/s or None)."""
     if not device.startswith("cuda"):
         return "cpu", None
     name = torch.cuda.get_device_name(torch.device(device))
-    return name, next((v for k, v in PEAK_BF16.items() if k in name), None)
+    key, peak = peak_bf16(name)
+    if peak is None:
+        return f"{name} (no peak in the table: MFU not computed)", None
+    return f"{name} (peak used: {key}, {peak / 1e12:.1f} TFLOP/s bf16 dense)", peak
 
 
-def _measure(model: torch.nn.Module, s: Shape, frames: int, device: str, backward: bool, repeats: int) -> dict:
+def _measure(
+    model: torch.nn.Module, s: Shape, frames: int, device: str, backward: bool, repeats: int
+) -> dict:
     """Best-of-``repeats`` seconds of one forward (no grad) or forward+backward (all weights trainable)."""
     dtype = model.proj_out.weight.dtype
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -197,7 +268,9 @@ def _measure(model: torch.nn.Module, s: Shape, frames: int, device: str, backwar
 
     def step() -> None:
         with torch.set_grad_enabled(backward):
-            out = model(hidden_states=z, timestep=t, r_timestep=r, encoder_hidden_states=c, return_dict=False)[0]
+            out = model(
+                hidden_states=z, timestep=t, r_timestep=r, encoder_hidden_states=c, return_dict=False
+            )[0]
             if backward:
                 out.float().square().mean().backward()
         for p in model.parameters():
@@ -210,16 +283,19 @@ def _measure(model: torch.nn.Module, s: Shape, frames: int, device: str, backwar
     return {"frames": frames, "tokens": s.tokens(frames), "seconds": sec, "mem_gib": mem}
 
 
-def _largest_fit(model: torch.nn.Module, s: Shape, candidates: list[int], device: str, backward: bool,
-                 repeats: int) -> dict | None:
+def _largest_fit(
+    model: torch.nn.Module, s: Shape, candidates: list[int], device: str, backward: bool, repeats: int
+) -> dict | None:
     """Measure at the first frame count in ``candidates`` that fits in memory."""
     for f in candidates:
         res = None
         try:
             res = _measure(model, s, f, device, backward, repeats)
         except torch.OutOfMemoryError:
-            print(f"MFU: {'forward+backward' if backward else 'forward'} at {f} latent frames ({s.tokens(f)} tokens)"
-                  " does not fit; trying fewer frames")
+            print(
+                f"MFU: {'forward+backward' if backward else 'forward'} at {f} latent frames ({s.tokens(f)} tokens)"
+                " does not fit; trying fewer frames"
+            )
         gc.collect()  # drop the failed attempt's activations before the next one
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -228,8 +304,9 @@ def _largest_fit(model: torch.nn.Module, s: Shape, candidates: list[int], device
     return None
 
 
-def mfu_bench(device: str, *, shape: str = "1.3b", frames: int | None = None, repeats: int = 3,
-              grad_ckpt: bool = False) -> list[dict]:
+def mfu_bench(
+    device: str, *, shape: str = "1.3b", frames: int | None = None, repeats: int = 3, grad_ckpt: bool = False
+) -> list[dict]:
     """Forward and forward+backward seconds, tokens/s and MFU in bf16 at batch 1.
 
     Each pass runs at 21 latent frames (32,760 tokens) if it fits, else at the largest of 17, 13, 9, 5,
@@ -242,8 +319,10 @@ def mfu_bench(device: str, *, shape: str = "1.3b", frames: int | None = None, re
     gpu, peak = _peak(device)
     if not device.startswith("cuda"):
         ours, counted = formula_vs_counter(s)
-        print(f"\nFLOP formula check ({shape} shape, fp32 CPU): matmul terms {ours:.4g}, torch FlopCounterMode "
-              f"{counted:.4g} (ratio {counted / ours:.4f}; the excess is the per-frame time embedding)")
+        print(
+            f"\nFLOP formula check ({shape} shape, fp32 CPU): matmul terms {ours:.4g}, torch FlopCounterMode "
+            f"{counted:.4g} (ratio {counted / ours:.4f}; the excess is the per-frame time embedding)"
+        )
     model = _model(s, device, torch.bfloat16)
     if grad_ckpt:
         model.enable_gradient_checkpointing()
@@ -257,15 +336,38 @@ def mfu_bench(device: str, *, shape: str = "1.3b", frames: int | None = None, re
             continue
         flops = mult * forward_flops(s, res["frames"])
         results.append({"pass": name, **res, "flops": flops, "tflops": flops / res["seconds"] / 1e12})
-    print(f"\ntransformer throughput, {shape} shape ({n_params / 1e9:.3f}B params), bf16, batch 1, {gpu}"
-          f"{', gradient checkpointing' if grad_ckpt else ''}; text {s.text_len}x{s.text_dim}, latent HxW "
-          f"{s.height}x{s.width}; model FLOPs = formula in benchmarks/sampling_extras.py (fwd+bwd = 3x fwd)")
-    header = ("pass", "latent F", "tokens", "TFLOP/step", "seconds", "tokens/s", "TFLOP/s", "MFU", "peak mem GiB")
+    print(
+        f"\ntransformer throughput, {shape} shape ({n_params / 1e9:.3f}B params), bf16, batch 1, {gpu}"
+        f"{', gradient checkpointing' if grad_ckpt else ''}; text {s.text_len}x{s.text_dim}, latent HxW "
+        f"{s.height}x{s.width}; model FLOPs = formula in benchmarks/sampling_extras.py (fwd+bwd = 3x fwd)"
+    )
+    header = (
+        "pass",
+        "latent F",
+        "tokens",
+        "TFLOP/step",
+        "seconds",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU",
+        "peak mem GiB",
+    )
     rows = [header]
     for r in results:
         mfu = f"{100 * r['tflops'] * 1e12 / peak:.1f} %" if peak else f"n/a (no peak for {gpu})"
-        rows.append((r["pass"], str(r["frames"]), str(r["tokens"]), f"{r['flops'] / 1e12:.4g}", f"{r['seconds']:.4f}",
-                     f"{r['tokens'] / r['seconds']:,.0f}", f"{r['tflops']:.4g}", mfu, f"{r['mem_gib']:.1f}"))
+        rows.append(
+            (
+                r["pass"],
+                str(r["frames"]),
+                str(r["tokens"]),
+                f"{r['flops'] / 1e12:.4g}",
+                f"{r['seconds']:.4f}",
+                f"{r['tokens'] / r['seconds']:,.0f}",
+                f"{r['tflops']:.4g}",
+                mfu,
+                f"{r['mem_gib']:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
