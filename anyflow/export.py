@@ -93,8 +93,10 @@ def checkpoint_preset(checkpoint: str) -> Any:
             "(no model.json); export a train_flowmap, distill or finetune output."
         )
     try:
-        return from_dict(json.loads(storage.read_bytes(storage.join(checkpoint, "config.json"))))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # on S3 a file lives under its publisher's object name, not at url/config.json (storage.file_url)
+        raw = storage.read_bytes(storage.file_url(checkpoint, "config.json", manifest=manifest))
+        return from_dict(json.loads(raw))
+    except (ConfigError, ValueError, FileNotFoundError, storage.ArtifactError) as exc:
         raise _bad(
             f"checkpoint {checkpoint}: its config.json is not a preset this version reads ({exc})."
         ) from None
@@ -263,3 +265,61 @@ def export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(str(output), fmt, info)
+
+
+def export_formats(text: str) -> tuple[str, ...]:
+    """``"diffusers,lora"`` → ``("diffusers", "lora")``; an unknown or empty list is a ``StageInputError``."""
+    names = tuple(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
+    bad = [n for n in names if n not in FORMATS]
+    if not names or bad:
+        raise _bad(f"export formats {text!r}: give a comma-separated list of {', '.join(FORMATS)}.")
+    return names
+
+
+def export_to_store(
+    checkpoint: str,
+    *,
+    store: str | None,
+    formats: str = "diffusers,lora",
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Export ``checkpoint`` in each of ``formats``; returns ``{format: export URL}`` (the KFP ``export`` step).
+
+    With ``store`` the exports go to ``{store}/exports/{format}/{key}``, ``key`` = the first 20 hex digits of the
+    checkpoint's manifest sha256: an export already there whose manifest names this checkpoint (same digest) and
+    verifies is reused, not redone. Without ``store`` they go to ``{out_dir}/{format}``.
+    """
+    from anyflow import storage
+
+    names = export_formats(formats)
+    if not store and not out_dir:
+        raise _bad("export needs a store URL or an output folder.")
+    checkpoint_preset(
+        checkpoint
+    )  # verify first: a corrupted checkpoint is refused before anything is written
+    digest = storage.manifest_digest(checkpoint)
+    urls = {}
+    for fmt in names:
+        url = storage.join(store, "exports", fmt, digest[:20]) if store else storage.join(out_dir, fmt)
+        if store and _reusable(url, digest):
+            if progress:
+                print(f"export: reusing {fmt} export {url}", flush=True)
+        else:
+            export(checkpoint, fmt=fmt, output=url, progress=progress)
+        urls[fmt] = url
+    return urls
+
+
+def _reusable(url: str, digest: str) -> bool:
+    from anyflow import storage
+
+    try:
+        manifest = storage.read_manifest(url)
+        parents = [p.get("manifest_sha256") for p in manifest.get("parents", [])]
+        if manifest.get("kind") != KIND or parents != [digest]:
+            return False
+        storage.verify(url)
+        return True
+    except (storage.ArtifactError, FileNotFoundError):
+        return False

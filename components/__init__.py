@@ -127,3 +127,10 @@ def build_record_component(image: str | None = None):
     from components.record_stage.component import record_stage
 
     return make_component(record_stage, image)
+
+
+def build_export_component(image: str | None = None):
+    """The CPU-only ``export`` component (a checkpoint as a diffusers folder and LoRA file; ``anyflow export``)."""
+    from components.export.component import export
+
+    return make_component(export, image)

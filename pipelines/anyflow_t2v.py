@@ -1,11 +1,12 @@
-"""``anyflow-t2v``: prepare_data → train_teacher → train_flowmap → distill → evaluate,
-with an optional finetune → evaluate branch (pipeline parameter ``finetune``); a ``record_stage`` task
+"""``anyflow-t2v``: prepare_data → train_teacher → train_flowmap → distill → evaluate [→ export],
+with an optional finetune → evaluate branch (pipeline parameter ``finetune``) and an optional export of the
+distilled generator (pipeline parameter ``export``: a diffusers folder and a LoRA file, components/export); a ``record_stage`` task
 after each stage task writes the run's stage records (:mod:`pipelines.records`)."""
 
 # No ``from __future__ import annotations``: KFP reads real type annotations of pipeline functions.
 from typing import NamedTuple
 
-from pipelines.platform import Platform
+from pipelines.platform import EXPORT_PROFILE, Platform
 
 PIPELINE_NAME = "anyflow-t2v"
 
@@ -18,6 +19,8 @@ _DOC = """Train and evaluate an any-step generator{what}.
             finetune: Also fine-tune the generator on a second dataset and evaluate it.
             finetune_data_overrides_json: Overrides for the fine-tuning dataset's prepare_data, applied
                 over overrides_json (e.g. its own data.source).
+            export: After evaluate, export the distilled generator as a diffusers folder and a diffusers
+                LoRA file (components/export; into store/exports/ with a store).
         """
 
 
@@ -54,6 +57,7 @@ def build_training_pipeline(
 
     from components import (
         build_components,
+        build_export_component,
         build_fingerprint_component,
         build_record_component,
         check_image,
@@ -70,6 +74,7 @@ def build_training_pipeline(
     launcher = make_component(trainjob, img)
     recorder = build_record_component(img)
     fingerprint = build_fingerprint_component(img)
+    exporter = build_export_component(img)
     partitions = build_partition_components(img)  # data.partition_size > 0: prepare_data fans out (ParallelFor)
     plat = platform or Platform()
 
@@ -97,6 +102,7 @@ def build_training_pipeline(
         store: str = "",
         finetune: bool = False,
         finetune_data_overrides_json: str = "{}",
+        export: bool = False,
     ) -> Outputs:
         # Stage tasks take no run id (stable KFP cache keys); a record_stage task after each writes
         # <store>/runs/<KFP run id>/<entry>.json (anyflow rerun --run ID), also after a KFP cache hit.
@@ -115,6 +121,9 @@ def build_training_pipeline(
         ev = plat.apply(comps["evaluate"](generator=generator, teacher=teacher, dataset=dataset, flowmap=flowmap,
                                           **common), "evaluate")
         recorded(ev.outputs["report"], "evaluate")
+        with dsl.If(export == True, name="export-enabled"):  # noqa: E712 (KFP condition syntax)
+            exp = exporter(checkpoint=generator, store=store)
+            plat.apply(exp, EXPORT_PROFILE).after(ev).set_display_name("export")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
             ft_data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_finetune_data", partitions=partitions,
                                extra_overrides_json=finetune_data_overrides_json, **common)

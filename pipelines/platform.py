@@ -25,6 +25,8 @@ DEFAULT_S3_SECRET_KEYS: dict[str, str] = {
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 #: Platform profile of the ``record_stage`` tasks (``stages.record_stage:`` in a platform YAML).
 RECORD_PROFILE = "record_stage"
+#: Platform profile of the optional ``export`` task (``stages.export:`` in a platform YAML).
+EXPORT_PROFILE = "export"
 #: Where Kubernetes takes the pod env anyflow.stages.RUN_ENV (the KFP run of a stage attempt) from:
 #: Argo labels every pod of a workflow (= one KFP run) with its name.
 RUN_FIELD_PATH = "metadata.labels['workflows.argoproj.io/workflow']"
@@ -96,6 +98,10 @@ def _default_stages() -> dict[str, StageResources]:
         "evaluate": _gpu_pool(1, 6 * 3600, "8", "64Gi", "16Gi"),
         "trainjob": StageResources(gpus=0, cpu_request="250m", cpu_limit="1", memory_request="512Mi",
                                    memory_limit="1Gi", timeout_s=96 * 3600, retries=0),
+        # the optional export step (components/export): CPU only; merging the LoRA copies the transformer once
+        # (a 14B model in bf16: 2 x 28 GB, plus the text encoder)
+        EXPORT_PROFILE: StageResources(gpus=0, cpu_request="4", cpu_limit="8", memory_request="96Gi",
+                                       memory_limit="160Gi", timeout_s=6 * 3600, retries=2),
         # the record task after every stage task (pipelines/records.py): CPU only, reads one manifest
         RECORD_PROFILE: StageResources(gpus=0, cpu_request="100m", cpu_limit="500m", memory_request="256Mi",
                                        memory_limit="1Gi", shm_size="64Mi", timeout_s=1800, retries=2,

@@ -2,7 +2,8 @@
 
 plan (window + prepare the new data, warm start) → [if there is something to do] distill →
 evaluate (candidate and live model, same protocol) → decide (gate at every NFE, atomic promotion or
-recorded rejection, report); an exit handler (``finish``) records failures and releases the run lease.
+recorded rejection, report) → [if promoted and the ``export`` parameter is set] export (the promoted model as a
+diffusers folder and a LoRA file, components/export); an exit handler (``finish``) records failures and releases the run lease.
 The component bodies are one call each into :mod:`anyflow.ops.steps` (the logic and its tests live
 in the library). Tasks pass one URL (the run's ``plan.json``); artifacts stay in ``store``.
 
@@ -128,7 +129,15 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
     """Return the ``anyflow-redistill`` pipeline function bound to ``platform`` and ``image``."""
     from kfp import dsl
 
-    from components import check_image, default_image, eval_image_for, make_component, process_args
+    from components import (
+        build_export_component,
+        check_image,
+        default_image,
+        eval_image_for,
+        make_component,
+        process_args,
+    )
+    from pipelines.platform import EXPORT_PROFILE
 
     plat = platform or Platform()
     img = check_image(image or default_image())
@@ -136,6 +145,7 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
         make_component(f, img) for f in (redistill_plan, redistill_distill, redistill_decide, redistill_finish)
     )
     eval_c = make_component(redistill_evaluate, eval_image_for(img))  # candidate vs live, VBench included
+    export_c = build_export_component(img)  # the optional export of a promoted model (components/export)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="AnyFlow periodic re-distillation: new data, warm start, "
                   "evaluation gate at every NFE, atomic promotion.")
@@ -146,6 +156,7 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
         flowmap_uri: str = "",
         eval_dataset_uri: str = "",
         config_json: str = DEFAULT_CONFIG_JSON,
+        export: bool = False,
     ) -> None:
         """Re-distill on the data that is new since the live model and promote only a non-worse candidate.
 
@@ -157,6 +168,8 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
             eval_dataset_uri: Fixed held-out dataset artifact for evaluation (optional).
             config_json: RedistillConfig as JSON (name, preset, overrides, metrics, margin, relative_margin,
                 lease_ttl_s: the run lease's TTL, renewed by every task while it runs, ...).
+            export: After a promotion, export the promoted model as a diffusers folder and a diffusers LoRA file
+                into store/exports/ (components/export).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         # plan releases the lease and records the run itself when it skips or fails
@@ -175,5 +188,11 @@ def build_redistill_pipeline(platform: "Platform | None" = None, image: "str | N
                 ev.set_caching_options(enable_caching=False)
                 dec = decide_c(plan_url=plan.outputs["plan_url"], candidate_url=cand.output, evals_url=ev.output)
                 plat.apply(dec, "trainjob").set_caching_options(enable_caching=False)
+                with dsl.If(export == True, name="export-enabled"):  # noqa: E712 (KFP condition syntax)
+                    with dsl.If(dec.outputs["Output"] == "promoted", name="promoted"):
+                        exp = export_c(store=store, promoted_config_json=config_json)
+                        # reads the alias, not its inputs: never a KFP cache hit (the store's exports are reused)
+                        plat.apply(exp, EXPORT_PROFILE).set_display_name("export").set_caching_options(
+                            enable_caching=False)
 
     return anyflow_redistill
