@@ -312,3 +312,45 @@ def test_silent_s3_endpoint_bounds_s3fs_reads_and_listings(silent_s3) -> None:
         assert took < 8.0, f"{name}: a silent endpoint stalled the s3fs call for {took:.0f} s (deadline 5 s)"
         assert len(conns) > before, f"{name}: never reached the endpoint"
         assert url in str(info.value), f"{name}: the error does not name the endpoint: {info.value}"
+
+
+# ------------------------------------------------------------- run_stage's output staging leaks nothing on SIGKILL
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_sigkilled_stage_leaves_no_staging_once_rerun(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """prepare_data SIGKILLed while it writes its output: the rerun removes the killed run's staging folder (under
+    the stage's work folder for an S3 output, ``<out>/.anyflow-staging/`` for a local one) and publishes an
+    artifact that verifies. Before, every killed run left ``$TMPDIR/anyflow-prepare_data-*`` behind for good."""
+    store = request.getfixturevalue("s3_prefix") if where == "s3" else str(tmp_path / "store")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("ANYFLOW_WORK_DIR", None)
+    cmd = [sys.executable, "-m", "anyflow.stages.prepare_data", "--store", store, "--no-progress"]
+    local_art = tmp_path / "store" / "artifacts" / "prepare_data"
+
+    def staged() -> list[str]:  # files a run wrote into its private staging so far
+        roots = [tmp] if where == "s3" else list(local_art.glob("*/.anyflow-staging"))
+        return [f for r in roots for f in _leftovers(r) if not f.endswith(".lock")]
+
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not staged():
+            time.sleep(0.01)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.seek(0)
+        assert alive, f"the stage ended before it could be killed: {log.read()[-2000:]}"
+    assert staged(), "expected the killed run's staged output"
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    uri = res.stdout.split(" -> ", 1)[1].split()[0]
+    storage.verify(uri)
+    left = staged() + ([] if where == "s3" else [f for f in _leftovers(tmp) if "prepare_data" in f])
+    assert left == [], f"the killed run's staging is still there after the rerun: {left[:5]}"

@@ -20,6 +20,7 @@ another run (the user fixed the input in place) ignores and removes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -27,9 +28,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -155,14 +155,9 @@ def run_stage(
     marker = storage.join(ckpt_url, FAILURE_MARKER) if ckpt_url else None
     if marker:
         _stop_if_failed_before(name, marker, run_id)
-    # A local output folder is written in place by the one process that publishes it; other torchrun ranks
-    # (and remote outputs) stage in a private temporary folder, so no rank clears or overwrites another's files.
-    private = storage.is_remote(out) or not _is_rank_zero()
-    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{name}-")) if private else Path(out)
-    if not private:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    try:
+    # Every process writes into a private staging folder of its own (_staging), so no rank or concurrent writer
+    # clears or overwrites another's files, and a killed run's folder is removed by the next run.
+    with _staging(name, out) as staging:
         try:
             extra_args = {"store": store} if "store" in inspect.signature(module.run).parameters else {}
             metrics = module.run(cfg, inputs, staging, ckpt_url=ckpt_url, progress=progress, **extra_args)
@@ -179,9 +174,6 @@ def run_stage(
             )
         else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it
             manifest = {"metrics": metrics}
-    finally:
-        if private:
-            shutil.rmtree(staging, ignore_errors=True)
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
 
 
@@ -219,6 +211,29 @@ def _remove_tree(url: str) -> bool:
         shutil.rmtree(url, ignore_errors=True)
     return True
 
+
+
+@contextlib.contextmanager
+def _staging(name: str, out: str) -> Iterator[Path]:
+    """The private folder a stage writes its output files into before they are published: locked while the run
+    lives, removed at its end, and removed by the next run of the stage if the process died first (SIGKILL
+    included; a live writer's folder is never touched: ``storage.private_dir``). A local output's publishing
+    process (rank 0) stages inside the output folder, ``<out>/.anyflow-staging/<writer>/``
+    (``storage.local_staging``: the files are then renamed into place, not copied); other torchrun ranks and
+    remote outputs stage under the stage's own work folder (``$ANYFLOW_WORK_DIR/<stage>``, else
+    ``<temp dir>/anyflow-work-<uid>/<stage>``)."""
+    from anyflow import storage
+
+    if not storage.is_remote(out) and _is_rank_zero():
+        with storage.local_staging(out) as stage:
+            yield stage
+        return
+    from anyflow._storage_io import private_dir
+    from anyflow.stages.common import _work_root
+
+    with private_dir(_work_root(name), "stage-") as work:
+        (work / "out").mkdir()
+        yield work / "out"
 
 
 def _resolve(name: str, preset: str, overrides: Mapping[str, Any] | None,
