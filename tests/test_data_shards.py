@@ -79,23 +79,48 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(dataset: tuple[Path, dict])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_are_disjoint_and_cover(dataset: tuple[Path, dict], world_size: int) -> None:
+def test_ranks_deal_the_one_global_stream(dataset: tuple[Path, dict], world_size: int) -> None:
+    """The k-th batch of rank r is global batch k·W + r of the single-process stream: ranks are disjoint within an
+    epoch, together they read exactly what one process reads, and epochs follow in the same global order."""
     root, _ = dataset
-    for epoch in range(2):
-        seen = []
-        for rank in range(world_size):
-            ds = LatentDataset(str(root), batch_size=1, seed=5, rank=rank, world_size=world_size)
-            ds.load_state_dict({**ds.state_dict(), "epoch": epoch})
-            seen.append([k for b in _take(ds, ds.batches_per_epoch) for k in b["keys"]])
-        flat = [k for s in seen for k in s]
-        assert len(flat) == len(set(flat)) == (N // world_size) * world_size  # disjoint; all but N % W covered
-        assert all(len(s) == N // world_size for s in seen)
-        # The single-rank order of the epoch, cut into contiguous per-rank slices.
-        whole = LatentDataset(str(root), batch_size=1, seed=5)
-        whole.load_state_dict({**whole.state_dict(), "epoch": epoch})
-        full = [b["keys"][0] for b in _take(whole, N)]
-        per = N // world_size
-        assert seen == [full[r * per : (r + 1) * per] for r in range(world_size)]
+    b, rounds = 2, 9  # 9 rounds of W batches of 2 cross the 11-batch epochs of 23 samples
+    single = LatentDataset(str(root), batch_size=b, seed=5)
+    assert single.batches_per_epoch == N // b
+    stream = [x["keys"] for x in _take(single, rounds * world_size)]
+    per_rank = [[x["keys"] for x in _take(LatentDataset(str(root), batch_size=b, seed=5, rank=r, world_size=world_size),
+                                          rounds)] for r in range(world_size)]
+    assert [per_rank[r][k] for k in range(rounds) for r in range(world_size)] == stream
+    first_epoch = [k for batch in stream[: N // b] for k in batch]
+    assert len(first_epoch) == len(set(first_epoch)) == (N // b) * b  # one epoch: disjoint, all but N % b read
+    # the independent reference for the stream itself: the epoch order is shards permuted, then rows in each shard
+    sid, row = single.epoch_order(0)
+    assert sorted(zip(sid.tolist(), row.tolist(), strict=True)) == [(s, r) for s in range(len(single._counts))
+                                                                     for r in range(single._counts[s])]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (2, 3), (1, 2)])
+def test_a_state_resumes_on_another_number_of_ranks(dataset: tuple[Path, dict], before: int, after: int) -> None:
+    """The position is one global sample cursor: ranks that drew the same number of batches (a step boundary)
+    agree on it, and any number of ranks continues the single-process stream from there, bit-for-bit."""
+    root, _ = dataset
+    b, done, rest = 2, 5, 4  # 5 rounds of ``before`` batches, then 4 rounds of ``after``
+    stream = _take(LatentDataset(str(root), batch_size=b, seed=9), (done * before) + rest * after)
+    old = [LatentDataset(str(root), batch_size=b, seed=9, rank=r, world_size=before) for r in range(before)]
+    for ds in old:
+        _take(ds, done)
+    states = [json.loads(json.dumps(ds.state_dict())) for ds in old]  # survives a JSON round trip
+    assert all(s["sample_cursor"] == done * before * b for s in states)
+    new = [LatentDataset(str(root), batch_size=b, seed=9, rank=r, world_size=after) for r in range(after)]
+    for ds in new:
+        ds.load_state_dict(states[0])
+    got = [x for x in zip(*[_take(ds, rest) for ds in new], strict=True)]
+    got = [batch for round_ in got for batch in round_]
+    for want, have in zip(stream[done * before :], got, strict=True):
+        assert want["keys"] == have["keys"] and torch.equal(want["latents"], have["latents"])
+    with pytest.raises(ValueError, match="batch_size"):  # another micro-batch size is another stream
+        LatentDataset(str(root), batch_size=3, seed=9).load_state_dict(states[0])
+    with pytest.raises(ValueError, match="per-rank positions"):  # the older per-rank layout
+        new[0].load_state_dict({"epoch": 0, "cursor": 4, "seed": 9, "rank": 0, "world_size": 2})
 
 
 def test_resume_continues_exactly(dataset: tuple[Path, dict]) -> None:
@@ -123,7 +148,7 @@ def test_errors_name_the_dataset(tmp_path: Path, dataset: tuple[Path, dict]) -> 
     with pytest.raises(DatasetError, match="empty"):
         LatentDataset(str(tmp_path / "empty"), batch_size=2, seed=0)
     with pytest.raises(DatasetError, match="too few"):
-        LatentDataset(str(dataset[0]), batch_size=12, seed=0, world_size=2)
+        LatentDataset(str(dataset[0]), batch_size=24, seed=0, world_size=2)
     writer = ShardWriter(tmp_path / "bad", samples_per_shard=4)
     writer.add("a", torch.zeros(SHAPE_LAT), torch.zeros(SHAPE_TXT), "x")
     with pytest.raises(ValueError, match="duplicate"):

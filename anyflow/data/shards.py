@@ -18,13 +18,17 @@ canonical JSON form (sorted keys, compact separators, padded to 8 bytes as safet
 tensor bytes and every field are unchanged, so readers see the same layout as before, and two writers
 of the same samples produce byte-identical shards (and hashes).
 
-Loader order (deterministic per seed, epoch, rank and world size — the "chunked shuffling per rank" of
-docs/method.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and concatenates
-them into one global order; rank r takes the contiguous r-th slice of ``N // world_size`` samples, so
-ranks are disjoint, each touches only ~1/world_size of the shards, and the few samples past
-``world_size · (N // world_size)`` (different ones each epoch) are dropped. Position = (epoch, cursor):
-``state_dict()`` / ``load_state_dict()`` resume exactly. Shards are fetched lazily and read row by row
-from the memory-mapped safetensors file.
+Loader order (deterministic per seed and batch size, the same for every number of ranks; the shard-then-row
+shuffling of docs/method.md §10 "data"): each epoch permutes the shards, then the rows inside each shard, and
+concatenates them into one global order, cut into global batches of ``batch_size`` samples (``N // batch_size``
+per epoch; the few samples past them, different ones each epoch, are dropped). The epochs follow each other in
+one global stream of batches; the k-th batch a rank draws is global batch ``base + k · world_size + rank``, so
+ranks are disjoint and, at every optimiser-step boundary, all of them have consumed the same prefix of the
+stream. Position = one **global sample cursor** (``state_dict()["sample_cursor"]``): a checkpoint written by 8
+ranks resumes on 4 or 16 (docs/operations.md, "Resume on another number of processes"). The price: every
+rank reads rows of every shard (a rank no longer owns a contiguous ~1/world_size of the shards), so on S3
+each rank's pod fetches the whole dataset over an epoch into its cache. Shards are fetched lazily and read row
+by row from the memory-mapped safetensors file.
 """
 
 from __future__ import annotations
@@ -202,15 +206,15 @@ class LatentDataset:
         self.len_samples = sum(self._counts)
         if self.len_samples == 0:
             raise DatasetError(f"dataset {self.url} is empty (0 samples in {INDEX}); check the prepare_data summary.json")
-        self.samples_per_rank = self.len_samples // world_size
-        full, rest = divmod(self.samples_per_rank, batch_size)
+        full, rest = divmod(self.len_samples, batch_size)
+        #: global batches per epoch, over all ranks (independent of ``world_size``)
         self.batches_per_epoch = full + (0 if drop_last or rest == 0 else 1)
         if self.batches_per_epoch == 0:
-            raise DatasetError(
-                f"dataset {self.url} has {self.len_samples} samples: too few for batch_size {batch_size} × world_size {world_size}"
-            )
-        self._epoch_len = full * batch_size if drop_last else self.samples_per_rank
-        self.epoch, self.cursor = 0, 0
+            raise DatasetError(f"dataset {self.url} has {self.len_samples} samples: too few for batch_size {batch_size}")
+        self._epoch_len = full * batch_size if drop_last else self.len_samples
+        # position: this rank's k-th batch is global batch base + k * world_size + rank
+        self._base, self._calls = 0, 0
+        self.epoch = 0
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None
         self._open: OrderedDict[int, tuple[Any, list[str], list[str]]] = OrderedDict()
         self._checked: set[str] = set()  # referenced partition artifacts whose manifest digest was checked
@@ -282,7 +286,7 @@ class LatentDataset:
 
     # -------------------------------------------------------------------------------------- order
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard ids, rows) of the samples this rank reads in ``epoch``, in order."""
+        """(shard ids, rows) of ``epoch``'s global order (all ranks), in order."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1], self._order[2]
         shard_ids, rows = [], []
@@ -296,9 +300,7 @@ class LatentDataset:
             r = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
             shard_ids.append(np.full(n, s, dtype=np.int64))
             rows.append(r.astype(np.int64))
-        lo = self.rank * self.samples_per_rank
-        sid = np.concatenate(shard_ids)[lo : lo + self.samples_per_rank]
-        row = np.concatenate(rows)[lo : lo + self.samples_per_rank]
+        sid, row = np.concatenate(shard_ids), np.concatenate(rows)
         self._order = (epoch, sid, row)
         return sid, row
 
@@ -307,18 +309,19 @@ class LatentDataset:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.cursor >= self._epoch_len:
-            self.epoch, self.cursor = self.epoch + 1, 0
+        block = self._base + self._calls * self.world_size + self.rank  # the global batch this rank reads now
+        self.epoch, j = divmod(block, self.batches_per_epoch)
         sid, row = self.epoch_order(self.epoch)
-        end = min(self.cursor + self.batch_size, self._epoch_len)
+        start = j * self.batch_size
+        end = min(start + self.batch_size, self._epoch_len)
         lat, txt, caps, keys = [], [], [], []
-        for s, r in zip(sid[self.cursor : end].tolist(), row[self.cursor : end].tolist(), strict=True):
+        for s, r in zip(sid[start:end].tolist(), row[start:end].tolist(), strict=True):
             handle, skeys, scaps = self._shard(s)
             lat.append(handle.get_slice("latents")[r : r + 1])
             txt.append(handle.get_slice("text")[r : r + 1])
             keys.append(skeys[r])
             caps.append(scaps[r])
-        self.cursor = end
+        self._calls += 1
         return {
             "latents": torch.cat(lat).float(),
             "text": torch.cat(txt).float(),
@@ -327,24 +330,33 @@ class LatentDataset:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The position (epoch, cursor) plus what it is only valid for (seed, rank, world size, data)."""
+        """The global sample cursor (samples of the global stream consumed by all ranks together, valid at a
+        step boundary, where every rank has drawn as many batches) plus what it is only valid for (seed,
+        shuffling, batch size, data). ``rank`` / ``world_size`` are informational: any layout may resume it."""
+        blocks = self._base + self._calls * self.world_size
         return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
+            "sample_cursor": blocks * self.batch_size,
+            "epoch": blocks // self.batches_per_epoch,
+            "batch_size": self.batch_size,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "shuffle": self.shuffle,
             "num_samples": self.len_samples,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``'s position; refuses a state from another seed, rank layout or dataset."""
-        for name in ("seed", "rank", "world_size", "shuffle", "num_samples"):
+        """Resume at ``state``'s global sample cursor, with any rank and world size; refuses a state from another
+        seed, shuffling, batch size or dataset, and the per-rank positions of older loaders."""
+        if "sample_cursor" not in state:
+            raise ValueError(f"loader state {sorted(state)} holds per-rank positions (an older anyflow's loader), not "
+                             f"a global sample cursor; this loader of {self.url} cannot resume it")
+        for name in ("seed", "shuffle", "num_samples", "batch_size"):
             mine = self.state_dict()[name]
             if state.get(name) != mine:
                 raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader of {self.url} has {name}={mine!r}")
-        cursor = int(state["cursor"])
-        if not 0 <= cursor <= self._epoch_len:
-            raise ValueError(f"loader state cursor {cursor} is outside this epoch's {self._epoch_len} samples")
-        self.epoch, self.cursor = int(state["epoch"]), cursor
+        cursor = int(state["sample_cursor"])
+        if cursor < 0 or cursor % self.batch_size:
+            raise ValueError(f"loader state sample_cursor {cursor} is not a whole number of batches of {self.batch_size}")
+        self._base, self._calls = cursor // self.batch_size, 0
+        self.epoch = self._base // self.batches_per_epoch

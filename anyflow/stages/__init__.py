@@ -82,9 +82,16 @@ def stage_module(name: str) -> ModuleType:
 
 def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mapping[str, str],
               world_size: int = 1) -> str:
-    """The content key of a stage's artifact. ``world_size``: the processes that train it (``train.batch_size``
-    is per rank and every rank draws its own data and noise, so 8 processes compute something else than 4);
-    one process adds nothing, so single-process keys do not depend on it."""
+    """The content key of a stage's artifact. ``world_size``: the processes that run it.
+
+    A training step of W processes with ``train.grad_accum`` = A draws W·A micro-batches of ``train.batch_size``
+    (per rank), global micro-batch g = j·W + r reading global batch g of the loader and drawing its noise from
+    (seed, step, g): what is trained depends on W·A, not on W (docs/operations.md, "Resume on another number of
+    processes"; only the floating-point summation order of the gradient differs). So for a training stage the
+    key holds ``grad_accum`` = W·A and no process count: 8 processes × A=1, 4 × 2 and 2 × 4 share one key, one
+    artifact and one checkpoint folder (a stage preempted on 8 ranks resumes on 4 with ``grad_accum`` doubled).
+    A stage without a ``train`` section keeps W in its key when W > 1. One process adds nothing, so
+    single-process keys do not depend on it."""
     from anyflow import __version__
 
     config = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"}
@@ -111,7 +118,14 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
         "version": __version__,
     }
     if world_size > 1:
-        payload["world_size"] = int(world_size)
+        folded = False
+        for section in config.values():
+            train = section.get("train")
+            if isinstance(train, dict) and "grad_accum" in train:
+                train["grad_accum"] = int(train["grad_accum"]) * int(world_size)  # global micro-batches per step
+                folded = True
+        if not folded:
+            payload["world_size"] = int(world_size)
     if name == "evaluate" and getattr(getattr(cfg, "evaluate", None), "vbench", False):
         from anyflow.eval.vbench import vbench_environment
 

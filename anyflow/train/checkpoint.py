@@ -1,9 +1,16 @@
 """Training-state checkpoints without pickle.
 
-Everything a run needs to continue bit-for-bit — trainable weights, optimiser state, EMA, LR-scheduler
-counters, RNG state, data position, step — is written as safetensors (tensors) plus JSON (scalars).
-Optimiser state dicts are flattened to ``state.<param index>.<key>`` tensors and a JSON of the
-param groups; ``torch.load`` is never used, so a checkpoint from an untrusted store cannot execute code.
+Everything a run needs to continue — trainable weights, optimiser state, EMA, LR-scheduler counters, data
+position, step — is written as safetensors (tensors) plus JSON (scalars). Optimiser state dicts are flattened
+to ``state.<param name>.<key>`` tensors (one whole tensor per parameter and moment) and a JSON of the param
+groups naming their parameters; ``torch.load`` is never used, so a checkpoint from an untrusted store cannot
+execute code.
+
+The layout does not depend on the number of processes that wrote it: whole per-parameter tensors (a sharded
+optimiser or EMA is gathered before saving and re-sharded by the loading optimiser), one global data cursor
+(``anyflow.data.shards``), and no random state (the loop derives every draw from (seed, step, micro-batch);
+docs/operations.md, "Resume on another number of processes"). ``rng.safetensors`` keeps the writer's torch
+CPU generator state, which the training methods do not draw from.
 """
 
 from __future__ import annotations
@@ -23,27 +30,53 @@ def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_files(
+    opt: torch.optim.Optimizer, names: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten ``opt.state_dict()``. ``names``: the parameter names in the optimiser's order; the tensors are
+    then keyed ``state.<name>.<key>`` and the param groups list names (without: positions, the older layout)."""
     sd = opt.state_dict()
+    label = (lambda i: names[int(i)]) if names is not None else str
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"state.{idx}.{key}"] = val
+                tensors[f"state.{label(idx)}.{key}"] = val
             else:
-                scalars.setdefault(str(idx), {})[key] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars.setdefault(label(idx), {})[key] = val
+    groups = [{**g, "params": [label(i) for i in g["params"]]} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "keys": "names" if names is not None else "index"}
 
 
-def optimizer_from_files(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+def optimizer_from_files(
+    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping, names: list[str] | None = None
+) -> None:
+    """Restore what :func:`optimizer_to_files` wrote. A name-keyed state needs ``names`` (this optimiser's
+    parameter names, in order) and must name exactly those parameters."""
+    by_name = meta.get("keys") == "names"
+    if by_name:
+        if names is None:
+            raise ValueError("this optimiser state is keyed by parameter name: pass the parameter names")
+        saved = [n for g in meta["param_groups"] for n in g["params"]]
+        if sorted(saved) != sorted(names):
+            raise ValueError(f"the checkpoint's optimiser holds {len(saved)} tensors, this one {len(names)}; differing "
+                             f"names: {sorted(set(saved) ^ set(names))[:3]}")
+        index = {n: i for i, n in enumerate(names)}
+
+        def idx(label: str) -> int:
+            return index[label]
+    else:
+        idx = int
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = val
-    for idx, sc in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        # the key part is ".<key>" after the parameter name, which may itself hold dots
+        head, key = name[len("state."):].rsplit(".", 1)
+        state.setdefault(idx(head), {})[key] = val
+    for label, sc in meta.get("scalars", {}).items():
+        state.setdefault(idx(label), {}).update(sc)
+    groups = [{**g, "params": [idx(p) if isinstance(p, str) else p for p in g["params"]]} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_training_state(
@@ -54,16 +87,15 @@ def save_training_state(
     ema: Mapping[str, torch.Tensor],
     optimizers: Mapping[str, torch.optim.Optimizer],
     schedulers: Mapping[str, Any],
-    generators: Mapping[str, torch.Generator],
     data_state: Mapping[str, Any],
+    generators: Mapping[str, torch.Generator] | None = None,
     extra: Mapping[str, Any] | None = None,
-    ranks: list[Mapping[str, Any]] | None = None,
+    param_names: Mapping[str, list[str]] | None = None,
 ) -> Path:
     """Write the state into ``directory`` atomically (a temp sibling renamed into place).
 
-    ``ranks`` (multi-process runs, written by rank 0 for all): each rank's own random state
-    (``{"generators": {name: state}, "torch_cpu": state}``) and data-loader position (``"data"``), so
-    every rank resumes its own stream; the rest of the state is the same on every rank.
+    ``param_names``: optimiser name -> its parameters' names in order (the optimiser files are then keyed by
+    parameter name, whatever the writer's process count). ``generators``: random states to keep, if any.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -73,11 +105,11 @@ def save_training_state(
     save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
     opt_meta = {}
     for name, opt in optimizers.items():
-        tensors, meta = optimizer_to_files(opt)
+        tensors, meta = optimizer_to_files(opt, (param_names or {}).get(name))
         save_file(_contiguous(tensors), str(tmp / f"optim-{name}.safetensors"))
         opt_meta[name] = meta
     save_file(
-        {f"rng.{k}": g.get_state() for k, g in generators.items()} | {"rng.torch_cpu": torch.get_rng_state()},
+        {f"rng.{k}": g.get_state() for k, g in (generators or {}).items()} | {"rng.torch_cpu": torch.get_rng_state()},
         str(tmp / "rng.safetensors"),
     )
     state = {
@@ -87,13 +119,6 @@ def save_training_state(
         "data": dict(data_state),
         "extra": dict(extra or {}),
     }
-    if ranks:
-        rng_ranks = {}
-        for r, rs in enumerate(ranks):
-            rng_ranks |= {f"rank{r}.rng.{k}": v for k, v in rs["generators"].items()}
-            rng_ranks[f"rank{r}.rng.torch_cpu"] = rs["torch_cpu"]
-        save_file(rng_ranks, str(tmp / "rng-ranks.safetensors"))
-        state["ranks"] = [{"data": dict(rs["data"])} for rs in ranks]
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     if directory.exists():
         shutil.rmtree(directory)
@@ -116,13 +141,16 @@ def load_training_state(
     ema: dict[str, torch.Tensor],
     optimizers: Mapping[str, torch.optim.Optimizer],
     schedulers: Mapping[str, Any],
-    generators: Mapping[str, torch.Generator],
-    rank: int = 0,
+    generators: Mapping[str, torch.Generator] | None = None,
+    param_names: Mapping[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Restore in place; returns ``{"step", "data", "extra"}``.
+    """Restore in place, on any number of processes; returns ``{"step", "data", "extra"}``.
 
-    In a multi-process run each rank restores its own random state and data position (``rank``) from
-    the per-rank entries rank 0 wrote; a checkpoint without them (one process) restores rank 0's.
+    Every rank reads the same whole state: the (global) data position, the whole optimiser state, which a
+    sharded optimiser re-partitions over the ranks it has now (ZeRO-1: ``ZeroRedundancyOptimizer.load_state_dict``
+    keeps this rank's tensors; DeepSpeed: ``DeepSpeedGroup.load_state_dict`` its fragments), and the whole EMA.
+    ``generators`` named here are restored from the writer's state. A checkpoint of the older per-rank layout
+    (``ranks`` in ``state.json``) is refused: its data positions belong to one process count.
     """
     directory = Path(directory)
     state = json.loads((directory / "state.json").read_text())
@@ -147,23 +175,18 @@ def load_training_state(
     loaded = load_file(str(directory / "ema.safetensors"))
     ema.clear()
     ema.update({k: v.to(devices.get(k, v.device)) for k, v in loaded.items()})
+    if "ranks" in state:
+        raise ValueError(f"checkpoint {directory} holds per-rank random states and data positions (written by an "
+                         "older anyflow); it can only be resumed by that version with the same number of processes")
     for name, opt in optimizers.items():
         optimizer_from_files(
-            opt, load_file(str(directory / f"optim-{name}.safetensors")), state["optimizers"][name]
+            opt, load_file(str(directory / f"optim-{name}.safetensors")), state["optimizers"][name],
+            (param_names or {}).get(name),
         )
     for name, sch in schedulers.items():
         sch.load_state_dict(state["schedulers"][name])
     rng = load_file(str(directory / "rng.safetensors"))
-    data = state["data"]
-    per_rank = state.get("ranks")
-    if per_rank is not None:
-        if rank >= len(per_rank):
-            raise ValueError(f"checkpoint {directory} was written by {len(per_rank)} processes; rank {rank} has no "
-                             "state in it (resume with the same number of processes)")
-        mine = load_file(str(directory / "rng-ranks.safetensors"))
-        rng = {k[len(f"rank{rank}."):]: v for k, v in mine.items() if k.startswith(f"rank{rank}.")}
-        data = per_rank[rank]["data"]
-    for name, g in generators.items():
+    for name, g in (generators or {}).items():
         g.set_state(rng[f"rng.{name}"])
     torch.set_rng_state(rng["rng.torch_cpu"])
-    return {"step": state["step"], "data": data, "extra": state["extra"]}
+    return {"step": state["step"], "data": state["data"], "extra": state["extra"]}

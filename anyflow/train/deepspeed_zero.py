@@ -35,8 +35,8 @@ What DeepSpeed config entries mean here:
 
 Checkpoints stay anyflow's own, layout-independent format (safetensors + JSON, no pickle): the whole AdamW
 moments are gathered with ``deepspeed.utils.safe_get_full_optimizer_state`` and written exactly as a plain
-AdamW run writes them, so a run can resume with or without DeepSpeed (on the same number of processes, as
-every anyflow checkpoint: each rank's random state and data position are in it).
+AdamW run writes them, so a run can resume with or without DeepSpeed, and on another number of processes (each
+rank keeps its fragments of the whole tensors; docs/operations.md, "Resume on another number of processes").
 
 One difference from plain AdamW: DeepSpeed steps the flat partition as a whole, so a tensor that got no
 gradient in a step (e.g. the causal generator's patch embedding before any clip had compressed context) is

@@ -12,6 +12,7 @@ owns its losses and optimiser steps and is called once per iteration with a :cla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -78,6 +79,9 @@ class TrainContext:
     # groups share names)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     active_group: Callable[[], str | None] | None = None
+    # next_batch calls of this rank in the current step (the micro-batch index j of :meth:`next_batch`)
+    micro: int = 0
+    micro_step: int = -1  # the step ``micro`` counts for
 
     @property
     def device(self) -> torch.device:
@@ -91,8 +95,23 @@ class TrainContext:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
+    def begin_step(self, step: int) -> None:
+        """Start ``step``: reset the micro-batch count; draws before the step's first batch (no method makes
+        any) come from a (seed, step, rank) stream."""
+        self.step, self.micro, self.micro_step = step, 0, step
+        self.generator.manual_seed(draw_seed(self.cfg.seed, step, f"step-rank{self.rank}"))
+
     def next_batch(self) -> dict[str, Any]:
+        """The next micro-batch, and ``generator`` re-seeded for it: the j-th batch of rank r in a step is global
+        micro-batch g = j·W + r (the loader's global batch, ``anyflow.data.shards``), and its random draws come
+        from (seed, step, g) alone. So a sample's data and noise do not depend on how many ranks share the step
+        (docs/operations.md, "Resume on another number of processes"), and no random state needs saving."""
         batch = next(self.batches)
+        if self.micro_step != self.step:  # a caller that set ``step`` itself
+            self.micro, self.micro_step = 0, self.step
+        g = self.micro * self.world_size + self.rank
+        self.generator.manual_seed(draw_seed(self.cfg.seed, self.step, f"micro{g}"))
+        self.micro += 1
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -163,6 +182,12 @@ class TrainContext:
         opt.zero_grad(set_to_none=True)
         self.last_grad_norm[name] = value
         return value
+
+
+def draw_seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed from (seed, step, stream) only (the same on every rank and in every world size)."""
+    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -423,7 +448,8 @@ def fit(
     shard = shard_frozen_base(method.models, cfg.sharding, accelerator) if cfg.sharding != "none" else {}
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1000 * accelerator.process_index)
+    # re-seeded per micro-batch from (seed, step, global micro-batch) by TrainContext.next_batch
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     groups = method.optim_groups()
     ema_group = method.ema_group()
     ds: dict[str, Any] = {}
@@ -469,8 +495,8 @@ def fit(
     start = 0
     if resume_from is not None:
         restored = load_training_state(
-            resume_from, params=flat_params, ema=ema, optimizers=optimizers,
-            schedulers=schedulers, generators={"train": generator}, rank=accelerator.process_index,
+            resume_from, params=flat_params, ema=ema, optimizers=optimizers, schedulers=schedulers,
+            param_names={g: list(ps) for g, (ps, _) in groups.items()},
         )
         for opt in optimizers.values():
             if is_sharded_optimizer(opt):
@@ -500,19 +526,23 @@ def fit(
     world = accelerator.num_processes
 
     def checkpoint(step: int) -> None:
-        """Rank 0 writes (and publishes) one checkpoint for all ranks. Adapters and schedulers are identical
-        on every rank, and so are the optimisers and EMA unless ZeRO-1 splits them, in which case every rank's
-        part is gathered to rank 0 (one whole, layout-independent state); each rank's random state and data
-        position are gathered too (every rank resumes its own stream). Every rank returns with the same label."""
+        """Rank 0 writes (and publishes) one checkpoint for all ranks, in a layout that does not depend on the
+        number of processes (docs/operations.md, "Resume on another number of processes"). Adapters and
+        schedulers are identical on every rank, and so are the optimisers and EMA unless ZeRO-1 or DeepSpeed
+        splits them, in which case every rank's part is gathered to rank 0 (whole per-parameter tensors). The
+        data position is the loader's global sample cursor (the same on every rank at a step boundary: checked
+        here) and the random draws are derived from (seed, step, micro-batch), so no per-rank state is saved.
+        Every rank returns with the same label."""
         nonlocal last_ckpt
-        ranks = None
+        data_state = batches.state_dict()
         if world > 1:
             import torch.distributed as dist
 
-            ranks = [None] * world
-            mine = {"generators": {"train": generator.get_state()}, "torch_cpu": torch.get_rng_state(),
-                    "data": batches.state_dict()}
-            dist.all_gather_object(ranks, mine)
+            cursors: list[Any] = [None] * world
+            dist.all_gather_object(cursors, data_state.get("sample_cursor"))
+            if len(set(cursors)) != 1:
+                raise RuntimeError(f"{method.name}: the ranks' data cursors differ at step {step} ({cursors}): "
+                                   "every rank must draw as many batches per step")
             for opt in optimizers.values():
                 if is_sharded_optimizer(opt):  # every rank sends its moments to rank 0, which saves them all
                     opt.consolidate_state_dict(to=0)
@@ -526,8 +556,9 @@ def fit(
         if accelerator.is_main_process:
             save_training_state(
                 ckpt_dir, step=step, params=flat_params, ema=whole_ema, optimizers=saved,
-                schedulers=schedulers, generators={"train": generator}, data_state=batches.state_dict(),
-                ranks=ranks,
+                schedulers=schedulers, data_state=data_state,
+                param_names={g: list(ps) for g, (ps, _) in groups.items()},
+                extra={"world_size": world, "grad_accum": cfg.grad_accum, "batch_size": cfg.batch_size},
             )
             log.flush()
             if log_path.exists():
@@ -556,7 +587,7 @@ def fit(
 
     with _SigtermFlag() as sigterm, open(log_path, "a", encoding="utf-8") as log, bf16_frozen:
         for step in range(start, end):
-            ctx.step = step
+            ctx.begin_step(step)
             ts = time.perf_counter()
             autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
             with autocast:
