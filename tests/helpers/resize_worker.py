@@ -28,8 +28,9 @@ dataset, ckpt_url, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 steps, accum = int(sys.argv[4]), int(sys.argv[5])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 p = get_preset("tiny")
-tr = dataclasses.replace(p.flowmap.train, steps=steps, batch_size=1, grad_accum=accum, checkpoint_every=2,
-                         ema_warmup_step=1)
+tr = dataclasses.replace(
+    p.flowmap.train, steps=steps, batch_size=1, grad_accum=accum, checkpoint_every=2, ema_warmup_step=1
+)
 # the tiny base transformer as load_base("builtin:tiny") converts it (the VAE and text encoder are not needed)
 transformer = wan_to_anyflow(build_tiny_wan(0), copy=False).eval().requires_grad_(False)
 models = AdapterModel(transformer, rank=4, alpha=4.0, gradient_checkpointing=False)
