@@ -190,6 +190,17 @@ def test_status_takes_a_local_run_by_name_or_by_run_id(tmp_path: Path, capsys) -
     )
 
 
+def test_runs_lists_local_runs_by_name(tmp_path: Path, capsys) -> None:
+    workdir = tmp_path / "w"
+    code, out, _ = _main(["runs", "--workdir", str(workdir)], capsys)
+    assert code == 0 and out.strip() == f"no local runs in {workdir} (start one with 'anyflow run')"
+    _local_run(workdir, str(tmp_path / "store"))
+    code, out, _ = _main(["runs", "--workdir", str(workdir)], capsys)
+    (line,) = out.strip().splitlines()
+    assert code == 0 and line.startswith("first  ") and line.endswith("succeeded  1 artifacts")
+    assert "26713789" not in line  # the name only, as 'anyflow run' shows it
+
+
 def test_rerun_takes_a_local_run_id_and_finds_its_store(tmp_path: Path) -> None:
     """``rerun --run <run id>`` of a local run reads the stage records in the store its record names; before,
     a run id was looked up in ``<workdir>/store`` only ('no stage records')."""

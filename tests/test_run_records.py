@@ -323,7 +323,8 @@ def test_kfp_local_run_records_by_run_id_and_rerun_resolves_them(
     assert keys == sorted(f"{root}/runs/{run_id}/{s}.json" for s in STAGES)
     local = load_record("first", workdir)
     assert local["run_id"] == run_id and local["store"] == s3_prefix
-    assert "run: first (show it with 'anyflow status first --workdir" in out and run_id not in out  # one name
+    assert "run: first (show it with 'anyflow status first --workdir" in out  # one name: not the run id too
+    assert f"run id: {run_id}" not in out and f"--run {run_id}" not in out
     for stage in STAGES:
         doc = json.loads(_get(s3_server, f"{s3_prefix}/runs/{run_id}/{stage}.json"))
         role = OUTPUT_ROLE[stage]

@@ -226,7 +226,6 @@ def _remove_tree(url: str) -> bool:
     return True
 
 
-
 @contextlib.contextmanager
 def _staging(name: str, out: str) -> Iterator[Path]:
     """The private folder a stage writes its output files into before they are published: locked while the run
@@ -391,7 +390,8 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
                    help="input artifact, e.g. --in dataset=s3://bucket/data (repeatable)")
     p.add_argument("--out", type=url_argument, help="output artifact URL (default: content-addressed under --store)")
     p.add_argument("--store", type=url_argument, help="artifact store URL (local folder or s3://bucket/prefix)")
-    p.add_argument("--force", action="store_true", help="recompute even if a cached artifact exists")
+    p.add_argument("--force", action="store_true",
+                   help="recompute even if a cached artifact exists, from step 0 (its training checkpoints are removed)")
     p.add_argument("--strict", action="store_true",
                    help="prepare_data: a bad input clip (undecodable, too short, no caption) is fatal instead of skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
