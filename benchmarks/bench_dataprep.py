@@ -1,20 +1,40 @@
-"""Data-preparation throughput (clips/s) for the tiny VAE and a mid-size Wan VAE, printed as a table.
+"""Data-preparation throughput (clips/s) for the tiny VAE and a mid-size Wan VAE, printed as a table; then a
+partitioned prepare_data on 1 and P CPU workers side by side, and the analytic time for 10^5 clips at the 1.3B shape.
 
     python -m benchmarks.bench_dataprep                 # both VAEs, procedural + mp4 sources
     python -m benchmarks.bench_dataprep --clips 16 --vaes mid --device cuda
+    python -m benchmarks.bench_dataprep --vaes tiny --workers 2 --worker-clips 16 --repeats 5
 
 For each VAE it runs ``anyflow.data.prepare.prepare`` end to end (source → decode/resample/resize →
 VAE encode → text encode → shards) on the same clips from two sources: ``procedural`` (rendered in
 memory) and ``mp4`` (the same clips written as H.264 files first, so the row includes ffmpeg
 decoding), and also times the VAE encode alone on one batch, so the table shows where the time goes.
 Numbers are wall-clock on whatever machine runs it; compare rows of one run, not across machines.
+
+**Workers** (``--workers P``, 0 skips): the same procedural clips prepared with ``data.partition_size`` =
+clips / P (``anyflow.data.partitions``) by 1 worker process (every partition in turn) and by P worker processes
+(one partition each, as P ``prepare_partition`` pods would), each with one torch thread and its own encoders,
+into a fresh store each time, then merged; the two are alternated ``--repeats`` times and the table gives
+min / median clips/s and the count, of the wall time (process start, imports and merge included, as a pod's
+start is) and of the slowest worker's own time (model build + encode + publish).
+
+**Estimate** (``--no-estimate`` skips): VAE-encoder FLOPs of one 81 x 480 x 832 clip (the 1.3B preset's shape),
+counted by ``torch.utils.flop_counter`` on fake tensors of diffusers' ``AutoencoderKLWan`` with Wan2.1's
+defaults, and UMT5-XXL's encoder as 2 x params x 512 tokens; the time for N clips on P GPUs is
+``model load + ceil(N / P) x (decode + VAE + text)`` with the assumptions printed beside it (achieved fraction of
+the H100's dense bf16 peak, CPU decode time per clip, no overlap of decode and encode inside a worker: the
+prepare loop is sequential).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -83,13 +103,125 @@ def _bench(name: str, clips: int, batch: int, device: str, work: Path) -> list[t
     return rows
 
 
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _worker_cfg(clips: int, size: int):
+    from anyflow.config import apply_overrides, get_preset
+
+    frames, height, width = VAES["tiny"][1:]
+    return apply_overrides(get_preset("tiny"), {
+        "data.source": f"procedural:n={clips},seed=0", "data.partition_size": size, "data.frames": frames,
+        "data.height": height, "data.width": width, "data.fps": FPS, "data.samples_per_shard": 64})
+
+
+def _tiny_encoders():
+    vae, text = VideoVAE(build_tiny_vae(seed=0)), build_tiny_text_encoder(seed=0)
+    return vae.encode, text.encode
+
+
+def _encode_partitions(clips: int, size: int, store: str, indexes: list[int]) -> tuple[int, float]:
+    """One worker process: encode partitions ``indexes`` with one torch thread; returns (partitions encoded,
+    seconds in this function: model build + encode + publish, without the interpreter start and imports)."""
+    t = time.perf_counter()
+    from anyflow.data.partitions import prepare_partitioned
+
+    torch.set_num_threads(1)
+    summary, _ = prepare_partitioned(f"procedural:n={clips},seed=0", _worker_cfg(clips, size), store, ".",
+                                     load_encoders=_tiny_encoders, only=indexes)
+    assert summary["partitions_encoded"] == len(indexes), summary
+    return len(indexes), time.perf_counter() - t
+
+
+def _partitioned_run(clips: int, workers: int, parts: int, work: Path) -> tuple[float, float]:
+    """(wall seconds, slowest worker's in-function seconds) to prepare ``clips`` clips in ``parts`` partitions on
+    ``workers`` processes; the wall time includes the processes' start and the merge."""
+    from anyflow.data.partitions import merge_partitions, plan_partitions
+
+    size = math.ceil(clips / parts)
+    store = tempfile.mkdtemp(prefix="store-", dir=work)
+    n_parts = len(plan_partitions(f"procedural:n={clips},seed=0", size))
+    groups = [list(range(w, n_parts, workers)) for w in range(workers)]
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_encode_partitions, [clips] * workers, [size] * workers, [store] * workers, groups))
+    assert sum(n for n, _ in done) == n_parts
+    from anyflow.data.partitions import partition_url
+
+    cfg = _worker_cfg(clips, size)
+    urls = [partition_url(store, p, cfg) for p in plan_partitions(cfg.data.source, size)]
+    summary = merge_partitions(urls, tempfile.mkdtemp(prefix="ds-", dir=work))
+    assert summary["clips_written"] == clips, summary
+    return time.perf_counter() - t, max(s for _, s in done)
+
+
+def bench_workers(clips: int, workers: int, repeats: int, work: Path) -> list[tuple]:
+    """1 worker vs ``workers`` workers on the same ``workers`` partitions, alternated ``repeats`` times: clips/s
+    of the wall time (process start and merge included) and of the slowest worker's own time."""
+    wall: dict[int, list[float]] = {1: [], workers: []}
+    inner: dict[int, list[float]] = {1: [], workers: []}
+    for r in range(repeats):
+        order = (1, workers) if r % 2 == 0 else (workers, 1)
+        for w in order:
+            total, slowest = _partitioned_run(clips, w, workers, work)
+            wall[w].append(clips / total)
+            inner[w].append(clips / slowest)
+    med = statistics.median
+    return [(w, workers, clips, round(min(wall[w]), 3), round(med(wall[w]), 3), round(min(inner[w]), 3),
+             round(med(inner[w]), 3), len(wall[w]), round(med(inner[w]) / med(inner[1]), 2)) for w in wall]
+
+
+# ----------------------------------------------------------------------------------------- estimate
+
+#: Wan2.1 1.3B preset clip (frames x height x width) and UMT5-XXL encoder (params, tokens)
+CLIP_1_3B = (81, 480, 832)
+UMT5_XXL_ENCODER_PARAMS = 5.7e9  # google/umt5-xxl's encoder half (the text encoder Wan2.1 uses)
+TEXT_TOKENS = 512
+H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 peak (NVIDIA datasheet)
+
+
+def vae_encode_flops(frames: int, height: int, width: int) -> float:
+    """FLOPs of diffusers' AutoencoderKLWan (Wan2.1 defaults) encoding one clip, counted on fake tensors."""
+    from diffusers import AutoencoderKLWan
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode(), torch.no_grad():
+        vae = AutoencoderKLWan()
+        with FlopCounterMode(display=False) as counter:
+            vae.encode(torch.empty(1, 3, frames, height, width))
+    return float(counter.get_total_flops())
+
+
+def estimate_rows(n_clips: int, gpus: tuple[int, ...], vae_flops: float, *, utilisations=(0.15, 0.35),
+                  decode_s: float = 0.2, load_s: float = 120.0, merge_s: float = 60.0) -> list[tuple]:
+    """Hours for ``n_clips`` on P GPUs, for each assumed fraction of the bf16 peak."""
+    text_flops = 2 * UMT5_XXL_ENCODER_PARAMS * TEXT_TOKENS
+    rows = []
+    for u in utilisations:
+        per_clip = decode_s + (vae_flops + text_flops) / (H100_BF16_DENSE * u)
+        for p in gpus:
+            hours = (load_s + math.ceil(n_clips / p) * per_clip + merge_s) / 3600
+            rows.append((p, u, round(per_clip, 3), round(hours, 2)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=4, help="clips per run (default 4)")
     parser.add_argument("--batch", type=int, default=4, help="clips per VAE call (default 4)")
     parser.add_argument("--vaes", default="tiny,mid", help="comma-separated subset of: " + ", ".join(VAES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="partitioned run: P worker processes vs 1, on the CPU (default 2; 0 skips)")
+    parser.add_argument("--worker-clips", type=int, default=8, help="clips of the partitioned run (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated repeats of 1 and P workers (default 3)")
+    parser.add_argument("--no-estimate", action="store_true",
+                        help="skip the analytic 10^5-clip estimate (it counts the VAE's FLOPs: ~20 s on 2 cores)")
     args = parser.parse_args(argv)
+    if args.workers < 0 or args.worker_clips < max(1, args.workers) or args.repeats < 1:
+        parser.error(f"--workers {args.workers} must be >= 0, --worker-clips {args.worker_clips} >= --workers, and "
+                     f"--repeats {args.repeats} >= 1")
     names = [n.strip() for n in args.vaes.split(",") if n.strip()]
     unknown = [n for n in names if n not in VAES]
     if unknown:
@@ -103,7 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={args.device} torch threads={torch.get_num_threads()}")
     for r in [header, *rows]:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
+    if args.workers:
+        with tempfile.TemporaryDirectory(prefix="bench-partitions-") as tmp:
+            wrows = bench_workers(args.worker_clips, args.workers, args.repeats, Path(tmp))
+        print(f"\npartitioned prepare_data (tiny VAE, {VAES['tiny'][1]}x{VAES['tiny'][2]}x{VAES['tiny'][3]}, CPU, one "
+              f"torch thread per worker, {args.workers} partitions, alternated):")
+        _table(("workers", "partitions", "clips", "wall min clips/s", "wall median", "worker min clips/s",
+                "worker median", "count", "worker x 1"), wrows)
+    if not args.no_estimate:
+        flops = vae_encode_flops(*CLIP_1_3B)
+        print(f"\nestimate: 10^5 clips at {CLIP_1_3B[0]}x{CLIP_1_3B[1]}x{CLIP_1_3B[2]} (1.3B preset) on P H100s; VAE "
+              f"encode {flops / 1e12:.1f} TFLOP/clip (counted), UMT5-XXL {2 * UMT5_XXL_ENCODER_PARAMS * TEXT_TOKENS / 1e12:.1f}"
+              f" TFLOP/caption (2 x params x {TEXT_TOKENS}); assumed: decode 0.2 s/clip on the pod's CPUs, not overlapped"
+              "; 120 s model load per pod, 60 s merge; u = achieved fraction of 989 TFLOP/s dense bf16:")
+        _table(("GPUs", "u", "s/clip/GPU", "hours"), estimate_rows(100_000, (1, 8, 32, 64), flops))
     return 0
+
+
+def _table(header: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -213,3 +213,42 @@ def test_partition_size_is_a_checked_setting_and_needs_a_store(tmp_path: Path) -
         run_stage(
             "prepare_data", out=str(tmp_path / "out"), overrides={"data.partition_size": 4}, progress=False
         )
+
+
+@pytest.mark.slow
+def test_redistill_window_encodes_only_the_partitions_holding_new_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anyflow.ops.redistill import prepare_window
+    from anyflow.ops.window import plan_window
+    from anyflow.stages import common
+
+    real, clips = common.load_models, []
+
+    def counting(cfg):  # the stage's own encoders, counting the clips the VAE encodes
+        base = real(cfg)
+        encode = base.vae.encode
+        base.vae.encode = lambda x: (clips.append(x.shape[0]), encode(x))[1]
+        return base
+
+    monkeypatch.setattr(common, "load_models", counting)
+    store, parts = str(tmp_path / "store"), {**GEOM, "data.partition_size": 4}
+    w1 = plan_window("procedural:n=8,seed=5", None)
+    prepare_window(w1, store, preset="tiny", overrides=parts)
+    assert sum(clips) == 8 and len(_partition_dirs(tmp_path / "store")) == 2
+    # next generation: clips 8, 9 are new (partition [8, 12)), 3 replay items come from partitions [0, 4), [4, 8)
+    w2 = plan_window("procedural:n=10,seed=5", w1, replay_ratio=1.5)
+    assert w2.new == ["procedural-5-000008", "procedural-5-000009"] and len(w2.replay) == 3
+    clips.clear()
+    d2 = prepare_window(w2, store, preset="tiny", overrides=parts)
+    assert sum(clips) == 2 and len(_partition_dirs(tmp_path / "store")) == 3  # only the new items' partition
+    got = _read_all(d2)
+    assert got["keys"] == w2.selected
+    # reference: the same window prepared without partitions (all 5 selected clips encoded in one run)
+    ref = _read_all(prepare_window(w2, store, preset="tiny", overrides=GEOM))
+    assert ref["keys"] == got["keys"] and ref["captions"] == got["captions"]
+    assert torch.equal(got["text"], ref["text"]) and torch.equal(got["negative"], ref["negative"])
+    torch.testing.assert_close(got["latents"], ref["latents"], rtol=1e-6, atol=1e-6)  # other VAE batches
+    assert {p["uri"] for p in storage.read_manifest(d2)["parents"]} <= {
+        str(p) for p in (tmp_path / "store" / "artifacts" / PARTITION_STAGE).iterdir()
+    }

@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,6 +44,7 @@ from anyflow.data.shards import FORMAT, INDEX, NEGATIVE, VERSION
 PARTITION_STAGE = "prepare_partition"
 PARTITION_KIND = "dataset_partition"
 SUMMARY = "summary.json"
+KEYS = "keys.json"  # in a partition artifact: each shard's row keys and the listing item each row came from
 #: Encoders built on first use: a merge whose partitions are all cached loads no model.
 LoadEncoders = Callable[[], tuple[EncodeVideo, EncodeText]]
 
@@ -114,12 +115,40 @@ def plan_partitions(source: str, partition_size: int) -> list[Partition]:
     ]
 
 
-def partition_records(source: str, part: Partition) -> Iterator[Any]:
-    """The raw records of ``part`` (``anyflow.data.sources`` records, in the source's own order)."""
+def partition_records(source: str, part: Partition, item_of: dict[str, str] | None = None) -> Iterator[Any]:
+    """The raw records of ``part`` (``anyflow.data.sources`` records, in the source's own order).
+
+    ``item_of`` (filled while reading): record key -> the listing item it came from (the record's own key; for
+    webdataset shards, the ``.tar`` holding it), so that a dataset can later keep only some items' rows.
+    """
+    from anyflow.data import sources as S
     from anyflow.ops.window import Window, window_records
 
+    item_of = {} if item_of is None else item_of
+    if part.kind == "shards":  # one tar at a time, to know which tar each sample came from
+        single = source.lower().rstrip("/").endswith(".tar")
+        for tar, _ in part.items:
+            for record in S.webdataset_source([source if single else source.rstrip("/") + "/" + tar]):
+                item_of.setdefault(record.key, tar)
+                yield record
+        return
     seen = dict(part.items)
-    return window_records(Window(source, part.kind, 0, 0, seen, sorted(seen), []))
+    for record in window_records(Window(source, part.kind, 0, 0, seen, sorted(seen), [])):
+        item_of.setdefault(record.key, record.key.strip())
+        yield record
+
+
+def _write_keys(staging: Path, item_of: dict[str, str]) -> None:
+    """``keys.json``: per shard file, ``[key, item]`` of each row (what a selection-restricted merge reads)."""
+    from safetensors import safe_open
+
+    index = json.loads((staging / INDEX).read_text())
+    out = {}
+    for shard in index["shards"]:
+        with safe_open(str(staging / shard["file"]), framework="pt") as f:
+            keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+        out[shard["file"]] = [[k, item_of.get(k, k)] for k in keys]
+    (staging / KEYS).write_text(json.dumps({"shards": out}) + "\n")
 
 
 def encoder_config(cfg: Any) -> dict[str, Any]:
@@ -175,8 +204,9 @@ def encode_partition(
     d = cfg.data
     staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{part.name}-"))
     try:
+        item_of: dict[str, str] = {}
         summary = prepare(
-            partition_records(source, part),
+            partition_records(source, part, item_of),
             encode_video=encode_video,
             encode_text=encode_text,
             negative_prompt=WAN_NEGATIVE_PROMPT,
@@ -190,6 +220,7 @@ def encode_partition(
             progress=progress,
             require_samples=False,
         )
+        _write_keys(staging, item_of)
         conf = to_dict(cfg)
         conf["data"]["source"] = f"{part.name} of {source}"
         metrics = {
@@ -239,12 +270,15 @@ def prepare_partitioned(
     load_encoders: LoadEncoders,
     progress: bool = False,
     only: Sequence[int] | None = None,
+    select: Collection[str] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Encode every partition of ``source`` that is not cached yet, then merge them into ``out_dir``.
 
     A failing partition does not stop the others (they are published, hence cached for the rerun); after the
     loop one error names every failed partition. ``only``: encode just these partition indexes and skip the merge
-    (a pipeline's per-partition task). Returns ``(summary, partition artifact URLs)``.
+    (a pipeline's per-partition task). ``select``: listing items (a re-distillation window's new + replay items,
+    anyflow/ops/window.py): only the partitions holding one are encoded (whole: a partition is the cached unit),
+    and the dataset keeps only those items' rows. Returns ``(summary, partition artifact URLs)``.
     """
     from anyflow.config import StageInputError
 
@@ -260,6 +294,9 @@ def prepare_partitioned(
     urls: list[str] = []
     encoded: list[str] = []
     failures: list[tuple[Partition, BaseException]] = []
+    keep = None if select is None else set(select)
+    if keep is not None:
+        parts = [p for p in parts if any(k in keep for k, _ in p.items)]
     for part in parts:
         if only is not None and part.index not in only:
             continue
@@ -296,7 +333,7 @@ def prepare_partitioned(
         ) from failures[0][1]
     if only is not None:
         return {"partitions": len(parts), "partitions_encoded": len(encoded), "encoded": encoded}, urls
-    summary = merge_partitions(urls, out_dir, source=source)
+    summary = merge_partitions(urls, out_dir, source=source, keep=keep)
     summary.update(
         partitions=len(parts), partitions_encoded=len(encoded), partitions_cached=len(urls) - len(encoded)
     )
@@ -304,12 +341,16 @@ def prepare_partitioned(
     return summary, urls
 
 
-def merge_partitions(urls: Sequence[str], out_dir: str | Path, *, source: str = "") -> dict[str, Any]:
+def merge_partitions(
+    urls: Sequence[str], out_dir: str | Path, *, source: str = "", keep: Collection[str] | None = None
+) -> dict[str, Any]:
     """Write the dataset folder over the partition artifacts ``urls`` (in order): ``index.json`` referencing
     their shards, ``negative.safetensors`` (the first partition's, a few KB to MB), ``summary.json`` (sums).
 
-    Reads only the partitions' manifests, ``index.json`` and ``summary.json`` (CPU, no model). Raises
-    :class:`DataPrepError` when no partition holds a usable clip or when partitions disagree on shapes.
+    ``keep``: listing items whose rows the dataset holds (the others' rows are left out: a shard entry then
+    lists its ``rows``); ``None``: every row. Reads only the partitions' manifests, ``index.json``,
+    ``summary.json`` and ``keys.json`` (CPU, no model). Raises :class:`DataPrepError` when no partition holds a
+    usable clip or when partitions disagree on shapes. Skipped-clip counts are those of the whole partitions.
     """
     from anyflow import storage
 
@@ -342,16 +383,24 @@ def merge_partitions(urls: Sequence[str], out_dir: str | Path, *, source: str = 
                 f"partition {url} holds latents/text {mine} but earlier partitions hold {shapes}; "
                 "all partitions of a dataset must come from one encoder config"
             )
+        rows_of = json.loads(storage.fetch_file(url, KEYS).read_bytes())["shards"] if keep is not None else {}
         for s in index["shards"]:
-            shards.append(
-                {
-                    "file": s["file"],
-                    "num_samples": s["num_samples"],
-                    "artifact": url,
-                    "manifest_sha256": digest,
-                }
-            )
-    if shapes is None or negative_from is None:
+            entry = {
+                "file": s["file"],
+                "num_samples": s["num_samples"],
+                "artifact": url,
+                "manifest_sha256": digest,
+            }
+            if keep is not None:
+                rows = [i for i, (_, item) in enumerate(rows_of[s["file"]]) if item in keep]
+                if not rows:
+                    continue
+                if len(rows) < s["num_samples"]:
+                    entry.update(num_samples=len(rows), rows=rows, shard_samples=s["num_samples"])
+            shards.append(entry)
+    if keep is not None:
+        totals["clips_selected"] = sum(s["num_samples"] for s in shards)
+    if shapes is None or negative_from is None or not shards:
         raise DataPrepError(
             f"no usable clips in {len(urls)} partitions of {source or 'the source'}: read "
             f"{totals['clips_read']}, skipped {totals['clips_skipped']} ({dict(skipped)}); see the "

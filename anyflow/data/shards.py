@@ -10,7 +10,8 @@ Layout of a dataset directory (an artifact once ``anyflow.storage.publish`` adds
 
 A partitioned dataset (``data.partition_size`` > 0, :mod:`anyflow.data.partitions`) has no shard files of its
 own: each ``index.json`` shard entry also names the partition ``artifact`` holding the file and that artifact's
-``manifest_sha256``; the loader fetches it from there (``anyflow.storage.fetch_file``, hash-checked).
+``manifest_sha256``; the loader fetches it from there (``anyflow.storage.fetch_file``, hash-checked). An entry
+with ``rows`` (and ``shard_samples``, the file's own row count) holds only those rows of the file, in that order.
 
 Shard bytes depend only on the samples: safetensors keeps ``__metadata__`` in a hash map whose order
 changes from process to process, so :func:`save_canonical` rewrites the header it produced into one
@@ -164,6 +165,25 @@ def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+class _RowView:
+    """A safetensors handle seen through a list of its rows: ``get_slice(name)[a:b]`` reads rows ``rows[a:b]``."""
+
+    def __init__(self, handle: Any, rows: list[int]) -> None:
+        self.handle, self.rows = handle, rows
+
+    def metadata(self) -> Any:
+        return self.handle.metadata()
+
+    def get_slice(self, name: str) -> Any:
+        inner, rows = self.handle.get_slice(name), self.rows
+
+        class _Rows:
+            def __getitem__(self, item: slice) -> torch.Tensor:
+                return torch.cat([inner[r : r + 1] for r in rows[item]])
+
+        return _Rows()
+
+
 class LatentDataset:
     """Infinite, resumable, rank-sharded iterator over batches of a prepared dataset (local dir or URL).
 
@@ -269,8 +289,17 @@ class LatentDataset:
         handle = safe_open(str(self._shard_path(i)), framework="pt")
         meta = handle.metadata() or {}
         keys, caps = json.loads(meta.get("keys", "[]")), json.loads(meta.get("captions", "[]"))
-        if len(keys) != self._counts[i] or len(caps) != self._counts[i]:
-            raise DatasetError(f"{self.url}/{name} holds {len(keys)} keys but {INDEX} says {self._counts[i]} samples")
+        entry = self.index["shards"][i]
+        rows = entry.get("rows")  # a subset of a referenced shard's rows (a re-distillation window's items)
+        stored = int(entry.get("shard_samples", self._counts[i])) if rows is not None else self._counts[i]
+        if len(keys) != stored or len(caps) != stored:
+            raise DatasetError(f"{self.url}/{name} holds {len(keys)} keys but {INDEX} says {stored} samples")
+        if rows is not None:
+            if len(rows) != self._counts[i] or not all(isinstance(r, int) and 0 <= r < stored for r in rows):
+                raise DatasetError(f"{self.url}/{INDEX}: the rows of shard {i} ({name}) are not {self._counts[i]} "
+                                   f"row numbers below {stored}")
+            handle = _RowView(handle, rows)
+            keys, caps = [keys[r] for r in rows], [caps[r] for r in rows]
         self._open[i] = (handle, keys, caps)
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)

@@ -120,7 +120,10 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
     """Prepare only the window's items into a dataset artifact under ``<store>/artifacts/prepare_window/<key>``.
 
     The key hashes the selection (items + versions), the model and data geometry and the code
-    version, so a retried run reuses the dataset.
+    version, so a retried run reuses the dataset. With ``data.partition_size`` > 0 (in the run's overrides) it
+    encodes the source's partitions that hold a selected item (:mod:`anyflow.data.partitions`: each one a cached
+    artifact, so the replay items, in partitions an earlier run encoded, cost nothing) and the dataset references
+    the selected rows of them.
     """
     import torch
 
@@ -132,6 +135,8 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
 
     cfg = apply_overrides(get_preset(preset), overrides)
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "source"}
+    if not data.get("partition_size"):
+        data.pop("partition_size", None)  # unpartitioned: the keys of windows prepared before the setting existed
     key = hashlib.sha256(json.dumps({"window": window.digest(), "model": dataclasses.asdict(cfg.model),
                                      "data": data, "version": __version__}, sort_keys=True).encode()).hexdigest()[:20]
     out = storage.join(store, "artifacts", "prepare_window", key)
@@ -141,20 +146,34 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
                 return out
         except storage.ArtifactError:
             pass  # torn: prepare again
-    base = common.load_models(cfg)
     staging = Path(tempfile.mkdtemp(prefix="anyflow-window-"))
+    parents: list[str] = []
     try:
-        with torch.no_grad():
-            summary = prepare(
-                window_records(window), encode_video=base.vae.encode, encode_text=base.text.encode,
-                negative_prompt=WAN_NEGATIVE_PROMPT, out_dir=staging, frames=cfg.data.frames,
-                height=cfg.data.height, width=cfg.data.width, fps=cfg.data.fps,
-                samples_per_shard=cfg.data.samples_per_shard, strict=cfg.data.strict, progress=progress,
-            )
+        if cfg.data.partition_size:
+            # the source's partitions that hold a selected item (docs/interfaces.md "Partitioned data preparation"):
+            # new items land in the last ones, replay items in partitions an earlier run encoded (cache hits)
+            from anyflow.data.partitions import prepare_partitioned
+
+            def load() -> tuple:
+                base = common.load_models(cfg)
+                return base.vae.encode, base.text.encode
+
+            with torch.no_grad():
+                summary, parents = prepare_partitioned(window.source, cfg, store, staging, load_encoders=load,
+                                                       progress=progress, select=window.selected)
+        else:
+            base = common.load_models(cfg)
+            with torch.no_grad():
+                summary = prepare(
+                    window_records(window), encode_video=base.vae.encode, encode_text=base.text.encode,
+                    negative_prompt=WAN_NEGATIVE_PROMPT, out_dir=staging, frames=cfg.data.frames,
+                    height=cfg.data.height, width=cfg.data.width, fps=cfg.data.fps,
+                    samples_per_shard=cfg.data.samples_per_shard, strict=cfg.data.strict, progress=progress,
+                )
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         conf = to_dict(cfg)
         conf["data"]["source"] = f"window {window.digest()[:16]} of {window.source}"
-        storage.publish(staging, out, kind="dataset", config=conf, metrics=metrics,
+        storage.publish(staging, out, kind="dataset", config=conf, metrics=metrics, parents=parents,
                         extra={"cache_key": key, "stage": "prepare_window", "window": window.summary()})
     finally:
         shutil.rmtree(staging, ignore_errors=True)

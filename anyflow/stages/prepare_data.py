@@ -4,6 +4,10 @@ plus the negative-prompt embedding (docs/method.md §1.3–1.4, §10).
 
 Inputs: none (the source is ``data.source``). Output: a dataset artifact (shards, index.json,
 negative.safetensors, summary.json). Reads preset sections: model, data.
+
+With ``data.partition_size`` > 0 the source is encoded partition by partition into cached artifacts in the store
+and the output is an index over them (:mod:`anyflow.data.partitions`; docs/interfaces.md "Partitioned data
+preparation"); :func:`partition_plan` and :func:`encode_partition_item` are the pipelines' fan-out tasks.
 """
 
 from __future__ import annotations
