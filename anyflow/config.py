@@ -73,6 +73,7 @@ MAX_SEED = 2**31 - 1
 #: so the bound (3 GiB) refuses a frame size that could only end in an out-of-memory kill, before allocating.
 MAX_CLIP_PIXELS = 2**28
 WEIGHT_TYPES = ("beta08", "gaussian", "uniform")  # anyflow.timesteps.WEIGHT_KINDS (tests/test_config.py)
+CFG_TARGETS = ("released", "meanflow")  # anyflow.flowmap.CFG_TARGETS (tests/test_cfg_target.py)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class LossConfig:
     text_dropout: float = setting(0.1, ge=0, le=1)
     guidance_scale: float = setting(3.0, gt=0)  # fused CFG g_cfg (§6.2)
     fd_epsilon: float = setting(5.0, gt=0)  # τ units (§6.3)
+    # how fused CFG enters the target: "released" (§6.2-6.3, exact CFG only at r = t) or "meanflow" (§6.8,
+    # fixed point the CFG flow map; its loss is on u itself, g² times the released loss's scale)
+    cfg_target: str = setting("released", choices=CFG_TARGETS)
     weight_type: str = setting("beta08", choices=WEIGHT_TYPES)
     adaptive_scaling: bool = True
     diffusion_ratio: float = setting(0.5, ge=0, le=1)  # with consistency_ratio: at most 1 (validate)

@@ -1,4 +1,4 @@
-"""Forward flow-map loss and plain flow matching (pure maths; docs/method.md §4, §6.2–6.7, §7.4).
+"""Forward flow-map loss and plain flow matching (pure maths; docs/method.md §4, §6.2–6.8, §7.4).
 
 All times are fp32 τ tensors (B, F); all loss arithmetic is fp32 whatever the model dtype.
 """
@@ -29,6 +29,10 @@ from anyflow.timesteps import (
 GatherFn = Callable[[Tensor], Tensor]  # all-gathers a 1-D tensor across ranks (concatenated in rank order)
 
 
+#: How fused CFG enters the stage-1 target: the released recipe (§6.2–6.3) or MeanFlow's (§6.8).
+CFG_TARGETS = ("released", "meanflow")
+
+
 @dataclass(frozen=True)
 class FlowMapLossConfig:
     guidance_scale: float = 3.0  # §6.2 fused CFG scale g_cfg (1 = no fusion)
@@ -39,8 +43,13 @@ class FlowMapLossConfig:
     diffusion_ratio: float = 0.5  # §6.1
     consistency_ratio: float = 0.25
     shift: float = 5.0
+    cfg_target: str = "released"  # §6.2 (released) or §6.8 (meanflow)
 
     def __post_init__(self) -> None:
+        if self.cfg_target not in CFG_TARGETS:
+            raise ValueError(
+                f"FlowMapLossConfig.cfg_target {self.cfg_target!r} is unknown; valid: {', '.join(CFG_TARGETS)}."
+            )
         if self.guidance_scale <= 0:
             raise ValueError(f"FlowMapLossConfig.guidance_scale must be > 0, got {self.guidance_scale}.")
         if self.fd_epsilon <= 0:
@@ -51,6 +60,11 @@ class FlowMapLossConfig:
             )
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"FlowMapLossConfig.text_dropout must lie in [0, 1], got {self.text_dropout}.")
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """At least fp32: bf16/fp16 model outputs are promoted, fp64 (analytic references in tests) is kept."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def broadcast_time(tau: Tensor, z: Tensor) -> Tensor:
@@ -94,7 +108,50 @@ def flowmap_time_derivative(
     delta = fd_epsilon / NUM_TRAIN_TIMESTEPS
     u_plus = u(z + delta * direction, t + fd_epsilon, r, c)
     u_minus = u(z - delta * direction, t - fd_epsilon, r, c)
-    return (u_plus.float() - u_minus.float()) / (2.0 * fd_epsilon)
+    return (_fp32(u_plus) - _fp32(u_minus)) / (2.0 * fd_epsilon)
+
+
+def guided_prediction_and_target(
+    u: FlowMapFn,
+    z: Tensor,
+    velocity: Tensor,
+    t: Tensor,
+    r: Tensor,
+    c: Tensor,
+    c_neg: Tensor,
+    dropped: Tensor,
+    cfg: FlowMapLossConfig,
+) -> tuple[Tensor, Tensor]:
+    """The stage-1 (prediction, target) pair that the loss compares, fp32; the target carries no gradient.
+
+    ``velocity`` is the per-sample velocity ε − x, ``c`` the (already dropped-out) text, ``dropped`` (B,)
+    which samples got the negative embedding. ``cfg.cfg_target``:
+
+    * ``released`` (§6.2–6.3): p = (u_c − (1 − g)·sg(u_θ(z, t, r, ∅)))/g against
+      (ε − x) − (t − r)·D/g, D the central difference along (ε − x, +1). Exact CFG only at r = t.
+    * ``meanflow`` (§6.8): p = u_c against ṽ − (t − r)·D with ṽ = w·(ε − x) + (1 − w)·sg(u_θ(z, t, t, ∅)),
+      D along (ṽ, +1), w = g (1 for dropped samples). Fixed point: the CFG-g flow map, to O(ε_fd²).
+    """
+    g = float(cfg.guidance_scale)
+    velocity = _fp32(velocity)
+    u_c = _fp32(u(z, t, r, c))  # §6.2 step 1, with grad
+    if cfg.cfg_target == "meanflow":
+        with torch.no_grad():  # §6.8
+            w = broadcast_time((1.0 + (g - 1.0) * (~dropped).to(velocity.dtype))[:, None].expand_as(t), z)
+            if g != 1.0:
+                v_neg = _fp32(u(z, t, t, expand_negative(c_neg, c)))  # u_∅ on the diagonal: v_∅(z, t)
+                v_tilde = w * velocity + (1.0 - w) * v_neg
+            else:
+                v_tilde = velocity
+            d = flowmap_time_derivative(u, z, t, r, c, v_tilde, cfg.fd_epsilon)  # along (ṽ, +1), no 1/w
+            target = v_tilde - broadcast_time(t - r, z) * d
+        return u_c, target
+    with torch.no_grad():
+        u_neg = _fp32(u(z, t, r, expand_negative(c_neg, c))) if g != 1.0 else torch.zeros_like(u_c)
+        d = flowmap_time_derivative(u, z, t, r, c, velocity, cfg.fd_epsilon) / g  # §6.3, de-guided units
+        target = velocity - broadcast_time(t - r, z) * d
+    p = (u_c - (1.0 - g) * u_neg) / g  # §6.2 step 3
+    return p, target
 
 
 def _per_type_means(per_sample: Tensor, pair_type: Tensor) -> dict[str, Tensor]:
@@ -121,12 +178,11 @@ def forward_flowmap_loss(
     """§6.7: the forward (data) flow-map loss with fused CFG, central-difference target and adaptive scaling.
 
     ``u`` is the student (4 calls: u_c with grad; u_∅, u_+, u_− without; u_∅ is skipped when
-    guidance_scale = 1). ``gather`` all-gathers a 1-D tensor across ranks (identity by default).
+    guidance_scale = 1). ``cfg.cfg_target`` picks the released target or MeanFlow's (§6.8). ``gather`` all-gathers a 1-D tensor across ranks (identity by default).
     Returns (mean loss over the local batch, diagnostics).
     """
     check_latent(x)
     B, F = x.shape[:2]
-    g = float(cfg.guidance_scale)
     x = x.float()
     c, dropped = apply_text_dropout(c, c_neg, cfg.text_dropout, generator)
     eps = noise_like(x, generator)
@@ -146,12 +202,7 @@ def forward_flowmap_loss(
     z = sigma_t * eps + (1.0 - sigma_t) * x
     w = eps - x  # conditional velocity, the tangent direction of the central difference
 
-    u_c = u(z, t, r, c).float()  # §6.2 step 1, with grad
-    with torch.no_grad():
-        u_neg = u(z, t, r, expand_negative(c_neg, c)).float() if g != 1.0 else torch.zeros_like(u_c)
-        d = flowmap_time_derivative(u, z, t, r, c, w, cfg.fd_epsilon) / g  # §6.3, de-guided units
-        target = w - broadcast_time(t - r, x) * d
-    p = (u_c - (1.0 - g) * u_neg) / g  # §6.2 step 3
+    p, target = guided_prediction_and_target(u, z, w, t, r, c, c_neg, dropped, cfg)
 
     raw = ((p - target) ** 2).mean(dim=(1, 2, 3, 4))  # §6.4, fp32
     weighted = raw * loss_weight(t, loss_weight_table(cfg.weight_type, cfg.shift).to(x.device), cfg.shift)

@@ -42,6 +42,7 @@ def flowmap_loss_config(loss: LossConfig) -> FlowMapLossConfig:
         diffusion_ratio=loss.diffusion_ratio,
         consistency_ratio=loss.consistency_ratio,
         shift=loss.shift,
+        cfg_target=loss.cfg_target,
     )
 
 
