@@ -55,8 +55,10 @@ def _dataset(root: Path) -> str:
     return str(root)
 
 
-def _launch(dataset: str, ckpt: Path, out: Path, steps: int, world: int, accum: int) -> list[dict]:
-    torchrun("resize_worker.py", dataset, str(ckpt), str(out), str(steps), str(accum), world=world)
+def _launch(
+    dataset: str, ckpt: Path, out: Path, steps: int, world: int, accum: int, *extra: str
+) -> list[dict]:
+    torchrun("resize_worker.py", dataset, str(ckpt), str(out), str(steps), str(accum), *extra, world=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -132,6 +134,37 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(tmp_path: Path) 
     assert all(
         k.startswith("state.") and not k.split(".")[1].isdigit() for k in want_moments
     )  # keyed by name
+
+
+@pytest.mark.slow
+def test_a_zero1_checkpoint_is_re_sharded_on_another_number_of_ranks(tmp_path: Path) -> None:
+    """The same with ``train.shard_optimizer`` (ZeRO-1: each rank keeps the AdamW moments and EMA of its own
+    tensors): the 2-rank checkpoint holds them whole (gathered on save); on 4 ranks ZeroRedundancyOptimizer's
+    ``load_state_dict`` keeps each rank's new share, on 1 rank plain AdamW takes them all. Same samples exactly,
+    same weights and EMA within float tolerance (module docstring)."""
+    ds = _dataset(tmp_path / "data")
+    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, "zero")
+    _launch(ds, tmp_path / "ckpt-b", tmp_path / "b", 2, 2, 2, "zero")
+    shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-c")
+    one = _launch(ds, tmp_path / "ckpt-b", tmp_path / "one", 4, 1, 4, "zero")
+    four = _launch(ds, tmp_path / "ckpt-c", tmp_path / "four", 4, 4, 1, "zero")
+    total = straight[0]["optimizer_shard"]["params"]
+    assert [r["optimizer_shard"]["local_params"] for r in one] == [total]  # one process: no sharding
+    assert sum(r["optimizer_shard"]["local_params"] for r in four) == total  # four disjoint shares ...
+    assert max(r["optimizer_shard"]["local_params"] for r in four) < total  # ... none of them whole
+    want_batches = _global_batches(straight, 2, first_call=4, steps=2)
+    want_moments = load_file(str(tmp_path / "ckpt-a" / "step-00000004" / "optim-generator.safetensors"))
+    for name, run, accum, ckpt in (("1 rank", one, 4, "ckpt-b"), ("4 ranks", four, 1, "ckpt-c")):
+        assert _global_batches(run, accum, first_call=0, steps=2) == want_batches, name
+        for r in run:
+            for key in ("params", "ema"):
+                diff = _max_diff(r[key], straight[0][key])
+                print(f"ZeRO-1, {name} {key}: max |resumed - straight| = {diff:.3g}")
+                assert diff <= ATOL, (name, key, diff)
+        moments = load_file(str(tmp_path / ckpt / "step-00000004" / "optim-generator.safetensors"))
+        assert sorted(moments) == sorted(want_moments), name
+        for k, v in moments.items():
+            torch.testing.assert_close(v, want_moments[k], atol=ATOL, rtol=RTOL, msg=f"{name}: {k}")
 
 
 def test_the_stage_key_holds_the_global_batch_not_the_process_count() -> None:

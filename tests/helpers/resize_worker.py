@@ -2,11 +2,12 @@
 store folder, exactly as the stages run it (``anyflow.stages.common.train_resumable``), with a chosen gradient
 accumulation, so that runs on different numbers of ranks train on the same global batch.
 
-    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM
+    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM [zero]
 
 Trains to ``STEPS`` with micro-batches of one sample (resuming from the newest checkpoint under ``CKPT_URL`` if
 there is one) and writes OUT/rankR.pt: the trained adapter, the EMA, the step it resumed from, this rank's
-loader state and the keys of every batch this rank drew, in order.
+loader state, the keys of every batch this rank drew, in order, and how many trainable elements' AdamW moments
+this rank held. ``zero``: ``train.shard_optimizer`` (ZeRO-1: moments and EMA split over the ranks).
 """
 
 import dataclasses
@@ -26,10 +27,17 @@ from anyflow.train.methods import FlowMapMethod
 
 dataset, ckpt_url, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 steps, accum = int(sys.argv[4]), int(sys.argv[5])
+zero = sys.argv[6:] == ["zero"]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 p = get_preset("tiny")
 tr = dataclasses.replace(
-    p.flowmap.train, steps=steps, batch_size=1, grad_accum=accum, checkpoint_every=2, ema_warmup_step=1
+    p.flowmap.train,
+    steps=steps,
+    batch_size=1,
+    grad_accum=accum,
+    checkpoint_every=2,
+    ema_warmup_step=1,
+    shard_optimizer=zero,
 )
 # the tiny base transformer as load_base("builtin:tiny") converts it (the VAE and text encoder are not needed)
 transformer = wan_to_anyflow(build_tiny_wan(0), copy=False).eval().requires_grad_(False)
@@ -69,6 +77,7 @@ torch.save(
         "resumed_from": result.resumed_from,
         "data": data.state_dict(),
         "keys": batches.keys,
+        "optimizer_shard": result.optimizer_shard,
     },
     out / f"rank{rank}.pt",
 )
