@@ -450,3 +450,29 @@ def test_pipelines_have_an_optional_export_step(name, tmp_path, monkeypatch):
     assert "pipelinechannel--export'] == true" in text
     if name == "anyflow-redistill":  # only after a promotion
         assert "redistill-decide-Output'] == 'promoted'" in text
+
+
+def test_bfloat16_export_holds_the_float32_export_rounded(tmp_path):
+    from safetensors import safe_open
+
+    ck = _small_checkpoint(tmp_path / "ck")
+    for dtype in ("float32", "bfloat16"):
+        args = ["export", ck, "--format", "diffusers", "--output", str(tmp_path / dtype), "--dtype", dtype]
+        assert cli_main(args) == 0
+    path = "transformer/diffusion_pytorch_model.safetensors"
+    full = load_file(str(tmp_path / "float32" / path))
+    half = load_file(str(tmp_path / "bfloat16" / path))
+    assert full.keys() == half.keys()
+    from diffusers import AnyFlowTransformer3DModel
+
+    keep = (
+        AnyFlowTransformer3DModel._keep_in_fp32_modules
+    )  # what from_pretrained keeps in fp32, as upstream says
+    kept = {k for k, v in half.items() if v.dtype == torch.float32}
+    assert kept and kept == {k for k in half if any(m in k.split(".") for m in keep)}
+    assert sum(v.dtype == torch.bfloat16 for v in half.values()) > len(half) // 2
+    for k, v in half.items():  # merged in fp32, then rounded once (or twice: base, then base + delta)
+        torch.testing.assert_close(v.float(), full[k], rtol=2e-2, atol=1e-3, msg=k)
+    with safe_open(str(tmp_path / "bfloat16" / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())  # the VAE stays fp32
+    assert json.loads((tmp_path / "bfloat16" / "config.json").read_text())["dtype"] == "bfloat16"
