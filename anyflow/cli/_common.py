@@ -24,15 +24,27 @@ class UserError(Exception):
 
 def _overrides(args: argparse.Namespace, items: list[str] | None = None, *, over: dict[str, Any] | None = None,
                flag: str = "") -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` items (default: ``--set``) and validate them against the preset, applied over
-    ``over``, before any stage runs; a bad key or value is a ``UserError`` (prefixed with ``flag``)."""
-    from anyflow.config import ConfigError, apply_overrides, get_preset, parse_override_args
+    """Parse ``KEY=VALUE`` items (default: the ``--config`` file's overrides, then ``--set`` over them) and
+    validate them against the preset, applied over ``over``, before any stage runs; a bad key or value is a
+    ``UserError`` (prefixed with ``flag``)."""
+    from anyflow.config import (
+        ConfigError,
+        apply_overrides,
+        get_preset,
+        load_overrides_file,
+        merge_overrides,
+        parse_override_args,
+    )
 
+    config = None
     if items is None:
         items = list(getattr(args, "set", None) or [])
+        config = getattr(args, "config", None)
     try:
-        overrides = parse_override_args(items)
-        apply_overrides(get_preset(args.preset), {**(over or {}), **overrides})  # unknown preset/key
+        overrides = merge_overrides(load_overrides_file(config) if config else {}, parse_override_args(items))
+        apply_overrides(get_preset(args.preset), merge_overrides(over, overrides))  # unknown preset/key
+    except OSError as exc:  # the --config file cannot be read (a bad YAML or key is a ConfigError)
+        raise UserError(f"--config {config}: {exc.strerror or exc}") from None
     except ConfigError as exc:
         raise UserError(f"{flag}: {exc}" if flag else str(exc)) from None
     return overrides
@@ -179,8 +191,8 @@ def _pipeline_params(args: argparse.Namespace, pipeline_func: Any = None) -> dic
     given = {}  # pipeline input -> the flag that set it explicitly
     if getattr(args, "preset_given", False):
         given["preset"] = "--preset"
-    if args.set:
-        given["overrides_json"] = "--set"
+    if args.set or getattr(args, "config", None):
+        given["overrides_json"] = "--set" if args.set else "--config"
     if args.store:
         params["store"] = args.store
         given["store"] = "--store"
@@ -268,6 +280,8 @@ def _guard(handler):
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
     p.add_argument("--preset", default=None, help=f"preset name (default: {DEFAULT_PRESET})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable (e.g. distill.train.steps=2)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="YAML file of config overrides (nested or dotted keys), applied before --set")
     p.add_argument("--image", default=None,
                    help="component image, best by digest (REPO@sha256:…; default: $ANYFLOW_IMAGE); required on a cluster")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")

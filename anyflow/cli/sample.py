@@ -11,7 +11,7 @@ from anyflow.urls import url_argument
 
 
 def _handler(args: argparse.Namespace) -> int:
-    from anyflow.config import parse_override_args
+    from anyflow.config import load_overrides_file, merge_overrides, parse_override_args
 
     prompts = args.prompt or ["a red circle moving left on a black background"]
     out = Path(args.out)
@@ -21,7 +21,8 @@ def _handler(args: argparse.Namespace) -> int:
     if taken and not args.overwrite:  # before any model is loaded
         raise UserError(f"{taken[0]} exists ({len(taken)} of the {len(paths)} output files do); pass --overwrite "
                         "to replace them, or another --out folder or --seed.")
-    overrides = parse_override_args(args.overrides)
+    overrides = merge_overrides(load_overrides_file(args.config) if args.config else {},
+                                parse_override_args(args.overrides))
 
     from anyflow.data.video import write_video
     from anyflow.sample import sample_videos
@@ -60,6 +61,7 @@ def add_cli(sub: Any) -> None:
                    help="preset to sample with (default: the config the checkpoint was trained with, from its "
                    "config.json; far-* for causal checkpoints)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="preset override")
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file of preset overrides, applied before --set")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--image", help="I2V (FAR only): image file whose VAE latent is the first, kept frame")
     p.add_argument("--video", help="V2V (FAR only): video whose first frames are kept and continued")
