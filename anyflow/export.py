@@ -282,31 +282,35 @@ def export_to_store(
     store: str | None,
     formats: str = "diffusers,lora",
     out_dir: str | None = None,
+    dtype: str = "float32",
     progress: bool = True,
 ) -> dict[str, str]:
     """Export ``checkpoint`` in each of ``formats``; returns ``{format: export URL}`` (the KFP ``export`` step).
 
     With ``store`` the exports go to ``{store}/exports/{format}/{key}``, ``key`` = the first 20 hex digits of the
     checkpoint's manifest sha256: an export already there whose manifest names this checkpoint (same digest) and
-    verifies is reused, not redone. Without ``store`` they go to ``{out_dir}/{format}``.
+    verifies is reused, not redone. Without ``store`` they go to ``{out_dir}/{format}``. ``dtype="bfloat16"``
+    writes ``{format}-bfloat16`` instead of ``{format}``.
     """
     from anyflow import storage
 
     names = export_formats(formats)
+    if dtype not in DTYPES:
+        raise _bad(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     if not store and not out_dir:
         raise _bad("export needs a store URL or an output folder.")
-    checkpoint_preset(
-        checkpoint
-    )  # verify first: a corrupted checkpoint is refused before anything is written
+    # verify first: a corrupted checkpoint is refused before anything is written
+    checkpoint_preset(checkpoint)
     digest = storage.manifest_digest(checkpoint)
     urls = {}
     for fmt in names:
-        url = storage.join(store, "exports", fmt, digest[:20]) if store else storage.join(out_dir, fmt)
+        sub = fmt if dtype == "float32" else f"{fmt}-{dtype}"
+        url = storage.join(store, "exports", sub, digest[:20]) if store else storage.join(out_dir, sub)
         if store and _reusable(url, digest):
             if progress:
                 print(f"export: reusing {fmt} export {url}", flush=True)
         else:
-            export(checkpoint, fmt=fmt, output=url, progress=progress)
+            export(checkpoint, fmt=fmt, output=url, dtype=dtype, progress=progress)
         urls[fmt] = url
     return urls
 

@@ -374,6 +374,7 @@ def test_export_component_interface(monkeypatch):
         "formats": ("String", "diffusers,lora"),
         "checkpoint_uri": ("String", ""),
         "promoted_config_json": ("String", ""),
+        "dtype": ("String", "float32"),
     }
     assert {k: v.type.split("@")[0] for k, v in spec.outputs.items()} == {
         "exports": "system.Artifact",

@@ -10,6 +10,7 @@ def export(
     checkpoint: Input[Model] = None,
     checkpoint_uri: str = "",
     promoted_config_json: str = "",
+    dtype: str = "float32",
 ) -> str:
     """Export a generator checkpoint for use without anyflow (``anyflow export``; CPU only).
 
@@ -26,6 +27,8 @@ def export(
         checkpoint_uri: Store URL of the checkpoint, instead of the ``checkpoint`` input artifact.
         promoted_config_json: A RedistillConfig JSON: export the model its ``name`` has promoted in ``store``
             (the ``anyflow-redistill`` step after a promotion).
+        dtype: ``float32`` (default: the trained weights exactly) or ``bfloat16`` (half the size; the VAE and
+            diffusers' ``_keep_in_fp32_modules`` stay float32).
 
     Returns:
         exports: Output pointer file ``{"anyflow_uri": {format: URL}}`` (the exports themselves when no store).
@@ -51,7 +54,7 @@ def export(
         else:
             source = input_uri(checkpoint, checkpoint_uri)
         urls = export_to_store(
-            source, store=store or None, formats=formats, out_dir=None if store else exports.path
+            source, store=store or None, formats=formats, out_dir=None if store else exports.path, dtype=dtype
         )
     exports.metadata[POINTER_KEY] = json.dumps(urls, sort_keys=True)
     exports.metadata["anyflow_source"] = source
