@@ -224,6 +224,33 @@ def test_rerun_takes_a_local_run_id_and_finds_its_store(tmp_path: Path) -> None:
         assert cli_run._rerun_uris(args) == {"dataset": uri}, ref
 
 
+def test_rerun_of_a_local_run_writes_to_that_runs_store(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``rerun --run NAME`` without --store runs the stage on the run's own store (from its record), as the
+    summary's hint 'anyflow rerun --stage STAGE --run NAME' promises; --store still wins."""
+    from pipelines import local
+
+    store = str(tmp_path / "elsewhere-store")
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "index.json").write_text("{}")
+    uri = storage.join(store, "artifacts", "prepare_data", "k1")
+    storage.publish(src, uri, kind="dataset")
+    R.write_stage_record(store, "26713789", stage="prepare_data", output="dataset", uri=uri)
+    workdir = tmp_path / "w"
+    _local_run(workdir, store)
+    seen = []
+
+    def runner(func, params, *args, **kwargs):  # the pipeline itself is not what this test is about
+        seen.append(params["store"])
+        raise local.LocalRunError("stopped by the test")
+
+    monkeypatch.setattr(local, "run_local", runner)
+    base = ["rerun", "--stage", "train_teacher", "--run", "first", "--workdir", str(workdir)]
+    assert _main(base, capsys)[0] == 2
+    assert _main([*base, "--store", str(tmp_path / "other")], capsys)[0] == 2
+    assert seen == [store, str(tmp_path / "other")]
+
+
 def test_the_run_summary_names_the_run_once(tmp_path: Path, capsys) -> None:
     """``anyflow run`` printed a run id and (in the record path) a run name; now one name, which ``status`` and
     ``rerun --run`` take."""

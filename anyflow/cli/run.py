@@ -198,6 +198,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     _configure_s3(args)
     uris = _rerun_uris(args)
+    if args.run and not args.store:  # a local run's store is in its record: the rerun writes beside its artifacts
+        from pipelines.local import find_record
+
+        local = find_record(args.run, args.workdir)
+        args.store = (local or {}).get("store") or None
     try:
         platform = _platform(args) if args.host else Platform.local_runner()
         image = _cluster_image(args) if args.host else args.image
@@ -265,8 +270,9 @@ def add_rerun(subparsers: Any) -> None:
     p.add_argument("--from", dest="from_", action="append", metavar="ROLE=URI", type=role_url_argument, help="input artifact, repeatable")
     p.add_argument("--run", default=None, metavar="RUN",
                    help="take the inputs from an earlier run: a local run's name or run id from 'anyflow run' "
-                   "(see 'anyflow runs'; its store is in its record), or a KFP run id (its stage records under "
-                   "<store>/runs/<id>/, so pass the run's --store); --from overrides single roles")
+                   "(see 'anyflow runs'; its store, from its record, is also the rerun's unless --store is given), "
+                   "or a KFP run id or, with --host, a KFP run name (its stage records under <store>/runs/<id>/, "
+                   "so pass the run's --store); --from overrides single roles")
     p.add_argument("--force", action="store_true",
                    help="recompute the stage even if the store (or KFP's cache) holds it: its cached artifact and "
                    "training checkpoints for these inputs and settings are removed first and it trains from step 0; "
