@@ -9,7 +9,8 @@ def add_cli(sub: Any) -> None:
     from anyflow.bench import add_arguments, run_from_args
 
     p = sub.add_parser("bench", help="run the benchmarks and print ratio tables",
-                       description="Benchmarks measure side by side in one run and print ratios; times are indicative. "
-                                   "Same as `python -m benchmarks`.")
+                       description="Benchmarks alternate the compared sides in one process and print min/median ratios "
+                                   "with the number of pairs; times are indicative. --quick is a smoke run (all "
+                                   "benchmarks together <= 3 minutes on 2 CPU cores). Same as `python -m benchmarks`.")
     add_arguments(p)
     p.set_defaults(func=run_from_args)
