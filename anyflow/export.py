@@ -33,6 +33,7 @@ from typing import Any
 FORMATS = ("diffusers", "lora")
 DTYPES = ("float32", "bfloat16")
 KIND = "export"
+BASE_KIND = "export-base"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 NON_LORA_FILE = "non_lora.safetensors"
 BASE_DIR = "base"
@@ -166,12 +167,17 @@ def export(
     output: str,
     dtype: str = "float32",
     adapter: str = "generator",
+    base_output: str | None = None,
     progress: bool = True,
 ) -> ExportResult:
     """Export ``checkpoint``'s generator to ``output`` in ``fmt`` (``diffusers`` or ``lora``); see the module doc.
 
     The checkpoint is verified first; the base is loaded on the CPU in ``dtype`` (the VAE stays fp32). The
     artifact is published with ``storage.publish`` (kind ``export``, parent: the checkpoint).
+
+    ``base_output`` (``lora`` only): publish the converted base there (kind ``export-base``) instead of into
+    ``output/base/``, and only if no base with the same :func:`base_key` is there already (then it is named, not
+    rewritten); the LoRA export's ``config.json`` names it as ``base_url`` and its manifest lists it as a parent.
     """
     from safetensors.torch import save_file
 
@@ -251,20 +257,76 @@ def export(
                 )
             elif "non_lora_file" in info:
                 del info["non_lora_file"]
-            _save(_pipeline(cfg, base, base.transformer), staging / BASE_DIR)
+            if base_output is None:
+                _save(_pipeline(cfg, base, base.transformer), staging / BASE_DIR)
+            else:
+                key = base_key(cfg, dtype)
+                info.pop("base_folder", None)
+                info["base_url"] = str(base_output)
+                if _reusable_base(base_output, key):
+                    if progress:
+                        print(f"export: the converted base is already at {base_output}", flush=True)
+                else:
+                    base_staging = staging.parent / (staging.name + "-base")
+                    try:
+                        _save(_pipeline(cfg, base, base.transformer), base_staging)
+                        base_info = {k: v for k, v in info.items() if k not in ("format", "source", "lora")}
+                        base_info.update(format="base", base_key=key)
+                        storage.publish(
+                            base_staging,
+                            base_output,
+                            kind=BASE_KIND,
+                            config=base_info,
+                            extra={"base_key": key},
+                        )
+                    finally:
+                        shutil.rmtree(base_staging, ignore_errors=True)
         if progress:
             print(f"export: publishing {fmt} export to {output}", flush=True)
         storage.publish(
             staging,
             output,
             kind=KIND,
-            parents=[checkpoint],
+            parents=[checkpoint] + ([str(base_output)] if fmt == "lora" and base_output else []),
             config=info,
             extra={"format": fmt, "source": str(checkpoint)},
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(str(output), fmt, info)
+
+
+def base_key(cfg: Any, dtype: str) -> str:
+    """What identifies the converted base of a LoRA export: the base model, the conversion settings (gate,
+    FAR layout), the scheduler shift, the dtype and the code version (sha256 hex)."""
+    import hashlib
+
+    from anyflow.storage import code_version
+
+    spec = {
+        "base": cfg.model.base,
+        "variant": cfg.variant,
+        "gate_value": float(cfg.model.gate_value),
+        "shift": float(cfg.flowmap.loss.shift),
+        "dtype": dtype,
+        "code": code_version(),
+    }
+    if cfg.variant == "far":
+        spec["far"] = [list(cfg.far.chunk_partition), int(cfg.far.full_chunk_limit)]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable_base(url: str, key: str) -> bool:
+    from anyflow import storage
+
+    try:
+        manifest = storage.read_manifest(url)
+        if manifest.get("kind") != BASE_KIND or manifest.get("extra", {}).get("base_key") != key:
+            return False
+        storage.verify(url)
+        return True
+    except (storage.ArtifactError, FileNotFoundError):
+        return False
 
 
 def export_formats(text: str) -> tuple[str, ...]:
@@ -290,7 +352,8 @@ def export_to_store(
     With ``store`` the exports go to ``{store}/exports/{format}/{key}``, ``key`` = the first 20 hex digits of the
     checkpoint's manifest sha256: an export already there whose manifest names this checkpoint (same digest) and
     verifies is reused, not redone. Without ``store`` they go to ``{out_dir}/{format}``. ``dtype="bfloat16"``
-    writes ``{format}-bfloat16`` instead of ``{format}``.
+    writes ``{format}-bfloat16`` instead of ``{format}``. A LoRA export in a store names the converted base at
+    ``{store}/exports/base/{base_key}``, written by the first export that needs it (``export(base_output=…)``).
     """
     from anyflow import storage
 
@@ -310,7 +373,11 @@ def export_to_store(
             if progress:
                 print(f"export: reusing {fmt} export {url}", flush=True)
         else:
-            export(checkpoint, fmt=fmt, output=url, dtype=dtype, progress=progress)
+            base_out = None
+            if fmt == "lora" and store:  # one converted base per (base, settings, dtype, code) in the store
+                key = base_key(checkpoint_preset(checkpoint), dtype)
+                base_out = storage.join(store, "exports", "base", key[:20])
+            export(checkpoint, fmt=fmt, output=url, dtype=dtype, base_output=base_out, progress=progress)
         urls[fmt] = url
     return urls
 
@@ -321,7 +388,9 @@ def _reusable(url: str, digest: str) -> bool:
     try:
         manifest = storage.read_manifest(url)
         parents = [p.get("manifest_sha256") for p in manifest.get("parents", [])]
-        if manifest.get("kind") != KIND or parents != [digest]:
+        if manifest.get("kind") != KIND or parents[:1] != [
+            digest
+        ]:  # the checkpoint first (a LoRA's base next)
             return False
         storage.verify(url)
         return True

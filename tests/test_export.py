@@ -146,7 +146,7 @@ def _spec(export_dir: Path, ref_shape: tuple[int, ...], **extra) -> dict:
         spec.update(
             lora_dir=str(export_dir),
             lora_file=info["lora_file"],
-            base=str(export_dir / info["base_folder"]),
+            base=info.get("base_url") or str(export_dir / info["base_folder"]),
             non_lora_file=info.get("non_lora_file"),
         )
     spec.update(extra)
@@ -410,6 +410,27 @@ def test_export_component_body_writes_to_the_store_and_reuses(tmp_path, capsys):
         checkpoint_uri=ck,
     )
     assert "reusing lora export" in capsys.readouterr().out
+    # the converted base is written once per store and named by every LoRA export of the same base
+    info = json.loads((Path(urls["lora"]) / "config.json").read_text())
+    base_url = info["base_url"]
+    assert base_url.startswith(f"{store}/exports/base/") and "base_folder" not in info
+    assert not (Path(urls["lora"]) / "base").exists()
+    assert storage.read_manifest(base_url)["kind"] == "export-base"
+    assert [p["uri"] for p in storage.read_manifest(urls["lora"])["parents"]] == [ck, base_url]
+    base_stamp = (Path(base_url) / "manifest.json").stat().st_mtime_ns
+    ck2 = _small_checkpoint(tmp_path / "ck2", seed=1)
+    urls2 = json.loads(
+        export(
+            exports=dsl.Artifact(uri=str(tmp_path / "kfp" / "2")),
+            store=store,
+            formats="lora",
+            checkpoint_uri=ck2,
+        )
+    )
+    assert urls2["lora"] != urls["lora"]
+    assert json.loads((Path(urls2["lora"]) / "config.json").read_text())["base_url"] == base_url
+    assert "already at" in capsys.readouterr().out
+    assert (Path(base_url) / "manifest.json").stat().st_mtime_ns == base_stamp
     assert (
         storage.read_manifest(urls["lora"])["created_at"],
         (Path(urls["lora"]) / "manifest.json").stat().st_mtime_ns,
@@ -425,6 +446,7 @@ def test_export_component_body_writes_to_the_store_and_reuses(tmp_path, capsys):
         )
     )
     assert promoted == urls
+    capsys.readouterr()
     # nothing promoted under another name, or an unknown format: one line, exit 2
     for kwargs in ({"promoted_config_json": '{"name": "other"}'}, {"checkpoint_uri": ck, "formats": "onnx"}):
         with pytest.raises(SystemExit) as exc:
@@ -477,3 +499,17 @@ def test_bfloat16_export_holds_the_float32_export_rounded(tmp_path):
     with safe_open(str(tmp_path / "bfloat16" / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())  # the VAE stays fp32
     assert json.loads((tmp_path / "bfloat16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_lora_export_with_a_shared_base_samples_like_anyflow_sample(tmp_path):
+    ck = _small_checkpoint(tmp_path / "ck", seed=2)
+    out, base = tmp_path / "export", tmp_path / "base"
+    args = ["export", ck, "--format", "lora", "--output", str(out), "--base-output", str(base)]
+    assert cli_main(args) == 0
+    assert json.loads((out / "config.json").read_text())["base_url"] == str(base)
+    ref = _reference(ck, "tiny")
+    spec = _spec(out, tuple(ref[1].shape), control=True)
+    spec["base"] = str(base)
+    _, got = _plain(tmp_path, spec)
+    _compare(got, ref, control=True)

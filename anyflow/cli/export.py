@@ -11,7 +11,15 @@ from anyflow.urls import url_argument
 def _handler(args: argparse.Namespace) -> int:
     from anyflow.export import export
 
-    result = export(args.checkpoint, fmt=args.format, output=args.output, dtype=args.dtype)
+    if args.base_output and args.format != "lora":
+        from anyflow.config import StageInputError
+
+        raise StageInputError(
+            "--base-output goes with --format lora (a diffusers export holds its whole model)."
+        )
+    result = export(
+        args.checkpoint, fmt=args.format, output=args.output, dtype=args.dtype, base_output=args.base_output
+    )
     info = result.info
     print(
         f"exported {info['source']} as {result.format} ({info['pipeline']}, shift {info['shift']:g}, "
@@ -32,7 +40,8 @@ def add_cli(sub: Any) -> None:
         "text encoder, tokenizer, FlowMap-Euler scheduler with the trained shift) for "
         "diffusers.AnyFlowPipeline.from_pretrained (AnyFlowFARPipeline for far-* checkpoints). "
         "--format lora: pytorch_lora_weights.safetensors for pipe.load_lora_weights(DIR), beside base/ "
-        "(the converted AnyFlow base folder it applies to) and, for far-* checkpoints, "
+        "(the converted AnyFlow base folder it applies to; --base-output puts it elsewhere, once) and, for far-* "
+        "checkpoints, "
         "non_lora.safetensors (the fully trained compressed patch embedding). The checkpoint's manifest "
         "is verified first; the export is an artifact whose manifest names the checkpoint; config.json "
         "says how to sample it (guidance_scale 1, max_sequence_length, chunk_partition).",
@@ -54,5 +63,12 @@ def add_cli(sub: Any) -> None:
         default="float32",
         choices=DTYPES,
         help="transformer and text-encoder dtype of the export (default float32; the VAE stays float32)",
+    )
+    p.add_argument(
+        "--base-output",
+        type=url_argument,
+        default=None,
+        help="--format lora: publish the converted base there instead of OUTPUT/base, or only name it when a base "
+        "with the same settings is there already (config.json: base_url)",
     )
     p.set_defaults(func=_handler)
