@@ -161,8 +161,13 @@ def _shifted(n: int, shift: float) -> list[float]:
 
 def _reference(checkpoint: str, preset: str) -> dict[int, torch.Tensor]:
     from anyflow.sample import sample_latents
+    from anyflow.stages import common
 
-    return {n: sample_latents(checkpoint, PROMPTS, nfe=n, preset=preset, seed=0)[0] for n in NFES}
+    # fp32 on the CPU, like the plain-diffusers side (on a CUDA machine the stages would pick the GPU and bf16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "runtime_device", lambda: torch.device("cpu"))
+        mp.setattr(common, "compute_dtype", lambda mixed_precision="auto": torch.float32)
+        return {n: sample_latents(checkpoint, PROMPTS, nfe=n, preset=preset, seed=0)[0].cpu() for n in NFES}
 
 
 def _export(checkpoint: str, fmt: str, out: Path) -> Path:
