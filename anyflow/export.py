@@ -11,7 +11,8 @@ Two formats, both published as one artifact (a manifest naming the checkpoint as
 * ``lora``: the generator adapter alone, ``pytorch_lora_weights.safetensors`` in diffusers' PEFT LoRA naming
   (``transformer.<module>.lora_A.weight`` / ``lora_B``, rank and alpha in the file's metadata), loadable with
   ``pipe.load_lora_weights(DIR)``; beside it ``base/``, the converted base as a diffusers folder (plain Wan has no
-  delta embedder, so the LoRA needs this AnyFlow base), and for a causal generator
+  delta embedder, so the LoRA needs this AnyFlow base; with ``base_output`` it is published there once and only
+  named by later exports of the same base, see :func:`base_key`), and for a causal generator
   ``non_lora.safetensors``: the tensors it trains in full (``far_patch_embedding.*``), which LoRA cannot express;
   load them with ``pipe.transformer.load_state_dict(load_file(...), strict=False)``.
 
