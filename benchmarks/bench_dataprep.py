@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -238,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         with tempfile.TemporaryDirectory(prefix="bench-partitions-") as tmp:
             wrows = bench_workers(args.worker_clips, args.workers, args.repeats, Path(tmp))
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"\npartitioned prepare_data (tiny VAE, {VAES['tiny'][1]}x{VAES['tiny'][2]}x{VAES['tiny'][3]}, CPU, one "
-              f"torch thread per worker, {args.workers} partitions, alternated):")
+              f"torch thread per worker, {args.workers} partitions, alternated; {os.cpu_count()} CPUs, load average "
+              f"{load}):")
         _table(("workers", "partitions", "clips", "wall min clips/s", "wall median", "worker min clips/s",
                 "worker median", "count", "worker x 1"), wrows)
     if not args.no_estimate:

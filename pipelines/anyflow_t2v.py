@@ -66,7 +66,7 @@ def build_training_pipeline(
         process_args,
     )
     from components.trainjob.component import trainjob
-    from pipelines.fingerprint import build_partition_components, prepared
+    from pipelines.fingerprint import build_partition_component, prepared
     from pipelines.records import record
 
     img = check_image(image or default_image())
@@ -75,7 +75,7 @@ def build_training_pipeline(
     recorder = build_record_component(img)
     fingerprint = build_fingerprint_component(img)
     exporter = build_export_component(img)
-    partitions = build_partition_components(img)  # data.partition_size > 0: prepare_data fans out (ParallelFor)
+    partition = build_partition_component(img)  # data.partition_size > 0: prepare_data fans out (ParallelFor)
     plat = platform or Platform()
 
     def train(stage: str, out_key: str, common: dict, **inputs):
@@ -112,7 +112,7 @@ def build_training_pipeline(
             record(recorder, plat, artifact, store, entry)
             return artifact
 
-        data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_data", partitions=partitions, **common)
+        data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_data", partition=partition, **common)
         dataset = recorded(data.outputs["dataset"], "prepare_data")
         teacher = recorded(train("train_teacher", "teacher", common, dataset=dataset), "train_teacher")
         flowmap = recorded(train("train_flowmap", "flowmap", common, dataset=dataset), "train_flowmap")
@@ -125,7 +125,7 @@ def build_training_pipeline(
             exp = exporter(checkpoint=generator, store=store)
             plat.apply(exp, EXPORT_PROFILE).after(ev).set_display_name("export")
         with dsl.If(finetune == True, name="finetune-enabled"):  # noqa: E712 (KFP condition syntax)
-            ft_data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_finetune_data", partitions=partitions,
+            ft_data = prepared(comps["prepare_data"], fingerprint, plat, name="prepare_finetune_data", partition=partition,
                                extra_overrides_json=finetune_data_overrides_json, **common)
             ft_dataset = recorded(ft_data.outputs["dataset"], "prepare_finetune_data")
             finetuned = recorded(train("finetune", "finetuned", common, dataset=ft_dataset, generator=generator),

@@ -5,7 +5,8 @@ KFP keys a task on its inputs (parameter values, input artifact names, image, co
 ``data.source`` prefix gained videos would be a KFP cache hit and the run would train on the old dataset.
 :func:`prepared` adds a small CPU task with caching disabled (``components/source_fingerprint``; platform
 profile ``record_stage``) that digests the source's listing, and hands the digest to ``prepare_data`` as its
-``source_fingerprint`` parameter. The stage's own store key holds the same digest.
+``source_fingerprint`` parameter. The stage's own store key holds the same digest. The same task lists the
+partitions a partitioned prepare_data still has to encode (its ``partitions`` output, see :func:`prepared`).
 """
 
 from __future__ import annotations
@@ -15,46 +16,45 @@ from typing import Any
 from pipelines.platform import RECORD_PROFILE, Platform
 
 
-def build_partition_components(image: str) -> tuple[Any, Any]:
-    """``(partition_plan, prepare_partition)`` built on ``image`` (``components/prepare_partition``)."""
+def build_partition_component(image: str) -> Any:
+    """The ``prepare_partition`` component built on ``image`` (``components/prepare_partition``)."""
     from components import make_component
-    from components.prepare_partition.component import partition_plan, prepare_partition
+    from components.prepare_partition.component import prepare_partition
 
-    return make_component(partition_plan, image), make_component(prepare_partition, image)
+    return make_component(prepare_partition, image)
 
 
 def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: str, preset: Any, overrides_json: Any,
-             store: Any, extra_overrides_json: Any = "{}", partitions: tuple[Any, Any] | None = None,
-             **component_args: Any) -> Any:
+             store: Any, extra_overrides_json: Any = "{}", partition: Any = None, **component_args: Any) -> Any:
     """Add ``fingerprint_<name>`` and then the ``prepare_data`` task ``name`` fed by it; returns the latter.
 
     ``prepare_data`` / ``fingerprint`` are the built components (``components.build_components()["prepare_data"]``,
     :func:`components.build_fingerprint_component`); the other arguments are pipeline parameters or constants.
 
-    ``partitions`` (:func:`build_partition_components`): fan the encoding out first (``data.partition_size`` > 0,
-    docs/interfaces.md "Partitioned data preparation"): ``partitions_<name>`` (CPU, never cached) lists the partitions
-    not in the store yet, a ``dsl.ParallelFor`` with ``parallelism=platform.partition_parallelism`` encodes each in
-    its own ``prepare_partition`` pod (the platform's ``prepare_data`` settings: GPU there if it has one), and the
-    ``prepare_data`` task after the loop merges them (every partition is then a cache hit: no model is loaded). With
-    ``data.partition_size`` 0 or no store the list is empty and ``prepare_data`` encodes the source itself.
+    ``partition`` (:func:`build_partition_component`): fan the encoding out first (``data.partition_size`` > 0,
+    docs/interfaces.md "Partitioned data preparation"). The fingerprint task (CPU, never cached) also lists the
+    partitions not in the store yet; a ``dsl.ParallelFor`` with ``parallelism=platform.partition_parallelism``
+    encodes each in its own ``prepare_partition`` pod (the platform's ``prepare_data`` settings: a GPU there if it
+    has one), and the ``prepare_data`` task after the loop merges them (every partition is then a cache hit: no
+    model is loaded). With ``data.partition_size`` 0 or no store the list is empty: no pod runs in the loop and
+    ``prepare_data`` encodes the source itself, after the same one fingerprint task as without partitions.
     """
     from kfp import dsl
 
-    fp = fingerprint(preset=preset, overrides_json=overrides_json, extra_overrides_json=extra_overrides_json)
+    fp = fingerprint(preset=preset, overrides_json=overrides_json, extra_overrides_json=extra_overrides_json,
+                     store=store)
     platform.apply(fp, RECORD_PROFILE).set_display_name(f"fingerprint_{name}")  # CPU only, never cached
     loop_task = None
-    if partitions is not None:
-        plan_c, encode_c = partitions
-        common = {"preset": preset, "overrides_json": overrides_json, "store": store,
-                  "extra_overrides_json": extra_overrides_json}
-        plan = plan_c(**common, source_fingerprint=fp.output)
-        platform.apply(plan, RECORD_PROFILE).set_display_name(f"partitions_{name}")  # reads the store: never cached
-        with dsl.ParallelFor(plan.output, parallelism=platform.partition_parallelism,
+    if partition is not None:
+        with dsl.ParallelFor(fp.outputs["partitions"], parallelism=platform.partition_parallelism,
                              name=f"{name.replace('_', '-')}-partitions") as item:
-            loop_task = platform.apply(encode_c(partition=item, **common), "prepare_data")
+            loop_task = platform.apply(partition(partition=item, preset=preset, overrides_json=overrides_json,
+                                                 store=store, extra_overrides_json=extra_overrides_json),
+                                       "prepare_data")
             loop_task.set_display_name(f"{name}_partition")
     task = prepare_data(preset=preset, overrides_json=overrides_json, store=store,
-                        extra_overrides_json=extra_overrides_json, source_fingerprint=fp.output, **component_args)
+                        extra_overrides_json=extra_overrides_json, source_fingerprint=fp.outputs["digest"],
+                        **component_args)
     if loop_task is not None:
         task.after(loop_task)  # the merge waits for every partition pod of the loop
     return platform.apply(task, "prepare_data").set_display_name(name)

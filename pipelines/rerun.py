@@ -80,7 +80,7 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
     )
     from components.trainjob.component import trainjob
     from pipelines.anyflow_t2v import multinode_task
-    from pipelines.fingerprint import build_partition_components, prepared
+    from pipelines.fingerprint import build_partition_component, prepared
     from pipelines.records import record
 
     uris = dict(uris or {})
@@ -103,7 +103,7 @@ def build_rerun_pipeline(stage: str, uris: "Mapping[str, str] | None" = None,
         # plain string parameters, bound to the pipeline's own: the component opens the store URLs itself
         if fingerprint is not None:  # KFP's cache must see new data under the same source (pipelines/fingerprint.py)
             task = prepared(comp, fingerprint, plat, name=stage, preset=preset, overrides_json=overrides_json,
-                            store=store, partitions=build_partition_components(img))  # fans out like the DAG
+                            store=store, partition=build_partition_component(img))  # fans out like the DAG
         elif launcher is not None:
             task = multinode_task(launcher, plat, stage, img, preset=preset, overrides_json=overrides_json,
                                   store=store, **role_uris)

@@ -252,3 +252,22 @@ def test_redistill_window_encodes_only_the_partitions_holding_new_items(
     assert {p["uri"] for p in storage.read_manifest(d2)["parents"]} <= {
         str(p) for p in (tmp_path / "store" / "artifacts" / PARTITION_STAGE).iterdir()
     }
+
+
+def test_bad_input_in_partitions_is_exit_2_naming_them(tmp_path: Path) -> None:
+    from anyflow.data.partitions import PartitionsBadInput
+    from anyflow.errors import classify_failure
+
+    rows = [{"video": "a.mp4", "caption": "a"}, {"video": "b.mp4"}, {"video": "c.mp4", "caption": "c"}]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = str(tmp_path / "index.jsonl")
+    cfg = _cfg(source, 2, **{"data.strict": True})  # partitions [a, b] and [c]; no video exists
+    with pytest.raises(
+        PartitionsBadInput,
+        match=r"2 of 2 partitions failed -- part-00000 \(2 items, a.mp4 \.\. "
+        r"b.mp4\): DataPrepError: clip 'a.mp4' is unusable: missing_video.*part-00001",
+    ) as err:
+        prepare_partitioned(
+            source, cfg, str(tmp_path / "store"), tmp_path / "ds", load_encoders=Encoders().load
+        )
+    assert classify_failure(err.value)[0] == 2

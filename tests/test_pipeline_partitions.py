@@ -1,5 +1,6 @@
 """The partitioned prepare_data in the compiled pipelines: a bounded ``ParallelFor`` of prepare_partition pods
-between the uncached partition plan and the prepare_data (merge) task, every object validated like the others
+between the uncached source fingerprint task (which lists the partitions to encode) and the prepare_data (merge)
+task, every object validated like the others
 (tests/test_compiled_platform.py: KFP's Kubernetes executor schema and the pod the driver makes)."""
 
 from __future__ import annotations
@@ -51,14 +52,23 @@ def test_prepare_data_fans_out_in_a_bounded_parallel_for(name: str, count: int, 
         (loop_name,) = [d for d in merge["dependentTasks"] if d.startswith("for-loop")]
         loop = tasks[loop_name][1]
         assert loop["iteratorPolicy"] == {"parallelismLimit": 3}, merge_name
-        plan_name = loop["dependentTasks"][0]
+        # the loop runs over the partitions listed by the fingerprint task whose digest prepare_data takes
+        (plan_name,) = loop["dependentTasks"]
         plan = tasks[plan_name][1]
-        assert plan["componentRef"]["name"].startswith("comp-partition-plan")
-        assert loop["parameterIterator"]["items"]["inputParameter"] == f"pipelinechannel--{plan_name}-Output"
-        # the plan reads the store: never cached, and it runs after the source fingerprint task
-        assert plan["cachingOptions"] == {} and plan["dependentTasks"] == [
-            merge["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]["producerTask"]
-        ]
+        assert plan["componentRef"]["name"].startswith("comp-source-fingerprint")
+        assert merge["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"] == {
+            "producerTask": plan_name,
+            "outputParameterKey": "digest",
+        }
+        assert (
+            loop["parameterIterator"]["items"]["inputParameter"] == f"pipelinechannel--{plan_name}-partitions"
+        )
+        assert loop["inputs"]["parameters"][f"pipelinechannel--{plan_name}-partitions"][
+            "taskOutputParameter"
+        ] == {"producerTask": plan_name, "outputParameterKey": "partitions"}
+        assert plan["cachingOptions"] == {}  # it reads the store: never cached
+        store = plan["inputs"]["parameters"]["store"]["componentInputParameter"]
+        assert store in ("store", "pipelinechannel--store")  # the pipeline's store (through a dsl.If's input)
         plan_exec = spec["components"][plan["componentRef"]["name"]]["executorLabel"]
         assert "accelerator" not in execs[plan_exec]["container"]["resources"]
         body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
@@ -70,6 +80,11 @@ def test_prepare_data_fans_out_in_a_bounded_parallel_for(name: str, count: int, 
         assert res["accelerator"]["resourceCount"] == "1" and res["resourceCpuLimit"] == gpu.cpu_limit
         assert k8s[label]["secretAsEnv"][0]["secretName"] == "anyflow-s3"  # publishes into the store
         assert merge["cachingOptions"] == {"enableCache": True}
+    # one fingerprint task per dataset, as without partitions: the plan adds no task of its own
+    fingerprints = [
+        n for n, (_, t) in tasks.items() if t["componentRef"]["name"].startswith("comp-source-fingerprint")
+    ]
+    assert len(fingerprints) == count
 
 
 def test_partition_parallelism_is_a_checked_platform_setting() -> None:

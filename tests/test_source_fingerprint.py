@@ -51,8 +51,14 @@ def test_the_fingerprint_task_changes_with_the_source(tmp_path: Path) -> None:
     _clip(videos, "a", 0)
     common = json.dumps({"data.height": 32})
     extra = json.dumps({"data.source": str(videos)})  # the fine-tuning branch's own source, over the run's
-    first = source_fingerprint("tiny", common, extra)
-    assert len(first) == 64 and first == source_fingerprint("tiny", common, extra)
+    first = source_fingerprint("tiny", common, extra).digest
+    assert len(first) == 64 and first == source_fingerprint("tiny", common, extra).digest
     _clip(videos, "b", 1)
-    assert source_fingerprint("tiny", common, extra) != first
-    assert source_fingerprint("tiny", common) == ""  # the tiny preset's procedural source lists nothing
+    assert source_fingerprint("tiny", common, extra).digest != first
+    assert source_fingerprint("tiny", common).digest == ""  # the tiny preset's procedural source lists nothing
+    # no partitions to plan: data.partition_size is 0 (and, below, there is no store)
+    assert source_fingerprint("tiny", common, extra, store=str(tmp_path / "store")).partitions == []
+    parts = json.dumps({"data.source": str(videos), "data.partition_size": 1})
+    assert source_fingerprint("tiny", common, parts).partitions == []
+    planned = source_fingerprint("tiny", common, parts, store=str(tmp_path / "store")).partitions
+    assert [p.split(":")[0] for p in planned] == ["0", "1"]  # a.mp4, b.mp4: one partition each, none cached

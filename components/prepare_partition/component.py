@@ -1,39 +1,6 @@
-"""KFP components of a partitioned prepare_data (``data.partition_size`` > 0; anyflow/data/partitions.py):
-``partition_plan`` lists the partitions still to encode, ``prepare_partition`` encodes one of them, inside a
-``dsl.ParallelFor`` (pipelines/fingerprint.py)."""
-
-
-def partition_plan(
-    preset: str = "tiny",
-    overrides_json: str = "{}",
-    store: str = "",
-    extra_overrides_json: str = "{}",
-    source_fingerprint: str = "",
-) -> list[str]:
-    """The partitions of the data source that are not in the store yet, as ``"<index>:<listing fingerprint>"``.
-
-    CPU only, never cached (it reads the store). Empty when ``data.partition_size`` is 0 or ``store`` is empty:
-    the ``prepare_data`` task then encodes the whole source itself, as without partitions.
-
-    Args:
-        preset: Preset name.
-        overrides_json: JSON object of dotted config overrides (``data.source``, ``data.partition_size``).
-        store: Content-addressed store URL holding the partition artifacts.
-        extra_overrides_json: Overrides applied on top (the fine-tuning dataset's own ``data.source``).
-        source_fingerprint: The ``source_fingerprint`` task's output; not read (orders the tasks).
-    """
-    from anyflow.config import apply_overrides, get_preset, merge_overrides
-    from anyflow.stages.prepare_data import partition_plan as plan
-    from components._io import known_failures_exit, parse_overrides
-
-    with known_failures_exit("prepare_data"):
-        overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
-        items = plan(apply_overrides(get_preset(preset), overrides), store)
-    print(
-        f"[anyflow] partition plan: {len(items)} partition(s) to encode: {', '.join(items) or 'none'}",
-        flush=True,
-    )
-    return items
+"""KFP component: prepare_partition -- encode one partition of a partitioned prepare_data (``data.partition_size``
+> 0; anyflow/data/partitions.py), inside the ``dsl.ParallelFor`` over the ``source_fingerprint`` task's
+``partitions`` (pipelines/fingerprint.py)."""
 
 
 def prepare_partition(
@@ -50,7 +17,7 @@ def prepare_partition(
     a cache hit. Returns the partition artifact's URL.
 
     Args:
-        partition: ``"<index>:<listing fingerprint>"`` from ``partition_plan``.
+        partition: ``"<index>:<listing fingerprint>"``, an item of the ``source_fingerprint`` task's ``partitions``.
         preset: Preset name.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL.
