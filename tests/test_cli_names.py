@@ -445,15 +445,16 @@ def test_gitignore_covers_the_default_output_folders() -> None:
 @pytest.mark.slow
 def test_rerun_force_recomputes_and_nothing_downstream_is_stale(tmp_path: Path, capsys, monkeypatch) -> None:
     """``rerun --stage prepare_data`` through the KFP local runner: without --force a cache hit (same manifest),
-    with --force computed anew at the same key (new manifest digest); a stage run on it then gets a new key
-    and computes (not the artifact made from the old one), while the stage runs cached on the old one before."""
+    with --force computed anew at the same key (new manifest digest). A stage run on it is keyed by the
+    dataset's content (storage.content_digest): other bytes give a new key and a new teacher, the same bytes (a
+    deterministic recompute) the teacher made from those very bytes -- never one made from other data."""
     from anyflow.stages import run_stage
 
     monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
     store = str(tmp_path / "store")
     sets = [a for k, v in ONE_STEP.items() for a in ("--set", f"{k}={v}")]
     ds = run_stage("prepare_data", store=store, overrides=ONE_STEP, progress=False)
-    digest = storage.manifest_digest(ds.uri)
+    digest, content = storage.manifest_digest(ds.uri), storage.content_digest(ds.uri)
     teacher = run_stage(
         "train_teacher", store=store, overrides=ONE_STEP, inputs={"dataset": ds.uri}, progress=False
     )
@@ -475,7 +476,8 @@ def test_rerun_force_recomputes_and_nothing_downstream_is_stale(tmp_path: Path, 
     again = run_stage(
         "train_teacher", store=store, overrides=ONE_STEP, inputs={"dataset": ds.uri}, progress=False
     )
-    assert not again.cached and again.uri != teacher.uri  # a new key: the old teacher is not served
+    same = storage.content_digest(ds.uri) == content
+    assert (again.uri == teacher.uri, again.cached) == (same, same), (same, again)
     assert storage.read_manifest(again.uri)["extra"]["inputs"] == {"dataset": ds.uri}
 
 

@@ -197,9 +197,9 @@ def discard(name: str, *, preset: str = "tiny", overrides: Mapping[str, Any] | N
     (``<store>/artifacts/<name>/<key>``) and its training checkpoints -- so the next run computes it anew from
     step 0 (``anyflow rerun --force``; KFP's own cache is the caller's to disable). Returns the URLs removed.
 
-    Nothing downstream is served stale afterwards: a stage's key holds its inputs' manifest digests
-    (:func:`cache_key`), and the recomputed artifact's manifest differs (its ``created_at`` at least), so every
-    stage run on it gets a new key. The manifest goes first, so a reader never takes a half-removed artifact for
+    Nothing downstream is served stale afterwards: a stage's key holds its inputs' content digests
+    (:func:`cache_key`), so a recomputed artifact whose bytes differ gives every stage run on it a new key (one
+    with the same bytes keeps the key: what was computed from it still holds). The manifest goes first, so a reader never takes a half-removed artifact for
     a cached one."""
     from anyflow import storage
 
