@@ -187,3 +187,63 @@ def test_the_stage_key_holds_the_global_batch_not_the_process_count() -> None:
     assert key(8, 1) == key(4, 2) == key(2, 4) == key(1, 8)
     assert key(2, 1) != key(2, 2) and key(1, 1) != key(2, 1)
     assert key(1, 1, "evaluate") != key(2, 1, "evaluate")
+
+
+def test_optimizer_state_is_keyed_by_parameter_name_and_old_per_rank_checkpoints_are_refused(
+    tmp_path: Path,
+) -> None:
+    """The moments are stored under the parameters' names (``state.<name>.<key>``), so a reader whose optimiser
+    lists the same parameters in another order gets each moment back on its own parameter (an index-keyed layout
+    would hand it to whichever parameter now sits at that position); a checkpoint of the older per-rank layout is
+    refused naming it."""
+    import json
+
+    from anyflow.train.checkpoint import load_training_state, save_training_state
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([a, b], lr=0.1)
+    (a.sum() * 2 + b.sum() * 5).backward()
+    opt.step()
+    save_training_state(
+        tmp_path / "ck",
+        step=1,
+        params={"a": a, "b": b},
+        ema={},
+        optimizers={"g": opt},
+        schedulers={},
+        data_state={},
+        param_names={"g": ["a", "b"]},
+    )
+    files = load_file(str(tmp_path / "ck" / "optim-g.safetensors"))
+    assert sorted(files) == [
+        "state.a.exp_avg",
+        "state.a.exp_avg_sq",
+        "state.a.step",
+        "state.b.exp_avg",
+        "state.b.exp_avg_sq",
+        "state.b.step",
+    ]
+    a2, b2 = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt2 = torch.optim.AdamW([b2, a2], lr=0.1)  # the other order
+    load_training_state(
+        tmp_path / "ck",
+        params={"a": a2, "b": b2},
+        ema={},
+        optimizers={"g": opt2},
+        schedulers={},
+        param_names={"g": ["b", "a"]},
+    )
+    # the reference: what the first optimiser holds for each parameter
+    assert torch.equal(opt2.state[a2]["exp_avg"], opt.state[a]["exp_avg"])
+    assert torch.equal(opt2.state[b2]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    (tmp_path / "ck" / "state.json").write_text(json.dumps({**state, "ranks": [{"data": {}}, {"data": {}}]}))
+    with pytest.raises(ValueError, match="per-rank random states and data positions"):
+        load_training_state(
+            tmp_path / "ck",
+            params={"a": a2, "b": b2},
+            ema={},
+            optimizers={"g": opt2},
+            schedulers={},
+            param_names={"g": ["b", "a"]},
+        )

@@ -75,7 +75,10 @@ def optimizer_from_files(
         state.setdefault(idx(head), {})[key] = val
     for label, sc in meta.get("scalars", {}).items():
         state.setdefault(idx(label), {}).update(sc)
-    groups = [{**g, "params": [idx(p) if isinstance(p, str) else p for p in g["params"]]} for g in meta["param_groups"]]
+    # torch pairs a saved group's ids with the optimiser's current parameters by position, so list each group's
+    # ids in the current order (this optimiser's parameters are ``names``, in order)
+    groups = [{**g, "params": sorted(idx(p) if isinstance(p, str) else p for p in g["params"])} if by_name else g
+              for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
