@@ -463,7 +463,7 @@ def test_export_component_body_writes_to_the_store_and_reuses(tmp_path, capsys):
         assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("name", ["anyflow-t2v", "anyflow-redistill"])
+@pytest.mark.parametrize("name", [pytest.param("anyflow-t2v", marks=pytest.mark.slow), "anyflow-redistill"])
 def test_pipelines_have_an_optional_export_step(name, tmp_path, monkeypatch):
     import yaml
 
