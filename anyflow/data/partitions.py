@@ -10,14 +10,17 @@ content-addressed artifact, and one dataset index over them (docs/interfaces.md 
   shifts the runs after it, which re-encodes those (the run reports the count). Not a hash of the key: with P
   hash partitions, k >= P new clips would touch nearly all of them.
 * **Partition artifact** (:func:`encode_partition`): ``<store>/artifacts/prepare_partition/<key>``, an ordinary
-  prepared-dataset folder (``anyflow.data.prepare``), keyed by the partition's listing fingerprint (items and
-  their versions: ETag, size+mtime or the row's digest) plus the encoder config (model section, clip geometry,
-  shard size, strictness, code version). A listing that did not change is a cache hit.
+  prepared-dataset folder (``anyflow.data.prepare``) plus ``keys.json`` (each shard's row keys and the listing
+  item each row came from), keyed by the partition's listing fingerprint (items and their versions: ETag,
+  size+mtime or the row's digest) plus the encoder config (model section, clip geometry, shard size, strictness,
+  code version). A listing that did not change is a cache hit.
 * **Merge** (:func:`merge_partitions`): the dataset folder holds ``index.json`` whose shards name the partition
   artifact they live in (``artifact`` + that artifact's ``manifest_sha256``): referenced, not copied; the
   reader (:class:`anyflow.data.shards.LatentDataset`) fetches them through ``anyflow.storage.fetch_file`` and
   checks the recorded manifest digest. ``summary.json`` sums the partitions' counts (skipped clips by reason
-  too); the published dataset lists the partition artifacts as its manifest parents.
+  too); the published dataset lists the partition artifacts as its manifest parents. With a selection of items
+  (``select``: a re-distillation window's new + replay items) only the partitions holding one are encoded and
+  the index keeps just their rows (``rows`` in a shard entry).
 
 Samples keep the order of the unpartitioned run (partition order, then each partition's record order), so a
 dataset prepared with 3 partitions reads sample for sample like the 1-partition one (tests/test_data_partitions.py).
