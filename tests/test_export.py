@@ -353,8 +353,12 @@ def test_export_from_and_to_s3(tmp_path, s3_prefix):
     a = load_file(str(tmp_path / "from-s3" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "from-local" / "pytorch_lora_weights.safetensors"))
     c = load_file(str(storage.fetch_file(f"{s3_prefix}/export", "pytorch_lora_weights.safetensors")))
-    assert a.keys() == b.keys() == c.keys() and all(
-        torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a
+    # and a local checkpoint to S3
+    assert cli_main(["export", local, "--format", "lora", "--output", f"{s3_prefix}/export-2"]) == 0
+    d = load_file(str(storage.fetch_file(f"{s3_prefix}/export-2", "pytorch_lora_weights.safetensors")))
+    assert [p["uri"] for p in storage.read_manifest(f"{s3_prefix}/export-2")["parents"]] == [local]
+    assert a.keys() == b.keys() == c.keys() == d.keys() and all(
+        torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) and torch.equal(a[k], d[k]) for k in a
     )
     # and they are the checkpoint's own adapter tensors under diffusers' names
     ck = load_file(str(Path(local) / "adapters" / "generator.safetensors"))
