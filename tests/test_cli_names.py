@@ -519,6 +519,7 @@ def test_discard_removes_the_artifact_and_its_checkpoints_so_training_starts_ove
 # ------------------------------------------------------------------------- item 4 (--config where --set is)
 
 
+@pytest.mark.slow  # compiles the pipeline twice (submit, schedule): 47 s on the loaded 2-core machine
 def test_config_file_works_wherever_set_does(kfp_server, tmp_path: Path, capsys, monkeypatch) -> None:
     """``--config overrides.yaml`` (documented in the README) was refused by run, submit, schedule and rerun
     ('unrecognized arguments'); now its overrides go where --set's go, --set applied over them."""
