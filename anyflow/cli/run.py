@@ -187,7 +187,8 @@ def _discard(args: argparse.Namespace, uris: dict[str, str], platform: Any, stor
     removed = discard(args.stage, preset=args.preset, overrides=_overrides(args), inputs=uris, store=store,
                       world_size=world_size)
     what = ", ".join(removed) if removed else "nothing cached"
-    print(f"--force: removed {what}; {args.stage} is computed anew (stages run on it get new keys)", flush=True)
+    print(f"--force: removed {what}; {args.stage} is computed anew (stages run on it are keyed by its content)",
+          flush=True)
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -276,6 +277,7 @@ def add_rerun(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="recompute the stage even if the store (or KFP's cache) holds it: its cached artifact and "
                    "training checkpoints for these inputs and settings are removed first and it trains from step 0; "
-                   "stages later run on it get new keys (they key on its manifest digest), so none is served stale")
+                   "stages later run on it are keyed by its content, so they are computed anew when its bytes "
+                   "differ and none is served stale")
     p.add_argument("--verbose", action="store_true", help="local rerun: stream the local runner's full output")
     p.set_defaults(func=_guard(cmd_rerun), command="rerun")
