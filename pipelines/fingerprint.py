@@ -6,7 +6,7 @@ KFP keys a task on its inputs (parameter values, input artifact names, image, co
 :func:`prepared` adds a small CPU task with caching disabled (``components/source_fingerprint``; platform
 profile ``record_stage``) that digests the source's listing, and hands the digest to ``prepare_data`` as its
 ``source_fingerprint`` parameter. The stage's own store key holds the same digest. The same task lists the
-partitions a partitioned prepare_data still has to encode (its ``partitions`` output, see :func:`prepared`).
+partitions a partitioned prepare_data still has to encode (its ``Output`` output, see :func:`prepared`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: s
     platform.apply(fp, RECORD_PROFILE).set_display_name(f"fingerprint_{name}")  # CPU only, never cached
     loop_task = None
     if partition is not None:
-        with dsl.ParallelFor(fp.outputs["partitions"], parallelism=platform.partition_parallelism,
+        # fp's "Output" is the partition list (named so for KFP's local runner: components/source_fingerprint)
+        with dsl.ParallelFor(fp.outputs["Output"], parallelism=platform.partition_parallelism,
                              name=f"{name.replace('_', '-')}-partitions") as item:
             loop_task = platform.apply(partition(partition=item, preset=preset, overrides_json=overrides_json,
                                                  store=store, extra_overrides_json=extra_overrides_json),

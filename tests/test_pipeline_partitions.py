@@ -60,12 +60,10 @@ def test_prepare_data_fans_out_in_a_bounded_parallel_for(name: str, count: int, 
             "producerTask": plan_name,
             "outputParameterKey": "digest",
         }
-        assert (
-            loop["parameterIterator"]["items"]["inputParameter"] == f"pipelinechannel--{plan_name}-partitions"
-        )
-        assert loop["inputs"]["parameters"][f"pipelinechannel--{plan_name}-partitions"][
+        assert loop["parameterIterator"]["items"]["inputParameter"] == f"pipelinechannel--{plan_name}-Output"
+        assert loop["inputs"]["parameters"][f"pipelinechannel--{plan_name}-Output"][
             "taskOutputParameter"
-        ] == {"producerTask": plan_name, "outputParameterKey": "partitions"}
+        ] == {"producerTask": plan_name, "outputParameterKey": "Output"}
         assert plan["cachingOptions"] == {}  # it reads the store: never cached
         store = plan["inputs"]["parameters"]["store"]["componentInputParameter"]
         assert store in ("store", "pipelinechannel--store")  # the pipeline's store (through a dsl.If's input)

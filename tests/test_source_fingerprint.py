@@ -57,8 +57,8 @@ def test_the_fingerprint_task_changes_with_the_source(tmp_path: Path) -> None:
     assert source_fingerprint("tiny", common, extra).digest != first
     assert source_fingerprint("tiny", common).digest == ""  # the tiny preset's procedural source lists nothing
     # no partitions to plan: data.partition_size is 0 (and, below, there is no store)
-    assert source_fingerprint("tiny", common, extra, store=str(tmp_path / "store")).partitions == []
+    assert source_fingerprint("tiny", common, extra, store=str(tmp_path / "store")).Output == []
     parts = json.dumps({"data.source": str(videos), "data.partition_size": 1})
-    assert source_fingerprint("tiny", common, parts).partitions == []
-    planned = source_fingerprint("tiny", common, parts, store=str(tmp_path / "store")).partitions
+    assert source_fingerprint("tiny", common, parts).Output == []
+    planned = source_fingerprint("tiny", common, parts, store=str(tmp_path / "store")).Output
     assert [p.split(":")[0] for p in planned] == ["0", "1"]  # a.mp4, b.mp4: one partition each, none cached

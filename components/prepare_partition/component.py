@@ -1,6 +1,6 @@
 """KFP component: prepare_partition -- encode one partition of a partitioned prepare_data (``data.partition_size``
 > 0; anyflow/data/partitions.py), inside the ``dsl.ParallelFor`` over the ``source_fingerprint`` task's
-``partitions`` (pipelines/fingerprint.py)."""
+partition list (its output ``Output``; pipelines/fingerprint.py)."""
 
 
 def prepare_partition(
@@ -17,7 +17,7 @@ def prepare_partition(
     a cache hit. Returns the partition artifact's URL.
 
     Args:
-        partition: ``"<index>:<listing fingerprint>"``, an item of the ``source_fingerprint`` task's ``partitions``.
+        partition: ``"<index>:<listing fingerprint>"``, an item of the ``source_fingerprint`` task's ``Output``.
         preset: Preset name.
         overrides_json: JSON object of dotted config overrides.
         store: Content-addressed store URL.

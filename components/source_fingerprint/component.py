@@ -9,17 +9,19 @@ def source_fingerprint(
     overrides_json: str = "{}",
     extra_overrides_json: str = "{}",
     store: str = "",
-) -> NamedTuple("FingerprintOutputs", [("digest", str), ("partitions", list[str])]):
+) -> NamedTuple("FingerprintOutputs", [("digest", str), ("Output", list[str])]):
     """Digest of the data source's listing (ETags or size+mtime per file; an index's rows), and the partitions to
     encode.
 
     Runs in every run with KFP caching off; its ``digest`` is a parameter of the prepare_data task, so KFP's cache
     key of prepare_data changes when videos are added under the same prefix (KFP keys a task on its inputs,
     never on what a URL holds). The same digest is part of prepare_data's store key
-    (``anyflow.stages.prepare_data.source_digest``). "" for a procedural source. ``partitions``: with
+    (``anyflow.stages.prepare_data.source_digest``). "" for a procedural source. ``Output`` (the partitions): with
     ``data.partition_size`` > 0 and a store, ``"<index>:<listing fingerprint>"`` of each partition not in the store
     yet (``anyflow.stages.prepare_data.partition_plan``), which the pipeline's ``ParallelFor`` of
-    ``prepare_partition`` pods encodes; empty otherwise.
+    ``prepare_partition`` pods encodes; empty otherwise. It is named ``Output`` because KFP's local runner (kfp
+    2.17.3 ``kfp/local/orchestrator/enhanced_dag_orchestrator.py``) finds a ``ParallelFor``'s items only in an
+    output of that name, and ``anyflow run`` runs the same graph through it.
 
     Args:
         preset: Preset name.
@@ -40,4 +42,4 @@ def source_fingerprint(
         partitions = partition_plan(cfg, store)
     print(f"[anyflow] source fingerprint: {digest or 'procedural (none)'}; partitions to encode: "
           f"{', '.join(partitions) or 'none'}", flush=True)
-    return namedtuple("FingerprintOutputs", ["digest", "partitions"])(digest, partitions)
+    return namedtuple("FingerprintOutputs", ["digest", "Output"])(digest, partitions)
