@@ -369,7 +369,9 @@ def export_to_store(
     urls = {}
     for fmt in names:
         sub = fmt if dtype == "float32" else f"{fmt}-{dtype}"
-        url = storage.join(store, "exports", sub, digest[:20]) if store else storage.join(out_dir, sub)
+        url = (
+            export_url(store, fmt, checkpoint, dtype, digest=digest) if store else storage.join(out_dir, sub)
+        )
         if store and _reusable(url, digest):
             if progress:
                 print(f"export: reusing {fmt} export {url}", flush=True)
@@ -381,6 +383,17 @@ def export_to_store(
             export(checkpoint, fmt=fmt, output=url, dtype=dtype, base_output=base_out, progress=progress)
         urls[fmt] = url
     return urls
+
+
+def export_url(
+    store: str, fmt: str, checkpoint: str, dtype: str = "float32", *, digest: str | None = None
+) -> str:
+    """Where :func:`export_to_store` puts ``checkpoint``'s ``fmt`` export in ``store``."""
+    from anyflow import storage
+
+    digest = digest or storage.manifest_digest(checkpoint)
+    sub = fmt if dtype == "float32" else f"{fmt}-{dtype}"
+    return storage.join(store, "exports", sub, digest[:20])
 
 
 def _reusable(url: str, digest: str) -> bool:

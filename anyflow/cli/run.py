@@ -57,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args.store, args.workdir)
     params = {"preset": args.preset, "overrides_json": json.dumps(overrides, sort_keys=True), "store": store,
               "finetune": bool(args.finetune)}
+    if args.export:  # the export step after evaluate (components/export)
+        params["export"] = True
     if args.finetune_set:
         if not args.finetune:
             raise UserError("--finetune-set needs --finetune (it configures the fine-tuning dataset).")
@@ -76,6 +78,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                     verbose=args.verbose)
     save_record(run, args.workdir, params)
     _print_run(run, store, args.workdir)
+    if args.export:
+        from anyflow.export import FORMATS, export_url
+        from pipelines.local import load_record
+
+        generator = load_record(name, args.workdir)["artifacts"].get("generator")
+        for fmt in FORMATS if generator else ():
+            print(f"export ({fmt}): {export_url(store, fmt, generator)}")
     return 0
 
 
@@ -237,6 +246,9 @@ def add_run(subparsers: Any) -> None:
     p.add_argument("--finetune-set", action="append", metavar="KEY=VALUE",
                    help="override for the fine-tuning dataset, applied over --set (repeatable), e.g. "
                    "data.source=procedural:n=16,seed=1; data.* keys only (default: the training data)")
+    p.add_argument("--export", action="store_true",
+                   help="also export the distilled generator as a diffusers folder and a LoRA file (the export "
+                   "step; into <store>/exports/, see anyflow export)")
     p.add_argument("--name", default=None, help="run record name (default: run-<UTC time>)")
     p.add_argument("--verbose", action="store_true",
                    help="stream the local runner's full output (default: progress per stage; all of it goes to "
