@@ -46,7 +46,9 @@ class ExpConfig:
     """All knobs of the experiment; saved with the results."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    shift: float = 1.0  # 2-D toy: no resolution-driven SNR shift is needed (docs/method.md §15 A allows shift 1)
+    shift: float = (
+        1.0  # 2-D toy: no resolution-driven SNR shift is needed (docs/method.md §15 A allows shift 1)
+    )
     batch: int = 256
     width: int = 128
     depth: int = 2
@@ -60,6 +62,7 @@ class ExpConfig:
     onpolicy_ema_warmup: int = 100  # plain copy before this step (§7.6: 200 of 1200)
     rollout_steps: tuple[int, ...] = (2, 4, 8, 16, 50)  # §7.2
     guidance: float = 3.0  # §6.2 fused CFG scale; the reference teacher uses the same standard CFG 3
+    cfg_target: str = "released"  # §6.2 released fused-CFG target, or "meanflow" (§6.8)
     dmd_real_scale: float = 2.0  # §7.3 convention cond + w(cond − uncond): w = 2 is standard CFG 3
     cd_lr: float = 3e-4
     cd_intervals: int = 32  # discrete CD grid
@@ -120,7 +123,7 @@ def make_student(teacher: ToyFlowMapMLP, data: RingMixture, gen: torch.Generator
 
 def loss_config(cfg: ExpConfig) -> FlowMapLossConfig:
     # §6: pair mix 0.5/0.25/0.25, ε = 5 τ-units, beta08, adaptive scaling, fused CFG, 10% text dropout
-    return FlowMapLossConfig(guidance_scale=cfg.guidance, shift=cfg.shift)
+    return FlowMapLossConfig(guidance_scale=cfg.guidance, shift=cfg.shift, cfg_target=cfg.cfg_target)
 
 
 def train_flowmap(

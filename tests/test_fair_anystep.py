@@ -1,0 +1,66 @@
+"""Smoke run of experiments/fair_anystep.py (issue 17) with tiny budgets: every arm runs, the numbers are
+finite, CD gets the same network calls as AnyFlow (within one CD step), and the outputs are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fair_anystep.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fair_anystep", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fair_anystep"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow  # 60 s wall on the loaded 2-core box (load 10)
+def test_fair_anystep_smoke(tmp_path: Path) -> None:
+    mod = _load()
+    args = [
+        "--out",
+        str(tmp_path),
+        "--floor",
+        "",
+        "--seeds",
+        "0",
+        "--teacher-steps",
+        "20",
+        "--flowmap-steps",
+        "12",
+    ]
+    args += [
+        "--onpolicy-steps",
+        "4",
+        "--curve-every",
+        "6",
+        "--n-eval",
+        "32",
+        "--ref-steps",
+        "20",
+        "--width",
+        "16",
+    ]
+    assert mod.main([*args, "--batch", "16"]) == 0
+    res = json.loads((tmp_path / "fair_results.json").read_text())
+    (seed,) = res["per_seed"]
+    names = set(seed["rows"])
+    for arm in ("released", "meanflow"):
+        assert {f"AnyFlow stage 1, {arm} target", f"AnyFlow stage 1 + 2, {arm} target"} <= names
+    assert {"AnyFlow stage 1, g = 1", "CD, unguided teacher", "CD, CFG-3 teacher"} <= names
+    for row in seed["rows"].values():
+        assert all(math.isfinite(v) for v in row["coupled"].values())
+    for arm, calls in seed["calls"].items():
+        per_step = mod.CALLS["cd_g"] if arm == "guided" else mod.CALLS["cd_1"]
+        assert 0 <= calls["anyflow"] - calls["cd"] < per_step
+    assert [p[0] for p in seed["curves"]["stage 1, meanflow"]] == [1, 6, 12]
+    assert (tmp_path / "fair_results.md").read_text().count("| AnyFlow stage 1") == 5
+    assert (tmp_path / "fair_anystep.png").stat().st_size > 0
