@@ -46,9 +46,8 @@ class ExpConfig:
     """All knobs of the experiment; saved with the results."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    shift: float = (
-        1.0  # 2-D toy: no resolution-driven SNR shift is needed (docs/method.md §15 A allows shift 1)
-    )
+    # 2-D toy: no resolution-driven SNR shift is needed (docs/method.md §15 A allows shift 1)
+    shift: float = 1.0
     batch: int = 256
     width: int = 128
     depth: int = 2
