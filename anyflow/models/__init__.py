@@ -37,6 +37,7 @@ _EXPORTS = {
     "build_tiny_wan": "tiny",
     "tiny_vae_config": "tiny",
     "build_tiny_vae": "tiny",
+    "load_tiny_vae": "tiny",
     "build_tiny_text_encoder": "tiny",
 }
 __all__ = sorted(_EXPORTS)

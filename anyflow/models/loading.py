@@ -93,10 +93,10 @@ def load_base(
 
     spec = str(spec)
     if spec == BUILTIN_TINY:
-        from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_vae, build_tiny_wan
+        from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_wan, load_tiny_vae
 
         wan = _cast_like_from_pretrained(build_tiny_wan(0), dtype)
-        vae = _cast_like_from_pretrained(build_tiny_vae(0), vae_dtype)
+        vae = _cast_like_from_pretrained(load_tiny_vae(), vae_dtype)  # trained: decodes the procedural shapes
         text = build_tiny_text_encoder(0).to(dtype=dtype)
     else:
         if spec.startswith("builtin:"):
@@ -138,17 +138,18 @@ def save_tiny_base(root_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny models in the diffusers Wan2.1 layout (safetensors) and return the root.
 
     ``transformer/`` holds the *unconverted* ``WanTransformer3DModel``; ``load_base(root_dir)`` then
-    reproduces ``load_base("builtin:tiny")`` exactly when ``seed == 0``.
+    reproduces ``load_base("builtin:tiny")`` exactly when ``seed == 0``. ``vae/`` is always the trained tiny
+    VAE shipped with the package (:func:`anyflow.models.tiny.load_tiny_vae`); ``seed`` draws the others.
     """
     import diffusers
     from diffusers import UniPCMultistepScheduler
 
-    from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_vae, build_tiny_wan
+    from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_wan, load_tiny_vae
 
     root = Path(root_dir)
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_wan(seed).save_pretrained(root / "transformer", safe_serialization=True)
-    build_tiny_vae(seed).save_pretrained(root / "vae", safe_serialization=True)
+    load_tiny_vae().save_pretrained(root / "vae", safe_serialization=True)
     build_tiny_text_encoder(seed).save_pretrained(root)
     # Wan2.1's own scheduler config, so that diffusers' WanPipeline can open the folder too.
     UniPCMultistepScheduler(

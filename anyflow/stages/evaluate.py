@@ -345,9 +345,10 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                     if i2v_suite is not None else []
                 ),
                 *(
-                    ["builtin:tiny uses a randomly initialised VAE and a few training steps: decoded frames and the"
-                     " frame metrics (psnr, ssim, flicker, adherence) only exercise the plumbing; the latent metrics"
-                     " (coupled_mse, energy_distance) are the informative ones."]
+                    ["builtin:tiny decodes with a small VAE trained on procedural clips (scripts/train_tiny_vae.py),"
+                     " but its 40k-parameter transformer is trained for a few dozen steps from a random base: the"
+                     " previews show coloured regions on the clips' backgrounds, not yet the prompts; the latent"
+                     " metrics (coupled_mse, energy_distance) are the informative ones."]
                     if cfg.model.base == "builtin:tiny" else []
                 ),
             ],
