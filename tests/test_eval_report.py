@@ -206,6 +206,68 @@ def test_report_minimal_and_bad_input(tmp_path):
         build_report({"samples": {"m": {1: np.zeros((2, 4, 4, 3), dtype=np.float32)}}}, tmp_path / "r.html")
 
 
+def browser_check(report: Path, tmp_path: Path) -> dict:
+    """Open a copy of ``report`` in headless Chromium with a probe script appended and return what the browser
+    saw after the page's load event: every <img> (complete, natural size), every src/href that is neither a
+    data: URI nor an anchor to an id on the page (a broken link, offline), and the page's text length.
+
+    The probe only reads the DOM; ``--dump-dom`` prints it after the scripts ran, with the result in a <pre>.
+    """
+    probe = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => ({src: i.src.slice(0, 40), ok: i.complete && i.naturalWidth > 0,
+                                               w: i.naturalWidth, h: i.naturalHeight}));
+  const broken = [];
+  for (const el of document.querySelectorAll('[src],[href]')) {
+    const v = el.getAttribute('src') ?? el.getAttribute('href');
+    if (v.startsWith('data:')) continue;
+    if (v.startsWith('#') && (v === '#' || document.getElementById(decodeURIComponent(v.slice(1))))) continue;
+    broken.push(v.slice(0, 80));
+  }
+  const pre = document.createElement('pre');
+  pre.id = 'anyflow-browser-check';
+  pre.textContent = JSON.stringify({imgs, broken, text: document.body.innerText.length});
+  document.body.appendChild(pre);
+});
+</script>"""
+    page = tmp_path / "probed.html"
+    text = report.read_text(encoding="utf-8")
+    page.write_text(text.replace("</body>", probe + "</body>") if "</body>" in text else text + probe,
+                    encoding="utf-8")
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.run(
+        [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    found = re.search(r'<pre id="anyflow-browser-check">(.*?)</pre>', proc.stdout, re.DOTALL)
+    assert found, f"the probe did not run (rc {proc.returncode}): {proc.stderr[-1000:]}"
+    import html as _html
+
+    return json.loads(_html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian chromium not installed (apt-get install -y chromium)"
+)
+def test_report_images_load_and_no_link_is_broken_in_chromium(tmp_path):
+    """In a real browser every image of the report decodes (plots and GIF previews have their drawn size) and
+    no src/href points anywhere but inline data or an anchor on the page. Control: a report with a file link
+    beside it that does not exist is seen as broken, its image as not loaded."""
+    data = _data(tmp_path)
+    report = build_report(data, tmp_path / "report.html")
+    seen = browser_check(report, tmp_path)
+    assert len(seen["imgs"]) == count_images(data) and seen["imgs"], seen
+    assert all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in seen["imgs"]), seen["imgs"]
+    assert seen["broken"] == [] and seen["text"] > 500, seen
+    bad = tmp_path / "bad" / "report.html"
+    bad.parent.mkdir()
+    bad.write_text(report.read_text(encoding="utf-8").replace("</body>", '<img src="samples/gone.gif"></body>'))
+    seen = browser_check(bad, tmp_path / "bad")
+    assert seen["broken"] == ["samples/gone.gif"] and [i["ok"] for i in seen["imgs"]].count(False) == 1, seen
+
+
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Debian chromium not installed (apt-get install -y chromium)"
 )
