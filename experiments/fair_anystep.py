@@ -94,7 +94,7 @@ def train_stage1(teacher, data, cfg: toy.ExpConfig, gen, curve) -> tuple[torch.n
         loss, _ = forward_flowmap_loss(as_fn(student), x, c, c_neg, gen, lcfg)
         toy._step(opt, student, loss)
         ema_update(ema, student, cfg.eval_ema if step >= 100 else 0.0)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % curve[0] == 0 or step == 0:
             points.append((step + 1, curve[1](ema)))
     tail = losses[-max(1, len(losses) // 10) :]
