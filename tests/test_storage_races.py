@@ -102,11 +102,13 @@ def test_two_local_writers_race_and_one_complete_artifact_stands(tmp_path: Path)
             if got != files and own != _expected(w):
                 told_wrong.append(f"trial {trial} writer {w}: {got if isinstance(got, str) else sorted(got)}")
         assert not (r["dst"] / storage.STAGING).exists() or not any((r["dst"] / storage.STAGING).iterdir()), (
-            f"trial {trial}: a writer's staging folder was left behind")
+            f"trial {trial}: a writer's staging folder was left behind"
+        )
     assert (served_broken, final_broken, told_wrong) == ([], [], []), (
         f"{len(final_broken)}/{trials} races left a broken artifact, readers accepted {len(served_broken)} mixed "
         f"ones, {len(told_wrong)} writers were told another artifact than the one that stands: "
-        f"{(final_broken + told_wrong + [str(b) for b in served_broken])[:4]}")
+        f"{(final_broken + told_wrong + [str(b) for b in served_broken])[:4]}"
+    )
     assert reads > 0, "the reader never saw a complete artifact: the race was not observed"
 
 
@@ -146,9 +148,9 @@ def _dataset(root: Path, payload: bytes) -> Path:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_republished_identical_content_keeps_the_downstream_key(where: str, tmp_path: Path,
-                                                                 request: pytest.FixtureRequest,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_republished_identical_content_keeps_the_downstream_key(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same dataset published again later (another ``created_at``; on S3 also another writer's staging
     objects) gives train_teacher the same key; one changed byte gives another. Before, the key hashed the input's
     manifest bytes, so every re-publish changed every downstream key."""
@@ -163,7 +165,9 @@ def test_republished_identical_content_keeps_the_downstream_key(where: str, tmp_
     monkeypatch.setattr(storage.time, "gmtime", lambda *a: time.struct_time((2026, 1, 1, 0, 0, 0, 3, 1, 0)))
     storage.publish(src, url, kind="dataset", config={"n": 1})
     first, first_manifest = key(), storage.manifest_digest(url)
-    monkeypatch.setattr(storage.time, "gmtime", lambda *a: time.struct_time((2026, 6, 1, 12, 0, 0, 0, 152, 0)))
+    monkeypatch.setattr(
+        storage.time, "gmtime", lambda *a: time.struct_time((2026, 6, 1, 12, 0, 0, 0, 152, 0))
+    )
     storage.publish(src, url, kind="dataset", config={"n": 1})
     assert storage.manifest_digest(url) != first_manifest  # control: the manifest did change (created_at)
     assert key() == first, "re-publishing identical content changed the downstream cache key"
