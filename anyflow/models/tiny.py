@@ -2,7 +2,8 @@
 
 Every builder is deterministic in its ``seed``: the model is constructed with diffusers'/transformers'
 own classes and then every parameter is redrawn from an explicit ``torch.Generator`` (no global RNG).
-Nothing here touches the network or the file system.
+Nothing here touches the network; the one file read is the trained tiny VAE shipped in the package
+(:func:`load_tiny_vae`, safetensors).
 """
 
 from __future__ import annotations
