@@ -32,7 +32,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "storage": ["--size-mb", "72", "--rounds", "2"],  # still above the 64 MiB multipart threshold
     "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2", "--workers", "0", "--no-estimate"],
     "sampling": ["--quick"],
-    "zero": ["--shape", "tiny", "--steps", "1"],
+    "zero": ["--steps", "1"],
 }
 DEVICE_AWARE = {"training", "dataprep", "sampling", "zero"}  # benchmarks with a --device option
 
