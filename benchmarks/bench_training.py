@@ -26,7 +26,7 @@ The window opens after one no-grad base forward (one-time runtime initialisation
 the first of two runs (optimiser state, gradients and activations all count). Models have random weights
 built in code (no downloads).
 
-    python -m benchmarks.bench_training --quick                  # mid CPU config, < 1 min smoke
+    python -m benchmarks.bench_training --quick                  # mid CPU config, a smoke run (3 rounds)
     python -m benchmarks.bench_training --device cuda --shape 1.3b --frames 21
     python -m benchmarks.bench_training --variant far --device cuda --shape 1.3b   # causal FAR stages
 
