@@ -5,6 +5,8 @@ evaluate (its inputs given as store URLs) must reuse the same artifact."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,32 @@ FAST = ["evaluate.nfes=1,4", "evaluate.reference_steps=8", "evaluate.num_prompts
 SETS = [arg for item in FAST for arg in ("--set", item)]
 ROLES = {"dataset": "prepare_data", "teacher": "train_teacher", "flowmap": "train_flowmap",
          "generator": "distill", "report": "evaluate"}
+
+
+def _check_ui_artifacts(workdir: Path, artifacts: dict) -> None:
+    """What the KFP UI shows, read back from the local runner's executor outputs (issue 19 item 3): every stage's
+    Metrics artifact holds its manifest's headline numbers; evaluate's HTML artifact is the S3 report, whole,
+    with nothing linked outside it."""
+    (run_root,) = [p for p in (workdir / "kfp-local").iterdir() if p.is_dir()]
+    logged = {}
+    for task in ("prepare-data", "train-teacher", "train-flowmap", "distill", "evaluate"):
+        out = json.loads((run_root / task / "executor_output.json").read_text())
+        (art,) = out["artifacts"]["metrics"]["artifacts"]
+        logged[task] = art["metadata"]
+    from components._io import flatten_metrics
+
+    for task, role in (("prepare-data", "dataset"), ("train-teacher", "teacher"), ("train-flowmap", "flowmap"),
+                       ("distill", "generator"), ("evaluate", "report")):
+        recorded = flatten_metrics(storage.read_manifest(artifacts[role])["metrics"])
+        assert logged[task] == pytest.approx(recorded), task  # every finite number, nothing else
+    assert logged["prepare-data"]["clips_written"] > 0
+    for task in ("train-teacher", "train-flowmap", "distill"):
+        assert logged[task]["steps_per_s"] > 0 and any(k.startswith(("loss", "forward/loss")) for k in logged[task])
+    assert {"generator/nfe1/coupled_mse", "generator/nfe4/coupled_mse"} <= set(logged["evaluate"])
+    shown = (run_root / "evaluate" / "html").read_text(encoding="utf-8")
+    report = storage.read_bytes(storage.file_url(artifacts["report"], "report.html")).decode("utf-8")
+    assert shown == report and shown.count("data:image/") >= 4
+    assert not re.findall(r"""(?:src|href)=["'](?!data:|#)""", shown)
 
 
 @pytest.mark.slow
@@ -48,6 +76,7 @@ def test_anyflow_run_twice_on_s3_store(s3_server, s3_prefix: str, tmp_path: Path
     assert storage.exists(storage.file_url(first["artifacts"]["report"], "report.html"))  # where it was staged
     assert first["report_html"] and Path(first["report_html"]).read_text().lstrip().lower().startswith("<")
     assert "report.html:" in out1 and "0/5 outputs reused" in out1
+    _check_ui_artifacts(workdir, first["artifacts"])
 
     assert cli.main([*base, "--name", "second"]) == 0
     out2 = capsys.readouterr().out
