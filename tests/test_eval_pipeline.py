@@ -208,3 +208,26 @@ def test_execution_device_is_computed_once_per_pipeline(tiny, monkeypatch):
     finally:
         del vae._hf_hook
     assert pipe._execution_device == torch.device("cpu")
+
+
+def test_far_pipeline_with_cached_execution_device_is_identical(tiny):
+    """build_far_pipeline shares the cache: the causal sample (and its call count) equals a plain diffusers
+    AnyFlowFARPipeline's over the same FAR transformer, noise and text."""
+    from diffusers import AnyFlowFARPipeline, FlowMapEulerDiscreteScheduler
+
+    from anyflow.eval.pipeline import build_far_pipeline, sample_with_far_pipeline
+    from anyflow.models.far import build_tiny_far
+
+    base = tiny["base"]
+    model = build_tiny_far(0, chunk_partition=(1, 2, 2), attention="dense")
+    ours = build_far_pipeline(base, model)
+    plain = AnyFlowFARPipeline(tokenizer=base.text.tokenizer, text_encoder=base.text.model, transformer=model,
+                               vae=base.vae.vae, scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000,
+                                                                                         shift=5.0))
+    plain.set_progress_bar_config(disable=True)
+    assert type(plain) is not type(ours)
+    g = torch.Generator().manual_seed(3)
+    noise, c = torch.randn(1, 5, 4, 8, 8, generator=g), torch.randn(1, 6, 32, generator=g)
+    got, calls = sample_with_far_pipeline(base, ours, c, noise, 2)
+    ref, ref_calls = sample_with_far_pipeline(base, plain, c, noise, 2)
+    assert torch.equal(got, ref) and calls == ref_calls > 0
