@@ -2,7 +2,7 @@
 
 Each benchmark is a module ``benchmarks.bench_<name>`` with ``main(argv) -> int`` that measures its
 alternatives side by side in one run and prints ratios. This runner calls them in turn, passing each
-the arguments that ``--quick`` (a smoke run: all of them together ≤ 3 minutes on 2 CPU cores), ``--device`` and ``--e2e``
+the arguments that ``--quick`` (a smoke run, sized for all of them together ≤ 3 minutes on an idle 2-core machine), ``--device`` and ``--e2e``
 translate to in its own options, and ends with a summary (status and seconds per benchmark). A
 benchmark missing from the checkout is reported as skipped; one that fails is reported and the
 others still run (exit code 1).
@@ -95,7 +95,7 @@ def run_benchmarks(names: Sequence[str], *, quick: bool = False, device: str | N
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark (repeatable)")
-    p.add_argument("--quick", action="store_true", help="smoke run: small sizes and few rounds, all benchmarks together ≤ 3 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes and few rounds, sized for all benchmarks together ≤ 3 minutes on an idle 2-core machine")
     p.add_argument("--device", default=None, help="cpu or cuda for the benchmarks that take one (training, dataprep, sampling)")
     p.add_argument("--e2e", action="store_true", help="sampling: also time each stage of `anyflow run` on the tiny preset")
 

@@ -10,7 +10,7 @@ def add_cli(sub: Any) -> None:
 
     p = sub.add_parser("bench", help="run the benchmarks and print ratio tables",
                        description="Benchmarks alternate the compared sides in one process and print min/median ratios "
-                                   "with the number of pairs; times are indicative. --quick is a smoke run (all "
-                                   "benchmarks together <= 3 minutes on 2 CPU cores). Same as `python -m benchmarks`.")
+                                   "with the number of pairs; times are indicative. --quick is a smoke run (sized for all "
+                                   "benchmarks together <= 3 minutes on an idle 2-core machine). Same as `python -m benchmarks`.")
     add_arguments(p)
     p.set_defaults(func=run_from_args)
