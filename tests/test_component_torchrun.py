@@ -59,10 +59,13 @@ def test_two_processes_publish_one_artifact_under_the_two_process_key(tiny_chain
     assert log[-1]["step"] == 2, log
     assert metrics.metadata and all(isinstance(v, float) for v in metrics.metadata.values())
 
-    # both ranks ran: rank 0's training checkpoint holds every rank's data position, gathered from each
+    # both ranks ran: rank 0's training checkpoint was written in a 2-process group, and its global data cursor
+    # counts the batches of both ranks (2 steps x grad_accum micro-batches of batch_size, on each of 2 ranks)
     (state,) = Path(store, "checkpoints", "train_flowmap", Path(uri).name).glob("step-*/state.json")
-    ranks = json.loads(state.read_text())["ranks"]
-    assert [r["data"]["rank"] for r in ranks] == [0, 1], ranks
+    saved = json.loads(state.read_text())
+    extra = saved["extra"]
+    assert extra["world_size"] == 2, extra
+    assert saved["data"]["sample_cursor"] == 2 * extra["grad_accum"] * extra["batch_size"] * 2, saved["data"]
 
     # a second call finds it in the store: no processes, same artifact
     again, _ = _call(tmp_path / "again", ds, store, nproc=2)
@@ -119,4 +122,4 @@ def test_redistill_distill_runs_one_process_per_gpu(tiny_chain, tmp_path: Path, 
     assert prelaunch_check("distill", world_size=2, **args) == candidate["uri"]  # the key of 2 processes
     assert prelaunch_check("distill", world_size=1, **args) is None
     (state,) = Path(store, "checkpoints", "distill", Path(candidate["uri"]).name).glob("step-*/state.json")
-    assert [r["data"]["rank"] for r in json.loads(state.read_text())["ranks"]] == [0, 1]
+    assert json.loads(state.read_text())["extra"]["world_size"] == 2
