@@ -136,13 +136,23 @@ def load_tiny_vae() -> AutoencoderKLWan:
     Trained once by ``scripts/train_tiny_vae.py`` to reconstruct procedural clips
     (:mod:`anyflow.data.procedural`), so decoded tiny-preset samples show the moving shapes; read with
     plain diffusers from safetensors (no network).
-    """
-    from diffusers import AutoencoderKLWan
 
-    if not (TINY_VAE_DIR / "diffusion_pytorch_model.safetensors").is_file():
+    Built with the class's constructor and ``load_state_dict`` rather than ``from_pretrained``: diffusers'
+    ``from_pretrained`` creates parameters under accelerate's process-wide meta-device patch, so a model built
+    in another thread meanwhile (two in-process redistill runs load the tiny base at once) got meta tensors.
+    """
+    import json
+
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    weights = TINY_VAE_DIR / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
         raise FileNotFoundError(f"{TINY_VAE_DIR}: the packaged tiny VAE is missing; reinstall anyflow or run "
                                 "scripts/train_tiny_vae.py")
-    vae = AutoencoderKLWan.from_pretrained(TINY_VAE_DIR, use_safetensors=True, local_files_only=True)
+    config = json.loads((TINY_VAE_DIR / "config.json").read_text(encoding="utf-8"))
+    vae = AutoencoderKLWan.from_config(config)
+    vae.load_state_dict(load_file(str(weights)), strict=True)
     return vae.float().eval()
 
 
