@@ -203,9 +203,9 @@ def test_kfp_html_artifact_refuses_a_report_it_cannot_show(tmp_path: Path) -> No
     from components._io import copy_report
 
     out = dsl.HTML(uri=str(tmp_path / "kfp" / "html"))
-    with pytest.raises(FileNotFoundError, match="report.html of the evaluate artifact"):
+    with pytest.raises(FileNotFoundError, match=r"report\.html of the evaluate artifact"):
         copy_report(out, str(tmp_path / "nowhere" / "report.html"), str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="names no report.html"):
+    with pytest.raises(ValueError, match=r"names no report\.html"):
         copy_report(out, None, "s3://b/artifacts/evaluate/k")
     url = str(tmp_path / "abs")
     report = _report_artifact(url, tmp_path, '<img src="/home/me/anyflow-runs/x.gif">', {})
