@@ -137,20 +137,27 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_a_zero1_checkpoint_is_re_sharded_on_another_number_of_ranks(tmp_path: Path) -> None:
-    """The same with ``train.shard_optimizer`` (ZeRO-1: each rank keeps the AdamW moments and EMA of its own
-    tensors): the 2-rank checkpoint holds them whole (gathered on save); on 4 ranks ZeroRedundancyOptimizer's
-    ``load_state_dict`` keeps each rank's new share, on 1 rank plain AdamW takes them all. Same samples exactly,
-    same weights and EMA within float tolerance (module docstring)."""
+@pytest.mark.parametrize("mode", ["zero", "ds:zero2"])
+def test_a_sharded_optimizer_checkpoint_is_re_sharded_on_another_number_of_ranks(
+    tmp_path: Path, mode: str
+) -> None:
+    """The same with the optimiser state sharded over the ranks: ``zero`` = ``train.shard_optimizer`` (ZeRO-1: each
+    rank keeps the AdamW moments and EMA of its own tensors), ``ds:zero2`` = ``train.deepspeed=zero2`` (DeepSpeed
+    ZeRO-2, flat partitions). The 2-rank checkpoint holds the state whole (gathered on save); on 4 ranks the
+    loading optimiser keeps each rank's new share (ZeroRedundancyOptimizer's ``load_state_dict``, DeepSpeed's
+    ``safe_set_full_optimizer_state``), on 1 rank one process takes it all. Same samples exactly, same weights and
+    EMA within float tolerance (module docstring)."""
     ds = _dataset(tmp_path / "data")
-    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, "zero")
-    _launch(ds, tmp_path / "ckpt-b", tmp_path / "b", 2, 2, 2, "zero")
+    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, mode)
+    _launch(ds, tmp_path / "ckpt-b", tmp_path / "b", 2, 2, 2, mode)
     shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-c")
-    one = _launch(ds, tmp_path / "ckpt-b", tmp_path / "one", 4, 1, 4, "zero")
-    four = _launch(ds, tmp_path / "ckpt-c", tmp_path / "four", 4, 4, 1, "zero")
+    one = _launch(ds, tmp_path / "ckpt-b", tmp_path / "one", 4, 1, 4, mode)
+    four = _launch(ds, tmp_path / "ckpt-c", tmp_path / "four", 4, 4, 1, mode)
     total = straight[0]["optimizer_shard"]["params"]
     assert [r["optimizer_shard"]["local_params"] for r in one] == [total]  # one process: no sharding
-    assert sum(r["optimizer_shard"]["local_params"] for r in four) == total  # four disjoint shares ...
+    assert (
+        sum(r["optimizer_shard"]["local_params"] for r in four) >= total
+    )  # four shares (DeepSpeed pads) ...
     assert max(r["optimizer_shard"]["local_params"] for r in four) < total  # ... none of them whole
     want_batches = _global_batches(straight, 2, first_call=4, steps=2)
     want_moments = load_file(str(tmp_path / "ckpt-a" / "step-00000004" / "optim-generator.safetensors"))
@@ -159,7 +166,7 @@ def test_a_zero1_checkpoint_is_re_sharded_on_another_number_of_ranks(tmp_path: P
         for r in run:
             for key in ("params", "ema"):
                 diff = _max_diff(r[key], straight[0][key])
-                print(f"ZeRO-1, {name} {key}: max |resumed - straight| = {diff:.3g}")
+                print(f"{mode}, {name} {key}: max |resumed - straight| = {diff:.3g}")
                 assert diff <= ATOL, (name, key, diff)
         moments = load_file(str(tmp_path / ckpt / "step-00000004" / "optim-generator.safetensors"))
         assert sorted(moments) == sorted(want_moments), name

@@ -2,12 +2,13 @@
 store folder, exactly as the stages run it (``anyflow.stages.common.train_resumable``), with a chosen gradient
 accumulation, so that runs on different numbers of ranks train on the same global batch.
 
-    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM [zero]
+    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM [zero | ds:NAME]
 
 Trains to ``STEPS`` with micro-batches of one sample (resuming from the newest checkpoint under ``CKPT_URL`` if
 there is one) and writes OUT/rankR.pt: the trained adapter, the EMA, the step it resumed from, this rank's
 loader state, the keys of every batch this rank drew, in order, and how many trainable elements' AdamW moments
-this rank held. ``zero``: ``train.shard_optimizer`` (ZeRO-1: moments and EMA split over the ranks).
+this rank held. ``zero``: ``train.shard_optimizer`` (ZeRO-1: moments and EMA split over the ranks); ``ds:NAME``:
+``train.deepspeed=NAME`` (a DeepSpeed ZeRO engine per optimiser group, flat partitions).
 """
 
 import dataclasses
@@ -27,7 +28,9 @@ from anyflow.train.methods import FlowMapMethod
 
 dataset, ckpt_url, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 steps, accum = int(sys.argv[4]), int(sys.argv[5])
-zero = sys.argv[6:] == ["zero"]
+mode = sys.argv[6] if len(sys.argv) > 6 else ""
+zero = mode == "zero"
+deepspeed = mode.removeprefix("ds:") if mode.startswith("ds:") else ""
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 p = get_preset("tiny")
 tr = dataclasses.replace(
@@ -38,6 +41,7 @@ tr = dataclasses.replace(
     checkpoint_every=2,
     ema_warmup_step=1,
     shard_optimizer=zero,
+    deepspeed=deepspeed,
 )
 # the tiny base transformer as load_base("builtin:tiny") converts it (the VAE and text encoder are not needed)
 transformer = wan_to_anyflow(build_tiny_wan(0), copy=False).eval().requires_grad_(False)
