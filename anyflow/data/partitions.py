@@ -337,10 +337,11 @@ def prepare_partitioned(
     if only is not None:
         return {"partitions": len(parts), "partitions_encoded": len(encoded), "encoded": encoded}, urls
     summary = merge_partitions(urls, out_dir, source=source, keep=keep)
+    # how this run got there (encoded vs cached) is returned for the progress line and the metrics, but kept
+    # out of summary.json: the dataset's bytes, and so every downstream key, depend on its content only
     summary.update(
         partitions=len(parts), partitions_encoded=len(encoded), partitions_cached=len(urls) - len(encoded)
     )
-    Path(out_dir, SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary, urls
 
 
