@@ -3,12 +3,15 @@
 # Each step prints what it checks and stops at the first failure (exit 1).
 #
 #   scripts/cluster-acceptance.sh [--dry-run] [--host URL] [--image IMAGE] [--namespace NS] [--bucket NAME]
+#                                 [--kueue-queue NAME]
 #
 # Options (flags win over env): --host / $KFP_HOST (default http://localhost:8080, KFP's UI port-forward),
 # --image / $ANYFLOW_IMAGE (the train image, loaded into kind), --namespace / $ANYFLOW_NAMESPACE (where KFP
 # standalone runs pipeline pods; default kubeflow), --bucket / $ANYFLOW_BUCKET (default anyflow).
 # S3 keys for the local MinIO: $ANYFLOW_S3_ACCESS_KEY / $ANYFLOW_S3_SECRET_KEY (default: random; an
-# existing anyflow-s3 secret is kept). --dry-run prints every command and every object, touches no cluster.
+# existing anyflow-s3 secret is kept). --kueue-queue / $ANYFLOW_KUEUE_QUEUE: a Kueue LocalQueue in NS (Kueue
+# with the trainer.kubeflow.org/trainjob integration installed by you); without it the Kueue step is skipped.
+# --dry-run prints every command and every object, touches no cluster.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,10 +19,11 @@ HOST="${KFP_HOST:-http://localhost:8080}"
 IMAGE="${ANYFLOW_IMAGE:-}"
 NS="${ANYFLOW_NAMESPACE:-kubeflow}"
 BUCKET="${ANYFLOW_BUCKET:-anyflow}"
+KUEUE_QUEUE="${ANYFLOW_KUEUE_QUEUE:-}"
 DRY_RUN=0
 TIMEOUT_S="${ANYFLOW_ACCEPTANCE_TIMEOUT_S:-1800}"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
@@ -27,6 +31,7 @@ while [ $# -gt 0 ]; do
     --image) IMAGE="$2"; shift ;;
     --namespace) NS="$2"; shift ;;
     --bucket) BUCKET="$2"; shift ;;
+    --kueue-queue) KUEUE_QUEUE="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "cluster-acceptance: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -103,6 +108,52 @@ wait_new_trainjob() {
     sleep 10; waited=$((waited + 10))
   done
   fail "no TrainJob appeared within 900s"
+}
+
+# workflow_json RUN_ID: the Argo Workflow KFP created for the run (label pipeline/runid: kubeflow/pipelines
+# 2.17.0 backend/src/common/util/consts.go LabelKeyWorkflowRunId)
+workflow_json() { kubectl -n "$NS" get workflows.argoproj.io -l "pipeline/runid=$1" -o json; }
+# check_no_cache_hit RUN_ID: no KFP driver of the run decided "cached" (Argo output parameter cached-decision:
+# 2.17.0 backend/src/v2/compiler/argocompiler/argo.go paramCachedDecision; the executor pod is skipped on true)
+check_no_cache_hit() {
+  show kubectl -n "$NS" get workflows.argoproj.io -l "pipeline/runid=$1" -o json
+  [ "$DRY_RUN" = 1 ] && return 0
+  workflow_json "$1" | python3 -c '
+import json, sys
+wf = json.load(sys.stdin)["items"][0]
+hits = [n.get("displayName") for n in wf["status"]["nodes"].values()
+        for p in (n.get("outputs") or {}).get("parameters", []) if p["name"] == "cached-decision" and p.get("value") == "true"]
+drivers = sum(1 for n in wf["status"]["nodes"].values()
+              for p in (n.get("outputs") or {}).get("parameters", []) if p["name"] == "cached-decision")
+print(f"drivers: {drivers}, cache hits: {hits}")
+sys.exit(0 if drivers and not hits else 1)' || fail "run $1 took a task from KFP's cache"
+  ok "no task of run $1 came from KFP's cache"
+}
+# check_loop RUN_ID MIN_ITERATIONS MAX_ITERATIONS PARALLELISM: the run's ParallelFor (KFP 2.17.0 argocompiler
+# dag.go iteratorTask: template parallelism = iteratorPolicy.parallelismLimit; withSequence over the driver's
+# iteration count) ran MIN..MAX iterations, never more than PARALLELISM at once (Argo v4.0.5 operator.go
+# checkParallelism); with 0 the loop node is Skipped ("Skipped, empty params", Argo v4.0.5 dag.go) and the run
+# must still succeed
+check_loop() {
+  show kubectl -n "$NS" get workflows.argoproj.io -l "pipeline/runid=$1" -o json
+  [ "$DRY_RUN" = 1 ] && return 0
+  workflow_json "$1" | python3 -c '
+import json, re, sys
+from datetime import datetime
+lo, hi, par = map(int, sys.argv[1:4])
+wf = json.load(sys.stdin)["items"][0]
+limits = {t["name"]: t.get("parallelism") for t in wf["spec"]["templates"] if t["name"].endswith("-iterator")}
+its = [n for n in wf["status"]["nodes"].values() if re.match(r"iteration-iterations\(\d+", n.get("displayName", ""))]
+ts = lambda v: datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ").timestamp()
+events = sorted([(ts(n["startedAt"]), 1) for n in its] + [(ts(n["finishedAt"]), -1) for n in its], key=lambda e: (e[0], e[1]))
+peak = now = 0
+for _, d in events:
+    now += d; peak = max(peak, now)
+phases = sorted(n["phase"] for n in its)
+print(f"iterator templates: {limits}; iterations: {len(its)} {phases}; most at once: {peak}")
+good = list(limits.values()) == [par] and lo <= len(its) <= hi and peak <= par and set(phases) <= {"Succeeded"}
+sys.exit(0 if good else 1)' "$2" "$3" "$4" || fail "run $1: the ParallelFor did not run $2..$3 iterations at most $4 at once"
+  ok "run $1: ParallelFor $2..$3 iterations, at most $4 at once"
 }
 
 echo "anyflow cluster acceptance: host=$HOST namespace=$NS image=$IMAGE store=$STORE dry-run=$DRY_RUN"
@@ -194,6 +245,42 @@ if [ "$DRY_RUN" = 0 ]; then
   ok "evaluate cached"
 fi
 
+step "forced rerun of evaluate (--force): KFP's cache off for the rerun's tasks, evaluate computed anew"
+capture OUT "submitted run FORCE_RUN_ID" "${ANYFLOW[@]}" rerun --stage evaluate --run "$RUN" --store "$STORE" --force \
+  "${KFP[@]}" --preset tiny --image "$IMAGE" --platform "$PLATFORM" --run-name anyflow-acceptance-force
+FRUN="$(run_id_of "$OUT")"; [ -n "$FRUN" ] || fail "no run id in: $OUT"
+wait_run "$FRUN" SUCCEEDED
+check "every KFP driver of run $FRUN decided cached-decision=false (compiled enableCache false; 2.17.0 driver container.go)"
+check_no_cache_hit "$FRUN"
+check "the forced evaluate record says computed, not cached (runs/$FRUN/evaluate.json)"
+store_cat_cmd "runs/${FRUN}/evaluate.json"; show "${STORE_CAT[@]}"
+if [ "$DRY_RUN" = 0 ]; then
+  store_cat "runs/${FRUN}/evaluate.json" | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(1 if d.get("cached") else 0)' \
+    || fail "evaluate was taken from the store's cache despite --force"
+  ok "evaluate recomputed"
+fi
+
+step "partitioned prepare_data: ParallelFor over the fingerprint task's list, 2 pods at once; then an empty list"
+PLATFORMP="${WORK}/platform-partitions.yaml"
+cp "$PLATFORM" "$PLATFORMP"
+printf 'partition_parallelism: 2\n' >>"$PLATFORMP"
+check "platform with partition_parallelism 2:"
+cat "$PLATFORMP"
+for pass in 1 2; do
+  capture OUT "submitted run PARTITIONS${pass}_RUN_ID" "${ANYFLOW[@]}" rerun --stage prepare_data --store "$STORE" \
+    "${KFP[@]}" --preset tiny --set data.partition_size=4 --set data.source=procedural:n=16,seed=7 \
+    --image "$IMAGE" --platform "$PLATFORMP" --run-name "anyflow-acceptance-partitions-${pass}"
+  PRUN="$(run_id_of "$OUT")"; [ -n "$PRUN" ] || fail "no run id in: $OUT"
+  wait_run "$PRUN" SUCCEEDED
+  if [ "$pass" = 1 ]; then
+    check "pass 1: the 4 partitions of 16 clips each ran in a prepare_partition iteration, at most 2 at once"
+    check_loop "$PRUN" 4 4 2
+  else
+    check "pass 2: every partition is in the store: the list is empty, no iteration runs and the merge still runs"
+    check_loop "$PRUN" 0 0 2
+  fi
+done
+
 step "schedule anyflow-redistill (KFP recurring run, every minute), see it fire once, disable it"
 TEACHER="TEACHER_URI"
 store_cat_cmd "runs/${RUN}/train_teacher.json"; show "${STORE_CAT[@]}"
@@ -255,5 +342,44 @@ check "terminating run $CRUN deletes $NEW_TRAINJOB within 180s"
 show curl -fsS -X POST "${HOST%/}/apis/v2beta1/runs/${CRUN}:terminate"
 [ "$DRY_RUN" = 1 ] || kfp_api POST "runs/${CRUN}:terminate" >/dev/null || fail "cannot terminate run $CRUN"
 run kubectl -n "$NS" wait --for=delete "$NEW_TRAINJOB" --timeout=180s
+
+step "Kueue: a 2-node TrainJob labelled with the LocalQueue is admitted as one workload (skipped without --kueue-queue)"
+if [ -z "$KUEUE_QUEUE" ]; then
+  check "skipped: no --kueue-queue / ANYFLOW_KUEUE_QUEUE (needs Kueue >= v0.14 with trainer.kubeflow.org/trainjob)"
+else
+  run kubectl -n "$NS" get localqueues.kueue.x-k8s.io "$KUEUE_QUEUE"
+  PLATFORMQ="${WORK}/platform-kueue.yaml"
+  cp "$PLATFORM2" "$PLATFORMQ"
+  printf 'kueue_queue: %s\n' "$KUEUE_QUEUE" >>"$PLATFORMQ"
+  check "platform for the queued multi-node stage:"
+  cat "$PLATFORMQ"
+  BEFORE=""; [ "$DRY_RUN" = 1 ] || BEFORE="$(trainjobs)"
+  capture OUT "submitted run KUEUE_RUN_ID" "${ANYFLOW[@]}" rerun --stage train_teacher --run "$RUN" --store "$STORE" \
+    "${KFP[@]}" --preset tiny --set teacher.train.steps=3 --image "$IMAGE" --platform "$PLATFORMQ" \
+    --run-name anyflow-acceptance-kueue
+  QRUN="$(run_id_of "$OUT")"; [ -n "$QRUN" ] || fail "no run id in: $OUT"
+  wait_new_trainjob "$BEFORE"
+  check "$NEW_TRAINJOB carries kueue.x-k8s.io/queue-name=$KUEUE_QUEUE in metadata.labels (what Kueue reads:"
+  check "  kubernetes-sigs/kueue jobframework QueueNameForObject) and a Workload owned by it is admitted"
+  run kubectl -n "$NS" get "$NEW_TRAINJOB" -o 'jsonpath={.metadata.labels.kueue\.x-k8s\.io/queue-name}{"\n"}'
+  show kubectl -n "$NS" get workloads.kueue.x-k8s.io -o json
+  if [ "$DRY_RUN" = 0 ]; then
+    [ "$(kubectl -n "$NS" get "$NEW_TRAINJOB" -o 'jsonpath={.metadata.labels.kueue\.x-k8s\.io/queue-name}')" = "$KUEUE_QUEUE" ] \
+      || fail "$NEW_TRAINJOB has no queue label $KUEUE_QUEUE"
+    admitted=""
+    for _ in $(seq 1 30); do
+      admitted="$(kubectl -n "$NS" get workloads.kueue.x-k8s.io -o json | TJ="${NEW_TRAINJOB##*/}" python3 -c '
+import json, os, sys
+for w in json.load(sys.stdin)["items"]:
+    if any(o.get("kind") == "TrainJob" and o.get("name") == os.environ["TJ"] for o in w["metadata"].get("ownerReferences", [])):
+        if any(c["type"] == "Admitted" and c["status"] == "True" for c in w.get("status", {}).get("conditions", [])):
+            print(w["metadata"]["name"])')"
+      [ -n "$admitted" ] && break; sleep 10
+    done
+    [ -n "$admitted" ] || fail "no admitted Kueue Workload owned by $NEW_TRAINJOB within 300s"
+    ok "workload $admitted admitted"
+  fi
+  wait_run "$QRUN" SUCCEEDED
+fi
 
 printf '\nALL CHECKS PASSED%s\n' "$([ "$DRY_RUN" = 1 ] && echo ' (dry run: nothing was run)')"

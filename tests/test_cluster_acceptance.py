@@ -43,7 +43,8 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[list[st
            "ANYFLOW_BUCKET": "accept-bucket", "TMPDIR": str(tmp_path_factory.mktemp("work"))}
     env.pop("ANYFLOW_IMAGE", None)
     res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--image", "registry.test/anyflow-train:1.0-abc",
-                          "--namespace", "team-a"], capture_output=True, text=True, timeout=120, env=env)
+                          "--namespace", "team-a", "--kueue-queue", "gpu-team-a"],
+                         capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
     return res.stdout, calls
@@ -81,8 +82,8 @@ def test_dry_run_prints_the_objects_it_applies(dry_run) -> None:
 def test_dry_run_steps_in_order(dry_run) -> None:
     out, _ = dry_run
     steps = re.findall(r"^== step \d+: (.*)$", out, flags=re.M)
-    keys = ["prerequisites", "S3 secret", "local overlay", "tiny pipeline", "cached rerun", "schedule",
-            "2-node CPU TrainJob", "cancel"]
+    keys = ["prerequisites", "S3 secret", "local overlay", "tiny pipeline", "cached rerun", "forced rerun",
+            "partitioned prepare_data", "schedule", "2-node CPU TrainJob", "cancel", "Kueue"]
     assert len(steps) == len(keys) and all(k in s for k, s in zip(keys, steps, strict=True)), steps
     assert out.count("check: ") >= 10
     for install in ("kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=$PIPELINE_VERSION",
@@ -125,8 +126,10 @@ def test_the_runs_it_checks(dry_run) -> None:
     assert submit[submit.index("--host") + 1] == "http://kfp.test:8888"
     assert submit[submit.index("--image") + 1] == "registry.test/anyflow-train:1.0-abc"
     reruns = _anyflow(out, "rerun")
-    assert [r[r.index("--stage") + 1] for r in reruns] == ["evaluate", "train_teacher", "train_teacher"]
-    assert all(r[r.index("--run") + 1] == "RUN_ID" for r in reruns)
+    assert [r[r.index("--stage") + 1] for r in reruns] == ["evaluate", "evaluate", "prepare_data", "prepare_data",
+                                                           "train_teacher", "train_teacher", "train_teacher"]
+    assert all(r[r.index("--run") + 1] == "RUN_ID" for r in reruns if "--run" in r)
+    assert ["--force" in r for r in reruns] == [False, True, False, False, False, False, False]
     (schedule,) = _anyflow(out, "schedule")
     assert schedule[schedule.index("--pipeline") + 1] == "anyflow-redistill"
     assert schedule[schedule.index("--cron") + 1] == "* * * * *"
@@ -189,7 +192,28 @@ def test_the_printed_store_reads_are_the_commands_it_runs(dry_run) -> None:
     out, _ = dry_run
     reads = [c for c in _commands(out) if c[:1] == ["kubectl"] and "exec" in c and "deploy/anyflow-minio" in c]
     cat = [c for c in reads if any("mc --config-dir /tmp/mc cat" in a for a in c)]
-    assert len(cat) == 2, reads
+    assert len(cat) == 3, reads
     for cmd in cat:
         assert cmd[-3:-1] == ["sh", "-c"] and cmd[-1].startswith("mc --config-dir /tmp/mc alias set local "), cmd
         assert "$MINIO_ROOT_USER" in cmd[-1] and "/acceptance/runs/" in cmd[-1]
+
+
+def test_the_new_cluster_checks_read_what_upstream_writes(dry_run) -> None:
+    # The forced rerun, the partition loop and the Kueue step read objects KFP/Argo/Kueue create; the names they
+    # look for are the upstream ones (kubeflow/pipelines 2.17.0 backend/src/common/util/consts.go
+    # LabelKeyWorkflowRunId "pipeline/runid", argocompiler/argo.go paramCachedDecision "cached-decision",
+    # argocompiler/dag.go iterator template "<component>-<task>-iterator" and task "iteration-iterations";
+    # kubernetes-sigs/kueue pkg/controller/constants QueueLabel).
+    out, _ = dry_run
+    cmds = [" ".join(c) for c in _commands(out)]
+    workflows = [c for c in cmds if c.startswith("kubectl -n team-a get workflows.argoproj.io -l pipeline/runid=")]
+    assert [c.split("pipeline/runid=")[1].split()[0] for c in workflows] == [
+        "FORCE_RUN_ID", "PARTITIONS1_RUN_ID", "PARTITIONS2_RUN_ID"]
+    script = SCRIPT.read_text()
+    for name in ('"cached-decision"', '-iterator")', r"iteration-iterations\(\d+", "kueue.x-k8s.io/queue-name"):
+        assert name in script, name
+    assert "partition_parallelism: 2" in out and "kueue_queue: gpu-team-a" in out
+    assert "kubectl -n team-a get localqueues.kueue.x-k8s.io gpu-team-a" in cmds
+    parts = [r for r in _anyflow(out, "rerun") if r[r.index("--stage") + 1] == "prepare_data"]
+    assert all("data.partition_size=4" in r and r[r.index("--platform") + 1].endswith("platform-partitions.yaml")
+               for r in parts) and len(parts) == 2
