@@ -7,6 +7,7 @@ checked against the rendered local overlay, the printed anyflow commands against
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -217,3 +218,39 @@ def test_the_new_cluster_checks_read_what_upstream_writes(dry_run) -> None:
     parts = [r for r in _anyflow(out, "rerun") if r[r.index("--stage") + 1] == "prepare_data"]
     assert all("data.partition_size=4" in r and r[r.index("--platform") + 1].endswith("platform-partitions.yaml")
                for r in parts) and len(parts) == 2
+
+
+def _submitted_tasks(argv: list[str], monkeypatch) -> list[tuple[str, bool]]:
+    """(task name, caching_options.enable_cache) of every task of the spec the CLI submits, read with the upstream
+    kfp-pipeline-spec protobuf (``PipelineSpec``, strict: an unknown field fails)."""
+    from google.protobuf import json_format
+    from helpers.kfp_api import Recorder, serve
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from anyflow import cli
+
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent")
+    rec = Recorder()
+    with serve(rec) as url:
+        assert cli.main([*argv, "--host", url]) == 0, argv
+    (body,) = [r["body"] for r in rec.requests if r["method"] == "POST" and "/experiments" not in r["path"]]
+    assert "enable_caching" not in json.dumps(body)  # no run-level override of the tasks' own options
+    raw = body["pipeline_spec"].get("pipeline_spec", body["pipeline_spec"])
+    spec = json_format.ParseDict(raw, pipeline_spec_pb2.PipelineSpec())
+    dags = [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]
+    return [(name, task.caching_options.enable_cache) for dag in dags for name, task in dag.tasks.items()
+            if not spec.components[task.component_ref.name].HasField("dag")]
+
+
+def test_forced_rerun_submits_every_task_uncached(tmp_path: Path, monkeypatch) -> None:
+    # KFP 2.17.0's driver reuses a cached execution only if the task's caching_options.enable_cache is true
+    # (backend/src/v2/driver/container.go); rerun --force must submit every container task with it false, while
+    # the same rerun without --force keeps the stage task cacheable (so this test can tell them apart).
+    argv = ["rerun", "--stage", "prepare_data", "--store", str(tmp_path / "store"), "--namespace", "team-a",
+            "--preset", "tiny", "--image", "registry.test/anyflow-train:1.0-abc", "--set", "data.partition_size=4"]
+    plain = _submitted_tasks(argv, monkeypatch)
+    forced = _submitted_tasks([*argv, "--force"], monkeypatch)
+    assert {n for n, _ in plain} == {n for n, _ in forced} and len(forced) >= 3  # fingerprint, partition, merge
+    assert dict(plain)["prepare-data"] is True
+    assert not any(cached for _, cached in forced), forced
