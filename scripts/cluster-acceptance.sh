@@ -10,7 +10,7 @@
 # standalone runs pipeline pods; default kubeflow), --bucket / $ANYFLOW_BUCKET (default anyflow).
 # S3 keys for the local MinIO: $ANYFLOW_S3_ACCESS_KEY / $ANYFLOW_S3_SECRET_KEY (default: random; an
 # existing anyflow-s3 secret is kept). --kueue-queue / $ANYFLOW_KUEUE_QUEUE: a Kueue LocalQueue in NS (Kueue
-# with the trainer.kubeflow.org/trainjob integration installed by you); without it the Kueue step is skipped.
+# >= v0.17 with the trainer.kubeflow.org/trainjob integration, installed by you); without it that step is skipped.
 # --dry-run prints every command and every object, touches no cluster.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ KUEUE_QUEUE="${ANYFLOW_KUEUE_QUEUE:-}"
 DRY_RUN=0
 TIMEOUT_S="${ANYFLOW_ACCEPTANCE_TIMEOUT_S:-1800}"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
@@ -345,7 +345,7 @@ run kubectl -n "$NS" wait --for=delete "$NEW_TRAINJOB" --timeout=180s
 
 step "Kueue: a 2-node TrainJob labelled with the LocalQueue is admitted as one workload (skipped without --kueue-queue)"
 if [ -z "$KUEUE_QUEUE" ]; then
-  check "skipped: no --kueue-queue / ANYFLOW_KUEUE_QUEUE (needs Kueue >= v0.14 with trainer.kubeflow.org/trainjob)"
+  check "skipped: no --kueue-queue / ANYFLOW_KUEUE_QUEUE (needs Kueue >= v0.17 with trainer.kubeflow.org/trainjob)"
 else
   run kubectl -n "$NS" get localqueues.kueue.x-k8s.io "$KUEUE_QUEUE"
   PLATFORMQ="${WORK}/platform-kueue.yaml"
