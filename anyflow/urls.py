@@ -13,6 +13,8 @@ import argparse
 import re
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+#: ``s3//…`` / ``S3//…`` (the colon left out). A folder really named ``s3`` is still a path: ``s3/x``, ``./s3//x``.
+_NO_COLON = re.compile(r"^(s3a?)//", re.IGNORECASE)
 #: S3 bucket naming rules (3–63 characters: lowercase letters, digits, dots and hyphens; starts and ends with a
 #: letter or digit), which MinIO, Ceph and SeaweedFS enforce as well.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -27,6 +29,10 @@ def check_url(url: str, what: str = "location") -> str:
     u = str(url)
     if not u.strip():
         raise LocationError(f"{what} is empty: give a folder or s3://BUCKET/PREFIX.")
+    typo = _NO_COLON.match(u)
+    if typo is not None:  # ``s3//bucket/x``: a path join would make it the local folder ./s3/bucket/x
+        scheme = typo.group(1).lower()
+        raise LocationError(f"{what} {u!r} looks like an S3 URL without its colon: write {scheme}://BUCKET/PREFIX.")
     m = _SCHEME.match(u)
     if m is None:
         return u  # a local path

@@ -15,9 +15,11 @@ from anyflow.urls import LocationError, check_url
 
 BAD = [("s3:/x", "two slashes"), ("s3://", "names no bucket"), ("s3:///prefix", "names no bucket"),
        ("s3://Bad_Bucket/x", "not a valid S3 bucket name"), ("gs://bucket/x", "unsupported scheme"),
-       ("S3://bucket/x", "unsupported scheme"), ("file:/tmp/x", "file URL"), ("", "empty")]
+       ("S3://bucket/x", "unsupported scheme"), ("file:/tmp/x", "file URL"), ("", "empty"),
+       ("s3//my-bucket/x", "without its colon"), ("S3//my-bucket/x", "without its colon"),
+       ("s3a//my-bucket", "without its colon")]
 GOOD = ["./store", "/abs/store", "relative/dir", "file:///tmp/x", "s3://my-bucket", "s3://my-bucket/a/b",
-        "s3a://my.bucket-1/p"]
+        "s3a://my.bucket-1/p", "s3/x", "./s3//x", "s3"]
 
 
 @pytest.mark.parametrize(("url", "why"), BAD)
@@ -32,7 +34,7 @@ def test_valid_locations_pass_unchanged(url: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["run", "--store", "s3:/x"], ["run", "--store", "s3://"], ["stage", "prepare_data", "--store", "s3:/x"],
+    ["run", "--store", "s3:/x"], ["run", "--store", "s3://"], ["run", "--store", "s3//my-bucket/x"], ["stage", "prepare_data", "--store", "s3:/x"],
     ["stage", "train_teacher", "--store", "st", "--in", "dataset=s3:/d"], ["rerun", "--stage", "distill", "--from",
     "dataset=s3://"], ["artifacts", "verify", "s3:/x"], ["sample", "s3:/ckpt"], ["models", "list", "--store", "s3:/x"],
     ["redistill", "--store", "s3:/x", "--source", "procedural:n=4", "--teacher", "t"],

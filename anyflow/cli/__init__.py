@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"anyflow {__version__}")
-    parser.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO/Ceph/SeaweedFS (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--s3-endpoint", help="S3 endpoint URL for MinIO/Ceph/SeaweedFS (default: $ANYFLOW_S3_ENDPOINT, "
+                        "else $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_run(sub)
     kfp.add_cli(sub)

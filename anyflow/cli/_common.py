@@ -289,7 +289,8 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
         p.add_argument("--store", default=None, type=url_argument, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
         # SUPPRESS: do not overwrite the top-level ``anyflow --s3-endpoint`` when not given here.
         p.add_argument("--s3-endpoint", default=argparse.SUPPRESS,
-                       help="S3 endpoint URL for --store s3://… (e.g. http://127.0.0.1:9000)")
+                       help="S3 endpoint URL for --store s3://… (e.g. http://127.0.0.1:9000; default: "
+                            "$ANYFLOW_S3_ENDPOINT, else $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL)")
 
 
 def _kfp(p: argparse.ArgumentParser, required: bool = False) -> None:
