@@ -457,6 +457,8 @@ def _manifest_bytes(url: str | os.PathLike) -> bytes:
     try:
         return read_bytes(join(url, MANIFEST))
     except FileNotFoundError as exc:
+        if not is_remote(url) and not local_path(url).exists():  # a mistyped path: no "re-run the stage" hint
+            raise ArtifactError(f"{url} does not exist (an artifact is a folder holding {MANIFEST}); check the path.") from exc
         raise ArtifactError(
             f"{url} is not an artifact: {MANIFEST} is missing (its writer did not finish, or this is "
             f"not an artifact URL); re-run the stage that publishes it."

@@ -187,8 +187,11 @@ def trained_config(url: str) -> Preset:
     this code can read."""
     from anyflow.config import from_dict
 
-    try:
+    try:  # not an artifact at all (missing, corrupt): say that, without a --preset hint that cannot help
         manifest = storage.read_manifest(url)
+    except storage.ArtifactError as exc:
+        raise StageInputError(str(exc)) from None
+    try:
         doc = json.loads(storage.read_bytes(storage.file_url(url, "config.json", manifest=manifest)))
     except (storage.ArtifactError, OSError, ValueError) as exc:
         raise StageInputError(f"{url}: no readable config.json to take the preset from ({exc}); pass --preset") from None
