@@ -94,8 +94,8 @@ def _s3_failure(exc: BaseException) -> tuple[int, str] | None:
             )
         if isinstance(e, ValueError) and str(e).startswith("Invalid endpoint:") and _raised_in(e, "botocore"):
             return BAD_INPUT, (
-                f"anyflow: error: S3 endpoint {_storage_s3.endpoint()!r} (--s3-endpoint, ANYFLOW_S3_ENDPOINT or "
-                "AWS_ENDPOINT_URL) is not a valid URL; use e.g. http://minio.kubeflow:9000"
+                f"anyflow: error: S3 endpoint {_storage_s3.endpoint()!r} (--s3-endpoint, ANYFLOW_S3_ENDPOINT, "
+                "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) is not a valid URL; use e.g. http://minio.kubeflow:9000"
             )
     return None
 

@@ -330,7 +330,7 @@ def test_s3_settings_that_cannot_work_are_bad_input(case, s3_server, s3_prefix, 
         names = "Unable to locate credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     else:
         monkeypatch.setenv("ANYFLOW_S3_ENDPOINT", "htp:/not a url")
-        names = "S3 endpoint 'htp:/not a url' (--s3-endpoint, ANYFLOW_S3_ENDPOINT or AWS_ENDPOINT_URL) is not a valid URL"
+        names = "S3 endpoint 'htp:/not a url' (--s3-endpoint, ANYFLOW_S3_ENDPOINT, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) is not a valid URL"
     code, lines, err = _run(["stage", "prepare_data", "--store", store, "--no-progress"], capsys)
     _assert_refused(code, lines, err, names)
 

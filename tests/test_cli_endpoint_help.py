@@ -34,3 +34,17 @@ def test_help_names_the_fallbacks_in_resolution_order(argv: list[str], capsys, m
     positions = [help_line.find(f"${v}") for v in order]
     assert all(p >= 0 for p in positions), (order, help_line[:300])
     assert positions == sorted(positions), (order, help_line[:300])
+
+
+def test_an_invalid_endpoint_names_the_variable_it_came_from(capsys, monkeypatch) -> None:
+    """A malformed ``AWS_ENDPOINT_URL_S3`` (the only endpoint set) is refused naming that variable; before, the
+    sentence listed only --s3-endpoint, ANYFLOW_S3_ENDPOINT and AWS_ENDPOINT_URL."""
+    monkeypatch.setattr(_storage_s3, "_settings", {**_storage_s3._settings, "endpoint": None})
+    for v in VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "not a url")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    assert cli.main(["artifacts", "verify", "s3://my-bucket/x"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "'not a url'" in line and "AWS_ENDPOINT_URL_S3" in line, line
