@@ -30,9 +30,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.compile import CompileError, compile_all, compile_pipeline
 
     platform = _platform(args)
-    if (args.image or default_image()) == IMAGE_PLACEHOLDER:
-        print(f"anyflow compile: note: the YAML names the placeholder image {IMAGE_PLACEHOLDER}; pass --image "
-              "REPO@sha256:DIGEST (or set ANYFLOW_IMAGE) before uploading it to a cluster.", file=sys.stderr)
     try:
         if args.all:
             paths = compile_all(args.output or "compiled", platform, args.image)
@@ -40,6 +37,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
             paths = [compile_pipeline(args.pipeline, args.output or f"{args.pipeline}.yaml", platform, args.image)]
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    if (args.image or default_image()) == IMAGE_PLACEHOLDER:  # after compiling: a refused one gets one line
+        print(f"anyflow compile: note: the YAML names the placeholder image {IMAGE_PLACEHOLDER}; pass --image "
+              "REPO@sha256:DIGEST (or set ANYFLOW_IMAGE) before uploading it to a cluster.", file=sys.stderr)
     for path in paths:
         print(path)
     return 0
