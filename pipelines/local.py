@@ -344,8 +344,9 @@ def load_record(ref: str, workdir: str | Path) -> dict[str, Any]:
     by_id = [rec for rec in list_records(workdir) if str(rec.get("run_id") or "") == ref]
     if by_id:
         return by_id[-1]  # one run id per local run (the newest record if a copy exists)
+    where = "" if os.path.normpath(str(workdir)) == "anyflow-runs" else f" --workdir {workdir}"  # the CLI default
     raise FileNotFoundError(f"no local run named {ref!r} or with that run id in {folder}; list them with "
-                            "'anyflow runs'.")
+                            f"'anyflow runs{where}'.")
 
 
 def list_records(workdir: str | Path) -> list[dict[str, Any]]:
