@@ -277,16 +277,22 @@ def _guard(handler):
     return functools.update_wrapper(wrapped, handler)
 
 
-def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, store: bool = True, cluster: bool = False) -> None:
+    """Preset, overrides, image, store. ``cluster`` (submit, schedule): no ``--workdir`` (nothing runs here) and
+    ``--store`` has no local default (the pipeline's ``store`` parameter: empty keeps artifacts in KFP)."""
     p.add_argument("--preset", default=None, help=f"preset name (default: {DEFAULT_PRESET})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable (e.g. distill.train.steps=2)")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="YAML file of config overrides (nested or dotted keys), applied before --set")
     p.add_argument("--image", default=None,
                    help="component image, best by digest (REPO@sha256:…; default: $ANYFLOW_IMAGE); required on a cluster")
-    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
+    if not cluster:
+        p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"local run folder (default: {DEFAULT_WORKDIR})")
     if store:
-        p.add_argument("--store", default=None, type=url_argument, help="artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
+        p.add_argument("--store", default=None, type=url_argument,
+                       help="artifact store: s3://bucket/prefix (default: the pipeline's own 'store' parameter; empty in "
+                       "anyflow-t2v and anyflow-far: the run keeps its artifacts in KFP's storage)" if cluster else
+                       "artifact store: a folder or s3://bucket/prefix (default: <workdir>/store)")
         # SUPPRESS: do not overwrite the top-level ``anyflow --s3-endpoint`` when not given here.
         p.add_argument("--s3-endpoint", default=argparse.SUPPRESS,
                        help="S3 endpoint URL for --store s3://… (e.g. http://127.0.0.1:9000; default: "

@@ -170,14 +170,14 @@ def add_cli(subparsers: Any) -> None:
                               description="Compile a pipeline and start one run of it on a KFP endpoint (--host or "
                               "$KFP_HOST) with the image its pods pull (--image or $ANYFLOW_IMAGE); prints the KFP "
                               "run id, which 'anyflow status' and 'anyflow rerun --run' take (as does the run name).")
-    _common(p)
+    _common(p, cluster=True)
     _kfp(p)
     p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline name: anyflow-t2v (default), anyflow-far, anyflow-evaluate-only, anyflow-redistill, anyflow-rerun-<stage>")
     p.set_defaults(func=_guard(cmd_submit), command="submit")
     p = subparsers.add_parser("schedule", help="create a KFP recurring run from a cron expression",
                               description="Accepts 5-field cron (min hour dom month dow) or KFP's 6-field "
                               "seconds-first form; prints the KFP form and the next fire times.")
-    _common(p)
+    _common(p, cluster=True)
     _kfp(p)
     p.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (daily 03:00 UTC)")
     p.add_argument("--pipeline", default="anyflow-t2v", help="pipeline to schedule (default: anyflow-t2v)")
