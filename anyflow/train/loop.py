@@ -616,14 +616,17 @@ def fit(
                 **metrics,
                 **{f"grad_norm/{k}": v for k, v in ctx.last_grad_norm.items()},
                 **{f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()},
-                "samples_per_s": samples / max(dt, 1e-9),
             }
-            last = {k: float(v) for k, v in record.items() if k != "step"}
+            # the throughput goes to the metrics and TensorBoard but not into log.jsonl: the log is part of the
+            # published artifact, whose content digest keys every later stage (storage.content_digest), so it
+            # holds only what a rerun of the same inputs reproduces
+            rate = {"samples_per_s": samples / max(dt, 1e-9)}
+            last = {k: float(v) for k, v in (record | rate).items() if k != "step"}
             if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if tb is not None:
-                    for k, v in record.items():
+                    for k, v in (record | rate).items():
                         if k != "step":
                             tb.add_scalar(k, v, step + 1)
             if bar is not None:
