@@ -8,6 +8,7 @@ denoised) or as **V2V** continuation (``--video``: its first frames fill whole c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -16,20 +17,30 @@ def video_frames_for(latent_frames: int) -> int:
     return 4 * (latent_frames - 1) + 1
 
 
-def load_context(path: str, cfg: Any, base: Any, *, video_frames: int) -> Any:
+def load_context(path: str, cfg: Any, base: Any, *, video_frames: int, flag: str = "context") -> Any:
     """Decode ``video_frames`` frames of an image/video file at the preset's fps and size and VAE-encode them
-    → (1, F_ctx, C, h, w) latents. Errors name the file and what is wrong with it."""
+    → (1, F_ctx, C, h, w) latents. Errors are one sentence naming the option (``flag``), the file, what is
+    wrong with it and what to change -- not prepare_data's skip-reason words."""
     import torch
 
-    from anyflow.data.video import ClipError, VideoSpec, decode_video
+    from anyflow.data import video as v
 
-    spec = VideoSpec(frames=video_frames, fps=cfg.data.fps, height=cfg.data.height, width=cfg.data.width)
+    spec = v.VideoSpec(frames=video_frames, fps=cfg.data.fps, height=cfg.data.height, width=cfg.data.width)
     try:
-        video = decode_video(path, spec)
-    except ClipError as exc:
+        video = v.decode_video(path, spec)
+    except v.ClipError as exc:
         from anyflow.config import StageInputError
 
-        raise StageInputError(f"context {path}: {exc}") from None
+        if exc.reason == v.MISSING_VIDEO or not Path(path).exists():
+            why = "no such file"
+        elif exc.reason == v.TOO_SHORT:
+            why = f"too short ({exc.detail}); pass a longer clip" + (
+                " or a smaller --video-frames" if flag == "--video" else "")
+        elif exc.reason == v.UNDECODABLE:
+            why = f"cannot be decoded as an image or video ({exc.detail})"
+        else:
+            why = exc.detail or exc.reason
+        raise StageInputError(f"{flag} {path}: {why}") from None
     with torch.no_grad():
         return base.vae.encode(video[None])
 
@@ -67,7 +78,7 @@ def sample_latents(
                extra=("far_patch_embedding",) if far else ())
     context = None
     if image:
-        context = load_context(image, cfg, base, video_frames=1)
+        context = load_context(image, cfg, base, video_frames=1, flag="--image")
     elif video:
         from anyflow.causal import chunk_bounds
 
@@ -80,7 +91,7 @@ def sample_latents(
                 f"--video-frames {video_frames}: V2V context must fill whole chunks of far.chunk_partition "
                 f"{list(cfg.far.chunk_partition)}; use one of {[video_frames_for(e) for e in ends]}"
             )
-        context = load_context(video, cfg, base, video_frames=video_frames)
+        context = load_context(video, cfg, base, video_frames=video_frames, flag="--video")
     with torch.no_grad():
         c = base.text.encode(prompts)
         shape = base.vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
