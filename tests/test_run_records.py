@@ -242,7 +242,8 @@ def test_prepare_data_component_body_then_record_task_write_its_record(tmp_path:
 
     store = str(tmp_path / "store")
     out = dsl.Dataset(uri=str(tmp_path / "kfp" / "dataset"))
-    components.stage_functions()["prepare_data"](dataset=out, store=store)
+    metrics = dsl.Metrics(uri=str(tmp_path / "kfp" / "metrics"))
+    components.stage_functions()["prepare_data"](dataset=out, metrics=metrics, store=store)
     assert not (tmp_path / "store" / "runs").exists()  # the stage task itself records nothing
     record_stage(artifact=out, store=store, run_id="7", entry="prepare_data")
     doc = json.loads((tmp_path / "store" / "runs" / "7" / "prepare_data.json").read_text())
