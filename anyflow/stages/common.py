@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,9 +311,6 @@ def _remove_checkpoint(url: str) -> None:
         shutil.rmtree(storage.local_path(url), ignore_errors=True)
 
 
-_STALE_UNLOCKED_S = 60.0  # a run folder without its lock file is a kill between mkdtemp and the lock, or racing
-
-
 def _work_root(stage: str) -> Path:
     """The stage's own work folder: ``$ANYFLOW_WORK_DIR/<stage>``, else ``<temp dir>/anyflow-work-<uid>/<stage>``
     (the temp dir honours ``$TMPDIR``). The per-user folder must be a real folder owned by this user (0700); a
@@ -334,44 +329,15 @@ def _work_root(stage: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"anyflow-work-{stage}-"))
 
 
-def _clean_stale_runs(root: Path) -> None:
-    """Remove the run folders under ``root`` whose process is gone: a live run holds an exclusive ``flock`` on
-    its ``.lock`` for as long as it trains (the kernel drops it when the process dies, SIGKILL included)."""
-    for run in root.glob("run-*"):
-        lock = run / ".lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - run.lstat().st_mtime > _STALE_UNLOCKED_S:
-                    shutil.rmtree(run, ignore_errors=True)
-            continue
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live run
-        finally:
-            os.close(fd)  # also releases a lock just taken: the folder goes now, nothing waits on it
-        shutil.rmtree(run, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _run_folder(stage: str) -> Iterator[Path]:
     """A private folder for one training run's state (checkpoint copies, the resume download) under the stage's
     own work folder, locked while the run lives and removed at its end; folders of runs killed before they
     could remove theirs are removed when the next run of the stage starts."""
-    root = _work_root(stage)
-    _clean_stale_runs(root)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    from anyflow._storage_io import private_dir  # the same locked-folder protocol as the publish staging
+
+    with private_dir(_work_root(stage), "run-") as work:
         yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        os.close(fd)
 
 
 def train_resumable(
