@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare
+from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare_data_section
 from anyflow.data.shards import FORMAT, INDEX, NEGATIVE, VERSION
 
 #: Where partition artifacts live under a store: ``<store>/artifacts/prepare_partition/<key>``.
@@ -197,7 +197,6 @@ def encode_partition(
     """Encode ``part`` into its artifact (or find it cached); returns ``(url, cached)``."""
     from anyflow import storage
     from anyflow.config import to_dict
-    from anyflow.models.text import WAN_NEGATIVE_PROMPT
 
     key = partition_key(part, cfg)
     url = storage.join(store, "artifacts", PARTITION_STAGE, key)
@@ -208,20 +207,9 @@ def encode_partition(
     staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{part.name}-"))
     try:
         item_of: dict[str, str] = {}
-        summary = prepare(
-            partition_records(source, part, item_of),
-            encode_video=encode_video,
-            encode_text=encode_text,
-            negative_prompt=WAN_NEGATIVE_PROMPT,
-            out_dir=staging,
-            frames=d.frames,
-            height=d.height,
-            width=d.width,
-            fps=d.fps,
-            samples_per_shard=d.samples_per_shard,
-            strict=d.strict,
-            progress=progress,
-            require_samples=False,
+        summary = prepare_data_section(
+            partition_records(source, part, item_of), d, encode_video=encode_video, encode_text=encode_text,
+            out_dir=staging, progress=progress, require_samples=False,
         )
         _write_keys(staging, item_of)
         conf = to_dict(cfg)

@@ -188,6 +188,19 @@ def prepare(
     return summary
 
 
+def prepare_data_section(source: Any, data: Any, *, encode_video: Any, encode_text: Any, out_dir: str | Path,
+                         progress: bool = False, **kw: Any) -> dict[str, Any]:
+    """:func:`prepare` with a preset's ``data`` section (clip geometry, fps, sharding, strictness) and Wan's
+    negative prompt: what the prepare_data stage, each partition and the re-distillation window encode."""
+    from anyflow.models.text import WAN_NEGATIVE_PROMPT
+
+    return prepare(
+        source, encode_video=encode_video, encode_text=encode_text, negative_prompt=WAN_NEGATIVE_PROMPT,
+        out_dir=out_dir, frames=data.frames, height=data.height, width=data.width, fps=data.fps,
+        samples_per_shard=data.samples_per_shard, strict=data.strict, progress=progress, **kw,
+    )
+
+
 def _known_length(source: Any) -> int | None:
     """How many records ``source`` holds when that is known before reading it (a sized iterable, or a
     ``procedural`` spec), for the progress line's total and ETA; ``None`` otherwise (the count alone)."""

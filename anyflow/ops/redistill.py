@@ -129,8 +129,7 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
 
     from anyflow import __version__
     from anyflow.config import apply_overrides, get_preset, to_dict
-    from anyflow.data.prepare import prepare
-    from anyflow.models.text import WAN_NEGATIVE_PROMPT
+    from anyflow.data.prepare import prepare_data_section
     from anyflow.stages import common
 
     cfg = apply_overrides(get_preset(preset), overrides)
@@ -164,12 +163,8 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
         else:
             base = common.load_models(cfg)
             with torch.no_grad():
-                summary = prepare(
-                    window_records(window), encode_video=base.vae.encode, encode_text=base.text.encode,
-                    negative_prompt=WAN_NEGATIVE_PROMPT, out_dir=staging, frames=cfg.data.frames,
-                    height=cfg.data.height, width=cfg.data.width, fps=cfg.data.fps,
-                    samples_per_shard=cfg.data.samples_per_shard, strict=cfg.data.strict, progress=progress,
-                )
+                summary = prepare_data_section(window_records(window), cfg.data, encode_video=base.vae.encode,
+                                               encode_text=base.text.encode, out_dir=staging, progress=progress)
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         conf = to_dict(cfg)
         conf["data"]["source"] = f"window {window.digest()[:16]} of {window.source}"

@@ -27,8 +27,7 @@ SECTIONS = ("model", "data")
 
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True,
         store: str | None = None) -> dict:
-    from anyflow.data.prepare import prepare
-    from anyflow.models.text import WAN_NEGATIVE_PROMPT
+    from anyflow.data.prepare import prepare_data_section
 
     common.require_inputs("prepare_data", inputs, INPUTS)
     if not cfg.data.source:
@@ -43,11 +42,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                                          load_encoders=lambda: _encoders(cfg), progress=progress)
     else:
         encode_video, encode_text = _encoders(cfg)
-        summary = prepare(
-            d.source, encode_video=encode_video, encode_text=encode_text, negative_prompt=WAN_NEGATIVE_PROMPT,
-            out_dir=out_dir, frames=d.frames, height=d.height, width=d.width, fps=d.fps,
-            samples_per_shard=d.samples_per_shard, strict=d.strict, progress=progress,
-        )
+        summary = prepare_data_section(d.source, d, encode_video=encode_video, encode_text=encode_text,
+                                       out_dir=out_dir, progress=progress)
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
