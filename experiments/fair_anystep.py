@@ -10,10 +10,18 @@ two arms from one teacher per seed:
   CFG-3 teacher, and the released objective's analytic floor (``cfg_floor.py``) beside them.
 
 CD's step count is set so that its **network calls** equal AnyFlow's (stage 1: 4 calls a step with fusion,
-3 at g = 1; stage 2 ≈ 14; CD 4 with CFG, 3 without). The teacher's own error against the exact ODE is
-reported. The training code is toy_anystep.py's (same data, network, losses and defaults).
+3 at g = 1; stage 2 ≈ 14; CD 4 with CFG, 3 without). Every method is scored at every N by the coupled error
+(mean L2 to the exact ODE endpoint from the same noise) and by a held-out distance to data (class-wise energy
+distance to fresh ring samples, no coupling: the right measure for CD's re-noising multistep sampler). The
+teacher's own error against the exact ODE is reported. The training code is toy_anystep.py's.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/fair_anystep.py --out experiments/results_fair --seeds 1
+Learning rates are chosen on seed 0 by ``--select`` (stage 1 by its training loss, CD by the held-out distance
+to data at N = 1; the exact ODE is not even computed there) and passed to the report run by ``--selection``:
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/fair_anystep.py --select --seeds 0 --flowmap-steps 1500 \
+        --out experiments/results_fair/select
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/fair_anystep.py --seeds 1 2 3 \
+        --selection experiments/results_fair/select/selection.json --out experiments/results_fair
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,33 +43,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toy_anystep as toy
 from cfg_floor import cfg_velocity, ring
-from toy_models import RingMixture, as_fn, cfg_fn, consistency_sample, ema_update, from_latent
+from toy_models import (
+    RingMixture,
+    as_fn,
+    cfg_fn,
+    classwise_energy_distance,
+    consistency_sample,
+    ema_update,
+    from_latent,
+)
 
 from anyflow.analytic import integrate_ode
 from anyflow.flowmap import forward_flowmap_loss
 from anyflow.rollout import flowmap_euler_sample
 
 CALLS = {"stage1_g": 4, "stage1_1": 3, "stage2": 14, "cd_g": 4, "cd_1": 3}  # network calls per step
+STAGE1 = {"g1": "stage 1, g = 1", "released": "stage 1, released", "meanflow": "stage 1, meanflow"}
+LR_FIELDS = ("lr_g1", "lr_released", "lr_meanflow", "cd_lr_1", "cd_lr_3")
 
 
 @dataclasses.dataclass(frozen=True)
 class FairConfig:
     seeds: tuple[int, ...] = (1,)
     teacher_steps: int = 3000
-    flowmap_steps: int = 4000
-    onpolicy_steps: int = 1500
-    curve_every: int = 500  # N = 1 coupled error of the stage-1 EMA every so many steps (reported, not used)
+    flowmap_steps: int = 5000
+    onpolicy_steps: int = 1000
+    curve_every: int = 500  # N = 1 errors of the stage-1 and CD EMAs every so many steps (reported, not used)
     n_eval: int = 1024
+    n_heldout: int = 4096  # fresh data points for the energy distance (a new draw per seed)
     ref_steps: int = 400  # RK4 steps of the exact ODE, σ 1 → 0
     nfe: tuple[int, ...] = (1, 2, 4, 8, 32)
     width: int = 128
     batch: int = 256
+    lr_g1: float = 3e-4  # stage-1 AdamW learning rates per arm (toy_anystep's default 3e-4)
+    lr_released: float = 3e-4
+    lr_meanflow: float = 3e-4
+    cd_lr_1: float = 3e-4  # CD learning rates, unguided and CFG-3 teacher
+    cd_lr_3: float = 3e-4
+    onpolicy_lr: float = 1e-4  # stage 2 (not searched)
+    grid_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # --select: learning rates tried for every arm
 
     def toy(self, **kw) -> toy.ExpConfig:
         return toy.ExpConfig(
             teacher_steps=self.teacher_steps,
             flowmap_steps=self.flowmap_steps,
             onpolicy_steps=self.onpolicy_steps,
+            onpolicy_lr=self.onpolicy_lr,
             width=self.width,
             batch=self.batch,
             **kw,
@@ -82,85 +110,171 @@ def coupled(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((from_latent(x).double() - ref).norm(dim=1).mean())
 
 
-def train_stage1(teacher, data, cfg: toy.ExpConfig, gen, curve) -> tuple[torch.nn.Module, list, float]:
-    """toy_anystep.train_flowmap with a curve of the N = 1 error and the final training loss."""
-    student = toy.make_student(teacher, data, gen)
-    ema = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.flowmap_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    lcfg, c_neg = toy.loss_config(cfg), data.negative()
-    points, losses = [], []
-    for step in range(cfg.flowmap_steps):
-        x, c, _ = data.batch(cfg.batch, gen)
-        loss, _ = forward_flowmap_loss(as_fn(student), x, c, c_neg, gen, lcfg)
-        toy._step(opt, student, loss)
-        ema_update(ema, student, cfg.eval_ema if step >= 100 else 0.0)
-        losses.append(loss.item())
-        if (step + 1) % curve[0] == 0 or step == 0:
-            points.append((step + 1, curve[1](ema)))
+class Setup:
+    """One seed's teacher, evaluation noise and held-out data (everything but the exact reference)."""
+
+    def __init__(self, seed: int, fc: FairConfig):
+        self.seed, self.fc, self.data = seed, fc, RingMixture()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.base = fc.toy()
+        self.teacher = toy.train_teacher(self.data, self.base, self.gen, seed)
+        eg = torch.Generator().manual_seed(10_000 + seed)
+        self.labels = self.data.balanced_labels(fc.n_eval)
+        self.c = self.data.embed(self.labels)
+        self.z = torch.randn(fc.n_eval, 1, 2, 1, 1, generator=eg)
+        hg = torch.Generator().manual_seed(30_000 + seed)  # held-out data: never seen in training
+        self.held_labels = self.data.balanced_labels(fc.n_heldout)
+        self.held = self.data.sample(self.held_labels, hg)
+        self.fresh = self.data.sample(self.labels, hg)  # a second fresh set: the data-vs-data noise floor
+        self.c_neg = self.data.negative()
+
+    def dist(self, x: torch.Tensor) -> float:
+        """Class-wise energy distance of samples x (latents or (B, 2) points) to the held-out data."""
+        pts = from_latent(x) if x.dim() == 5 else x
+        return classwise_energy_distance(pts.float(), self.labels, self.held, self.held_labels, self.data.K)
+
+    def fm_sampler(self, model) -> Callable[[int], torch.Tensor]:
+        return lambda n: flowmap_euler_sample(as_fn(model), self.z, self.c, n, shift=1.0)
+
+    def cd_sampler(self, model) -> Callable[[int], torch.Tensor]:
+        return lambda n: consistency_sample(
+            as_fn(model), self.z, self.c, n, torch.Generator().manual_seed(20_000 + self.seed), shift=1.0
+        )
+
+    def train_stage1(self, cfg: toy.ExpConfig, curve: Callable) -> tuple[torch.nn.Module, list, float]:
+        """toy_anystep.train_flowmap with a curve of the N = 1 errors and the final training loss."""
+        student = toy.make_student(self.teacher, self.data, self.gen)
+        ema = copy.deepcopy(student).requires_grad_(False)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.flowmap_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        lcfg = toy.loss_config(cfg)
+        points, losses = [], []
+        for step in range(cfg.flowmap_steps):
+            x, c, _ = self.data.batch(cfg.batch, self.gen)
+            loss, _ = forward_flowmap_loss(as_fn(student), x, c, self.c_neg, self.gen, lcfg)
+            toy._step(opt, student, loss)
+            ema_update(ema, student, cfg.eval_ema if step >= 100 else 0.0)
+            losses.append(loss.item())
+            if (step + 1) % self.fc.curve_every == 0 or step == 0:
+                points.append([step + 1, *curve(ema, self.fm_sampler(ema))])
+        return ema, points, _tail_mean(losses)
+
+    def train_cd(
+        self, cfg: toy.ExpConfig, steps: int, curve: Callable
+    ) -> tuple[torch.nn.Module, list, float]:
+        points, losses = [], []
+
+        def on_step(step: int, ema, loss: float) -> None:
+            losses.append(loss)
+            if (step + 1) % self.fc.curve_every == 0 or step == 0:
+                points.append([step + 1, *curve(ema, self.cd_sampler(ema))])
+
+        cfg = dataclasses.replace(cfg, flowmap_steps=steps, onpolicy_steps=0)
+        model = toy.train_consistency(self.teacher, self.data, cfg, self.gen, on_step=on_step)
+        return model, points, _tail_mean(losses)
+
+
+def _tail_mean(losses: list[float]) -> float:
     tail = losses[-max(1, len(losses) // 10) :]
-    return ema, points, sum(tail) / len(tail)
+    return sum(tail) / len(tail)
+
+
+def select(seed: int, fc: FairConfig) -> dict:
+    """Seed-0 learning-rate search. Stage 1: lowest final training loss (mean of the last 10 % of steps; the
+    loss is the same regression for every lr of one arm). CD: lowest held-out energy distance to data at N = 1
+    (its loss chases a moving target network, so it does not compare across lrs). The exact ODE is not used."""
+    t0 = time.perf_counter()
+    s = Setup(seed, fc)
+
+    def curve(model, sampler):
+        return [None, s.dist(sampler(1))]
+
+    grid: dict = {}
+    arms = {"lr_g1": ("g1", 1.0), "lr_released": ("released", 3.0), "lr_meanflow": ("meanflow", 3.0)}
+    for field, (target, g) in arms.items():
+        for lr in fc.grid_lrs:
+            cfg = dataclasses.replace(s.base, guidance=g, cfg_target="released" if g == 1.0 else target)
+            cfg = dataclasses.replace(cfg, flowmap_lr=lr)
+            m, pts, loss = s.train_stage1(cfg, curve)
+            samp = s.fm_sampler(m)
+            grid.setdefault(field, []).append(
+                {
+                    "lr": lr,
+                    "train_loss": loss,
+                    "dist": {str(n): s.dist(samp(n)) for n in fc.nfe},
+                    "curve": pts,
+                }
+            )
+            toy._log(f"select {field} lr {lr:g}: loss {loss:.4f}")
+    for field, g in (("cd_lr_1", 1.0), ("cd_lr_3", 3.0)):
+        for lr in fc.grid_lrs:
+            cfg = dataclasses.replace(s.base, guidance=g, cd_lr=lr)
+            m, pts, loss = s.train_cd(cfg, fc.flowmap_steps, curve)
+            samp = s.cd_sampler(m)
+            grid.setdefault(field, []).append(
+                {
+                    "lr": lr,
+                    "train_loss": loss,
+                    "dist": {str(n): s.dist(samp(n)) for n in fc.nfe},
+                    "curve": pts,
+                }
+            )
+            toy._log(f"select {field} lr {lr:g}: N=1 dist {grid[field][-1]['dist']['1']:.4f}")
+    chosen = {
+        f: min(rows, key=(lambda r: r["train_loss"]) if f.startswith("lr_") else (lambda r: r["dist"]["1"]))[
+            "lr"
+        ]
+        for f, rows in grid.items()
+    }
+    return {"seed": seed, "grid": grid, "chosen": chosen, "wall_s": time.perf_counter() - t0}
 
 
 def run_seed(seed: int, fc: FairConfig) -> dict:
-    data = RingMixture()
-    gen = torch.Generator().manual_seed(seed)
-    base = fc.toy()
     t0 = time.perf_counter()
-    teacher = toy.train_teacher(data, base, gen, seed)
-    eg = torch.Generator().manual_seed(10_000 + seed)
-    labels = data.balanced_labels(fc.n_eval)
-    c = data.embed(labels)
-    z = torch.randn(fc.n_eval, 1, 2, 1, 1, generator=eg)
-    refs = {g: exact_reference(z, labels, g, fc.ref_steps) for g in (1.0, 3.0)}
-    c_neg = data.negative()
-
-    def fm_sampler(model):
-        return lambda n: flowmap_euler_sample(as_fn(model), z, c, n, shift=1.0)
-
-    def n1(g):
-        return lambda m: coupled(fm_sampler(m)(1), refs[g])
-
+    s = Setup(seed, fc)
+    refs = {g: exact_reference(s.z, s.labels, g, fc.ref_steps) for g in (1.0, 3.0)}
     res: dict = {"seed": seed, "rows": {}, "curves": {}, "train_loss": {}, "calls": {}, "timings_s": {}}
+    res["floors"] = {
+        "fresh data vs held-out data": s.dist(s.fresh),
+        "exact CFG-1 ODE samples vs held-out data": s.dist(refs[1.0]),
+        "exact CFG-3 ODE samples vs held-out data": s.dist(refs[3.0]),
+    }
+
+    def curve_for(g):
+        return lambda model, sampler: (lambda x: [coupled(x, refs[g]), s.dist(x)])(sampler(1))
 
     def evaluate(name: str, g: float, sample, calls_per_n: int = 1) -> None:
+        xs = {n: sample(n) for n in fc.nfe}
         res["rows"][name] = {
             "g": g,
             "calls_per_step": calls_per_n,
-            "coupled": {str(n): coupled(sample(n), refs[g]) for n in fc.nfe},
+            "coupled": {str(n): coupled(x, refs[g]) for n, x in xs.items()},
+            "dist": {str(n): s.dist(x) for n, x in xs.items()},
         }
 
     for g in (1.0, 3.0):
-        tfn = cfg_fn(as_fn(teacher), c_neg, g) if g != 1.0 else as_fn(teacher)
+        tfn = cfg_fn(as_fn(s.teacher), s.c_neg, g) if g != 1.0 else as_fn(s.teacher)
         calls = 2 if g != 1.0 else 1
         evaluate(
             f"teacher Euler, CFG {g:g}",
             g,
-            lambda n, f=tfn: flowmap_euler_sample(f, z, c, n, shift=1.0, use_mean_velocity=False),
+            lambda n, f=tfn: flowmap_euler_sample(f, s.z, s.c, n, shift=1.0, use_mean_velocity=False),
             calls,
         )
-        res["rows"][f"teacher Euler, CFG {g:g}"]["own_error_1000_steps"] = coupled(
-            flowmap_euler_sample(tfn, z, c, 1000, shift=1.0, use_mean_velocity=False), refs[g]
-        )
+        x = flowmap_euler_sample(tfn, s.z, s.c, 1000, shift=1.0, use_mean_velocity=False)
+        res["rows"][f"teacher Euler, CFG {g:g}"]["own_error_1000_steps"] = coupled(x, refs[g])
+        res["rows"][f"teacher Euler, CFG {g:g}"]["own_dist_1000_steps"] = s.dist(x)
     res["timings_s"]["teacher+ref"] = time.perf_counter() - t0
 
     # unguided arm: g = 1 stage 1 and CD without guidance, at equal network calls
     t0 = time.perf_counter()
-    cfg1 = dataclasses.replace(base, guidance=1.0)
-    s1, res["curves"]["stage 1, g = 1"], res["train_loss"]["stage 1, g = 1"] = train_stage1(
-        teacher, data, cfg1, gen, (fc.curve_every, n1(1.0))
-    )
-    evaluate("AnyFlow stage 1, g = 1", 1.0, fm_sampler(s1))
+    cfg1 = dataclasses.replace(s.base, guidance=1.0, flowmap_lr=fc.lr_g1)
+    s1, res["curves"][STAGE1["g1"]], res["train_loss"][STAGE1["g1"]] = s.train_stage1(cfg1, curve_for(1.0))
+    evaluate("AnyFlow stage 1, g = 1", 1.0, s.fm_sampler(s1))
     cd_steps = fc.flowmap_steps * CALLS["stage1_1"] // CALLS["cd_1"]
-    cd1 = toy.train_consistency(
-        teacher, data, dataclasses.replace(cfg1, flowmap_steps=cd_steps, onpolicy_steps=0), gen
+    cd1, res["curves"]["CD, unguided"], res["train_loss"]["CD, unguided"] = s.train_cd(
+        dataclasses.replace(cfg1, cd_lr=fc.cd_lr_1), cd_steps, curve_for(1.0)
     )
-    evaluate(
-        "CD, unguided teacher",
-        1.0,
-        lambda n: consistency_sample(
-            as_fn(cd1), z, c, n, torch.Generator().manual_seed(20_000 + seed), shift=1.0
-        ),
-    )
+    evaluate("CD, unguided teacher", 1.0, s.cd_sampler(cd1))
     res["calls"]["unguided"] = {
         "anyflow": fc.flowmap_steps * CALLS["stage1_1"],
         "cd": cd_steps * CALLS["cd_1"],
@@ -171,64 +285,119 @@ def run_seed(seed: int, fc: FairConfig) -> dict:
     # guided arm: released vs MeanFlow-style stage 1, stage 2 on both, CD at equal calls
     t0 = time.perf_counter()
     for target in ("released", "meanflow"):
-        cfg3 = dataclasses.replace(base, cfg_target=target)
-        key = f"stage 1, {target}"
-        s1, res["curves"][key], res["train_loss"][key] = train_stage1(
-            teacher, data, cfg3, gen, (fc.curve_every, n1(3.0))
-        )
-        evaluate(f"AnyFlow stage 1, {target} target", 3.0, fm_sampler(s1))
-        s2 = toy.train_onpolicy(s1, teacher, data, cfg3, gen)
-        evaluate(f"AnyFlow stage 1 + 2, {target} target", 3.0, fm_sampler(s2))
+        cfg3 = dataclasses.replace(s.base, cfg_target=target, flowmap_lr=getattr(fc, f"lr_{target}"))
+        key = STAGE1[target]
+        s1, res["curves"][key], res["train_loss"][key] = s.train_stage1(cfg3, curve_for(3.0))
+        evaluate(f"AnyFlow stage 1, {target} target", 3.0, s.fm_sampler(s1))
+        s2 = toy.train_onpolicy(s1, s.teacher, s.data, cfg3, s.gen)
+        evaluate(f"AnyFlow stage 1 + 2, {target} target", 3.0, s.fm_sampler(s2))
     anyflow_calls = fc.flowmap_steps * CALLS["stage1_g"] + fc.onpolicy_steps * CALLS["stage2"]
     cd_steps = anyflow_calls // CALLS["cd_g"]
-    cd3 = toy.train_consistency(
-        teacher, data, dataclasses.replace(base, flowmap_steps=cd_steps, onpolicy_steps=0), gen
+    cd3, res["curves"]["CD, CFG 3"], res["train_loss"]["CD, CFG 3"] = s.train_cd(
+        dataclasses.replace(s.base, cd_lr=fc.cd_lr_3), cd_steps, curve_for(3.0)
     )
-    evaluate(
-        "CD, CFG-3 teacher",
-        3.0,
-        lambda n: consistency_sample(
-            as_fn(cd3), z, c, n, torch.Generator().manual_seed(20_000 + seed), shift=1.0
-        ),
-    )
+    evaluate("CD, CFG-3 teacher", 3.0, s.cd_sampler(cd3))
     res["calls"]["guided"] = {"anyflow": anyflow_calls, "cd": cd_steps * CALLS["cd_g"], "cd_steps": cd_steps}
     res["timings_s"]["guided"] = time.perf_counter() - t0
+    toy._log(f"seed {seed} done: {res['timings_s']}")
     return res
 
 
-def markdown(per_seed: list[dict], fc: FairConfig, floor: dict | None, wall: float, command: str) -> str:
-    lines = [f"Command: `{command}`  ", f"Config: `{dataclasses.asdict(fc)}`; wall {wall / 60:.1f} min.", ""]
-    for r in per_seed:
-        lines += [f"### Seed {r['seed']}: coupled error (mean L2 to the exact ODE endpoint, same noise)", ""]
-        lines.append("| method | ref. | " + " | ".join(f"N={n}" for n in fc.nfe) + " |")
-        lines.append("|---|---|" + "---|" * len(fc.nfe))
-        for name, row in r["rows"].items():
-            vals = " | ".join(f"{row['coupled'][str(n)]:.3g}" for n in fc.nfe)
+def _ms(vals: list[float]) -> str:
+    m = statistics.fmean(vals)
+    return f"{m:.3g}" if len(vals) == 1 else f"{m:.3g} ± {statistics.stdev(vals):.2g}"
+
+
+def markdown(per_seed: list[dict], fc: FairConfig, floor: dict | None, wall: float, command: str, sel) -> str:
+    seeds = [r["seed"] for r in per_seed]
+    spread = "" if len(seeds) == 1 else " (mean ± sample std over the seeds)"
+    lines = [
+        f"Command: `{command}`  ",
+        f"Config: `{dataclasses.asdict(fc)}`; seeds {seeds}; wall {wall / 60:.1f} min.  ",
+        f"Learning rates from: {sel or 'the defaults (no --selection)'}",
+        "",
+    ]
+    heads = " | ".join(f"N={n}" for n in fc.nfe)
+    rows = per_seed[0]["rows"]
+    for metric, title in (
+        ("coupled", "Coupled error (mean L2 to the exact ODE endpoint from the same noise)"),
+        ("dist", "Held-out distance to data (class-wise energy distance to fresh ring samples)"),
+    ):
+        lines += [
+            f"### {title}{spread}",
+            "",
+            f"| method | ref. | {heads} |",
+            "|---|---|" + "---|" * len(fc.nfe),
+        ]
+        for name, row in rows.items():
+            vals = " | ".join(_ms([r["rows"][name][metric][str(n)] for r in per_seed]) for n in fc.nfe)
             lines.append(f"| {name} | CFG {row['g']:g} | {vals} |")
-        if floor:
+        if floor and metric == "coupled":
             vals = " | ".join(f"{floor['coupled_error'].get(str(n), float('nan')):.3g}" for n in fc.nfe)
             lines.append(f"| released objective's exact fixed point (cfg_floor.py) | CFG 3 | {vals} |")
-        lines += [
-            "",
-            "Teacher's own error (1000 Euler steps vs exact ODE): "
-            + ", ".join(
-                f"CFG {row['g']:g}: {row['own_error_1000_steps']:.3g}"
-                for row in r["rows"].values()
-                if "own_error_1000_steps" in row
-            ),
-            "",
-        ]
-        lines.append("Network calls: " + json.dumps(r["calls"]) + "  ")
-        lines.append(
-            "Stage-1 final training loss (mean of the last 10 % of steps): "
-            + json.dumps({k: round(v, 4) for k, v in r["train_loss"].items()})
-            + "  "
-        )
-        lines.append(
-            "N = 1 curve of the stage-1 EMA (step, coupled error): "
-            + json.dumps({k: [(s, round(v, 3)) for s, v in p] for k, p in r["curves"].items()})
-        )
         lines.append("")
+    lines += [
+        "CD's multistep sampler re-noises with fresh noise between its N calls, so for N > 1 its sample is not "
+        "the ODE endpoint of its initial noise and its coupled error measures lost coupling, not quality: read "
+        "CD at N > 1 in the distance table. Under CFG 3 the target distribution is sharper than the data, so "
+        "the distance to data has a floor of its own (below).",
+        "",
+        "Floors of the distance: "
+        + ", ".join(f"{k} {_ms([r['floors'][k] for r in per_seed])}" for k in per_seed[0]["floors"])
+        + ".  ",
+        "Teacher's own error, 1000 Euler steps vs the exact ODE: "
+        + ", ".join(
+            f"CFG {row['g']:g}: coupled {_ms([r['rows'][n]['own_error_1000_steps'] for r in per_seed])}, "
+            f"distance {_ms([r['rows'][n]['own_dist_1000_steps'] for r in per_seed])}"
+            for n, row in rows.items()
+            if "own_error_1000_steps" in row
+        )
+        + ".  ",
+        "Network calls (per seed): " + json.dumps(per_seed[0]["calls"]) + ".  ",
+        "Final training loss (mean of the last 10 % of steps): "
+        + ", ".join(f"{k} {_ms([r['train_loss'][k] for r in per_seed])}" for k in per_seed[0]["train_loss"]),
+        "",
+        f"### N = 1 curves of the EMA models{spread}: step → coupled error / distance to data",
+        "",
+    ]
+    curves = per_seed[0]["curves"]
+    for name, pts in curves.items():
+        cells = []
+        for i, p in enumerate(pts):
+            cpl = _ms([r["curves"][name][i][1] for r in per_seed])
+            dst = _ms([r["curves"][name][i][2] for r in per_seed])
+            cells.append(f"{p[0]}: {cpl} / {dst}")
+        lines.append(f"* {name}: " + "; ".join(cells))
+    lines += [
+        "",
+        "Wall time per seed (s): "
+        + json.dumps([{k: round(v) for k, v in r["timings_s"].items()} for r in per_seed]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def select_markdown(sel: dict, fc: FairConfig, command: str) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Seed {sel['seed']}, stage-1 and CD budget {fc.flowmap_steps} steps, wall {sel['wall_s'] / 60:.1f} min.",
+        "",
+        "Rule (fixed before the run): stage 1 takes the learning rate with the lowest final training loss (mean "
+        "of the last 10 % of steps); CD the one with the lowest held-out energy distance to data at N = 1. "
+        "The exact ODE (the reference of the report) is not computed here.",
+        "",
+        "| arm | lr | final training loss | " + " | ".join(f"dist N={n}" for n in fc.nfe) + " | chosen |",
+        "|---|---|---|" + "---|" * len(fc.nfe) + "---|",
+    ]
+    for field, rows in sel["grid"].items():
+        for r in rows:
+            dist = " | ".join(f"{r['dist'][str(n)]:.3g}" for n in fc.nfe)
+            mark = "**yes**" if r["lr"] == sel["chosen"][field] else ""
+            lines.append(f"| {field} | {r['lr']:g} | {r['train_loss']:.4g} | {dist} | {mark} |")
+    lines += ["", "N = 1 distance-to-data curve (step: distance):", ""]
+    for field, rows in sel["grid"].items():
+        for r in rows:
+            lines.append(f"* {field} lr {r['lr']:g}: " + "; ".join(f"{p[0]}: {p[2]:.3g}" for p in r["curve"]))
+    lines += ["", "Chosen: `" + json.dumps(sel["chosen"]) + "`"]
     return "\n".join(lines) + "\n"
 
 
@@ -238,36 +407,64 @@ def plot(per_seed: list[dict], fc: FairConfig, floor: dict | None, out: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    r = per_seed[0]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, g in zip(axes[:2], (1.0, 3.0), strict=True):
-        for name, row in r["rows"].items():
-            if row["g"] == g:
-                ax.plot(fc.nfe, [row["coupled"][str(n)] for n in fc.nfe], marker="o", label=name)
-        if g == 3.0 and floor:
-            ax.plot(
-                fc.nfe,
-                [floor["coupled_error"][str(n)] for n in fc.nfe],
-                "k--",
-                label="released objective, exact fixed point",
+    def band(ax, xs, series, **kw):
+        m = [statistics.fmean(v) for v in series]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in series]
+        ax.errorbar(xs, m, yerr=sd, marker="o", ms=3, capsize=2, **kw)
+
+    seeds = ",".join(str(r["seed"]) for r in per_seed)
+    rows = per_seed[0]["rows"]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    for j, (metric, ylabel) in enumerate(
+        (("coupled", "coupled error vs exact ODE"), ("dist", "energy distance to data"))
+    ):
+        for ax, g in zip(axes[j, :2], (1.0, 3.0), strict=True):
+            for name, row in rows.items():
+                if row["g"] == g:
+                    band(
+                        ax,
+                        fc.nfe,
+                        [[r["rows"][name][metric][str(n)] for r in per_seed] for n in fc.nfe],
+                        label=name,
+                    )
+            if g == 3.0 and floor and metric == "coupled":
+                ax.plot(
+                    fc.nfe,
+                    [floor["coupled_error"][str(n)] for n in fc.nfe],
+                    "k--",
+                    label="released objective, exact fixed point",
+                )
+            if metric == "dist":
+                key = f"exact CFG-{g:g} ODE samples vs held-out data"
+                ax.axhline(
+                    statistics.fmean(r["floors"][key] for r in per_seed),
+                    color="k",
+                    ls=":",
+                    label="exact ODE samples (floor)",
+                )
+            ax.set(
+                xscale="log",
+                yscale="log" if metric == "coupled" else "symlog",
+                xlabel="N (sampling steps)",
+                ylabel=ylabel,
+                title=f"CFG {g:g} (seeds {seeds})",
             )
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="N (sampling steps)",
-            ylabel="coupled error vs exact ODE",
-            title=f"CFG {g:g} (seed {r['seed']})",
-        )
-        ax.legend(fontsize=7)
-    for name, pts in r["curves"].items():
-        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
-    axes[2].set(
-        yscale="log", xlabel="stage-1 step", ylabel="N = 1 coupled error (EMA)", title="stage-1 N = 1 curve"
-    )
-    axes[2].legend(fontsize=7)
+            if metric == "dist":
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.legend(fontsize=6)
+        ax = axes[j, 2]
+        for name, pts in per_seed[0]["curves"].items():
+            band(
+                ax,
+                [p[0] for p in pts],
+                [[r["curves"][name][i][1 + j] for r in per_seed] for i in range(len(pts))],
+                label=name,
+            )
+        ax.set(yscale="log", xlabel="training step", ylabel=f"N = 1 {ylabel}", title="N = 1 curves (EMA)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     path = out / "fair_anystep.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -278,26 +475,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--floor", default="experiments/results_fair/floor.json", help="cfg_floor.py's JSON ('' = none)"
     )
+    p.add_argument(
+        "--select", action="store_true", help="seed-0 learning-rate search (writes selection.json)"
+    )
+    p.add_argument(
+        "--selection", default="", help="a --select run's selection.json: its chosen learning rates"
+    )
     p.add_argument("--threads", type=int, default=1)
     d = FairConfig()
     for f in dataclasses.fields(FairConfig):
         v = getattr(d, f.name)
         if isinstance(v, tuple):
-            p.add_argument("--" + f.name.replace("_", "-"), type=int, nargs="+", default=list(v))
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(v[0]), nargs="+", default=list(v))
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(v), default=v)
     a = p.parse_args(argv)
-    fc = FairConfig(
-        **{
-            f.name: tuple(getattr(a, f.name)) if isinstance(getattr(a, f.name), list) else getattr(a, f.name)
-            for f in dataclasses.fields(FairConfig)
-        }
-    )
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(FairConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    if a.selection:
+        path = Path(a.selection)
+        if not path.is_file():
+            print(f"--selection: no such file {path}; run --select first.", file=sys.stderr)
+            return 2
+        kw.update(json.loads(path.read_text())["chosen"])
+    fc = FairConfig(**kw)
     torch.set_num_threads(a.threads)
-    start = time.perf_counter()
-    per_seed = [run_seed(s, fc) for s in fc.seeds]
-    wall = time.perf_counter() - start
-    floor = json.loads(Path(a.floor).read_text()) if a.floor and Path(a.floor).is_file() else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = (
@@ -305,13 +507,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else "fair_anystep.main(" + repr(list(argv)) + ")"
     )
+    start = time.perf_counter()
+    if a.select:
+        (seed,) = fc.seeds[:1]
+        sel = select(seed, fc)
+        (out / "selection.json").write_text(
+            json.dumps({"config": dataclasses.asdict(fc), "command": command, **sel}, indent=1) + "\n"
+        )
+        (out / "selection.md").write_text(select_markdown(sel, fc, command))
+        print(f"wrote {out}/selection.md, selection.json ({sel['wall_s']:.0f} s): {sel['chosen']}")
+        return 0
+    per_seed = [run_seed(s, fc) for s in fc.seeds]
+    wall = time.perf_counter() - start
+    floor = json.loads(Path(a.floor).read_text()) if a.floor and Path(a.floor).is_file() else None
     (out / "fair_results.json").write_text(
         json.dumps(
-            {"config": dataclasses.asdict(fc), "floor": floor, "per_seed": per_seed, "wall_s": wall}, indent=1
+            {
+                "config": dataclasses.asdict(fc),
+                "command": command,
+                "selection": a.selection,
+                "floor": floor,
+                "per_seed": per_seed,
+                "wall_s": wall,
+            },
+            indent=1,
         )
         + "\n"
     )
-    (out / "fair_results.md").write_text(markdown(per_seed, fc, floor, wall, command))
+    (out / "fair_results.md").write_text(markdown(per_seed, fc, floor, wall, command, a.selection))
     plot(per_seed, fc, floor, out)
     print(f"wrote {out}/fair_results.md, fair_results.json, fair_anystep.png ({wall:.0f} s)")
     return 0

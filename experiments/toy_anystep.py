@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +182,15 @@ def train_onpolicy(
 
 
 def train_consistency(
-    teacher: ToyFlowMapMLP, data: RingMixture, cfg: ExpConfig, gen: torch.Generator
+    teacher: ToyFlowMapMLP,
+    data: RingMixture,
+    cfg: ExpConfig,
+    gen: torch.Generator,
+    on_step: Callable[[int, ToyFlowMapMLP, float], None] | None = None,
 ) -> ToyFlowMapMLP:
     """Baseline: discrete consistency distillation (endpoint map f = z − σ·u(z, σ, 0), Euler CFG teacher step,
-    EMA target network), initialised from the same two-time student; cfg.cd_steps gradient steps."""
+    EMA target network), initialised from the same two-time student; cfg.cd_steps gradient steps.
+    ``on_step(step, ema, loss)`` is called after every update (fair_anystep.py's curves)."""
     student = make_student(teacher, data, gen)
     target = copy.deepcopy(student).requires_grad_(False)
     ema = copy.deepcopy(student).requires_grad_(False)
@@ -211,6 +216,8 @@ def train_consistency(
         _step(opt, student, loss)
         ema_update(target, student, cfg.cd_target_ema)
         ema_update(ema, student, cfg.eval_ema if step >= 100 else 0.0)
+        if on_step is not None:
+            on_step(step, ema, loss.item())
         if step % 1000 == 0:
             _log(f"  consistency step {step} loss {loss.item():.2e}")
     return ema

@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fair_anystep.py"
 
 
@@ -60,5 +62,57 @@ def test_fair_anystep_smoke(tmp_path: Path) -> None:
         per_step = mod.CALLS["cd_g"] if arm == "guided" else mod.CALLS["cd_1"]
         assert 0 <= calls["anyflow"] - calls["cd"] < per_step
     assert [p[0] for p in seed["curves"]["stage 1, meanflow"]] == [1, 6, 12]
-    assert (tmp_path / "fair_results.md").read_text().count("| AnyFlow stage 1") == 5
+    for row in seed["rows"].values():
+        assert all(math.isfinite(v) for v in row["dist"].values())
+    assert {"CD, unguided", "CD, CFG 3"} <= set(seed["curves"])
+    assert (tmp_path / "fair_results.md").read_text().count("| AnyFlow stage 1") == 10  # two tables
     assert (tmp_path / "fair_anystep.png").stat().st_size > 0
+
+
+# ~3 s: the seed-0 learning-rate search picks by training loss (stage 1) and distance to data (CD), never
+# computes the exact reference, and its choice is what a --selection run trains with.
+def test_fair_anystep_select_smoke(tmp_path: Path, monkeypatch) -> None:
+    mod = _load()
+    small = ["--seeds", "0", "--teacher-steps", "10", "--flowmap-steps", "6", "--curve-every", "3"]
+    small += [
+        "--n-eval",
+        "16",
+        "--n-heldout",
+        "32",
+        "--width",
+        "8",
+        "--batch",
+        "8",
+        "--grid-lrs",
+        "1e-4",
+        "1e-2",
+    ]
+
+    def no_reference(*a, **k):
+        raise AssertionError("the selection must not compute the exact reference")
+
+    monkeypatch.setattr(mod, "exact_reference", no_reference)
+    assert mod.main(["--select", "--out", str(tmp_path / "sel"), *small]) == 0
+    sel = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    for field, rows in sel["grid"].items():
+        assert [r["lr"] for r in rows] == [1e-4, 1e-2]
+        if field.startswith("lr_"):
+            best = min(rows, key=lambda r: r["train_loss"])
+        else:
+            best = min(rows, key=lambda r: r["dist"]["1"])
+        assert sel["chosen"][field] == best["lr"]
+    monkeypatch.undo()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_seed(seed, fc):
+        seen.append(fc)
+        raise Stop
+
+    monkeypatch.setattr(mod, "run_seed", fake_run_seed)
+    with pytest.raises(Stop):
+        mod.main(["--selection", str(tmp_path / "sel" / "selection.json"), "--out", str(tmp_path), *small])
+    assert {f: getattr(seen[0], f) for f in mod.LR_FIELDS} == sel["chosen"]
+    assert mod.main(["--selection", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
