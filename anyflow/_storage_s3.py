@@ -46,6 +46,20 @@ T = TypeVar("T")
 _settings: dict[str, Any] = {"endpoint": None}
 _clients: dict[tuple, Any] = {}
 _lock = threading.Lock()
+_received = [0]  # bytes of object bodies received by this process (:func:`received`)
+_received_lock = threading.Lock()
+
+
+def _count(n: int) -> None:
+    with _received_lock:
+        _received[0] += n
+
+
+def received() -> int:
+    """Bytes of object bodies this process has received from S3 so far: every GET counts what it read (whole
+    objects, ranges, manifests, retried parts), so the counter is what moved over the wire minus headers."""
+    with _received_lock:
+        return _received[0]
 
 TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
@@ -329,7 +343,9 @@ def get_bytes(url: str) -> tuple[bytes, str] | None:
 
     def go() -> tuple[bytes, str]:
         r = client().get_object(Bucket=bucket, Key=key)
-        return r["Body"].read(), r["ETag"]
+        data = r["Body"].read()
+        _count(len(data))
+        return data, r["ETag"]
 
     return call(url, go, missing_ok=True)
 
@@ -378,6 +394,7 @@ def iter_chunks(url: str, *, start: int = 0, chunk: int = 1 << 20) -> Iterator[b
                 if not data:
                     return
                 pos += len(data)
+                _count(len(data))
                 failures = 0
                 moved.touch()
                 yield data
@@ -392,6 +409,28 @@ def iter_chunks(url: str, *, start: int = 0, chunk: int = 1 << 20) -> Iterator[b
                                    f"{t['deadline']:g} s).") from exc
             failures += 1
             time.sleep(pause)
+
+
+def get_range(url: str, start: int, length: int) -> bytes:
+    """Bytes ``[start, start + length)`` of an object: one ranged GET (``Range: bytes=a-b``), retried as a whole
+    by :func:`call` on transient errors (a range is small next to a whole object); ``FileNotFoundError`` if the
+    object is gone, :class:`StorageError` if the store answers with fewer bytes (the object is shorter)."""
+    bucket, key = split(url)
+    if length <= 0:
+        return b""
+
+    def go() -> bytes:
+        body = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")["Body"]
+        data = body.read()
+        _count(len(data))
+        return data
+
+    data = call(url, go)
+    if data is None or len(data) != length:
+        got = 0 if data is None else len(data)
+        raise StorageError(f"{url}: asked for bytes {start}-{start + length - 1} and got {got} bytes; the object is "
+                           f"shorter than the manifest says -- re-publish the artifact.")
+    return data
 
 
 def list_objects(url: str, *, limit: int | None = None) -> list[dict]:

@@ -18,6 +18,10 @@ Artifacts (DESIGN.md "Stages and artifacts") are directories at a URL: safetenso
 * ``fetch`` downloads a remote artifact into a local cache keyed by the manifest's sha256; files
   already present with the right hash are not downloaded again, and a half-downloaded ``.part`` file
   resumes with a ranged GET.
+* ``fetch_ranges`` reads only some byte ranges of one listed file (ranged GETs on S3) and checks them against a
+  sha256 the caller trusts (``anyflow.data.shards``: a row's digest in the dataset's verified ``index.json``), so
+  a training rank moves only the rows it reads; verified ranges are cached under their digest.
+  ``bytes_received`` counts every body byte this process received from S3.
 
 S3 settings come from the standard AWS environment plus ``AWS_ENDPOINT_URL`` / ``ANYFLOW_S3_ENDPOINT``
 / :func:`configure`; retries and error messages are described in :mod:`anyflow._storage_s3`.
@@ -58,6 +62,7 @@ __all__ = [
     "ArtifactError",
     "PreconditionFailed",
     "StorageError",
+    "bytes_received",
     "check_name",
     "configure",
     "content_digest",
@@ -66,6 +71,7 @@ __all__ = [
     "exists",
     "fetch",
     "fetch_file",
+    "fetch_ranges",
     "file_url",
     "fs_and_path",
     "is_remote",
@@ -690,6 +696,64 @@ def fetch_file(url: str | os.PathLike, relpath: str, *, cache_dir: str | os.Path
         download_verified(join(u, _object(relpath, entry)), target / relpath, entry, s3.iter_chunks, _check_entry,
                           u, relpath)
     return target / relpath
+
+
+def bytes_received() -> int:
+    """Bytes of object bodies this process has received from S3 so far (every GET: whole files, ranges,
+    manifests, retries); local reads and cache hits count nothing. A counter for benchmarks and tests."""
+    return s3.received()
+
+
+def fetch_ranges(url: str | os.PathLike, relpath: str, ranges: Sequence[tuple[int, int]], sha256: str, *,
+                 manifest: dict | None = None, cache_dir: str | os.PathLike | None = None) -> bytes:
+    """The bytes of ``ranges`` (``(start, length)`` pairs) of the listed file ``relpath`` of the artifact at
+    ``url``, concatenated and checked against ``sha256`` -- a digest the caller trusts, because the file's own
+    manifest entry covers the whole file only (``anyflow.data.shards`` keeps one per row in its hash-checked
+    ``index.json``).
+
+    Remote: one ranged GET per range, and the checked bytes are kept in the cache under their digest
+    (``<cache>/ranges/<sha256[:2]>/<sha256>``; a cached copy is re-hashed on every read, and one that does not
+    match is fetched again), so bytes read once by a process on this machine are not transferred again. Local:
+    read in place (no cache). ``manifest``: the artifact's manifest if the caller has it (saves a GET). Raises
+    ArtifactError naming the file and the ranges when a range lies outside the listed size or the bytes do not
+    match ``sha256``."""
+    u = str(url)
+    m = manifest if manifest is not None and "files" in manifest else read_manifest(u)
+    entry = m["files"].get(relpath)
+    if entry is None:
+        raise ArtifactError(f"{join(u, relpath)}: file is not listed in the artifact's manifest.")
+    spans = ", ".join(f"{a}-{a + n - 1}" for a, n in ranges[:4]) + (", ..." if len(ranges) > 4 else "")
+    for a, n in ranges:
+        if a < 0 or n < 0 or a + n > entry["size"]:
+            raise ArtifactError(f"{join(u, relpath)}: bytes {a}-{a + n - 1} lie outside the file "
+                                f"({entry['size']} bytes in the manifest).")
+    cached = None
+    if is_remote(u):
+        cached = _cache_root(cache_dir) / "ranges" / sha256[:2] / sha256
+        with contextlib.suppress(OSError):
+            data = cached.read_bytes()
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            cached.unlink(missing_ok=True)
+        obj = join(u, _object(relpath, entry))
+        data = b"".join(s3.get_range(obj, a, n) for a, n in ranges)
+    else:
+        with open_inside(local_path(u), relpath, u) as f:
+            parts = []
+            for a, n in ranges:
+                f.seek(a)
+                parts.append(f.read(n))
+        data = b"".join(parts)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise ArtifactError(f"{join(u, relpath)}: bytes {spans} have sha256 {got[:16]}…, but {sha256[:16]}… was "
+                            f"recorded for them; the file is corrupt or was replaced.")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    return data
 
 
 def file_url(url: str | os.PathLike, relpath: str, *, manifest: dict | None = None) -> str:

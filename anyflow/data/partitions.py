@@ -382,6 +382,8 @@ def merge_partitions(
                 "num_samples": s["num_samples"],
                 "artifact": url,
                 "manifest_sha256": digest,
+                # where each row lies and its digest, for readers that fetch single rows (anyflow/data/shards.py)
+                **{k: s[k] for k in ("header_bytes", "header_sha256", "row_sha256") if k in s},
             }
             if keep is not None:
                 rows = [i for i, (_, item) in enumerate(rows_of[s["file"]]) if item in keep]

@@ -34,11 +34,14 @@ by row from the memory-mapped safetensors file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,70 @@ def save_canonical(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         f.write(raw[8 + n :])
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+ROW_TENSORS = ("latents", "text")  # a row's digest covers its bytes of these tensors, in this order
+
+
+class _Layout:
+    """Where each row of a shard file lies, parsed from its safetensors header (``head``: the file's first
+    ``8 + n`` bytes): per tensor of :data:`ROW_TENSORS` the dtype, the row shape, the file offset of row 0 and
+    the bytes per row (a row of a C-contiguous (N, ...) tensor is one contiguous byte range); the metadata's
+    keys and captions."""
+
+    def __init__(self, head: bytes, what: str) -> None:
+        try:
+            (n,) = struct.unpack("<Q", head[:8])
+            if 8 + n != len(head):
+                raise ValueError(f"the header is {n} bytes, not {len(head) - 8}")
+            header = json.loads(head[8:])
+            meta = header.get("__metadata__") or {}
+            self.keys, self.captions = json.loads(meta.get("keys", "[]")), json.loads(meta.get("captions", "[]"))
+            self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            rows = None
+            for name in ROW_TENSORS:
+                t = header[name]
+                shape, (begin, end) = [int(x) for x in t["shape"]], t["data_offsets"]
+                rows = shape[0] if rows is None else rows
+                if shape[0] != rows or (end - begin) % max(rows, 1):
+                    raise ValueError(f"{name} has shape {shape}, not {rows} rows")
+                self.tensors[name] = (_DTYPES[t["dtype"]], tuple(shape[1:]), len(head) + begin,
+                                      (end - begin) // max(rows, 1))
+            self.rows = int(rows or 0)
+        except (KeyError, ValueError, TypeError, struct.error) as e:
+            raise DatasetError(f"{what}: not a latent shard's safetensors header ({type(e).__name__}: {e})") from e
+
+    def ranges(self, row: int) -> list[tuple[int, int]]:
+        """(start, length) of ``row``'s bytes of each tensor of :data:`ROW_TENSORS`, in order."""
+        return [(start + row * size, size) for _, _, start, size in self.tensors.values()]
+
+    def decode(self, data: bytes) -> tuple[torch.Tensor, ...]:
+        """The row's tensors (each with a leading axis of 1) from the bytes of :meth:`ranges`, concatenated."""
+        out, pos = [], 0
+        for dtype, shape, _, size in self.tensors.values():
+            out.append(torch.frombuffer(bytearray(data[pos : pos + size]), dtype=dtype).reshape(1, *shape))
+            pos += size
+        return tuple(out)
+
+
+def shard_digests(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a reader needs to read single rows of the shard file ``path`` by byte range and check each one
+    (written into the shard's ``index.json`` entry): ``header_bytes`` (the 8-byte length plus the JSON header),
+    ``header_sha256`` and ``row_sha256`` (per row: sha256 of the row's ``latents`` bytes followed by its
+    ``text`` bytes, as stored)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = struct.pack("<Q", n) + f.read(n)
+        layout = _Layout(head, str(path))
+        rows = []
+        for r in range(layout.rows):
+            h = hashlib.sha256()
+            for start, size in layout.ranges(r):
+                f.seek(start)
+                h.update(f.read(size))
+            rows.append(h.hexdigest())
+    return {"header_bytes": len(head), "header_sha256": hashlib.sha256(head).hexdigest(), "row_sha256": rows}
 
 
 def shard_name(i: int) -> str:
@@ -139,7 +206,7 @@ class ShardWriter:
         tmp = self.out_dir / (name + ".tmp")
         save_canonical(tensors, tmp, metadata)
         tmp.replace(self.out_dir / name)
-        self._shards.append({"file": name, "num_samples": len(keys)})
+        self._shards.append({"file": name, "num_samples": len(keys), **shard_digests(self.out_dir / name)})
         self._pending = []
 
     def close(self) -> dict[str, Any]:
@@ -182,6 +249,37 @@ class _RowView:
                 return torch.cat([inner[r : r + 1] for r in rows[item]])
 
         return _Rows()
+
+
+class _RangedShard:
+    """A shard file of a remote artifact read one row at a time: its header (``header_bytes``, checked against
+    ``header_sha256`` from ``index.json``) says where each row lies; a row is the byte ranges of its
+    ``latents`` and ``text`` (:meth:`_Layout.ranges`), fetched with ``anyflow.storage.fetch_ranges`` (ranged
+    GETs, cached per row) and checked against the row's ``row_sha256``."""
+
+    def __init__(self, url: str, name: str, entry: dict[str, Any], manifest: dict, cache_dir: Any) -> None:
+        from anyflow import storage
+
+        self.url, self.name, self.manifest, self.cache_dir = url, name, manifest, cache_dir
+        self.digests: list[str] = list(entry["row_sha256"])
+        head = storage.fetch_ranges(url, name, [(0, int(entry["header_bytes"]))], entry["header_sha256"],
+                                    manifest=manifest, cache_dir=cache_dir)
+        self.layout = _Layout(head, f"{url}/{name}")
+        self.rows: list[int] | None = None
+
+    def file_row(self, r: int) -> int:
+        """The file's row number of the entry's row ``r`` (an entry with ``rows`` holds some rows only)."""
+        return self.rows[r] if self.rows is not None else r
+
+    def read(self, row: int, dataset: str) -> tuple[torch.Tensor, ...]:
+        from anyflow import storage
+
+        try:
+            data = storage.fetch_ranges(self.url, self.name, self.layout.ranges(row), self.digests[row],
+                                        manifest=self.manifest, cache_dir=self.cache_dir)
+        except (storage.ArtifactError, storage.StorageError, FileNotFoundError) as e:
+            raise DatasetError(f"row {row} of {self.name} in {self.url} (dataset {dataset}) is refused: {e}") from e
+        return self.layout.decode(data)
 
 
 class LatentDataset:
@@ -239,6 +337,9 @@ class LatentDataset:
         self._open: OrderedDict[int, tuple[Any, list[str], list[str]]] = OrderedDict()
         self._checked: set[str] = set()  # referenced partition artifacts whose manifest digest was checked
         self._max_open = max(1, max_open_shards)
+        self._manifests: dict[str, dict] = {}  # remote artifact URL -> its manifest (where the shard objects lie)
+        self._ranged: dict[int, _RangedShard] = {}  # remote shards read row by row (headers are small: all kept)
+        self._whole_noted = False
 
     # -------------------------------------------------------------------------------------- files
     def _path(self, rel: str) -> Path:
@@ -270,16 +371,68 @@ class LatentDataset:
         if ref is None:
             return self._path(entry["file"])
         try:
-            if ref not in self._checked:
-                got, want = storage.manifest_digest(ref), entry.get("manifest_sha256")
-                if not want or got != want:
-                    raise DatasetError(f"partition artifact {ref} has manifest sha256 {got}, but the dataset "
-                                       f"{self.url} was built over {want}; prepare the dataset again")
-                self._checked.add(ref)
+            self._check_ref(ref, entry)
             return Path(storage.fetch_file(ref, entry["file"], cache_dir=self.cache_dir))
         except (storage.ArtifactError, storage.StorageError, FileNotFoundError, KeyError) as e:
             raise DatasetError(f"cannot read {entry['file']} of the partition artifact {ref} that the dataset "
                                f"{self.url} references: {e}") from e
+
+    def _check_ref(self, ref: str, entry: dict[str, Any]) -> None:
+        """Follow a partition reference only to the manifest the dataset recorded (``manifest_sha256``)."""
+        from anyflow import storage
+
+        if ref not in self._checked:
+            got, want = storage.manifest_digest(ref), entry.get("manifest_sha256")
+            if not want or got != want:
+                raise DatasetError(f"partition artifact {ref} has manifest sha256 {got}, but the dataset "
+                                   f"{self.url} was built over {want}; prepare the dataset again")
+            self._checked.add(ref)
+
+    def _is_ranged(self, i: int) -> bool:
+        """Shard ``i`` is read row by row with ranged reads: it lies in a remote artifact and its index entry
+        carries the row digests (datasets prepared before them fetch whole files: one note on stderr)."""
+        if i in self._ranged:
+            return True
+        entry = self.index["shards"][i]
+        if _is_local(entry.get("artifact", self.url)):
+            return False
+        if all(k in entry for k in ("header_bytes", "header_sha256", "row_sha256")):
+            return True
+        if not self._whole_noted:
+            self._whole_noted = True
+            print(f"[anyflow] {self.url}: {INDEX} has no per-row digests (prepared by an older anyflow), so every rank "
+                  "fetches whole shard files; prepare the dataset again to fetch only the rows each rank reads",
+                  file=sys.stderr, flush=True)
+        return False
+
+    def _ranged_shard(self, i: int) -> _RangedShard:
+        """Shard ``i`` of a remote artifact as a :class:`_RangedShard` (its header fetched and checked once)."""
+        from anyflow import storage
+
+        if i in self._ranged:
+            return self._ranged[i]
+        entry = self.index["shards"][i]
+        ref, name = entry.get("artifact", self.url), entry["file"]
+        try:
+            if "artifact" in entry:
+                self._check_ref(ref, entry)
+            if ref not in self._manifests:
+                self._manifests[ref] = storage.read_manifest(ref)
+            shard = _RangedShard(ref, name, entry, self._manifests[ref], self.cache_dir)
+        except (storage.ArtifactError, storage.StorageError, FileNotFoundError, KeyError) as e:
+            raise DatasetError(f"cannot read {name} (shard {i} of the dataset {self.url}) from {ref}: {e}") from e
+        rows = entry.get("rows")
+        stored = int(entry.get("shard_samples", self._counts[i])) if rows is not None else self._counts[i]
+        if shard.layout.rows != stored or len(shard.digests) != stored or len(shard.layout.keys) != stored:
+            raise DatasetError(f"{ref}/{name} holds {shard.layout.rows} rows and {len(shard.digests)} row digests, "
+                               f"but {INDEX} says {stored} samples")
+        if rows is not None and (len(rows) != self._counts[i]
+                                 or not all(isinstance(r, int) and 0 <= r < stored for r in rows)):
+            raise DatasetError(f"{self.url}/{INDEX}: the rows of shard {i} ({name}) are not {self._counts[i]} "
+                               f"row numbers below {stored}")
+        shard.rows = rows
+        self._ranged[i] = shard
+        return shard
 
     def _shard(self, i: int) -> tuple[Any, list[str], list[str]]:
         if i in self._open:
@@ -344,12 +497,32 @@ class LatentDataset:
         start = j * self.batch_size
         end = min(start + self.batch_size, self._epoch_len)
         lat, txt, caps, keys = [], [], [], []
+        ranged: list[tuple[int, _RangedShard, int]] = []
         for s, r in zip(sid[start:end].tolist(), row[start:end].tolist(), strict=True):
+            if self._is_ranged(s):  # a remote shard: fetch only this row (below, the batch's rows together)
+                shard = self._ranged_shard(s)
+                ranged.append((len(lat), shard, shard.file_row(r)))
+                lat.append(None)
+                txt.append(None)
+                keys.append(shard.layout.keys[ranged[-1][2]])
+                caps.append(shard.layout.captions[ranged[-1][2]])
+                continue
             handle, skeys, scaps = self._shard(s)
             lat.append(handle.get_slice("latents")[r : r + 1])
             txt.append(handle.get_slice("text")[r : r + 1])
             keys.append(skeys[r])
             caps.append(scaps[r])
+        if ranged:
+            def read(item: tuple[int, _RangedShard, int]) -> tuple[torch.Tensor, ...]:
+                return item[1].read(item[2], self.url)
+
+            if len(ranged) == 1:
+                got = [read(ranged[0])]
+            else:
+                with ThreadPoolExecutor(min(4, len(ranged))) as pool:
+                    got = list(pool.map(read, ranged))
+            for (k, _, _), (row_lat, row_txt) in zip(ranged, got, strict=True):
+                lat[k], txt[k] = row_lat, row_txt
         self._calls += 1
         return {
             "latents": torch.cat(lat).float(),

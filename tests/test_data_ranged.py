@@ -1,0 +1,186 @@
+"""Ranked reads of an S3 dataset move only the rows each rank reads (issue 23; anyflow/data/shards.py docstring).
+
+The global order is world-size independent (rank r draws global batches r, r + W, ...), so every rank reads rows
+of every shard. A remote shard is therefore read row by row: its header and each row are byte ranges
+(``anyflow.storage.fetch_ranges``: ranged GETs) checked against the ``header_sha256`` / ``row_sha256`` written
+into ``index.json``. The bytes are counted by ``storage.bytes_received`` (every S3 body byte this process
+receives), the samples are compared with a local memory-mapped read of the same files, and the digests with
+sha256 over the tensors that safetensors' own reader returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from anyflow import storage
+from anyflow.data.shards import NEGATIVE, NEGATIVE_KEY, DatasetError, LatentDataset, ShardWriter, shard_name
+
+LAT, TXT = (4, 8, 8, 8), (16, 64)  # 8 KiB + 4 KiB per fp32 row: rows outweigh the index and the headers
+N, PER_SHARD, BATCH = 16, 4, 2
+
+
+def _write(root: Path, dtype: torch.dtype = torch.float32, first: int = 0, n: int = N) -> Path:
+    g = torch.Generator().manual_seed(first)
+    w = ShardWriter(root, samples_per_shard=PER_SHARD, dtype=dtype)
+    for i in range(first, first + n):
+        w.add(f"clip-{i:03d}", torch.randn(LAT, generator=g), torch.randn(TXT, generator=g), f"caption {i}")
+    w.close()
+    save_file({NEGATIVE_KEY: torch.ones(1, *TXT)}, str(root / NEGATIVE))
+    (root / "summary.json").write_text(json.dumps({"clips_read": n, "clips_written": n, "clips_skipped": 0}))
+    return root
+
+
+def test_row_digests_are_the_stored_bytes(tmp_path: Path) -> None:
+    """Each shard entry's row digest is sha256 over the row's latents bytes then its text bytes, as
+    safetensors' own reader returns them; the header digest covers the file's first ``header_bytes``."""
+    root = _write(tmp_path / "ds", dtype=torch.bfloat16)
+    index = json.loads((root / "index.json").read_text())
+    for entry in index["shards"]:
+        raw = (root / entry["file"]).read_bytes()
+        assert entry["header_bytes"] == 8 + int.from_bytes(raw[:8], "little")
+        assert entry["header_sha256"] == hashlib.sha256(raw[: entry["header_bytes"]]).hexdigest()
+        with safe_open(str(root / entry["file"]), framework="pt") as f:
+            lat, txt = f.get_tensor("latents"), f.get_tensor("text")
+        want = [
+            hashlib.sha256(
+                lat[r].contiguous().view(torch.uint8).numpy().tobytes()
+                + txt[r].contiguous().view(torch.uint8).numpy().tobytes()
+            ).hexdigest()
+            for r in range(entry["num_samples"])
+        ]
+        assert entry["row_sha256"] == want
+
+
+def _partitioned(tmp_path: Path, prefix: str) -> tuple[Path, str]:
+    """Two partition artifacts on S3 (bf16 rows) merged into one dataset that references them, published too."""
+    from anyflow.data.partitions import PARTITION_KIND, merge_partitions
+
+    urls = []
+    for p in range(2):
+        local = _write(tmp_path / f"part{p}", dtype=torch.bfloat16, first=p * N // 2, n=N // 2)
+        urls.append(f"{prefix}-part{p}")
+        storage.publish(local, urls[-1], kind=PARTITION_KIND)
+    merged = tmp_path / "merged"
+    merge_partitions(urls, merged)
+    storage.publish(merged, prefix, kind="dataset")
+    # the same samples as one local folder: the reference read
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "index.json").write_text(
+        json.dumps(
+            {
+                **json.loads((merged / "index.json").read_text()),
+                "shards": [
+                    {"file": f"p{p}-{s['file']}", "num_samples": s["num_samples"]}
+                    for p in range(2)
+                    for s in json.loads((tmp_path / f"part{p}" / "index.json").read_text())["shards"]
+                ],
+            }
+        )
+    )
+    for p in range(2):
+        for f in (tmp_path / f"part{p}").glob("shard-*"):
+            (ref / f"p{p}-{f.name}").write_bytes(f.read_bytes())
+    (ref / NEGATIVE).write_bytes((merged / NEGATIVE).read_bytes())
+    return ref, prefix
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("layout", ["plain", "partitioned"])
+def test_each_rank_fetches_its_share(layout: str, s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    if layout == "plain":
+        ref = _write(tmp_path / "ds")
+        storage.publish(ref, s3_prefix, kind="dataset")
+    else:
+        ref, _ = _partitioned(tmp_path, s3_prefix)
+    index = json.loads((ref / "index.json").read_text())
+    shard_bytes = sum((ref / s["file"]).stat().st_size for s in index["shards"])
+    row_bytes = (torch.Size(LAT).numel() + torch.Size(TXT).numel()) * (2 if layout == "partitioned" else 4)
+    kw = dict(batch_size=BATCH, seed=5)
+    local = LatentDataset(str(ref), **kw)
+    epoch = local.batches_per_epoch
+    reference = [next(local) for _ in range(epoch)]
+    headers = 0
+    for s in index["shards"]:
+        raw = (ref / s["file"]).read_bytes()
+        headers += 8 + int.from_bytes(raw[:8], "little")
+    fetched = []
+    for rank in range(2):
+        before = storage.bytes_received()
+        ds = LatentDataset(s3_prefix, rank=rank, world_size=2, cache_dir=tmp_path / f"cache{rank}", **kw)
+        got = [next(ds) for _ in range(epoch // 2)]
+        fetched.append(storage.bytes_received() - before)
+        for k, b in enumerate(got):  # rank r's k-th batch is global batch 2k + r
+            a = reference[2 * k + rank]
+            assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
+            assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+        # what it read: its half of the rows, every shard's header, and the small files (index, manifests)
+        rows = epoch // 2 * BATCH * row_bytes
+        small = len(storage.read_bytes(storage.join(s3_prefix, "manifest.json"))) * 4 + sum(
+            len(storage.read_bytes(storage.file_url(s3_prefix, n))) for n in ("index.json",)
+        )
+        if layout == "partitioned":
+            small += 2 * len(storage.read_bytes(storage.join(f"{s3_prefix}-part0", "manifest.json"))) * 3
+        assert rows + headers <= fetched[-1] <= rows + headers + small, (fetched, rows, headers, small)
+        assert fetched[-1] < 0.6 * shard_bytes + small
+        # a second pass over the same batches is served from the row cache: no transfer
+        before = storage.bytes_received()
+        again = LatentDataset(s3_prefix, rank=rank, world_size=2, cache_dir=tmp_path / f"cache{rank}", **kw)
+        assert [next(again)["keys"] for _ in range(epoch // 2)] == [b["keys"] for b in got]
+        assert storage.bytes_received() - before <= small
+    assert rows * 2 == N * row_bytes  # together the two ranks fetched every row once
+
+
+@pytest.mark.s3
+def test_a_tampered_row_is_refused(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    root = _write(tmp_path / "ds")
+    storage.publish(root, s3_prefix, kind="dataset")
+    entry = json.loads((root / "index.json").read_text())["shards"][2]
+    raw = bytearray((root / shard_name(2)).read_bytes())
+    raw[entry["header_bytes"] + 3 * (torch.Size(LAT).numel() * 4) + 5] ^= 0x01  # one bit of row 3's latents
+    bucket, key = storage.file_url(s3_prefix, shard_name(2)).split("://", 1)[1].split("/", 1)
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=bytes(raw))
+    ds = LatentDataset(s3_prefix, batch_size=1, seed=0, shuffle=False, cache_dir=tmp_path / "cache")
+    for _ in range(2 * PER_SHARD + 3):  # shards 0 and 1, then rows 0..2 of shard 2 read fine
+        next(ds)
+    with pytest.raises(DatasetError, match=rf"row 3 of {shard_name(2)} in {s3_prefix}.*sha256"):
+        next(ds)
+    # a corrupt cached row is fetched again, not trusted
+    ok = LatentDataset(s3_prefix, batch_size=1, seed=0, shuffle=False, cache_dir=tmp_path / "cache")
+    first = next(ok)
+    cached = list((tmp_path / "cache" / "ranges").rglob("*"))
+    for f in cached:
+        if f.is_file():
+            f.write_bytes(b"x" + f.read_bytes()[1:])
+    again = LatentDataset(s3_prefix, batch_size=1, seed=0, shuffle=False, cache_dir=tmp_path / "cache")
+    assert torch.equal(next(again)["latents"], first["latents"])
+
+
+@pytest.mark.s3
+def test_an_index_without_row_digests_fetches_whole_files(
+    s3_server, s3_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataset prepared before the row digests still reads (whole shard files, hash-checked), with a note."""
+    root = _write(tmp_path / "ds")
+    index = json.loads((root / "index.json").read_text())
+    for s in index["shards"]:
+        for k in ("header_bytes", "header_sha256", "row_sha256"):
+            del s[k]
+    (root / "index.json").write_text(json.dumps(index))
+    storage.publish(root, s3_prefix, kind="dataset")
+    before = storage.bytes_received()
+    ds = LatentDataset(s3_prefix, batch_size=BATCH, seed=5, rank=1, world_size=2, cache_dir=tmp_path / "c")
+    local = LatentDataset(str(root), batch_size=BATCH, seed=5, rank=1, world_size=2)
+    for _ in range(ds.batches_per_epoch // 2):
+        assert torch.equal(next(ds)["latents"], next(local)["latents"])
+    assert storage.bytes_received() - before >= sum(
+        (root / s["file"]).stat().st_size for s in index["shards"]
+    )
+    assert "no per-row digests" in capsys.readouterr().err
