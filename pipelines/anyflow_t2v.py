@@ -44,7 +44,7 @@ def build_t2v_pipeline(platform: "Platform | None" = None, image: "str | None" =
     return build_training_pipeline(
         platform, image, name=PIPELINE_NAME, default_preset="tiny",
         description="AnyFlow any-step T2V: data, teacher, flow map, distill, evaluate.",
-        doc=_DOC.format(what="", presets="tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b"),
+        doc=_DOC.format(what="", presets="tiny, demo, wan2.1-t2v-1.3b, wan2.1-t2v-14b"),
     )
 
 

@@ -54,7 +54,7 @@ def test_bad_overrides_name_the_key(overrides: dict, message: str) -> None:
 
 
 def test_unknown_preset_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; valid presets: far-1\.3b, far-14b, far-tiny, tiny, wan2\.1-t2v-1\.3b"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; valid presets: demo, far-1\.3b, far-14b, far-tiny, tiny, wan2\.1-t2v-1\.3b"):
         get_preset("huge")
 
 

@@ -280,7 +280,9 @@ def _guard(handler):
 def _common(p: argparse.ArgumentParser, store: bool = True, cluster: bool = False) -> None:
     """Preset, overrides, image, store. ``cluster`` (submit, schedule): no ``--workdir`` (nothing runs here) and
     ``--store`` has no local default (the pipeline's ``store`` parameter: empty keeps artifacts in KFP)."""
-    p.add_argument("--preset", default=None, help=f"preset name (default: {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=None,
+                   help=f"preset name (default: {DEFAULT_PRESET}; 'demo': the ~10-minute CPU run whose report shows "
+                   "learning; 'anyflow presets' lists them all)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable (e.g. distill.train.steps=2)")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="YAML file of config overrides (nested or dotted keys), applied before --set")

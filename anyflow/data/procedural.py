@@ -12,6 +12,10 @@ Layout of a clip: a *primary* shape (30–40 % of the short side) travels across
 room in one direction (or stays still); an optional *secondary* shape (12–16 %) of another colour
 stays still underneath it. The primary is always the largest non-background region, which is what
 :func:`measure_attributes` relies on.
+
+``simple=True`` (``procedural:…,simple=1``, the ``demo`` preset) draws from a smaller class set: a red, green or
+blue primary (:data:`SIMPLE_COLOURS`) of any shape, moving left or right or still (:data:`SIMPLE_MOTIONS`), on
+black, with no secondary shape: 27 captions, few enough that a CPU-sized model learns to follow them in minutes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "gray": (110
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "static")
 _DIRECTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "static": (0, 0)}
+SIMPLE_COLOURS: tuple[str, ...] = ("red", "green", "blue")  # the simple=True class set (module docstring)
+SIMPLE_MOTIONS: tuple[str, ...] = ("left", "right", "static")
 _JITTER = 12  # per-clip colour jitter (uint8 levels) so colours are not exactly the palette
 
 
@@ -64,11 +70,25 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> np.ndarray:
     return np.clip(np.asarray(rgb) + rng.integers(-_JITTER, _JITTER + 1, size=3), 0, 255).astype(np.uint8)
 
 
-def _layout(seed: int, index: int) -> tuple[dict[str, Any], np.random.Generator]:
+def _layout(seed: int, index: int, simple: bool = False) -> tuple[dict[str, Any], np.random.Generator]:
     """Draw clip ``index`` of dataset ``seed``: discrete attributes and geometry in relative units.
 
-    Nothing here depends on the output size, so captions are known without rendering.
+    Nothing here depends on the output size, so captions are known without rendering. ``simple``: the small
+    class set of the module docstring (its own random stream, so it is not a subset of the full set's clips).
     """
+    if simple:
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, 0x51A1])
+        lay = {
+            "shape": SHAPES[rng.integers(len(SHAPES))],
+            "colour": SIMPLE_COLOURS[rng.integers(len(SIMPLE_COLOURS))],
+            "background": "black",
+            "motion": SIMPLE_MOTIONS[rng.integers(len(SIMPLE_MOTIONS))],
+            "size": float(rng.uniform(0.30, 0.40)),
+            "travel": float(rng.uniform(0.5, 0.9)),
+            "start": (float(rng.uniform()), float(rng.uniform())),
+            "second": None,
+        }
+        return lay, rng
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, 0xA11F])
     lay: dict[str, Any] = {
         "shape": SHAPES[rng.integers(len(SHAPES))],
@@ -91,9 +111,9 @@ def _layout(seed: int, index: int) -> tuple[dict[str, Any], np.random.Generator]
     return lay, rng
 
 
-def describe(seed: int, index: int) -> tuple[str, dict[str, Any]]:
+def describe(seed: int, index: int, *, simple: bool = False) -> tuple[str, dict[str, Any]]:
     """Caption and attributes of clip ``index`` of dataset ``seed`` (cheap: nothing is rendered)."""
-    lay, _ = _layout(seed, index)
+    lay, _ = _layout(seed, index, simple)
     second = lay["second"]
     if lay["motion"] == "static":
         caption = f"a still {lay['colour']} {lay['shape']}"
@@ -122,18 +142,19 @@ def _start(u: float, d: int, room: float, travel: float) -> float:
     return u * room
 
 
-def make_clip(seed: int, index: int, *, frames: int, height: int, width: int) -> ProceduralClip:
+def make_clip(seed: int, index: int, *, frames: int, height: int, width: int, simple: bool = False) -> ProceduralClip:
     """Generate clip ``index`` of the procedural dataset ``seed`` (same arguments → identical bytes).
 
     Args:
         seed: dataset seed.
         index: clip index within the dataset.
         frames, height, width: output video size; ``frames >= 2`` and ``min(height, width) >= 16``.
+        simple: draw from the small class set (module docstring).
     """
     if frames < 2 or min(height, width) < 16:
         raise ValueError(f"procedural clips need frames >= 2 and height, width >= 16; got {frames}x{height}x{width}")
-    lay, rng = _layout(seed, index)
-    caption, attributes = describe(seed, index)
+    lay, rng = _layout(seed, index, simple)
+    caption, attributes = describe(seed, index, simple=simple)
     side = min(height, width)
     size = lay["size"] * side
     dx, dy = _DIRECTION[lay["motion"]]

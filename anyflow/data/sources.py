@@ -196,19 +196,22 @@ def _caption_from_fields(obj: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ sources
 
 
-def procedural_source(n: int, seed: int = 0) -> Iterator[Record]:
-    """Clips ``0 .. n-1`` of the procedural dataset ``seed``; rendered at the spec's size on load."""
+def procedural_source(n: int, seed: int = 0, simple: int = 0) -> Iterator[Record]:
+    """Clips ``0 .. n-1`` of the procedural dataset ``seed`` (``simple``: its small class set, keys
+    ``procedural-simple-<seed>-<index>``); rendered at the spec's size on load."""
 
     def loader(index: int) -> Callable[[VideoSpec], torch.Tensor]:
         def load(spec: VideoSpec) -> torch.Tensor:
-            clip = make_clip(seed, index, frames=spec.frames, height=spec.height, width=spec.width)
+            clip = make_clip(seed, index, frames=spec.frames, height=spec.height, width=spec.width,
+                             simple=bool(simple))
             return frames_to_tensor(clip.video, spec)
 
         return load
 
+    prefix = "procedural-simple" if simple else "procedural"
     for index in range(n):
-        caption, attributes = describe(seed, index)
-        yield RawClip(f"procedural-{seed}-{index:06d}", caption, loader(index), meta=attributes)
+        caption, attributes = describe(seed, index, simple=bool(simple))
+        yield RawClip(f"{prefix}-{seed}-{index:06d}", caption, loader(index), meta=attributes)
 
 
 def folder_source(url: str, files: list[str] | None = None) -> Iterator[Record]:
@@ -359,18 +362,21 @@ def _wds_record(key: str, sample: dict[str, bytes]) -> Record:
 
 
 def parse_procedural(spec: str) -> dict[str, int]:
-    """``procedural:n=32,seed=0`` → ``{"n": 32, "seed": 0}``; unknown or malformed keys are errors."""
+    """``procedural:n=32,seed=0`` → ``{"n": 32, "seed": 0}``; ``…,simple=1`` adds ``"simple": 1`` (the small
+    class set of :mod:`anyflow.data.procedural`); unknown or malformed keys are errors."""
     body = spec.split(":", 1)[1] if ":" in spec else ""
     out = {"n": 32, "seed": 0}
     for part in filter(None, (p.strip() for p in body.split(","))):
         name, _, value = part.partition("=")
         name, value = name.strip(), value.strip()
-        if name not in out:
+        if name not in ("n", "seed", "simple"):
             raise SourceError(f"data.source={spec!r}: unknown option {name!r}; use e.g. 'procedural:n=32,seed=0' "
-                              "(options n and seed)")
+                              "(options n, seed and simple)")
         if not value.isdigit():
             raise SourceError(f"data.source={spec!r}: {name}={value!r} must be a whole number >= 0; "
                               "use e.g. 'procedural:n=32,seed=0'")
+        if name == "simple" and value not in ("0", "1"):
+            raise SourceError(f"data.source={spec!r}: simple={value!r} must be 0 or 1")
         out[name] = int(value)
     if not 1 <= out["n"] <= 10_000_000:
         raise SourceError(f"data.source={spec!r}: n={out['n']} clips must be in [1, 10000000]")

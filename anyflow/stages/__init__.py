@@ -381,7 +381,7 @@ def _parse_inputs(items: Sequence[str]) -> dict[str, str]:
 
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=STAGES, help="stage to run")
-    p.add_argument("--preset", default="tiny", help="preset name (tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b, far-tiny, far-1.3b, far-14b; "
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, demo, wan2.1-t2v-1.3b, wan2.1-t2v-14b, far-tiny, far-1.3b, far-14b; "
                    "'anyflow presets' lists them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. --set distill.train.steps=10 (repeatable)")

@@ -84,8 +84,10 @@ def _prompts(cfg: Preset, base: Any, inputs: Mapping[str, str]) -> tuple[list[st
         from anyflow.data.procedural import make_clip
         from anyflow.data.sources import parse_procedural
 
-        seed = parse_procedural(d.source)["seed"] if d.source.startswith("procedural") else 0
-        clips = [make_clip(seed + 7919, i, frames=d.frames, height=d.height, width=d.width) for i in range(ev.num_prompts)]
+        spec = parse_procedural(d.source) if d.source.startswith("procedural") else {"seed": 0}
+        seed, simple = spec["seed"], bool(spec.get("simple", 0))  # held-out prompts of the training class set
+        clips = [make_clip(seed + 7919, i, frames=d.frames, height=d.height, width=d.width, simple=simple)
+                 for i in range(ev.num_prompts)]
         video = torch.stack([torch.from_numpy(c.video).permute(3, 0, 1, 2).float() / 127.5 - 1 for c in clips])
         with torch.no_grad():
             heldout = base.vae.encode(video)
