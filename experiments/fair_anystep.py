@@ -469,6 +469,17 @@ def plot(per_seed: list[dict], fc: FairConfig, floor: dict | None, out: Path) ->
     return path
 
 
+def _write_report(
+    out: Path, fc: FairConfig, per_seed: list[dict], floor, wall: float, command: str, sel
+) -> None:
+    record = {"config": dataclasses.asdict(fc), "command": command, "selection": sel, "floor": floor}
+    record |= {"per_seed": per_seed, "wall_s": wall}
+    (out / "fair_results.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "fair_results.md").write_text(markdown(per_seed, fc, floor, wall, command, sel))
+    plot(per_seed, fc, floor, out)
+    print(f"wrote {out}/fair_results.md, fair_results.json, fair_anystep.png ({wall:.0f} s)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="experiments/results_fair")
@@ -480,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--selection", default="", help="a --select run's selection.json: its chosen learning rates"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        help="report folders of single-seed runs (same config): write their combined tables/plot to --out",
     )
     p.add_argument("--threads", type=int, default=1)
     d = FairConfig()
@@ -507,6 +524,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else "fair_anystep.main(" + repr(list(argv)) + ")"
     )
+    if a.merge:
+        runs = [json.loads((Path(m) / "fair_results.json").read_text()) for m in a.merge]
+        configs = {json.dumps({k: v for k, v in r["config"].items() if k != "seeds"}) for r in runs}
+        if len(configs) != 1:
+            print(
+                f"--merge: the runs in {a.merge} differ in their config; merge only one setting.",
+                file=sys.stderr,
+            )
+            return 2
+        fc = FairConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in runs[0]["config"].items()})
+        fc = dataclasses.replace(fc, seeds=tuple(s for r in runs for s in r["config"]["seeds"]))
+        per_seed = [ps for r in runs for ps in r["per_seed"]]
+        wall = sum(r["wall_s"] for r in runs)
+        floor, sel = runs[0]["floor"], runs[0].get("selection", "")
+        merged = command + "  (merged: " + "; ".join(r.get("command", "?") for r in runs) + ")"
+        _write_report(out, fc, per_seed, floor, wall, merged, sel)
+        return 0
     start = time.perf_counter()
     if a.select:
         (seed,) = fc.seeds[:1]
@@ -520,23 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed = [run_seed(s, fc) for s in fc.seeds]
     wall = time.perf_counter() - start
     floor = json.loads(Path(a.floor).read_text()) if a.floor and Path(a.floor).is_file() else None
-    (out / "fair_results.json").write_text(
-        json.dumps(
-            {
-                "config": dataclasses.asdict(fc),
-                "command": command,
-                "selection": a.selection,
-                "floor": floor,
-                "per_seed": per_seed,
-                "wall_s": wall,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    (out / "fair_results.md").write_text(markdown(per_seed, fc, floor, wall, command, a.selection))
-    plot(per_seed, fc, floor, out)
-    print(f"wrote {out}/fair_results.md, fair_results.json, fair_anystep.png ({wall:.0f} s)")
+    _write_report(out, fc, per_seed, floor, wall, command, a.selection)
     return 0
 
 

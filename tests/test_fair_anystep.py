@@ -116,3 +116,37 @@ def test_fair_anystep_select_smoke(tmp_path: Path, monkeypatch) -> None:
         mod.main(["--selection", str(tmp_path / "sel" / "selection.json"), "--out", str(tmp_path), *small])
     assert {f: getattr(seen[0], f) for f in mod.LR_FIELDS} == sel["chosen"]
     assert mod.main(["--selection", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+
+
+def test_fair_anystep_merge(tmp_path: Path) -> None:
+    """--merge combines single-seed report folders (mean ± std over seeds) and refuses mixed configs."""
+    mod = _load()
+    rows = {"m": {"g": 1.0, "calls_per_step": 1, "coupled": {"1": 1.0}, "dist": {"1": 0.5}}}
+    fc = mod.FairConfig(nfe=(1,))
+    for seed, val in ((1, 1.0), (2, 3.0)):
+        rec = {
+            "seed": seed,
+            "rows": {"m": {**rows["m"], "coupled": {"1": val}}},
+            "curves": {"c": [[1, val, 0.5]]},
+            "train_loss": {"c": val},
+            "calls": {},
+            "timings_s": {"x": 1.0},
+            "floors": {f"exact CFG-{g} ODE samples vs held-out data": 0.0 for g in (1, 3)},
+        }
+        cfg = mod.dataclasses.asdict(mod.dataclasses.replace(fc, seeds=(seed,)))
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        run = {"config": cfg, "command": "c", "floor": None, "per_seed": [rec], "wall_s": 1.0}
+        (d / "fair_results.json").write_text(json.dumps(run))
+    assert (
+        mod.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 0
+    )
+    md = (tmp_path / "m" / "fair_results.md").read_text()
+    assert "| m | CFG 1 | 2 ± 1.4 |" in md  # mean 2, sample std √2
+    assert json.loads((tmp_path / "m" / "fair_results.json").read_text())["config"]["seeds"] == [1, 2]
+    other = json.loads((tmp_path / "s2" / "fair_results.json").read_text())
+    other["config"]["batch"] = 7
+    (tmp_path / "s2" / "fair_results.json").write_text(json.dumps(other))
+    assert (
+        mod.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 2
+    )
