@@ -25,6 +25,7 @@ BENCHMARKS = {
     "dataprep": "benchmarks.bench_dataprep",
     "sampling": "benchmarks.bench_sampling",
     "zero": "benchmarks.bench_zero",
+    "bytes": "benchmarks.bench_bytes",
 }
 # What --quick means in each benchmark's own options.
 QUICK_ARGS: dict[str, list[str]] = {
@@ -33,6 +34,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2", "--workers", "0", "--no-estimate"],
     "sampling": ["--quick"],
     "zero": ["--steps", "1"],
+    "bytes": ["--quick"],
 }
 DEVICE_AWARE = {"training", "dataprep", "sampling", "zero"}  # benchmarks with a --device option
 

@@ -297,13 +297,19 @@ def publish(
     if not src.is_dir():
         raise FileNotFoundError(f"publish: local directory {src} does not exist; write the artifact files first.")
     in_place = not is_remote(dst) and local_path(dst).resolve() == src.resolve()
-    parent_refs = [{"uri": str(p), "manifest_sha256": manifest_digest(p), "kind": read_manifest(p)["kind"]}
-                   for p in parents]
+    parent_refs = [_parent_ref(p) for p in parents]
     if is_remote(dst):
         return _publish_remote(src, dst, kind=kind, parent_refs=parent_refs, config=config, metrics=metrics,
                                extra=extra)
     return _publish_local(src, local_path(dst), in_place=in_place, kind=kind, parent_refs=parent_refs,
                           config=config, metrics=metrics, extra=extra)
+
+
+def _parent_ref(url: str | os.PathLike) -> dict:
+    """A parent's entry in a manifest: its URL, manifest sha256 and kind (one read of its manifest)."""
+    raw = _manifest_bytes(url)
+    return {"uri": str(url), "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "kind": _parse_manifest(url, raw)["kind"]}
 
 
 STAGING = ".anyflow-staging"
@@ -646,21 +652,28 @@ def _remote_artifact(url: str, cache_dir: str | os.PathLike | None) -> tuple[dic
     return manifest, target, raw
 
 
-def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, recheck: bool = False) -> Path:
+def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, recheck: bool = False,
+          files: Sequence[str] | None = None) -> Path:
     """A verified local directory holding the artifact (local URLs are verified in place).
 
     Every downloaded file is hash-checked before it enters the cache; a complete cache entry is then
-    trusted on its sizes, unless ``recheck`` re-hashes it (repairing any file that changed).
+    trusted on its sizes, unless ``recheck`` re-hashes it (repairing any file that changed). ``files``: download
+    only these listed files (a name the manifest does not list is an ArtifactError); the folder then holds them
+    and the manifest, and :func:`listed_file` refuses the others as missing.
     """
     u = str(url)
     if not is_remote(u):
-        verify(u)
+        _unlisted(u, verify(u), files)
         return local_path(u)
     manifest, target, raw = _remote_artifact(u, cache_dir)
+    _unlisted(u, manifest, files)
+    wanted = manifest["files"] if files is None else {rel: manifest["files"][rel] for rel in files}
     done = target / ".anyflow-complete"
     with cache_lock(target):
-        if not recheck and done.exists() and all((target / r).is_file() and (target / r).stat().st_size == e["size"]
-                                 for r, e in manifest["files"].items()):
+        if not recheck and (done.exists() or files is not None) and all(
+                (target / r).is_file() and (target / r).stat().st_size == e["size"] for r, e in wanted.items()):
+            if files is not None and not (target / MANIFEST).is_file():
+                local_write_atomic(target / MANIFEST, raw)
             return target
 
         def get(item: tuple[str, dict]) -> None:
@@ -668,10 +681,19 @@ def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
             download_verified(join(u, _object(rel, entry)), target / rel, entry, s3.iter_chunks, _check_entry, u, rel)
 
         with ThreadPoolExecutor(_WORKERS) as pool:
-            list(pool.map(get, manifest["files"].items()))
+            list(pool.map(get, wanted.items()))
         local_write_atomic(target / MANIFEST, raw)
-        done.touch()
+        if files is None:
+            done.touch()
     return target
+
+
+def _unlisted(url: str, manifest: dict, files: Sequence[str] | None) -> None:
+    """ArtifactError naming the first of ``files`` that the manifest does not list."""
+    for rel in files or ():
+        if rel not in manifest["files"]:
+            raise ArtifactError(f"{join(url, rel)}: file is not listed in the artifact's manifest "
+                                f"(listed: {', '.join(list(manifest['files'])[:8]) or 'nothing'}).")
 
 
 def fetch_file(url: str | os.PathLike, relpath: str, *, cache_dir: str | os.PathLike | None = None) -> Path:

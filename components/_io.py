@@ -274,9 +274,11 @@ def inline_report(text: str, base: str) -> str:
     return re.sub(r"""\b(src|href)=(["'])(.*?)\2""", data_uri, text, flags=re.IGNORECASE | re.DOTALL)
 
 
-def copy_report(html: Any, report: str | None, uri: str) -> None:
+def copy_report(html: Any, report: str | None, uri: str, written: bytes | None = None) -> None:
     """Write ``report.html`` (a local path or a store URL) into a KFP ``Output[HTML]``, with anything it links
     beside it inlined (:func:`inline_report`): the KFP UI shows the full report, never a link to a store.
+    ``written``: the report's bytes when this task wrote it (``StageResult.report_bytes``), so a report just
+    published is never read back from the store; a cached one is read at ``report``.
 
     A report that cannot be read fails the task naming it (no placeholder page).
     """
@@ -284,7 +286,9 @@ def copy_report(html: Any, report: str | None, uri: str) -> None:
 
     if not report:
         raise ValueError(f"the evaluate artifact {uri} names no report.html to show in the KFP UI.")
-    if os.path.isfile(report):
+    if written is not None:
+        raw = written
+    elif os.path.isfile(report):
         with open(report, "rb") as fh:
             raw = fh.read()
     elif storage.exists(report):

@@ -250,11 +250,10 @@ def test_sigkilled_training_leaves_no_copies_and_pruning_leaves_no_empty_folders
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     left = [str(p.relative_to(tmp)) for p in _files(tmp) if p.suffix in (".safetensors", ".json", ".jsonl")]
-    (key_dir,) = list(ckpts.iterdir())
-    kept = sorted(p.name for p in key_dir.iterdir())
-    assert (left, kept) == ([], [f"step-{steps:08d}"]), (
-        f"training state left in the temp dir after the rerun: {left}; checkpoint folders kept: {kept}")
-    assert (key_dir / f"step-{steps:08d}" / "manifest.json").is_file()
+    kept = sorted(str(p.relative_to(ckpts)) for p in ckpts.rglob("*"))
+    # published: the stage deleted its checkpoint folder (and wrote none after the final step)
+    assert (left, kept) == ([], []), (
+        f"training state left in the temp dir after the rerun: {left}; checkpoint files and folders kept: {kept}")
 
 
 # --------------------------------------------------------------------------- the KFP token stays off argv

@@ -58,6 +58,8 @@ class StageResult:
     cached: bool
     seconds: float
     report: str | None = None
+    #: the bytes of ``report`` when this call wrote it (None for a cached artifact: read it at ``report``)
+    report_bytes: bytes | None = None
 
 
 def stage_module(name: str) -> ModuleType:
@@ -179,6 +181,9 @@ def run_stage(
             if marker and run_id and _is_rank_zero():  # one writer under torchrun
                 _record_failure(marker, run_id, name, exc)
             raise
+        # the report as written, for a caller that shows it (the evaluate component): never read back from the store
+        written = staging / module.REPORT if getattr(module, "REPORT", None) else None
+        report_bytes = written.read_bytes() if written is not None and written.is_file() else None
         if _is_rank_zero():
             # a stage may name more parents than its inputs (prepare_data: the partition artifacts it references)
             parents = list(inputs.values()) + list(getattr(module, "artifact_parents", lambda _: [])(staging))
@@ -186,9 +191,12 @@ def run_stage(
                 staging, out, kind=module.KIND, parents=parents, config=to_dict(cfg), metrics=metrics,
                 extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
             )
+            if ckpt_url:  # published: nothing resumes from the training checkpoints any more (a rerun is a cache hit)
+                _remove_tree(ckpt_url)
         else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it
             manifest = {"metrics": metrics}
-    return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest))
+    return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest),
+                       report_bytes)
 
 
 def discard(name: str, *, preset: str = "tiny", overrides: Mapping[str, Any] | None = None,

@@ -120,15 +120,27 @@ class Checkpoint:
     log_path: Path | None
 
 
-def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...]) -> Checkpoint:
-    """Fetch and validate a checkpoint artifact; clear errors for the wrong kind or architecture."""
-    try:
-        local = storage.fetch(url, cache_dir=cache_dir(preset))
-    except storage.ArtifactError as exc:
-        raise StageInputError(f"{role} input: {exc}") from exc
-    if MODEL_JSON not in storage.read_manifest(local)["files"]:  # e.g. a dataset given as a checkpoint
-        raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint (no {MODEL_JSON}); "
-                              f"pass a train_teacher/train_flowmap/distill/finetune output.")
+def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...], log: bool = False) -> Checkpoint:
+    """Fetch and validate a checkpoint artifact; clear errors for the wrong kind or architecture.
+
+    Only the files read are fetched from a remote store: ``model.json``, the adapters named in ``need`` and, with
+    ``log``, ``log.jsonl`` (``log_path``; None without ``log`` or when the artifact has none) -- never the other
+    adapters (a distill artifact's critic), the config or the log a caller does not read."""
+    def fetch(files: list[str]) -> Path:
+        try:
+            return storage.fetch(url, cache_dir=cache_dir(preset), files=files)
+        except storage.ArtifactError as exc:
+            try:
+                listed = storage.read_manifest(url)["files"]
+            except storage.ArtifactError:
+                listed = {MODEL_JSON: None}
+            if MODEL_JSON not in listed:  # e.g. a dataset given as a checkpoint
+                raise StageInputError(f"{role} input {url} is an artifact but not a model checkpoint (no {MODEL_JSON}); "
+                                      f"pass a train_teacher/train_flowmap/distill/finetune output.") from None
+            raise StageInputError(f"{role} input: {exc}") from exc
+
+    local = fetch([MODEL_JSON])
+    listed = storage.read_manifest(local)["files"]  # the fetched copy
     try:  # files of a fetched artifact are opened through its manifest (storage.listed_file), never by bare path
         meta = json.loads(storage.listed_file(local, MODEL_JSON).read_text())
     except storage.ArtifactError as exc:
@@ -147,12 +159,20 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
             f"{role} input {url} is a {meta.get('variant', 'bidirectional')!r} generator, but preset {preset.name!r} is variant "
             f"{preset.variant!r}; causal (far) and bidirectional generators are different models{hint}"
         )
-    adapters = {}
     for name in need:
         if name not in meta["adapters"]:
             raise StageInputError(
                 f"{role} input {url} holds adapters {sorted(meta['adapters'])}, not {name!r} (kind {meta.get('kind')})"
             )
+    wanted = [meta["adapters"][name]["file"] for name in need] + (["log.jsonl"] if log and "log.jsonl" in listed else [])
+    if storage.is_remote(url):  # a local artifact was verified whole, in place, by the first fetch
+        for file in wanted:
+            if file not in listed:  # named by model.json: listed_file below says which, and why it is refused
+                wanted = [f for f in wanted if f in listed]
+                break
+        local = fetch(wanted)
+    adapters = {}
+    for name in need:
         try:
             adapters[name] = load_file(str(storage.listed_file(local, meta["adapters"][name]["file"])))
         except storage.ArtifactError as exc:
@@ -160,11 +180,13 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         except Exception as exc:  # safetensors refuses the bytes (e.g. a pickle named .safetensors)
             raise StageInputError(f"{role} input {url}: adapter file {meta['adapters'][name]['file']!r} is not a "
                                   f"readable safetensors file ({type(exc).__name__}: {exc})") from None
-    try:
-        log: Path | None = storage.listed_file(local, "log.jsonl")
-    except storage.ArtifactError:
-        log = None
-    return Checkpoint(url, meta, adapters, log)
+    log_path: Path | None = None
+    if log:
+        try:
+            log_path = storage.listed_file(local, "log.jsonl")
+        except storage.ArtifactError:
+            log_path = None
+    return Checkpoint(url, meta, adapters, log_path)
 
 
 def _preset_hint(local: Any, preset: Preset) -> str:
@@ -257,7 +279,10 @@ def train_and_export(
     refuse_non_finite(cfg, tr, method, states, steps=result.steps, ema=ema_adapter if trained_finite else None)
     write_checkpoint(out_dir, cfg, {name: (role, states[name]) for name, role in export.items()}, kind=kind)
     trained = result.steps - result.resumed_from  # the steps this attempt ran (a resumed run starts later)
-    return {"steps": result.steps, **{k: v for k, v in result.last_metrics.items() if "loss" in k},
+    # processes and the global sample cursor: what the run trained on, now that its checkpoints are deleted
+    return {"steps": result.steps, "processes": int(os.environ.get("WORLD_SIZE", "1") or 1),
+            "samples": int(data.state_dict().get("sample_cursor", 0)),
+            **{k: v for k, v in result.last_metrics.items() if "loss" in k},
             "train_seconds": round(result.seconds, 3),
             "steps_per_s": round(trained / result.seconds, 4) if result.seconds > 0 and trained > 0 else 0.0}
 
@@ -353,7 +378,9 @@ def train_resumable(
 
     Each save is published to a new ``step-XXXXXXXX`` folder (manifest last) and older folders are
     deleted only after it is complete, so a kill during an upload leaves the previous checkpoint valid.
-    A rerun resumes from the newest folder whose manifest verifies. The local copies (the newest state, the
+    A rerun resumes from the newest folder whose manifest verifies. No checkpoint is written after the final
+    step (the stage publishes its artifact instead), and :func:`anyflow.stages.run_stage` deletes the stage's
+    checkpoints once the artifact is published. The local copies (the newest state, the
     resume download) live in a locked run folder under the stage's own work folder (:func:`_run_folder`), so a
     killed run's copy is removed by the next run instead of filling the temp dir.
     """
@@ -382,7 +409,7 @@ def _train_in(method: Any, tr: TrainConfig, batches: Any, *, work: Path, out_dir
                 _remove_checkpoint(old)
             return url
     result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume,
-                 resume_label=resume_url, progress=progress)
+                 resume_label=resume_url, progress=progress, final_checkpoint=False)
     log_src = work / "log.jsonl"
     if log_src.exists():
         shutil.copy(log_src, out_dir / "log.jsonl")

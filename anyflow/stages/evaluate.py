@@ -125,12 +125,12 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                                    limit=ev.i2v_limit, cache_dir=common.cache_dir(cfg))
     base = common.load_models(cfg)
     models = common.adapter_model(cfg, base.transformer)
-    teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",))
+    teacher = common.read_checkpoint(inputs["teacher"], cfg, role="teacher", need=("teacher",), log=True)
     models.add("teacher", "teacher", init=teacher.adapters["teacher"], trainable=False)
     losses = {"train_teacher": _log(teacher.log_path)}
     roles = [r for r in CHECKPOINT_ROLES if r in inputs]
     for role in roles:
-        ck = common.read_checkpoint(inputs[role], cfg, role=role, need=("generator",))
+        ck = common.read_checkpoint(inputs[role], cfg, role=role, need=("generator",), log=True)  # loss curves
         models.add(role, "generator", init=ck.adapters["generator"], trainable=False,
                    extra=("far_patch_embedding",) if far else ())
         losses[role] = _log(ck.log_path)

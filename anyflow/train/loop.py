@@ -417,12 +417,16 @@ def fit(
     resume_label: str | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    final_checkpoint: bool = True,
     log_name: str = "log.jsonl",
 ) -> FitResult:
     """Run ``cfg.steps`` iterations of ``method``.
 
     ``batches`` is an iterator with ``state_dict()/load_state_dict()`` (the resumable data loader).
-    ``work_dir/checkpoint`` holds the newest training state; ``checkpoint_sync(path, step)`` (if given)
+    ``work_dir/checkpoint`` holds the newest training state, saved every ``cfg.checkpoint_every`` steps, at the end
+    of the run and on SIGTERM; ``final_checkpoint=False`` saves none after the final step (``cfg.steps``; the stages:
+    they publish the trained weights instead, so nothing would ever resume from it), but still at the end of a run
+    stopped early (``stop_after``) and on SIGTERM. ``checkpoint_sync(path, step)`` (if given)
     publishes it after each save, e.g. to S3, so a retried pod can resume, and returns where it went
     (named in errors as the last good checkpoint). ``resume_from`` restores a
     state directory before training. ``stop_after`` ends the run early after that many steps
@@ -631,10 +635,15 @@ def fit(
                             tb.add_scalar(k, v, step + 1)
             if bar is not None:
                 bar.update(1, detail=_loss_detail(metrics))
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            # Without final_checkpoint none after the last step: the stage publishes its artifact instead, and a
+            # retry that finds the artifact never trains. A run stopped early (``stop_after``) or by SIGTERM
+            # writes one to resume from.
+            due = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end
+            saved = due and (final_checkpoint or step + 1 < cfg.steps)
+            if saved:
                 checkpoint(step + 1)
             if sigterm_seen():
-                if (step + 1) % cfg.checkpoint_every != 0 and step + 1 != end:
+                if not saved:
                     checkpoint(step + 1)
                 raise Preempted(f"{method.name}: SIGTERM at step {step + 1}; checkpoint written to {last_ckpt}")
     if bar is not None:

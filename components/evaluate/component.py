@@ -48,4 +48,4 @@ def evaluate(
     res = run_component("evaluate", report, metrics=metrics, preset=preset, overrides_json=overrides_json,
                         store=store, artifacts={r: a for r, (a, _) in roles.items()},
                         uris={r: u for r, (_, u) in roles.items()})
-    copy_report(html, res.report, str(res.uri))
+    copy_report(html, res.report, str(res.uri), res.report_bytes)
