@@ -271,3 +271,67 @@ def test_bad_input_in_partitions_is_exit_2_naming_them(tmp_path: Path) -> None:
             source, cfg, str(tmp_path / "store"), tmp_path / "ds", load_encoders=Encoders().load
         )
     assert classify_failure(err.value)[0] == 2
+
+
+_KILLED_ENCODER = """
+import sys, time
+from pathlib import Path
+from anyflow.config import apply_overrides, get_preset
+from anyflow.data.partitions import encode_partition, plan_partitions
+
+source, store, marker = sys.argv[1:4]
+cfg = apply_overrides(get_preset("tiny"), {**GEOM, "data.source": source, "data.partition_size": 4})
+
+def hang(*_):
+    Path(marker).touch()
+    time.sleep(600)
+
+encode_partition(source, plan_partitions(source, 4)[0], cfg, store, load_encoders=lambda: (hang, hang))
+"""
+
+
+def test_a_killed_encoders_staging_is_removed_by_the_next_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encode_partition stages in anyflow._storage_io.private_dir under the prepare_partition work folder: an
+    encoder killed with SIGKILL (a pod's OOM kill) leaves its folder, and the next encoder removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from anyflow.data.partitions import encode_partition
+
+    work, store, source = tmp_path / "work", tmp_path / "store", "procedural:n=8,seed=2"
+    monkeypatch.setenv("ANYFLOW_WORK_DIR", str(work))
+    marker = tmp_path / "encoding"
+    script = f"GEOM = {GEOM!r}\n" + _KILLED_ENCODER
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, source, str(store), str(marker)], env={**os.environ, "TMPDIR": str(tmp_path)}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the encoder never started (exit {child.poll()})"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    leaked = list((work / PARTITION_STAGE).glob("partition-*"))
+    assert len(leaked) == 1 and (leaked[0] / ".lock").is_file(), leaked  # the dead encoder's folder, left behind
+    cfg = _cfg(source, 4)
+    url, cached = encode_partition(
+        source, plan_partitions(source, 4)[0], cfg, str(store), load_encoders=Encoders().load
+    )
+    assert not cached and storage.read_manifest(url)["kind"] == "dataset_partition"
+    assert not leaked[0].exists() and not list((work / PARTITION_STAGE).iterdir())
+    # its manifest metrics: the scalar fields of its summary.json (counts and the source) plus the run's timing
+    # (kept out of summary.json), as the prepare_data stage and the re-distillation window publish theirs (one
+    # filter, anyflow.data.prepare.summary_metrics)
+    summary = json.loads(storage.fetch_file(url, "summary.json").read_bytes())
+    scalars = {k: v for k, v in summary.items() if type(v) in (int, float, str)}
+    metrics = storage.read_manifest(url)["metrics"]
+    assert {k: metrics.get(k) for k in scalars} == scalars and set(metrics) - set(scalars) == {"seconds", "clips_per_s"}
+    assert scalars["clips_written"] == 4 and "source" in scalars

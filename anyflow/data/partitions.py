@@ -28,19 +28,19 @@ dataset prepared with 3 partitions reads sample for sample like the 1-partition 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare_data_section
+from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare_data_section, summary_metrics
 from anyflow.data.shards import FORMAT, INDEX, NEGATIVE, VERSION
 
 #: Where partition artifacts live under a store: ``<store>/artifacts/prepare_partition/<key>``.
@@ -204,8 +204,7 @@ def encode_partition(
         return url, True
     encode_video, encode_text = load_encoders()
     d = cfg.data
-    staging = Path(tempfile.mkdtemp(prefix=f"anyflow-{part.name}-"))
-    try:
+    with _staging() as staging:
         item_of: dict[str, str] = {}
         summary = prepare_data_section(
             partition_records(source, part, item_of), d, encode_video=encode_video, encode_text=encode_text,
@@ -214,15 +213,12 @@ def encode_partition(
         _write_keys(staging, item_of)
         conf = to_dict(cfg)
         conf["data"]["source"] = f"{part.name} of {source}"
-        metrics = {
-            k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
         storage.publish(
             staging,
             url,
             kind=PARTITION_KIND,
             config=conf,
-            metrics=metrics,
+            metrics=summary_metrics(summary),
             extra={
                 "cache_key": key,
                 "stage": PARTITION_STAGE,
@@ -236,9 +232,22 @@ def encode_partition(
                 },
             },
         )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return url, False
+
+
+@contextlib.contextmanager
+def _staging() -> Iterator[Path]:
+    """The private folder one partition is encoded into before it is published: ``partition-<random>`` under
+    the ``prepare_partition`` work folder (``$ANYFLOW_WORK_DIR/prepare_partition``, else
+    ``<temp dir>/anyflow-work-<uid>/prepare_partition``), locked while the encoder lives and removed at its end;
+    the folders of encoders that died first (SIGKILL, OOM kill, a preempted pod on a kept volume) are removed
+    when the next encoder starts (``anyflow._storage_io.private_dir``, the protocol of every stage's staging)."""
+    from anyflow._storage_io import private_dir
+    from anyflow.stages.common import _work_root
+
+    with private_dir(_work_root(PARTITION_STAGE), "partition-") as work:
+        (work / "out").mkdir()  # the artifact's files only (the folder itself holds the lock)
+        yield work / "out"
 
 
 def _memo(load: LoadEncoders) -> LoadEncoders:

@@ -201,6 +201,14 @@ def prepare_data_section(source: Any, data: Any, *, encode_video: Any, encode_te
     )
 
 
+def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The manifest metrics of a prepared dataset: the scalar fields of its summary (counts, ``source``), without
+    the nested ones (skip reasons, examples, shapes) and without booleans -- what the prepare_data stage, each
+    partition artifact and the re-distillation window publish, and what a KFP component then logs (its numbers)
+    to its ``Output[Metrics]`` (components/_io.py ``log_metrics``)."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
 def _known_length(source: Any) -> int | None:
     """How many records ``source`` holds when that is known before reading it (a sized iterable, or a
     ``procedural`` spec), for the progress line's total and ETA; ``None`` otherwise (the count alone)."""

@@ -129,7 +129,7 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
 
     from anyflow import __version__
     from anyflow.config import apply_overrides, get_preset, to_dict
-    from anyflow.data.prepare import prepare_data_section
+    from anyflow.data.prepare import prepare_data_section, summary_metrics
     from anyflow.stages import common
 
     cfg = apply_overrides(get_preset(preset), overrides)
@@ -165,7 +165,7 @@ def prepare_window(window: Window, store: str, *, preset: str, overrides: Mappin
             with torch.no_grad():
                 summary = prepare_data_section(window_records(window), cfg.data, encode_video=base.vae.encode,
                                                encode_text=base.text.encode, out_dir=staging, progress=progress)
-        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        metrics = summary_metrics(summary)
         conf = to_dict(cfg)
         conf["data"]["source"] = f"window {window.digest()[:16]} of {window.source}"
         storage.publish(staging, out, kind="dataset", config=conf, metrics=metrics, parents=parents,

@@ -27,7 +27,7 @@ SECTIONS = ("model", "data")
 
 def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str | None = None, progress: bool = True,
         store: str | None = None) -> dict:
-    from anyflow.data.prepare import prepare_data_section
+    from anyflow.data.prepare import prepare_data_section, summary_metrics
 
     common.require_inputs("prepare_data", inputs, INPUTS)
     if not cfg.data.source:
@@ -44,7 +44,7 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
         encode_video, encode_text = _encoders(cfg)
         summary = prepare_data_section(d.source, d, encode_video=encode_video, encode_text=encode_text,
                                        out_dir=out_dir, progress=progress)
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return summary_metrics(summary)
 
 
 def _encoders(cfg: Preset) -> tuple:
