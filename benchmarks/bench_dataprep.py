@@ -4,6 +4,7 @@ partitioned prepare_data on 1 and P CPU workers side by side, and the analytic t
     python -m benchmarks.bench_dataprep                 # both VAEs, procedural + mp4 sources
     python -m benchmarks.bench_dataprep --clips 16 --vaes mid --device cuda
     python -m benchmarks.bench_dataprep --vaes tiny --workers 2 --worker-clips 16 --repeats 5
+    python -m benchmarks.bench_dataprep --vaes '' --workers 0 --no-estimate --rank-bytes 1,2,4
 
 For each VAE it runs ``anyflow.data.prepare.prepare`` end to end (source → decode/resample/resize →
 VAE encode → text encode → shards) on the same clips from two sources: ``procedural`` (rendered in
@@ -18,6 +19,13 @@ into a fresh store each time, then merged; the two are alternated ``--repeats`` 
 min / median clips/s and the count, of the wall time (process start, imports and merge included, as a pod's
 start is) and of the slowest worker's own time (model build + encode + publish).
 
+**Bytes per rank** (``--rank-bytes 1,2,4``, '' skips): a small bf16 dataset (64 samples of 48 KiB, 8 per shard)
+published to a moto S3 server started on 127.0.0.1 and read by each rank of W in the one global order
+(``anyflow.data.shards``), one cache folder per rank as each pod has: the bytes each rank receives
+(``anyflow.storage.bytes_received``) over the first epoch and over four, beside the dataset's shard bytes, and the
+same for an index written before the row digests (whole shard files). Only the rank bytes run:
+``--vaes '' --workers 0 --no-estimate``.
+
 **Estimate** (``--no-estimate`` skips): VAE-encoder FLOPs of one 81 x 480 x 832 clip (the 1.3B preset's shape),
 counted by ``torch.utils.flop_counter`` on fake tensors of diffusers' ``AutoencoderKLWan`` with Wan2.1's
 defaults, and UMT5-XXL's encoder as 2 x params x 512 tokens; the time for N clips on P GPUs is
@@ -29,11 +37,16 @@ prepare loop is sequential).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -207,6 +220,62 @@ def estimate_rows(n_clips: int, gpus: tuple[int, ...], vae_flops: float, *, util
     return rows
 
 
+def rank_bytes_rows(world_sizes: tuple[int, ...], work: Path, *, bucket: str, n: int = 64, per_shard: int = 8,
+                    batch: int = 2, epochs: int = 4) -> tuple[dict[str, int], list[tuple]]:
+    """Bytes each rank of W fetches from S3 (``anyflow.storage.bytes_received``) reading a small prepared dataset
+    (``n`` samples of bf16 latents (4, 16, 16, 16) and text (64, 128), ``per_shard`` per shard) in the one global
+    order, ``batch`` samples per rank and step: over the first epoch and over ``epochs`` epochs (each rank with
+    its own cache folder, as each pod has), with the row digests of index.json (ranged row reads) and with an
+    index written before them (whole shard files). The S3 endpoint comes from the environment; returns the
+    dataset's sizes and one row per (W, rank)."""
+    from anyflow import storage
+    from anyflow.data.shards import NEGATIVE, NEGATIVE_KEY, LatentDataset, ShardWriter
+
+    root = work / "dataset"
+    g = torch.Generator().manual_seed(0)
+    writer = ShardWriter(root, samples_per_shard=per_shard, dtype=torch.bfloat16)
+    for i in range(n):
+        writer.add(f"clip-{i:05d}", torch.randn(4, 16, 16, 16, generator=g), torch.randn(64, 128, generator=g),
+                   f"caption {i}")
+    index = writer.close()
+    from safetensors.torch import save_file
+
+    save_file({NEGATIVE_KEY: torch.zeros(1, 64, 128, dtype=torch.bfloat16)}, str(root / NEGATIVE))
+    old = work / "old-index"
+    shutil.copytree(root, old)
+    plain = {**index, "shards": [{"file": s["file"], "num_samples": s["num_samples"]} for s in index["shards"]]}
+    (old / "index.json").write_text(json.dumps(plain, indent=2) + "\n")
+    run = uuid.uuid4().hex[:8]
+    urls = {"rows": f"s3://{bucket}/rank-bytes-{run}/rows", "whole": f"s3://{bucket}/rank-bytes-{run}/whole"}
+    storage.publish(root, urls["rows"], kind="dataset")
+    storage.publish(old, urls["whole"], kind="dataset")
+    sizes = {"shards": sum((root / s["file"]).stat().st_size for s in index["shards"]),
+             "index": (root / "index.json").stat().st_size, "old_index": (old / "index.json").stat().st_size}
+    rows = []
+    for w in world_sizes:
+        per_rank: dict[str, list[int]] = {}
+        for how, url in urls.items():
+            for rank in range(w):
+                cache = work / f"cache-{how}-{w}-{rank}"
+                before = storage.bytes_received()
+                ds = LatentDataset(url, batch_size=batch, seed=0, rank=rank, world_size=w, cache_dir=cache)
+                if ds.batches_per_epoch % w:
+                    raise ValueError(f"{ds.batches_per_epoch} batches per epoch do not split over {w} ranks")
+                counts = []
+                with contextlib.redirect_stderr(io.StringIO()):  # the old index's note, once per rank
+                    for _ in range(epochs):
+                        for _ in range(ds.batches_per_epoch // w):
+                            next(ds)
+                        counts.append(storage.bytes_received() - before)
+                per_rank.setdefault(how, []).append(counts[0])
+                per_rank.setdefault(how + "_all", []).append(counts[-1])
+        for rank in range(w):
+            rows.append((w, rank, per_rank["rows"][rank], f"{per_rank['rows'][rank] / sizes['shards']:.3f}",
+                         per_rank["rows_all"][rank], f"{per_rank['rows_all'][rank] / sizes['shards']:.3f}",
+                         per_rank["whole"][rank], per_rank["whole_all"][rank]))
+    return sizes, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=4, help="clips per run (default 4)")
@@ -217,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="partitioned run: P worker processes vs 1, on the CPU (default 2; 0 skips)")
     parser.add_argument("--worker-clips", type=int, default=8, help="clips of the partitioned run (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="alternated repeats of 1 and P workers (default 3)")
+    parser.add_argument("--rank-bytes", default="1,2,4",
+                        help="world sizes W for the bytes-per-rank table of an S3 dataset on a local moto server "
+                             "(default 1,2,4; '' skips)")
     parser.add_argument("--no-estimate", action="store_true",
                         help="skip the analytic 10^5-clip estimate (it counts the VAE's FLOPs: ~20 s on 2 cores)")
     args = parser.parse_args(argv)
@@ -234,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ("vae", "params", "T x H x W", "source", "clips", "seconds", "clips/s", "vae-only clips/s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"device={args.device} torch threads={torch.get_num_threads()}")
-    for r in [header, *rows]:
+    for r in [header, *rows] if rows else []:  # --vaes '' skips the encode table
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
     if args.workers:
         with tempfile.TemporaryDirectory(prefix="bench-partitions-") as tmp:
@@ -245,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{load}):")
         _table(("workers", "partitions", "clips", "wall min clips/s", "wall median", "worker min clips/s",
                 "worker median", "count", "worker x 1"), wrows)
+    if args.rank_bytes.strip():
+        _print_rank_bytes(tuple(int(w) for w in args.rank_bytes.split(",") if w.strip()))
     if not args.no_estimate:
         flops = vae_encode_flops(*CLIP_1_3B)
         print(f"\nestimate: 10^5 clips at {CLIP_1_3B[0]}x{CLIP_1_3B[1]}x{CLIP_1_3B[2]} (1.3B preset) on P H100s; VAE "
@@ -253,6 +327,40 @@ def main(argv: list[str] | None = None) -> int:
               "; 120 s model load per pod, 60 s merge; u = achieved fraction of 989 TFLOP/s dense bf16:")
         _table(("GPUs", "u", "s/clip/GPU", "hours"), estimate_rows(100_000, (1, 8, 32, 64), flops))
     return 0
+
+
+def _print_rank_bytes(world_sizes: tuple[int, ...], epochs: int = 4) -> None:
+    """Start a moto S3 server on 127.0.0.1 (tests/s3server.py), run :func:`rank_bytes_rows`, print the table."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    from s3server import FAKE_ENV, MotoServer
+
+    server = MotoServer().start()
+    saved = {k: os.environ.get(k) for k in [*FAKE_ENV, "AWS_ENDPOINT_URL", "ANYFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"]}
+    try:
+        os.environ.update({**FAKE_ENV, "AWS_ENDPOINT_URL": server.endpoint})
+        for k in ("ANYFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"):
+            os.environ.pop(k, None)
+        from anyflow import _storage_s3
+
+        _storage_s3.client().create_bucket(Bucket="anyflow-bench")
+        with tempfile.TemporaryDirectory(prefix="bench-rank-bytes-") as tmp:
+            sizes, rows = rank_bytes_rows(world_sizes, Path(tmp), bucket="anyflow-bench", epochs=epochs)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"\nbytes fetched from S3 per rank (moto on loopback; storage.bytes_received), one global order, 64 "
+          f"samples of 48 KiB (bf16), 8 per shard, 2 per rank and step: dataset shard files {sizes['shards']} bytes, "
+          f"index.json {sizes['index']} bytes with row digests ({sizes['old_index']} without); 'whole files' = the "
+          f"same dataset with an index written before the row digests:")
+    _table(("W", "rank", "epoch 1 bytes", "/ dataset", f"epochs 1-{epochs}", "/ dataset", "whole files epoch 1",
+            f"whole files 1-{epochs}"), rows)
 
 
 def _table(header: tuple, rows: list[tuple]) -> None:
