@@ -2,7 +2,8 @@
 
 Layout of a dataset directory (an artifact once ``anyflow.storage.publish`` adds its manifest)::
 
-    index.json                  format, counts, shapes, dtypes, per-shard sample counts
+    index.json                  format, counts, shapes, dtypes; per shard: sample count, header_bytes,
+                                header_sha256, row_sha256 (one per row: what a ranged row read is checked against)
     shard-00000.safetensors     "latents" (N, F, C, h, w), "text" (N, L, D); metadata "keys", "captions" (JSON)
     ...
     negative.safetensors        "negative_embedding" (1, L, D)   (written by prepare())
@@ -26,10 +27,24 @@ per epoch; the few samples past them, different ones each epoch, are dropped). T
 one global stream of batches; the k-th batch a rank draws is global batch ``base + k · world_size + rank``, so
 ranks are disjoint and, at every optimiser-step boundary, all of them have consumed the same prefix of the
 stream. Position = one **global sample cursor** (``state_dict()["sample_cursor"]``): a checkpoint written by 8
-ranks resumes on 4 or 16 (docs/operations.md, "Resume on another number of processes"). The price: every
-rank reads rows of every shard (a rank no longer owns a contiguous ~1/world_size of the shards), so on S3
-each rank's pod fetches the whole dataset over an epoch into its cache. Shards are fetched lazily and read row
-by row from the memory-mapped safetensors file.
+ranks resumes on 4 or 16 (docs/operations.md, "Resume on another number of processes").
+
+Reads. A rank reads rows of every shard (it does not own a contiguous ~1/world_size of the shards), so a rank
+that fetched whole shard files would move the whole dataset over an epoch (~1.6 TB per rank at 10^5 clips at
+the 1.3B shape). A shard of a **remote** artifact is therefore read **row by row**: a row of ``latents``
+(N, F, C, h, w) or ``text`` (N, L, D) is one contiguous byte range of the file, placed by its safetensors header;
+the loader fetches the header once (``header_bytes`` of the shard's ``index.json`` entry, checked against
+``header_sha256``) and then each row it draws as two byte ranges (``anyflow.storage.fetch_ranges``: ranged
+GETs), checked against the row's ``row_sha256`` (sha256 of its latents bytes then its text bytes, written by
+:class:`ShardWriter` via :func:`shard_digests`, carried into a partitioned dataset's index by the merge).
+``index.json`` itself is hash-checked against the manifest, so every byte used is still verified; a row that does
+not match is refused naming the shard file and the row. A rank thus moves its ~1/world_size of the row bytes per
+epoch plus every shard's header (benchmarks/bench_dataprep.py ``--rank-bytes``), in the same global order.
+Verified rows are cached under their digest (``<cache>/ranges/``), so over many epochs a rank moves at most the
+dataset once, as whole-file caching did. The rows of one batch are fetched together (up to 4 at a time).
+Datasets whose ``index.json`` has no row digests (prepared by an older anyflow) fall back to fetching whole
+shard files (hash-checked against the manifest, one note on stderr). Local datasets are memory-mapped and read
+row by row from the safetensors file, as before.
 """
 
 from __future__ import annotations
