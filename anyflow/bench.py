@@ -31,7 +31,8 @@ BENCHMARKS = {
 QUICK_ARGS: dict[str, list[str]] = {
     "training": ["--quick"],
     "storage": ["--size-mb", "72", "--rounds", "2"],  # still above the 64 MiB multipart threshold
-    "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2", "--workers", "0", "--no-estimate"],
+    "dataprep": ["--vaes", "tiny", "--clips", "2", "--batch", "2", "--workers", "0", "--no-estimate",
+                 "--rank-bytes", "2"],
     "sampling": ["--quick"],
     "zero": ["--steps", "1"],
     "bytes": ["--quick"],
