@@ -308,7 +308,8 @@ def test_a_killed_encoders_staging_is_removed_by_the_next_encoder(
     marker = tmp_path / "encoding"
     script = f"GEOM = {GEOM!r}\n" + _KILLED_ENCODER
     child = subprocess.Popen(
-        [sys.executable, "-c", script, source, str(store), str(marker)], env={**os.environ, "TMPDIR": str(tmp_path)}
+        [sys.executable, "-c", script, source, str(store), str(marker)],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
         deadline = time.monotonic() + 60
@@ -320,7 +321,8 @@ def test_a_killed_encoders_staging_is_removed_by_the_next_encoder(
         child.kill()
         child.wait()
     leaked = list((work / PARTITION_STAGE).glob("partition-*"))
-    assert len(leaked) == 1 and (leaked[0] / ".lock").is_file(), leaked  # the dead encoder's folder, left behind
+    # the dead encoder's folder, left behind
+    assert len(leaked) == 1 and (leaked[0] / ".lock").is_file(), leaked
     cfg = _cfg(source, 4)
     url, cached = encode_partition(
         source, plan_partitions(source, 4)[0], cfg, str(store), load_encoders=Encoders().load
@@ -333,5 +335,6 @@ def test_a_killed_encoders_staging_is_removed_by_the_next_encoder(
     summary = json.loads(storage.fetch_file(url, "summary.json").read_bytes())
     scalars = {k: v for k, v in summary.items() if type(v) in (int, float, str)}
     metrics = storage.read_manifest(url)["metrics"]
-    assert {k: metrics.get(k) for k in scalars} == scalars and set(metrics) - set(scalars) == {"seconds", "clips_per_s"}
+    assert {k: metrics.get(k) for k in scalars} == scalars
+    assert set(metrics) - set(scalars) == {"seconds", "clips_per_s"}
     assert scalars["clips_written"] == 4 and "source" in scalars
