@@ -184,3 +184,42 @@ def test_an_index_without_row_digests_fetches_whole_files(
         (root / s["file"]).stat().st_size for s in index["shards"]
     )
     assert "no per-row digests" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_a_selection_of_rows_reads_like_the_local_one(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    """A re-distillation window's dataset keeps some rows of each referenced shard (``rows``): read from S3 row
+    by row it yields what the same merge over local partition artifacts yields (memory-mapped)."""
+    from anyflow.data.partitions import KEYS, PARTITION_KIND, merge_partitions
+
+    keep = {f"clip-{i:03d}" for i in (0, 2, 3, 5, 9, 10, 12, 15)}
+    remote, local = [], []
+    for p in range(2):
+        root = _write(tmp_path / f"part{p}", first=p * N // 2, n=N // 2)
+        index = json.loads((root / "index.json").read_text())
+        rows = {}
+        for s in index["shards"]:
+            with safe_open(str(root / s["file"]), framework="pt") as f:
+                rows[s["file"]] = [[k, k] for k in json.loads(f.metadata()["keys"])]
+        (root / KEYS).write_text(json.dumps({"shards": rows}))
+        remote.append(f"{s3_prefix}-part{p}")
+        storage.publish(root, remote[-1], kind=PARTITION_KIND)
+        local.append(str(tmp_path / f"local-part{p}"))
+        storage.publish(root, local[-1], kind=PARTITION_KIND)
+    merge_partitions(remote, tmp_path / "merged-s3", keep=keep)
+    merge_partitions(local, tmp_path / "merged-local", keep=keep)
+    assert any("rows" in s for s in json.loads((tmp_path / "merged-s3" / "index.json").read_text())["shards"])
+    storage.publish(tmp_path / "merged-s3", s3_prefix, kind="dataset")
+    kw = dict(batch_size=2, seed=1)
+    want = LatentDataset(str(tmp_path / "merged-local"), **kw)
+    got = LatentDataset(s3_prefix, cache_dir=tmp_path / "cache", **kw)
+    seen = []
+    for _ in range(want.batches_per_epoch):
+        a, b = next(want), next(got)
+        assert (
+            a["keys"] == b["keys"]
+            and torch.equal(a["latents"], b["latents"])
+            and torch.equal(a["text"], b["text"])
+        )
+        seen += b["keys"]
+    assert set(seen) == keep
