@@ -223,3 +223,20 @@ def test_a_selection_of_rows_reads_like_the_local_one(s3_server, s3_prefix: str,
         )
         seen += b["keys"]
     assert set(seen) == keep
+
+
+def test_fetch_ranges_checks_the_digest_and_the_bounds(tmp_path: Path) -> None:
+    """storage.fetch_ranges on a local artifact: the bytes of the ranges, concatenated, when their sha256 is the
+    one given; an ArtifactError naming the file otherwise, and for a range past the listed size."""
+    root = tmp_path / "art"
+    root.mkdir()
+    data = bytes(range(256)) * 4
+    (root / "blob.bin").write_bytes(data)
+    storage.publish(root, root, kind="test")
+    want = data[10:20] + data[500:504]
+    digest = hashlib.sha256(want).hexdigest()
+    assert storage.fetch_ranges(root, "blob.bin", [(10, 10), (500, 4)], digest) == want
+    with pytest.raises(storage.ArtifactError, match=r"blob.bin: bytes 10-19, 500-503 have sha256"):
+        storage.fetch_ranges(root, "blob.bin", [(10, 10), (500, 4)], hashlib.sha256(b"x").hexdigest())
+    with pytest.raises(storage.ArtifactError, match=r"bytes 1020-1029 lie outside the file \(1024 bytes"):
+        storage.fetch_ranges(root, "blob.bin", [(1020, 10)], digest)

@@ -438,7 +438,8 @@ class LatentDataset:
             raise DatasetError(f"cannot read {name} (shard {i} of the dataset {self.url}) from {ref}: {e}") from e
         rows = entry.get("rows")
         stored = int(entry.get("shard_samples", self._counts[i])) if rows is not None else self._counts[i]
-        if shard.layout.rows != stored or len(shard.digests) != stored or len(shard.layout.keys) != stored:
+        if (shard.layout.rows != stored or len(shard.digests) != stored or len(shard.layout.keys) != stored
+                or len(shard.layout.captions) != stored):
             raise DatasetError(f"{ref}/{name} holds {shard.layout.rows} rows and {len(shard.digests)} row digests, "
                                f"but {INDEX} says {stored} samples")
         if rows is not None and (len(rows) != self._counts[i]
