@@ -46,11 +46,12 @@ def _attributes_kept(y: torch.Tensor, key: str) -> float:
 
 
 def test_shipped_vae_reconstructs_held_out_clips() -> None:
-    """Measured on 16 held-out clips (pixels in [-1, 1]): reconstruction MSE 0.079 for the shipped VAE, 0.746
+    """Measured on 16 held-out clips (pixels in [-1, 1]): reconstruction MSE 0.123 for the shipped VAE, 0.746
     for a randomly initialised VAE of the same config (a per-clip mean colour would give 0.097). Read off the
-    reconstructions by ``measure_attributes``: background 16/16 (random VAE 11/16), motion direction 10/16
-    (random 6/16), colour 3/16 (random 2/16): the shipped VAE keeps the background and the moving blob's
-    position, but desaturates the shapes' colours (what it does not do yet; scripts/train_tiny_vae.py)."""
+    reconstructions by ``measure_attributes``: background 16/16 (random VAE 11/16), motion direction 14/16
+    (random 6/16), the moving shape's colour 11/16 (random 2/16). The first shipped VAE (800 steps, no chroma
+    term) had MSE 0.079 but kept the colour of 3/16 (it desaturated the shapes); the colour-weighted fine-tune
+    (scripts/train_tiny_vae.py) trades pixel error around the shapes (colour halos) for the colour itself."""
     from diffusers import AutoencoderKLWan
 
     x = _clips()
@@ -63,9 +64,10 @@ def test_shipped_vae_reconstructs_held_out_clips() -> None:
     y_shipped, y_random = _reconstruct(shipped, x), _reconstruct(random, x)
     mse_shipped = float(((y_shipped - x) ** 2).mean())
     mse_random = float(((y_random - x) ** 2).mean())
-    assert mse_shipped < 0.15 * mse_random and mse_shipped < 0.09, (mse_shipped, mse_random)
+    assert mse_shipped < 0.2 * mse_random and mse_shipped < 0.14, (mse_shipped, mse_random)
     assert _attributes_kept(y_shipped, "background") == 1.0 > _attributes_kept(y_random, "background")
-    assert _attributes_kept(y_shipped, "motion") >= 0.6 > _attributes_kept(y_random, "motion")
+    assert _attributes_kept(y_shipped, "motion") >= 0.8 > _attributes_kept(y_random, "motion")
+    assert _attributes_kept(y_shipped, "colour") >= 0.6 > _attributes_kept(y_random, "colour")
 
 
 def test_shipped_vae_is_plain_diffusers_safetensors_in_a_fresh_process() -> None:
