@@ -356,3 +356,29 @@ def test_sample_previews_name_their_prompt(tmp_path):
     data = {"title": "t", "samples": {"teacher": {1: _moving_square((220, 40, 40))}}, "sample_prompts": [prompt]}
     page = _parse(build_report(data, tmp_path / "r.html"))
     assert prompt in "".join(page.text)
+
+
+def test_previews_of_several_prompts_are_tiled_left_to_right(tmp_path):
+    """Three prompts' samples in one cell: the GIF is the three videos side by side (each the clip scaled 64/24 ->
+    3x, so six NFE columns fit the page; one prompt keeps 96 px, 4x), in the listed order, and the prompts are
+    listed."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    colours = [(220, 40, 40), (40, 190, 60), (45, 80, 230)]
+    prompts = ["a red square moving right", "a green square moving right", "a blue square moving right"]
+    for videos, scale in (([_moving_square(c) for c in colours], 3), (_moving_square(colours[0]), 4)):
+        data = {"title": "t", "samples": {"teacher": {1: videos}}, "sample_prompts": prompts if scale == 3 else prompts[:1]}
+        parser = _Collector()
+        parser.feed(build_report(data, tmp_path / f"r{scale}.html").read_text(encoding="utf-8"))
+        (gif,) = [i["src"] for i in parser.imgs if i["src"].startswith("data:image/gif")]
+        im = Image.open(io.BytesIO(base64.b64decode(gif.split(",", 1)[1]))).convert("RGB")
+        n = len(videos) if isinstance(videos, list) else 1
+        assert im.size == (n * 24 * scale, 24 * scale), im.size
+        first = np.asarray(im)  # frame 0: the square at rows 8..15, columns 2..9 of each tile
+        for k in range(n):
+            assert tuple(first[12 * scale, (k * 24 + 5) * scale]) == colours[k], k
+        if n > 1:
+            assert all(p in "".join(parser.text) for p in prompts)

@@ -316,7 +316,8 @@ def _samples_section(samples: Mapping[str, Mapping[Any, Any]], prompts: Sequence
     for model, by_nfe in samples.items():
         by_int = {int(n): v for n, v in by_nfe.items()}
         alt = f" — {'; '.join(map(str, prompts))}" if prompts else ""
-        cells = [_img(_gif(by_int[n]), f"{model} NFE {n}{alt}") if n in by_int else "" for n in nfes]
+        side = 64 if len(prompts) > 1 else 96  # several prompts tiled in a cell: six NFE columns still fit the page
+        cells = [_img(_gif(by_int[n], min_side=side), f"{model} NFE {n}{alt}") if n in by_int else "" for n in nfes]
         rows.append(
             f'<tr><td class="l">{html.escape(model)}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         )
