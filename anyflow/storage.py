@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -653,19 +653,23 @@ def _remote_artifact(url: str, cache_dir: str | os.PathLike | None) -> tuple[dic
 
 
 def fetch(url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, recheck: bool = False,
-          files: Sequence[str] | None = None) -> Path:
+          files: Sequence[str] | Callable[[Mapping[str, dict]], Sequence[str]] | None = None) -> Path:
     """A verified local directory holding the artifact (local URLs are verified in place).
 
     Every downloaded file is hash-checked before it enters the cache; a complete cache entry is then
     trusted on its sizes, unless ``recheck`` re-hashes it (repairing any file that changed). ``files``: download
-    only these listed files (a name the manifest does not list is an ArtifactError); the folder then holds them
-    and the manifest, and :func:`listed_file` refuses the others as missing.
+    only these listed files (a name the manifest does not list is an ArtifactError), or those a function of the
+    manifest's ``files`` picks (one manifest read for a reader that chooses by what is listed); the folder then
+    holds them and the manifest, and :func:`listed_file` refuses the others as missing.
     """
     u = str(url)
     if not is_remote(u):
-        _unlisted(u, verify(u), files)
+        manifest = verify(u)
+        _unlisted(u, manifest, files(manifest["files"]) if callable(files) else files)
         return local_path(u)
     manifest, target, raw = _remote_artifact(u, cache_dir)
+    if callable(files):
+        files = list(files(manifest["files"]))
     _unlisted(u, manifest, files)
     wanted = manifest["files"] if files is None else {rel: manifest["files"][rel] for rel in files}
     done = target / ".anyflow-complete"

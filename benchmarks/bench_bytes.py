@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import re
 import sys
@@ -157,11 +158,12 @@ def _under(url: str, prefix: str) -> bool:
     return url == prefix or url.startswith(prefix.rstrip("/") + "/")
 
 
-def used_bytes(stage: str, inputs: dict[str, str]) -> int:
-    """Bytes of the input files ``stage`` uses (module docstring), read from the inputs' manifests."""
+def used_bytes(stage: str, inputs: dict[str, str]) -> tuple[int, int]:
+    """Bytes of the input files ``stage`` uses (module docstring), read from the inputs' manifests: (with their
+    manifests, without)."""
     from anyflow import storage
 
-    total = 0
+    total = manifests = 0
     for role, url in inputs.items():
         manifest_bytes = len(storage.read_bytes(storage.join(url, "manifest.json")))
         files = storage.read_manifest(url)["files"]
@@ -169,25 +171,35 @@ def used_bytes(stage: str, inputs: dict[str, str]) -> int:
         if use == "none":
             continue  # not read at all: its manifest only serves the cache key
         total += manifest_bytes
+        manifests += manifest_bytes
         if use == "all":
             total += sum(e["size"] for e in files.values())
             continue
-        import json
-
         adapters, log = use
         meta = json.loads(storage.fetch_file(url, "model.json").read_bytes())
         names = ["model.json", *(meta["adapters"][a]["file"] for a in adapters)] + (
             ["log.jsonl"] if log else []
         )
         total += sum(files[n]["size"] for n in names if n in files)
-    return total
+    return total, total - manifests
 
 
-def output_bytes(url: str) -> int:
+def output_bytes(url: str) -> tuple[int, int]:
+    """Bytes of the output artifact: (its files and manifest, its files)."""
     from anyflow import storage
 
     raw = storage.read_bytes(storage.join(url, "manifest.json"))
-    return len(raw) + sum(e["size"] for e in storage.read_manifest(url)["files"].values())
+    files = sum(e["size"] for e in storage.read_manifest(url)["files"].values())
+    return len(raw) + files, files
+
+
+META_OPS = {"ListObjectsV2", "DeleteObjects", "HeadObject", "HeadBucket"}
+
+
+def is_meta(row: dict[str, Any]) -> bool:
+    """A manifest read or write, a listing, a HEAD or a delete: per-artifact bookkeeping whose bytes do not grow
+    with the model (the "files only" ratio leaves them out)."""
+    return row["op"] in META_OPS or row["url"].endswith("/manifest.json")
 
 
 class _HTML:
@@ -241,6 +253,7 @@ def run(store: str, overrides: dict[str, Any], counter: ByteCounter, work: Path)
         key = res.uri.rstrip("/").rsplit("/", 1)[1]
         ckpt = storage.join(store, "checkpoints", stage, key)
         moved: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [written, read]
+        file_bytes = 0  # input, output and other bytes of file bodies (no bookkeeping: is_meta)
         published: set[str] = set()
         for row in counter.rows[first:]:
             u = row["url"]
@@ -257,6 +270,8 @@ def run(store: str, overrides: dict[str, Any], counter: ByteCounter, work: Path)
                 cls = "other"
             moved[cls][0] += row["sent"]
             moved[cls][1] += row["received"]
+            if cls != "checkpoint" and not is_meta(row):
+                file_bytes += row["sent"] + row["received"]
         section = {
             "train_teacher": "teacher",
             "train_flowmap": "flowmap",
@@ -272,6 +287,7 @@ def run(store: str, overrides: dict[str, Any], counter: ByteCounter, work: Path)
                 "moved": dict(moved),
                 "used_inputs": used_bytes(stage, inputs),
                 "output": output_bytes(res.uri),
+                "file_bytes": file_bytes,
                 "checkpoints": sorted(published),
                 "cadence": f"every {tr.checkpoint_every} of {tr.steps} steps" if tr else "-",
                 "left": len(left),
@@ -289,18 +305,20 @@ def report(rows: list[dict[str, Any]], where: str, s3fs_calls: int) -> None:
     print(f"\nbytes through the storage layer per stage, tiny preset, {where} (KiB; read = S3 -> process)")
     head = (
         f"{'stage':<14}{'in read':>9}{'in written':>11}{'out written':>12}{'out read':>9}{'other':>7}"
-        f"{'used in':>9}{'output':>8}{'moved/(in+out)':>16}{'ckpt written':>13}{'ckpt read':>10}"
+        f"{'used in':>9}{'output':>8}{'moved/(in+out)':>16}{'files only':>11}{'ckpt written':>13}{'ckpt read':>10}"
         f"{'ckpts':>6}  cadence, left after run"
     )
     print(head)
     for r in rows:
         m = r["moved"]
         inp, outp, oth, ck = (m.get(k, [0, 0]) for k in ("input", "output", "other", "checkpoint"))
-        denom = r["used_inputs"] + r["output"]
+        denom = r["used_inputs"][0] + r["output"][0]
         ratio = (sum(inp) + sum(outp) + sum(oth)) / denom if denom else float("nan")
+        files = r["used_inputs"][1] + r["output"][1]
+        files_ratio = r["file_bytes"] / files if files else float("nan")
         print(
             f"{r['stage']:<14}{_kb(inp[1]):>9}{_kb(inp[0]):>11}{_kb(outp[0]):>12}{_kb(outp[1]):>9}"
-            f"{_kb(sum(oth)):>7}{_kb(r['used_inputs']):>9}{_kb(r['output']):>8}{ratio:>16.2f}"
+            f"{_kb(sum(oth)):>7}{_kb(r['used_inputs'][0]):>9}{_kb(r['output'][0]):>8}{ratio:>16.2f}{files_ratio:>11.2f}"
             f"{_kb(ck[0]):>13}{_kb(ck[1]):>10}{len(r['checkpoints']):>6}  {r['cadence']}, "
             f"{r['left']} checkpoint files left"
         )

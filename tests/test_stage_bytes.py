@@ -115,12 +115,14 @@ def test_a_checkpoint_input_fetches_only_the_files_read(
     ck = read_checkpoint(url, get_preset("tiny"), role="generator", need=("generator",))
     got = sorted({p.rsplit("/", 1)[1] for p in _gets(proxied, "/ck/")})
     assert got == ["generator.safetensors", "manifest.json", "model.json"], got  # no critic, log or config
+    assert len(_gets(proxied, "/ck/manifest.json")) == 1  # one manifest read for the whole checkpoint
     assert torch.equal(ck.adapters["generator"]["w"], tensors["generator"]["w"]) and ck.log_path is None
     proxied.clear()  # evaluate also reads the loss log (log=True)
     monkeypatch.setenv("ANYFLOW_CACHE_DIR", str(tmp_path / "cache2"))
     ck = read_checkpoint(url, get_preset("tiny"), role="generator", need=("generator",), log=True)
     got = sorted({p.rsplit("/", 1)[1] for p in _gets(proxied, "/ck/")})
     assert got == ["generator.safetensors", "log.jsonl", "manifest.json", "model.json"], got
+    assert len(_gets(proxied, "/ck/manifest.json")) == 1
     assert ck.log_path is not None and json.loads(ck.log_path.read_text())["loss"] == 0.5
 
 

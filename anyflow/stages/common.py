@@ -126,7 +126,7 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
     Only the files read are fetched from a remote store: ``model.json``, the adapters named in ``need`` and, with
     ``log``, ``log.jsonl`` (``log_path``; None without ``log`` or when the artifact has none) -- never the other
     adapters (a distill artifact's critic), the config or the log a caller does not read."""
-    def fetch(files: list[str]) -> Path:
+    def fetch(files: Any) -> Path:
         try:
             return storage.fetch(url, cache_dir=cache_dir(preset), files=files)
         except storage.ArtifactError as exc:
@@ -139,7 +139,13 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
                                       f"pass a train_teacher/train_flowmap/distill/finetune output.") from None
             raise StageInputError(f"{role} input: {exc}") from exc
 
-    local = fetch([MODEL_JSON])
+    def first(listed: Mapping[str, dict]) -> list[str]:
+        """model.json and, if listed, the files write_checkpoint names for ``need`` (one manifest read in all
+        when model.json names them, as it always does unless written by hand)."""
+        usual = [f"adapters/{name}.safetensors" for name in need] + (["log.jsonl"] if log else [])
+        return [MODEL_JSON, *(f for f in usual if f in listed)]
+
+    local = fetch(first)
     listed = storage.read_manifest(local)["files"]  # the fetched copy
     try:  # files of a fetched artifact are opened through its manifest (storage.listed_file), never by bare path
         meta = json.loads(storage.listed_file(local, MODEL_JSON).read_text())
@@ -165,12 +171,11 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
                 f"{role} input {url} holds adapters {sorted(meta['adapters'])}, not {name!r} (kind {meta.get('kind')})"
             )
     wanted = [meta["adapters"][name]["file"] for name in need] + (["log.jsonl"] if log and "log.jsonl" in listed else [])
-    if storage.is_remote(url):  # a local artifact was verified whole, in place, by the first fetch
-        for file in wanted:
-            if file not in listed:  # named by model.json: listed_file below says which, and why it is refused
-                wanted = [f for f in wanted if f in listed]
-                break
-        local = fetch(wanted)
+    # a local artifact was verified whole, in place, by the first fetch; a remote one may need files model.json
+    # names elsewhere (listed_file below refuses an unlisted name, saying why)
+    missing = [f for f in wanted if f in listed and not (local / f).is_file()]
+    if storage.is_remote(url) and missing:
+        local = fetch(missing)
     adapters = {}
     for name in need:
         try:
