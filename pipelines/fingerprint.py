@@ -38,6 +38,10 @@ def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: s
     has one), and the ``prepare_data`` task after the loop merges them (every partition is then a cache hit: no
     model is loaded). With ``data.partition_size`` 0 or no store the list is empty: no pod runs in the loop and
     ``prepare_data`` encodes the source itself, after the same one fingerprint task as without partitions.
+
+    The merge therefore keeps the ``prepare_data`` profile: a CPU merge task beside a GPU encode task, picked at
+    run time, needs ``dsl.If``/``dsl.Else`` and a ``dsl.OneOf`` of their ``dataset`` artifacts, which KFP 2.17.3's
+    local runner cannot resolve (tests/test_kfp_local_oneof.py; docs/interfaces.md "Fan-out on KFP").
     """
     from kfp import dsl
 
