@@ -165,3 +165,27 @@ def test_the_evaluate_report_is_written_once_and_not_read_back(
     html = types.SimpleNamespace(path=str(tmp_path / "kfp" / "report.html"))
     copy_report(html, res.report, res.uri, res.report_bytes)
     assert Path(html.path).read_text() == page
+
+
+def test_the_benchmark_counter_counts_request_and_response_bodies(
+    s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/bench_bytes.py's counter against sizes known here: a 1000-byte PUT and its GET, classed by key."""
+    from anyflow import _storage_s3
+    from benchmarks.bench_bytes import ByteCounter, install
+
+    monkeypatch.setattr(
+        _storage_s3, "client", _storage_s3.client
+    )  # install() replaces both: put them back after
+    monkeypatch.setattr(storage, "fs_and_path", storage.fs_and_path)
+    counter = ByteCounter()
+    install(counter)
+    url = storage.join(s3_prefix, "a", "blob.bin")
+    storage.write_bytes(url, bytes(1000))
+    assert storage.read_bytes(url) == bytes(1000)
+    storage.delete([url])
+    rows = [(r["op"], r["url"], r["sent"], r["received"]) for r in counter.rows]
+    assert ("PutObject", url, 1000, 0) in rows and ("GetObject", url, 0, 1000) in rows, rows
+    assert [r[1] for r in rows if r[0] == "DeleteObjects"] == [
+        url
+    ]  # a delete is classed by the key it deletes
