@@ -378,23 +378,26 @@ def train_resumable(
     out_dir: Path,
     ckpt_url: str | None,
     progress: bool,
+    final_checkpoint: bool = False,
 ) -> Any:
     """Run the loop with preemption-safe checkpoints under ``ckpt_url`` (deterministic per stage inputs).
 
     Each save is published to a new ``step-XXXXXXXX`` folder (manifest last) and older folders are
     deleted only after it is complete, so a kill during an upload leaves the previous checkpoint valid.
     A rerun resumes from the newest folder whose manifest verifies. No checkpoint is written after the final
-    step (the stage publishes its artifact instead), and :func:`anyflow.stages.run_stage` deletes the stage's
-    checkpoints once the artifact is published. The local copies (the newest state, the
+    step (the stage publishes its artifact instead; ``final_checkpoint=True`` writes one, as a run preempted
+    right after its last step would leave: the multi-process resume tests stop a run that way), and
+    :func:`anyflow.stages.run_stage` deletes the stage's checkpoints once the artifact is published. The local copies (the newest state, the
     resume download) live in a locked run folder under the stage's own work folder (:func:`_run_folder`), so a
     killed run's copy is removed by the next run instead of filling the temp dir.
     """
     with _run_folder(getattr(method, "name", "train")) as work:
-        return _train_in(method, tr, batches, work=work, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress)
+        return _train_in(method, tr, batches, work=work, out_dir=out_dir, ckpt_url=ckpt_url, progress=progress,
+                         final_checkpoint=final_checkpoint)
 
 
 def _train_in(method: Any, tr: TrainConfig, batches: Any, *, work: Path, out_dir: Path, ckpt_url: str | None,
-              progress: bool) -> Any:
+              progress: bool, final_checkpoint: bool = False) -> Any:
     from anyflow.train.loop import fit
 
     resume, resume_url = None, None
@@ -414,7 +417,7 @@ def _train_in(method: Any, tr: TrainConfig, batches: Any, *, work: Path, out_dir
                 _remove_checkpoint(old)
             return url
     result = fit(method, tr, batches, work_dir=work, checkpoint_sync=sync, resume_from=resume,
-                 resume_label=resume_url, progress=progress, final_checkpoint=False)
+                 resume_label=resume_url, progress=progress, final_checkpoint=final_checkpoint)
     log_src = work / "log.jsonl"
     if log_src.exists():
         shutil.copy(log_src, out_dir / "log.jsonl")

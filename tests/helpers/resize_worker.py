@@ -73,7 +73,8 @@ class Recording:
 batches = Recording(data)
 method = FlowMapMethod(models, dataclasses.replace(p.flowmap, train=tr), data.negative_embedding())
 (out / f"r{rank}").mkdir(parents=True, exist_ok=True)
-result = train_resumable(method, tr, batches, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False)
+result = train_resumable(method, tr, batches, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False,
+                         final_checkpoint=True)  # a shorter run stands for a preempted one
 torch.save(
     {
         "params": {k: v.detach().clone() for k, v in models.params("generator").items()},

@@ -30,7 +30,8 @@ models = AdapterModel(load_base("builtin:tiny").transformer, rank=4, alpha=4.0, 
 data = LatentDataset(dataset, batch_size=tr.batch_size, seed=tr.seed, rank=rank, world_size=world)
 method = FlowMapMethod(models, dataclasses.replace(p.flowmap, train=tr), data.negative_embedding())
 (out / f"r{rank}").mkdir(parents=True, exist_ok=True)
-result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False)
+result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False,
+                         final_checkpoint=True)  # a shorter run stands for a preempted one
 torch.save(
     {
         "params": {k: v.detach().clone() for k, v in models.params("generator").items()},

@@ -68,7 +68,8 @@ def _spied(clip_and_step):
 
 TrainContext.clip_and_step = _spied(TrainContext.clip_and_step)
 (out / f"r{rank}").mkdir(parents=True, exist_ok=True)
-result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False)
+result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False,
+                         final_checkpoint=True)  # a shorter run stands for a preempted one
 torch.save(
     {
         "params": {f"{g}/{k}": v.detach().clone() for g in ("generator", "critic") for k, v in models.params(g).items()},
