@@ -12,11 +12,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from anyflow.config import apply_overrides, get_preset, validate
 from anyflow.data.procedural import measure_attributes
 from anyflow.data.sources import open_source, parse_procedural
 from anyflow.data.video import VideoSpec
+from anyflow.models.tiny import DEMO_WAN_DIR, build_tiny_wan, load_demo_wan
 
 
 def test_demo_preset_validates_and_is_listed() -> None:
@@ -24,7 +26,7 @@ def test_demo_preset_validates_and_is_listed() -> None:
 
     cfg = apply_overrides(get_preset("demo"), {})
     validate(cfg)
-    assert cfg.name == "demo" and cfg.variant == "bidirectional" and cfg.model.base == "builtin:tiny"
+    assert cfg.name == "demo" and cfg.variant == "bidirectional" and cfg.model.base == "builtin:demo"
     assert parse_procedural(cfg.data.source) == {"n": 512, "seed": 0, "simple": 1}
     # more training than tiny in every stage, on the same model
     tiny = get_preset("tiny")
@@ -74,6 +76,31 @@ def test_demo_models_build_and_evaluate_prompts_use_its_class_set() -> None:
 
     cfg = get_preset("demo")
     base = common.load_models(cfg)
+    # builtin:demo is the tiny architecture with the shipped pretrained weights, which (unlike the random tiny
+    # base) tell prompts apart: the velocity for a red and a blue square on the same noise differs by far more
+    shipped = load_file(str(DEMO_WAN_DIR / "diffusion_pytorch_model.safetensors"))
+    wan = load_demo_wan()
+    assert wan.state_dict().keys() == shipped.keys() and all(
+        torch.equal(wan.state_dict()[k], shipped[k]) for k in shipped
+    )
+    prompts = [
+        "a red square moving left on a black background",
+        "a blue square moving left on a black background",
+    ]
+    c = base.text.encode(prompts)
+    z = torch.randn((1, *base.vae.latent_shape(9, 32, 32)), generator=torch.Generator().manual_seed(0))
+    z = z.permute(0, 2, 1, 3, 4).repeat(
+        2, 1, 1, 1, 1
+    )  # the Wan transformer's (B, C, F, h, w), same noise twice
+
+    def gap(transformer) -> float:
+        with torch.no_grad():
+            u = transformer(
+                hidden_states=z, timestep=torch.full((2,), 800.0), encoder_hidden_states=c, return_dict=False
+            )[0]
+        return float((u[0] - u[1]).norm() / u[0].norm())
+
+    assert gap(wan) > 10 * gap(build_tiny_wan(0)), (gap(wan), gap(build_tiny_wan(0)))
     models = common.adapter_model(cfg, base.transformer)
     models.add("teacher", "teacher")
     ranks = {
@@ -81,7 +108,7 @@ def test_demo_models_build_and_evaluate_prompts_use_its_class_set() -> None:
     }
     assert ranks and all(r[0] == 16 for r in ranks), ranks
     prompts, attributes, heldout = _prompts(cfg, base, {})
-    assert len(prompts) == len(attributes) == 12 and heldout.shape[0] == 12
+    assert len(prompts) == len(attributes) == 24 and heldout.shape[0] == 24
     assert all(
         a["colour"] in ("red", "green", "blue") and a["motion"] in ("left", "right", "static")
         for a in attributes

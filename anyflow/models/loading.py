@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from diffusers import AnyFlowTransformer3DModel
 
 BUILTIN_TINY = "builtin:tiny"
+#: ``builtin:tiny`` with its transformer pretrained on procedural clips (the ``demo`` preset's base;
+#: scripts/pretrain_demo_base.py): the same architecture, VAE and text encoder.
+BUILTIN_DEMO = "builtin:demo"
 _REQUIRED = ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
 
 
@@ -74,7 +77,8 @@ def load_base(
     """Load a base model and convert its transformer to AnyFlow (docs/method.md §2.2).
 
     Args:
-        spec: ``"builtin:tiny"`` (built in code from seed 0, no files), a local diffusers Wan2.1
+        spec: ``"builtin:tiny"`` (built in code from seed 0, no files), ``"builtin:demo"`` (the same with the
+            pretrained transformer shipped in the package, :func:`anyflow.models.tiny.load_demo_wan`), a local diffusers Wan2.1
             directory, or a URL (``s3://…``) of one, mirrored once into ``cache_dir`` by
             ``anyflow.storage.mirror``.
         cache_dir: local cache for URLs (``None``: the storage layer's default).
@@ -92,15 +96,15 @@ def load_base(
     from anyflow.models.convert import wan_to_anyflow
 
     spec = str(spec)
-    if spec == BUILTIN_TINY:
-        from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_wan, load_tiny_vae
+    if spec in (BUILTIN_TINY, BUILTIN_DEMO):
+        from anyflow.models.tiny import build_tiny_text_encoder, build_tiny_wan, load_demo_wan, load_tiny_vae
 
-        wan = _cast_like_from_pretrained(build_tiny_wan(0), dtype)
+        wan = _cast_like_from_pretrained(build_tiny_wan(0) if spec == BUILTIN_TINY else load_demo_wan(), dtype)
         vae = _cast_like_from_pretrained(load_tiny_vae(), vae_dtype)  # trained: decodes the procedural shapes
         text = build_tiny_text_encoder(0).to(dtype=dtype)
     else:
         if spec.startswith("builtin:"):
-            raise ValueError(f"Unknown built-in base model {spec!r}; the only one is {BUILTIN_TINY!r}.")
+            raise ValueError(f"Unknown built-in base model {spec!r}; use {BUILTIN_TINY!r} or {BUILTIN_DEMO!r}.")
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
         from anyflow import storage

@@ -26,6 +26,9 @@ TINY_MAX_LENGTH = 16  # tokens per prompt
 #: The trained tiny VAE shipped with the package (a diffusers ``AutoencoderKLWan`` folder: config.json +
 #: diffusion_pytorch_model.safetensors), written by ``scripts/train_tiny_vae.py``.
 TINY_VAE_DIR = Path(__file__).resolve().parent / "assets" / "tiny_vae"
+#: The ``demo`` preset's base transformer (``builtin:demo``): the tiny transformer (seed 0) pretrained by
+#: ``scripts/pretrain_demo_base.py`` on procedural clips; diffusion_pytorch_model.safetensors (a state dict).
+DEMO_WAN_DIR = Path(__file__).resolve().parent / "assets" / "demo_wan"
 
 # Lowercase words the tiny tokenizer knows; anything else becomes <unk>.
 TINY_VOCAB_WORDS: tuple[str, ...] = (
@@ -87,6 +90,19 @@ def build_tiny_wan(seed: int = 0) -> WanTransformer3DModel:
 
     model = WanTransformer3DModel(**tiny_transformer_config())
     _redraw_parameters(model, seed)
+    return model.eval()
+
+
+def load_demo_wan() -> WanTransformer3DModel:
+    """The ``demo`` preset's pretrained tiny ``WanTransformer3DModel`` (fp32, eval mode), read from safetensors."""
+    from safetensors.torch import load_file
+
+    weights = DEMO_WAN_DIR / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{DEMO_WAN_DIR}: the packaged demo base is missing; reinstall anyflow or run "
+                                "scripts/pretrain_demo_base.py")
+    model = build_tiny_wan(0)
+    model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()
 
 
