@@ -7,7 +7,8 @@ dropped silently: ``prepare`` counts every skip by reason.
 
 Spec strings accepted by :func:`open_source`:
 
-* ``procedural:n=32,seed=0`` — the built-in moving-shapes generator (``anyflow.data.procedural``).
+* ``procedural:n=32,seed=0`` — the built-in moving-shapes generator (``anyflow.data.procedural``);
+  ``…,simple=1`` draws from its small class set (the ``demo`` preset).
 * ``path/or/s3://bucket/index.csv`` / ``.jsonl`` — an index with ``video`` and ``caption`` (JSONL may
   give ``captions``: a list, the first is used); relative ``video`` paths are relative to the index.
 * ``…/shard-000.tar`` or a folder/prefix holding only ``.tar`` files — webdataset shards: ``<key>.mp4``
