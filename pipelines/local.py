@@ -223,13 +223,55 @@ def _recorded_run_id(log: Path) -> str | None:
     return ids.pop() if ids else None
 
 
+#: The environment variable that sets the torch (OpenMP) threads of each component process.
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def local_env(cfg: Any) -> dict[str, str]:
+    """Environment for the component processes of a local run of preset ``cfg``: one torch thread per process
+    (``OMP_NUM_THREADS=1``) when the model is the built-in tiny one (``builtin:tiny``, ``builtin:demo``), unless
+    ``OMP_NUM_THREADS`` is set already (the user's choice wins); nothing otherwise.
+
+    The tiny model's ops are a few kilobytes each, so a second OpenMP thread only adds synchronisation (and
+    spin-waiting on a busy machine); the local runner runs one component at a time. Measured in
+    benchmarks/RESULTS.md ("anyflow run wall time"). Only the local runner gets it: a cluster pod is
+    configured by the compiled pipeline, which this does not change."""
+    from anyflow.models.loading import BUILTIN_DEMO, BUILTIN_TINY
+
+    if os.environ.get(THREADS_ENV) or cfg.model.base not in (BUILTIN_TINY, BUILTIN_DEMO):
+        return {}
+    return {THREADS_ENV: "1"}
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Any:
+    """Set ``env`` in ``os.environ`` (inherited by the component subprocesses) and restore it afterwards."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str, *,
-              verbose: bool = False) -> LocalRun:
+              verbose: bool = False, env: Mapping[str, str] | None = None) -> LocalRun:
     """Run ``pipeline_func(**params)`` locally and return the anyflow URIs of its outputs.
 
     The runner's full output goes to ``<workdir>/runs/<name>.log``; the terminal gets a progress view
     (:class:`ProgressLog`), or everything with ``verbose``. On a failure the log's tail is printed.
+    ``env``: environment variables the component processes run with (e.g. :func:`local_env`).
     """
+    with _environment(env or {}):
+        return _run_local(pipeline_func, params, workdir, name, verbose=verbose)
+
+
+def _run_local(pipeline_func: Any, params: Mapping[str, Any], workdir: str | Path, name: str, *,
+               verbose: bool) -> LocalRun:
     import tempfile
 
     from components._io import RECORD_LOG_ENV

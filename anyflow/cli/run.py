@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from anyflow.config import apply_overrides, get_preset
     from pipelines.anyflow_far import build_far_pipeline
     from pipelines.anyflow_t2v import build_t2v_pipeline
-    from pipelines.local import run_local, save_record
+    from pipelines.local import local_env, run_local, save_record
     from pipelines.platform import Platform
 
     overrides = _overrides(args)
@@ -74,8 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"anyflow run: {'anyflow-far' if far else 'anyflow-t2v'} preset={args.preset} store={store} "
           f"(KFP local runner, workdir {args.workdir})", flush=True)
     # no retries (the local runner honours set_retry and would back off for minutes), no cluster endpoint
+    # one torch thread per component process on the tiny model (pipelines.local.local_env)
     run = run_local(build(Platform.local_runner(), image=args.image), params, args.workdir, name,
-                    verbose=args.verbose)
+                    verbose=args.verbose, env=local_env(cfg))
     save_record(run, args.workdir, params)
     _print_run(run, store, args.workdir)
     if args.export:
@@ -230,7 +231,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         return _submit(args, func, _pipeline_params(args, func))
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
-    run = run_local(func, params, args.workdir, name, verbose=getattr(args, "verbose", False))
+    from anyflow.config import apply_overrides, get_preset
+    from pipelines.local import local_env
+
+    cfg = apply_overrides(get_preset(args.preset), _overrides(args))
+    run = run_local(func, params, args.workdir, name, verbose=getattr(args, "verbose", False), env=local_env(cfg))
     save_record(run, args.workdir, params)
     _print_run(run, store, args.workdir)
     return 0
