@@ -49,6 +49,9 @@ def build(name: str, platform: Platform | None = None, image: str | None = None)
     """The pipeline function called ``name`` (errors list the known names)."""
     if name not in PIPELINES:
         raise CompileError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}.")
+    from pipelines import _kfp_speed
+
+    _kfp_speed.install()  # pipelines/_kfp_speed.py: KFP's task setters read the source of every stack frame
     return PIPELINES[name](platform=platform, image=image)
 
 

@@ -140,6 +140,10 @@ class Platform:
         """Apply every platform setting of ``stage`` to a KFP ``PipelineTask``; returns the task."""
         from kfp import kubernetes
 
+        from pipelines import _kfp_speed
+
+        _kfp_speed.install()  # KFP's setters below otherwise read the source of every frame on the stack
+
         res = self.for_stage(stage)
         if res.gpus > 0:
             task.set_accelerator_type(res.gpu_resource).set_accelerator_limit(res.gpus)
