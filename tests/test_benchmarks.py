@@ -83,3 +83,35 @@ def test_analytic_adapter_bytes_are_what_adapter_model_keeps():
     a = bt.analytic_memory("tiny", rank=rank)
     assert a["shared_bytes"] - 2 * a["base"] == held
     assert a["copies_bytes"] - a["shared_bytes"] == 2 * 2 * a["base"]
+
+
+def test_quick_runner_prints_total_budget_and_load(tmp_path, monkeypatch, capsys):
+    """``anyflow bench --quick`` ends with the total of the per-benchmark seconds, the 3-minute budget it is sized
+    for and the load average (issue 18); each benchmark gets its quick argv. A stand-in module, no real benchmark."""
+    from anyflow import bench
+
+    (tmp_path / "fake_bench_mod.py").write_text(
+        "import time\nSEEN = []\ndef main(argv):\n    SEEN.append(list(argv))\n    time.sleep(0.2)\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(bench, "BENCHMARKS", {"fake": "fake_bench_mod"})
+    monkeypatch.setattr(bench, "QUICK_ARGS", {"fake": ["--rounds", "1"]})
+    assert bench.run_benchmarks([], quick=True) == 0
+    import fake_bench_mod
+
+    assert fake_bench_mod.SEEN == [["--rounds", "1"]]
+    lines = capsys.readouterr().out.splitlines()
+    fake = float(next(line for line in lines if line.startswith("fake ")).split()[1])
+    total = next(line for line in lines if line.startswith("total"))
+    assert fake >= 0.2 and float(total.split()[1]) == fake
+    assert "sized for 180 s on an idle 2-core machine" in total and "load average here" in total
+
+
+def test_quick_uses_one_torch_thread_where_a_benchmark_takes_threads():
+    """The quick smoke passes --threads 1 to every benchmark whose parser has --threads (bench_zero and bench_bytes
+    default to one thread; bench_dataprep sets one itself)."""
+    from anyflow import bench
+
+    for name in ("training", "sampling"):
+        argv = bench.benchmark_argv(name, quick=True, device=None, e2e=False)
+        assert argv[argv.index("--threads") + 1] == "1"
