@@ -425,11 +425,18 @@ def get_range(url: str, start: int, length: int) -> bytes:
         _count(len(data))
         return data
 
-    data = call(url, go)
+    def shorter(got: int) -> StorageError:
+        return StorageError(f"{url}: asked for bytes {start}-{start + length - 1} and got {got} bytes; the object is "
+                            f"shorter than the manifest says -- re-publish the artifact.")
+
+    try:
+        data = call(url, go)
+    except Exception as exc:  # 416 InvalidRange: the object ends before `start` (the whole range past its end)
+        if _code(exc) in ("InvalidRange", "416"):
+            raise shorter(0) from exc
+        raise
     if data is None or len(data) != length:
-        got = 0 if data is None else len(data)
-        raise StorageError(f"{url}: asked for bytes {start}-{start + length - 1} and got {got} bytes; the object is "
-                           f"shorter than the manifest says -- re-publish the artifact.")
+        raise shorter(0 if data is None else len(data))
     return data
 
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -774,12 +775,28 @@ def fetch_ranges(url: str | os.PathLike, relpath: str, ranges: Sequence[tuple[in
     if got != sha256:
         raise ArtifactError(f"{join(u, relpath)}: bytes {spans} have sha256 {got[:16]}…, but {sha256[:16]}… was "
                             f"recorded for them; the file is corrupt or was replaced.")
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
+    if cached is not None:  # best effort: the bytes are checked already; a full or broken cache only costs a GET
         tmp = cached.with_name(f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, cached)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            _warn_cache_once(str(cached.parent.parent), f"anyflow: cannot keep fetched rows in "
+                             f"{cached.parent.parent}: {exc}; reading on without the row cache.")
     return data
+
+
+_cache_warned: set[str] = set()
+
+
+def _warn_cache_once(root: str, message: str) -> None:
+    """One stderr line per cache folder (not one per row)."""
+    if root not in _cache_warned:
+        _cache_warned.add(root)
+        print(message, file=sys.stderr)
 
 
 def file_url(url: str | os.PathLike, relpath: str, *, manifest: dict | None = None) -> str:

@@ -240,3 +240,37 @@ def test_fetch_ranges_checks_the_digest_and_the_bounds(tmp_path: Path) -> None:
         storage.fetch_ranges(root, "blob.bin", [(10, 10), (500, 4)], hashlib.sha256(b"x").hexdigest())
     with pytest.raises(storage.ArtifactError, match=r"bytes 1020-1029 lie outside the file \(1024 bytes"):
         storage.fetch_ranges(root, "blob.bin", [(1020, 10)], digest)
+
+
+@pytest.mark.s3
+def test_an_object_shorter_than_its_index_is_a_dataset_error(s3_server, s3_prefix: str, tmp_path: Path) -> None:
+    """A shard replaced by its header alone: S3 answers the row's range with 416 InvalidRange, which must come
+    out as the loader's one-sentence error naming shard and row, not botocore's ClientError."""
+    root = _write(tmp_path / "ds")
+    storage.publish(root, s3_prefix, kind="dataset")
+    entry = json.loads((root / "index.json").read_text())["shards"][0]
+    raw = (root / shard_name(0)).read_bytes()
+    bucket, key = storage.file_url(s3_prefix, shard_name(0)).split("://", 1)[1].split("/", 1)
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=raw[: entry["header_bytes"]])
+    ds = LatentDataset(s3_prefix, batch_size=1, seed=0, shuffle=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(DatasetError, match=rf"{shard_name(0)}.*shorter than the manifest says"):
+        next(ds)
+
+
+@pytest.mark.s3
+def test_a_row_cache_that_cannot_be_written_does_not_stop_reading(s3_server, s3_prefix: str, tmp_path: Path,
+                                                                 capsys) -> None:
+    """The row cache is best effort (the rows are checked before it): a cache folder that is a file (as a full
+    disk or a read-only mount would) gives one warning and the same samples as a local read."""
+    root = _write(tmp_path / "ds")
+    storage.publish(root, s3_prefix, kind="dataset")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ranges").write_text("not a folder")
+    remote = LatentDataset(s3_prefix, batch_size=1, seed=0, shuffle=False, cache_dir=cache)
+    local = LatentDataset(str(root), batch_size=1, seed=0, shuffle=False)
+    for _ in range(PER_SHARD + 1):
+        a, b = next(remote), next(local)
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+    err = capsys.readouterr().err
+    assert err.count("cannot keep fetched rows") == 1, err

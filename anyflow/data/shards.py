@@ -419,7 +419,8 @@ class LatentDataset:
         if not self._whole_noted:
             self._whole_noted = True
             print(f"[anyflow] {self.url}: {INDEX} has no per-row digests (prepared by an older anyflow), so every rank "
-                  "fetches whole shard files; prepare the dataset again to fetch only the rows each rank reads",
+                  "fetches whole shard files; encode it again to fetch only the rows each rank reads (the same inputs "
+                  "are a cache hit: `anyflow rerun --stage prepare_data --force`)",
                   file=sys.stderr, flush=True)
         return False
 
