@@ -8,6 +8,8 @@ Nothing here touches the network; the one file read is the trained tiny VAE ship
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +46,29 @@ TINY_VOCAB_WORDS: tuple[str, ...] = (
     ",", ".",
 )
 TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in UMT5
+
+
+#: The shipped files each built-in base loads (besides what is built in code from a seed).
+BUILTIN_ASSETS: dict[str, tuple[Path, ...]] = {
+    "builtin:tiny": (TINY_VAE_DIR,),
+    "builtin:demo": (TINY_VAE_DIR, DEMO_WAN_DIR),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_assets_digest(spec: str) -> str | None:
+    """sha256 over the shipped files a built-in base loads (name and bytes of each, sorted), or ``None`` for a
+    spec that is not a built-in. Stage keys hold it (:func:`anyflow.stages.stage_key`): replacing the tiny VAE
+    or the demo transformer changes every key that used them, so a store never serves latents or checkpoints
+    made with other weights under the same key."""
+    if spec not in BUILTIN_ASSETS:
+        return None
+    h = hashlib.sha256()
+    for folder in BUILTIN_ASSETS[spec]:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            h.update(f"{folder.name}/{path.relative_to(folder).as_posix()}\0".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _redraw_parameters(module: nn.Module, seed: int) -> None:

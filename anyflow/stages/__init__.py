@@ -93,7 +93,11 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
     key holds ``grad_accum`` = W·A and no process count: 8 processes × A=1, 4 × 2 and 2 × 4 share one key, one
     artifact and one checkpoint folder (a stage preempted on 8 ranks resumes on 4 with ``grad_accum`` doubled).
     A stage without a ``train`` section keeps W in its key when W > 1. One process adds nothing, so
-    single-process keys do not depend on it."""
+    single-process keys do not depend on it.
+
+    A built-in base (``builtin:tiny``, ``builtin:demo``) adds the digest of the files it ships
+    (:func:`anyflow.models.tiny.builtin_assets_digest`): a new tiny VAE or demo transformer is a new key, never
+    a cache hit on latents or checkpoints made with the old one."""
     from anyflow import __version__
 
     config = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections if s != "far" or cfg.variant == "far"}
@@ -128,6 +132,13 @@ def cache_key(name: str, cfg: Any, sections: Sequence[str], input_digests: Mappi
                 folded = True
         if not folded:
             payload["world_size"] = int(world_size)
+    base = getattr(getattr(cfg, "model", None), "base", None)
+    if isinstance(base, str):  # a built-in base is shipped files, not a name: its bytes are part of the key
+        from anyflow.models.tiny import builtin_assets_digest
+
+        assets = builtin_assets_digest(base)
+        if assets:
+            payload["builtin_assets"] = assets
     if name == "evaluate" and getattr(getattr(cfg, "evaluate", None), "vbench", False):
         from anyflow.eval.vbench import vbench_environment
 
