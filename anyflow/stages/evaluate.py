@@ -356,7 +356,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
                     if cfg.model.base == "builtin:tiny" and cfg.name != "demo" else []
                 ),
                 *(
-                    ["demo preset: the tiny model and VAE trained for thousands of steps per stage on the small"
+                    ["demo preset: the tiny architecture on a pretrained base (builtin:demo, text-conditional flow"
+                     " matching, scripts/pretrain_demo_base.py), trained for thousands of steps per stage on the small"
                      " procedural class set (red, green or blue shapes moving left or right or still, on black);"
                      " adherence_colour / adherence_motion read the colour and motion off the decoded frames"
                      " (anyflow.data.procedural.measure_attributes): a prompt-blind model scores about 1/3 on each."]
