@@ -292,7 +292,8 @@ def publish(
     """Publish ``local_dir`` as an artifact at ``url`` and return its manifest (see module docstring).
 
     ``config`` (if given) becomes ``config.json``; otherwise ``local_dir/config.json`` is used, or ``{}``.
-    ``parents`` are artifact URLs recorded with their manifest sha256 (they must be valid artifacts).
+    ``parents`` are artifact URLs recorded with their manifest sha256, kind and :func:`content_digest`
+    (``{"uri", "manifest_sha256", "kind", "content_sha256"}``; they must be valid artifacts).
     """
     src, dst = local_path(local_dir), str(url)
     if not src.is_dir():
@@ -307,10 +308,13 @@ def publish(
 
 
 def _parent_ref(url: str | os.PathLike) -> dict:
-    """A parent's entry in a manifest: its URL, manifest sha256 and kind (one read of its manifest)."""
+    """A parent's entry in a manifest: its URL, manifest sha256 (integrity: :func:`lineage`'s ``ok``), kind and
+    content digest (:func:`content_digest`: "the same bytes?", e.g. the re-distillation teacher check), from one
+    read of its manifest."""
     raw = _manifest_bytes(url)
-    return {"uri": str(url), "manifest_sha256": hashlib.sha256(raw).hexdigest(),
-            "kind": _parse_manifest(url, raw)["kind"]}
+    m = _parse_manifest(url, raw)
+    return {"uri": str(url), "manifest_sha256": hashlib.sha256(raw).hexdigest(), "kind": m["kind"],
+            "content_sha256": _content_digest_of(m)}
 
 
 STAGING = ".anyflow-staging"
@@ -532,7 +536,11 @@ def content_digest(url: str | os.PathLike) -> str:
     version, metrics, an S3 file's staging ``object`` -- so the same content published again, at another time or
     by another writer, has the same digest. Stage cache keys use it (anyflow.stages.cache_key), so re-publishing
     identical content keeps every downstream key; a changed file (``config.json`` included) changes it."""
-    m = read_manifest(url)
+    return _content_digest_of(read_manifest(url))
+
+
+def _content_digest_of(m: dict) -> str:
+    """:func:`content_digest` of a parsed manifest."""
     doc = {"kind": m.get("kind"), "files": {r: [e["size"], e["sha256"]] for r, e in sorted(m["files"].items())}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -878,15 +886,17 @@ def mirror(url: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *
 def lineage(url: str | os.PathLike) -> list[dict]:
     """The artifact's manifest and its parents' chain, breadth-first.
 
-    Each item: ``{"uri", "depth", "manifest_sha256", "manifest", "recorded_sha256", "ok"}`` where
-    ``ok`` says whether the parent's current manifest hash equals the one its child recorded
+    Each item: ``{"uri", "depth", "manifest_sha256", "manifest", "recorded_sha256", "recorded_content_sha256",
+    "ok"}`` where ``ok`` says whether the parent's current manifest hash equals the one its child recorded
     (``None`` for the root); a parent that is gone has ``manifest = None`` and ``ok = False``.
+    ``recorded_content_sha256`` is the parent's :func:`content_digest` as its child recorded it (``None`` for the
+    root and for manifests published before parents carried it).
     """
     out: list[dict] = []
-    queue: list[tuple[str, int, str | None]] = [(str(url), 0, None)]
+    queue: list[tuple[str, int, str | None, str | None]] = [(str(url), 0, None, None)]
     seen: set[str] = set()
     while queue:
-        uri, depth, recorded = queue.pop(0)
+        uri, depth, recorded, recorded_content = queue.pop(0)
         if uri in seen:
             continue
         seen.add(uri)
@@ -899,9 +909,9 @@ def lineage(url: str | os.PathLike) -> list[dict]:
             m, digest = None, None
         ok = None if recorded is None else digest == recorded
         out.append({"uri": uri, "depth": depth, "manifest_sha256": digest, "manifest": m,
-                    "recorded_sha256": recorded, "ok": ok})
+                    "recorded_sha256": recorded, "recorded_content_sha256": recorded_content, "ok": ok})
         for p in (m or {}).get("parents", []):
-            queue.append((p["uri"], depth + 1, p.get("manifest_sha256")))
+            queue.append((p["uri"], depth + 1, p.get("manifest_sha256"), p.get("content_sha256")))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -56,7 +57,7 @@ def _alias_bytes(s3_server, store: str, name: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_three_runs_promote_reject_and_rollback(tiny_chain: dict, s3_server) -> None:
+def test_three_runs_promote_reject_and_rollback(tiny_chain: dict, s3_server, tmp_path: Path) -> None:
     store, name = _store(s3_server), "t2v"
     teacher, flowmap = tiny_chain["teacher"].uri, tiny_chain["flowmap"].uri
     cfg = RedistillConfig(name=name, overrides=EV)
@@ -128,11 +129,21 @@ def test_three_runs_promote_reject_and_rollback(tiny_chain: dict, s3_server) -> 
     r4 = redistill(store, "procedural:n=4,seed=0", teacher, flowmap=flowmap, cfg=cfg, run_id="run-4")
     assert r4["status"] == "skipped" and "0 new item" in r4["reason"]
     assert registry.promoted(store, name)["uri"] == r1["candidate"]["uri"]
-    # 6. a new teacher (another digest than the one in the live model's lineage) changes the warm start
+    # 6. the teacher's bytes published again (a forced rerun that reproduces them: another manifest sha256) is
+    #    the same teacher -- nothing new, so the run is skipped; other bytes (another content digest than the
+    #    one in the live model's lineage) change the warm start
+    same = f"{store}/teacher-republished"
+    storage.publish(storage.fetch(teacher), same, kind="teacher", parents=[teacher], metrics={"rerun": 1})
+    assert storage.manifest_digest(same) != storage.manifest_digest(teacher)
+    plan = plan_run(store, "procedural:n=4,seed=0", same, flowmap=flowmap, cfg=cfg, run_id="run-5a")
+    assert not plan["teacher_changed"] and plan["action"] == "skip", plan
     teacher2 = f"{store}/teacher-v2"
-    storage.publish(storage.fetch(teacher), teacher2, kind="teacher", parents=[teacher])
+    changed = tmp_path / "teacher-v2"
+    shutil.copytree(storage.fetch(teacher), changed, dirs_exist_ok=True)
+    (changed / "retrained.txt").write_text("other bytes")
+    storage.publish(changed, teacher2, kind="teacher", parents=[teacher])
     plan = plan_run(store, "procedural:n=4,seed=0", teacher2, flowmap=flowmap, cfg=cfg, run_id="run-5")
-    assert plan["teacher_changed"] and plan["live_teacher_digest"] == storage.manifest_digest(teacher)
+    assert plan["teacher_changed"] and plan["live_teacher_digest"] == storage.content_digest(teacher)
     assert plan["action"] == "run" and plan["distill_inputs"]["flowmap"] == flowmap
     assert "critic" not in plan["distill_inputs"] and plan["distill_inputs"]["teacher"] == teacher2
     assert plan["window"]["new"] == 0 and plan["window"]["replay"] == 4  # nothing new: retrain on a replay

@@ -101,7 +101,8 @@ def test_round_trip_through_s3_readable_by_plain_boto3(s3_server, s3_prefix: str
     cfg_key = f"{key}/{m['files']['config.json']['object']}"
     assert json.loads(client.get_object(Bucket=bucket, Key=cfg_key)["Body"].read()) == {"lr": 1e-4}
     assert m["kind"] == "teacher" and m["metrics"] == {"loss": 0.5} and m["extra"] == {"step": 2}
-    assert m["parents"] == [{"uri": parent, "manifest_sha256": storage.manifest_digest(parent), "kind": "base"}]
+    assert m["parents"] == [{"uri": parent, "manifest_sha256": storage.manifest_digest(parent), "kind": "base",
+                             "content_sha256": storage.content_digest(parent)}]
     assert m["code_version"]["anyflow"] and m["schema_version"] == 1
 
     local = storage.fetch(url, cache_dir=tmp_path / "cache")

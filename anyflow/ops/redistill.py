@@ -6,8 +6,9 @@ per task, :func:`redistill` runs them in-process):
 1. :func:`plan_run` — read the live alias of ``cfg.name``; plan the data window (new items since the
    window of the *live* model + a replay sample, :mod:`anyflow.ops.window`) and prepare only those
    items into a content-addressed dataset; decide the warm start. **Teacher changed** = the teacher
-   artifact's manifest sha256 differs from the teacher digest recorded in the live generator's
-   manifest lineage (its nearest ancestor of kind ``teacher``). Unchanged teacher: the distill
+   artifact's content digest (``storage.content_digest``: its files, not when it was published) differs
+   from the teacher's recorded in the live generator's manifest lineage (its nearest ancestor of kind
+   ``teacher``). Unchanged teacher: the distill
    stage's ``flowmap`` (generator init) and ``critic`` inputs are the live artifact. Changed teacher
    (``on_teacher_change="flowmap"``, default): generator init from ``flowmap``, critic re-initialised
    from the new teacher; ``"generator"``: generator from the live model, critic from the new teacher.
@@ -100,10 +101,17 @@ class RedistillConfig:
 
 
 def _teacher_digest_of(uri: str) -> str | None:
-    """The teacher digest recorded in ``uri``'s lineage (nearest ancestor of kind ``teacher``)."""
+    """The content digest (``storage.content_digest``) of the teacher in ``uri``'s lineage (nearest ancestor of
+    kind ``teacher``) as it was when ``uri``'s chain recorded it: "were the live model's teacher weights these
+    bytes?", so a teacher published again with identical files (``anyflow rerun --force``) is the same teacher.
+    A manifest from before parents carried their content digest gives the teacher's current content digest if
+    its manifest is still the recorded one, else ``None`` (counted as changed)."""
     for item in storage.lineage(uri)[1:]:
-        if (item.get("manifest") or {}).get("kind") == "teacher":
-            return item.get("recorded_sha256")
+        manifest = item.get("manifest") or {}
+        if manifest.get("kind") == "teacher":
+            if item.get("recorded_content_sha256"):
+                return item["recorded_content_sha256"]
+            return storage.content_digest(item["uri"]) if item.get("ok") else None
     return None
 
 
@@ -182,7 +190,7 @@ def plan_run(store: str, source: str, teacher: str, *, flowmap: str | None = Non
     run_id = run_id or f"{R.now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:6]}"
     name, rdir = cfg.name, R.run_dir(store, cfg.name, run_id)
     live = registry.promoted(store, name)
-    teacher_digest = storage.manifest_digest(teacher)
+    teacher_digest = storage.content_digest(teacher)  # the same weights? (not the same publication)
     previous, live_teacher = None, None
     if live is not None:
         doc = R.read_json_or_none(R.model_record_url(store, name, live["manifest_sha256"]))

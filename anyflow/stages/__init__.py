@@ -171,6 +171,8 @@ def run_stage(
         if not store:
             raise ValueError("run_stage needs either store (content-addressed output) or out")
         out = storage.join(store, "artifacts", name, key)
+    if force and store:  # publishing over the promoted model's files would change what users are served
+        refuse_if_promoted(store, out)
     t0 = time.perf_counter()
     manifest = None if force else _cached_manifest(out, key)
     if manifest is not None:
@@ -219,15 +221,41 @@ def discard(name: str, *, preset: str = "tiny", overrides: Mapping[str, Any] | N
     Nothing downstream is served stale afterwards: a stage's key holds its inputs' content digests
     (:func:`cache_key`), so a recomputed artifact whose bytes differ gives every stage run on it a new key (one
     with the same bytes keeps the key: what was computed from it still holds). The manifest goes first, so a reader never takes a half-removed artifact for
-    a cached one."""
+    a cached one.
+
+    Refused (:class:`~anyflow.config.StageInputError`, nothing removed) when the artifact is the one a model of
+    ``store``'s registry promotes (:func:`refuse_if_promoted`)."""
     from anyflow import storage
 
     _, _, _, key = _resolve(name, preset, overrides, inputs, world_size)
+    refuse_if_promoted(store, storage.join(store, "artifacts", name, key))
     removed = []
     for url in (storage.join(store, "artifacts", name, key), storage.join(store, "checkpoints", name, key)):
         if _remove_tree(url):
             removed.append(url)
     return removed
+
+
+def refuse_if_promoted(store: str, url: str) -> None:
+    """Raise :class:`~anyflow.config.StageInputError` if ``url`` is the artifact a model of ``store``'s registry
+    promotes (``<store>/models/<name>/promoted.json``, :mod:`anyflow.registry`): a forced recompute removes or
+    overwrites it in place, so the served model would lose its files before a new one exists (and keep none if
+    the recompute failed). The user moves the alias first, or recomputes into another store."""
+    from anyflow import registry, storage
+    from anyflow.config import StageInputError
+
+    def place(u: str) -> str:
+        return str(u).rstrip("/") if storage.is_remote(u) else str(storage.local_path(u).resolve())
+
+    target = place(url)
+    for model in registry.list_models(store):
+        live = registry.promoted(store, model)
+        if live and live.get("uri") and place(live["uri"]) == target:
+            raise StageInputError(
+                f"--force would delete {url}, the artifact promoted as model {model!r} "
+                f"({storage.join(store, 'models', model, 'promoted.json')}), leaving the served model without "
+                f"files; promote or roll back to another artifact first ('anyflow models promote|rollback "
+                f"{model}'), or rerun with --force into another --store.")
 
 
 def _remove_tree(url: str) -> bool:
@@ -410,7 +438,8 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=url_argument, help="output artifact URL (default: content-addressed under --store)")
     p.add_argument("--store", type=url_argument, help="artifact store URL (local folder or s3://bucket/prefix)")
     p.add_argument("--force", action="store_true",
-                   help="recompute even if a cached artifact exists, from step 0 (its training checkpoints are removed)")
+                   help="recompute even if a cached artifact exists, from step 0 (its training checkpoints are "
+                   "removed); refused if the artifact is a promoted model of --store's registry")
     p.add_argument("--strict", action="store_true",
                    help="prepare_data: a bad input clip (undecodable, too short, no caption) is fatal instead of skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
