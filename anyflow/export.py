@@ -77,31 +77,14 @@ def check_request(checkpoint: str, fmt: str, output: str, dtype: str = "float32"
 
 
 def checkpoint_preset(checkpoint: str) -> Any:
-    """Verify ``checkpoint``'s manifest (every file re-hashed) and return the preset it was trained with.
+    """Verify ``checkpoint``'s manifest (every file re-hashed) and return the preset it was trained with
+    (``anyflow.stages.common.trained_config(checkpoint, checkpoint=True)``, shared with ``anyflow sample``).
 
     A missing, corrupted or non-checkpoint artifact is a ``StageInputError`` naming the URL (exit 2).
     """
-    from anyflow import storage
-    from anyflow.config import ConfigError, from_dict
+    from anyflow.stages.common import trained_config
 
-    try:
-        storage.verify(checkpoint)
-        manifest = storage.read_manifest(checkpoint)
-    except (storage.ArtifactError, FileNotFoundError) as exc:
-        raise _bad(f"checkpoint {checkpoint} is refused: {exc}") from None
-    if "model.json" not in manifest.get("files", {}):
-        raise _bad(
-            f"checkpoint {checkpoint} is a {manifest.get('kind')!r} artifact, not a model checkpoint "
-            "(no model.json); export a train_flowmap, distill or finetune output."
-        )
-    try:
-        # on S3 a file lives under its publisher's object name, not at url/config.json (storage.file_url)
-        raw = storage.read_bytes(storage.file_url(checkpoint, "config.json", manifest=manifest))
-        return from_dict(json.loads(raw))
-    except (ConfigError, ValueError, FileNotFoundError, storage.ArtifactError) as exc:
-        raise _bad(
-            f"checkpoint {checkpoint}: its config.json is not a preset this version reads ({exc})."
-        ) from None
+    return trained_config(checkpoint, checkpoint=True)
 
 
 def _torch_dtype(dtype: str) -> Any:

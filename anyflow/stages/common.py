@@ -206,19 +206,34 @@ def _preset_hint(local: Any, preset: Preset) -> str:
     return f": pass --preset {trained} (the preset it was trained with)"
 
 
-def trained_config(url: str) -> Preset:
+def trained_config(url: str, *, checkpoint: bool = False) -> Preset:
     """The resolved config a checkpoint artifact was trained with (its ``config.json``, read through its manifest),
-    for commands that take a checkpoint without ``--preset``. One sentence naming the artifact when it holds none
-    this code can read."""
+    for commands that take a checkpoint without ``--preset`` (``anyflow sample``). One sentence naming the artifact
+    when it holds none this code can read.
+
+    ``checkpoint=True`` (``anyflow export``, which has no ``--preset``): every file is re-hashed first
+    (``storage.verify``), the artifact must be a model checkpoint (list ``model.json``), and the errors name the
+    checkpoint without a ``--preset`` hint."""
     from anyflow.config import from_dict
 
     try:  # not an artifact at all (missing, corrupt): say that, without a --preset hint that cannot help
+        if checkpoint:
+            storage.verify(url)
         manifest = storage.read_manifest(url)
-    except storage.ArtifactError as exc:
-        raise StageInputError(str(exc)) from None
-    try:
+    except (storage.ArtifactError, FileNotFoundError) as exc:
+        raise StageInputError(f"checkpoint {url} is refused: {exc}" if checkpoint else str(exc)) from None
+    if checkpoint and MODEL_JSON not in manifest.get("files", {}):
+        raise StageInputError(
+            f"checkpoint {url} is a {manifest.get('kind')!r} artifact, not a model checkpoint "
+            "(no model.json); export a train_flowmap, distill or finetune output.")
+    try:  # on S3 a file lives under its publisher's object name, not at url/config.json (storage.file_url)
         doc = json.loads(storage.read_bytes(storage.file_url(url, "config.json", manifest=manifest)))
-    except (storage.ArtifactError, OSError, ValueError) as exc:
+        if checkpoint:
+            return from_dict(doc)
+    except (storage.ArtifactError, OSError, ValueError, ConfigError) as exc:
+        if checkpoint:
+            raise StageInputError(f"checkpoint {url}: its config.json is not a preset this version reads ({exc}).") \
+                from None
         raise StageInputError(f"{url}: no readable config.json to take the preset from ({exc}); pass --preset") from None
     if not isinstance(doc, dict) or not doc:
         raise StageInputError(f"{url}: its config.json names no preset; pass --preset (e.g. --preset tiny)")
