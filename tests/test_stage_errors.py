@@ -109,7 +109,7 @@ def test_checkpoint_of_the_wrong_kind_is_refused(tiny_chain, tmp_path: Path) -> 
 
 
 def test_unknown_preset_names_the_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown preset 'wan2.1-t2v-7b'; valid presets: far-1.3b, far-14b, far-tiny, tiny, wan2.1-t2v-1.3b"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'wan2.1-t2v-7b'; valid presets: demo, far-1.3b, far-14b, far-tiny, tiny, wan2.1-t2v-1.3b"):
         run_stage("prepare_data", preset="wan2.1-t2v-7b", store=str(tmp_path), progress=False)
 
 

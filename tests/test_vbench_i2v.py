@@ -304,7 +304,10 @@ def test_evaluate_stage_vbench_i2v(far_ckpts: dict, tmp_path: Path, monkeypatch:
         assert sorted(p.name for p in videos.iterdir()) == sorted(vb.i2v_video_name(p, 0) for p in prompts)
         for i, prompt in enumerate(prompts):  # ... and is what the mp4 starts with (H.264 aside)
             written = iio.imread(videos / vb.i2v_video_name(prompt, 0))[0].astype(np.float64)
-            assert np.abs(written - _uint8(frame0[i])).mean() < 4.0, prompt
+            # H.264 loses a few levels on the tiny VAE's high-frequency halos; another prompt's frame is far off
+            assert np.abs(written - _uint8(frame0[i])).mean() < 6.0, prompt
+            other = next(j for j, q in enumerate(prompts) if q.split(", camera")[0] != prompt.split(", camera")[0])
+            assert np.abs(written - _uint8(frame0[other])).mean() > 3 * np.abs(written - _uint8(frame0[i])).mean()
         dims = entry["dimensions"]
         assert sorted(dims) == sorted(vb.I2V_DIMENSIONS)
         for d in vb.I2V_DIMENSIONS:
