@@ -205,7 +205,7 @@ def run_stage(
                 extra={"cache_key": key, "stage": name, "preset": preset, "inputs": inputs},
             )
             if ckpt_url:  # published: nothing resumes from the training checkpoints any more (a rerun is a cache hit)
-                _remove_tree(ckpt_url)
+                _drop_checkpoints(ckpt_url, out)
         else:  # torchrun: the trained state is the same on every rank; rank 0 (which has the log) publishes it
             manifest = {"metrics": metrics}
     return StageResult(name, out, metrics, False, time.perf_counter() - t0, _report(module, out, manifest),
@@ -256,6 +256,19 @@ def refuse_if_promoted(store: str, url: str) -> None:
                 f"({storage.join(store, 'models', model, 'promoted.json')}), leaving the served model without "
                 f"files; promote or roll back to another artifact first ('anyflow models promote|rollback "
                 f"{model}'), or rerun with --force into another --store.")
+
+
+def _drop_checkpoints(ckpt_url: str, out: str) -> None:
+    """Best effort after a publish: the artifact is complete, so failing the stage here (S3 gave up, a delete was
+    denied) would only make a finished stage look failed. A warning names what is left to delete."""
+    from anyflow import storage
+
+    try:
+        _remove_tree(ckpt_url)
+    except (storage.StorageError, OSError) as exc:
+        print(f"[anyflow] published {out}, but could not delete its training checkpoints at {ckpt_url} ({exc}); "
+              "nothing reads them any more: delete that prefix when the store is reachable", file=sys.stderr,
+              flush=True)
 
 
 def _remove_tree(url: str) -> bool:
