@@ -343,35 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    server = None
-    if args.endpoint is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from s3server import FAKE_ENV, MotoServer
+    from benchmarks._s3 import s3_endpoint
 
-        server = MotoServer().start()
-        os.environ.update(FAKE_ENV)
-        endpoint = server.endpoint
-    else:
-        endpoint = args.endpoint
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
     counter = ByteCounter()
-    with tempfile.TemporaryDirectory(prefix="anyflow-bench-bytes-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="anyflow-bench-bytes-") as tmp, \
+            s3_endpoint(args.endpoint, args.bucket) as where:
         os.environ["ANYFLOW_WORK_DIR"] = str(Path(tmp) / "work")
-        try:
-            from anyflow import _storage_s3
-
-            install(counter)
-            client = _storage_s3.client()
-            try:
-                client.head_bucket(Bucket=args.bucket)
-            except Exception:
-                client.create_bucket(Bucket=args.bucket)
-            store = f"s3://{args.bucket}/bench-bytes-{uuid.uuid4().hex[:8]}"
-            rows = run(store, QUICK if args.quick else {}, counter, Path(tmp))
-        finally:
-            if server is not None:
-                server.stop()
-    where = f"moto server on loopback, {endpoint}" if server is not None else f"endpoint {endpoint}"
+        install(counter)
+        store = f"s3://{args.bucket}/bench-bytes-{uuid.uuid4().hex[:8]}"
+        rows = run(store, QUICK if args.quick else {}, counter, Path(tmp))
     report(
         rows,
         where + ("; --quick step counts" if args.quick else "; the preset's step counts"),

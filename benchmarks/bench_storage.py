@@ -26,14 +26,11 @@ import hashlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_upload(path: Path, url: str) -> None:
@@ -138,31 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mb < 1 or args.rounds < 1:
         ap.error(f"--size-mb and --rounds must be at least 1, got {args.size_mb} and {args.rounds}")
 
-    server = None
-    if args.endpoint is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from s3server import FAKE_ENV, MotoServer
+    from benchmarks._s3 import s3_endpoint
 
-        server = MotoServer().start()
-        os.environ.update(FAKE_ENV)
-        endpoint = server.endpoint
-    else:
-        endpoint = args.endpoint
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    try:
-        from anyflow import _storage_s3
-
-        client = _storage_s3.client()
-        try:
-            client.head_bucket(Bucket=args.bucket)
-        except Exception:
-            client.create_bucket(Bucket=args.bucket)
+    with s3_endpoint(args.endpoint, args.bucket) as where:
         times = run(args.size_mb, args.bucket, args.rounds)
-    finally:
-        if server is not None:
-            server.stop()
+    from anyflow import _storage_s3
+
     threshold = _storage_s3.transfer_config().multipart_threshold / 2**20
-    where = f"moto server on loopback, {endpoint}" if server is not None else f"endpoint {endpoint}"
     print(
         f"\n{args.size_mb} MiB checkpoint ({'above' if args.size_mb > threshold else 'NOT above'} the {threshold:g} MiB"
         f" multipart threshold), {where}; {args.rounds} rounds, both orders"
