@@ -52,6 +52,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_s3_endpoint() -> Iterator[None]:
+    """A test that runs the CLI with ``--s3-endpoint`` sets the storage layer's endpoint for the whole process
+    (``storage.configure``, which wins over the environment); reset it after every test, so a later test in the same
+    worker that points ``ANYFLOW_S3_ENDPOINT`` elsewhere really talks to that endpoint."""
+    yield
+    from anyflow import storage
+
+    storage.configure(s3_endpoint=None)
+
+
 @dataclass
 class S3Server:
     """What ``s3_server`` yields."""
