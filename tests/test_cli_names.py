@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_cli
 from helpers.kfp_api import Recorder, serve
 
 from anyflow import cli, storage
@@ -24,14 +25,7 @@ IMAGE = "registry.example/ml/anyflow-train@sha256:" + "ab" * 32
 ONE_STEP = {"teacher.train.steps": 1, "flowmap.train.steps": 1}
 
 
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``anyflow ARGV`` in this process (argparse's SystemExit included)."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_main = run_cli  # (exit code, stdout, stderr) of `anyflow ARGV` in this process
 
 
 # ------------------------------------------------------------------------------------------------- item 10

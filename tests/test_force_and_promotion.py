@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_cli
 
 from anyflow import registry, storage
 from anyflow.config import StageInputError
@@ -30,15 +31,7 @@ def _art(tmp_path: Path, url: str, payload: bytes, *, kind: str = "dataset", **k
     return url
 
 
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from anyflow import cli
-
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_main = run_cli  # (exit code, stdout, stderr) of `anyflow ARGV` in this process
 
 
 def test_rerun_force_refuses_to_delete_the_promoted_artifact_on_a_local_store(
