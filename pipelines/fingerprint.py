@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.platform import RECORD_PROFILE, Platform
+from pipelines.platform import MERGE_PROFILE, RECORD_PROFILE, Platform
 
 
 def build_partition_component(image: str) -> Any:
@@ -39,14 +39,18 @@ def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: s
     model is loaded). With ``data.partition_size`` 0 or no store the list is empty: no pod runs in the loop and
     ``prepare_data`` encodes the source itself, after the same one fingerprint task as without partitions.
 
-    The merge therefore keeps the ``prepare_data`` profile: a CPU merge task beside a GPU encode task, picked at
-    run time, needs ``dsl.If``/``dsl.Else`` and a ``dsl.OneOf`` of their ``dataset`` artifacts, which KFP 2.17.3's
-    local runner cannot resolve (tests/test_kfp_local_oneof.py; docs/interfaces.md "Fan-out on KFP").
+    ``platform.prepare_fanout`` (compile time): the task after the loop only merges (``merge_only``) on the
+    CPU-only ``prepare_merge`` profile, and the fingerprint task refuses a run that is not partitioned. Without it
+    the merge keeps the ``prepare_data`` profile, since that task must also encode an unpartitioned source; choosing
+    a CPU merge or a GPU encode at *run* time would need ``dsl.If``/``dsl.Else`` and a ``dsl.OneOf`` of their
+    ``dataset`` artifacts, which KFP 2.17.3's local runner cannot resolve (tests/test_kfp_local_oneof.py;
+    docs/interfaces.md "Fan-out on KFP").
     """
     from kfp import dsl
 
+    fanout = partition is not None and platform.prepare_fanout
     fp = fingerprint(preset=preset, overrides_json=overrides_json, extra_overrides_json=extra_overrides_json,
-                     store=store)
+                     store=store, **({"fanout": True} if fanout else {}))
     platform.apply(fp, RECORD_PROFILE).set_display_name(f"fingerprint_{name}")  # CPU only, never cached
     loop_task = None
     if partition is not None:
@@ -59,7 +63,7 @@ def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: s
             loop_task.set_display_name(f"{name}_partition")
     task = prepare_data(preset=preset, overrides_json=overrides_json, store=store,
                         extra_overrides_json=extra_overrides_json, source_fingerprint=fp.outputs["digest"],
-                        **component_args)
+                        **({"merge_only": True} if fanout else {}), **component_args)
     if loop_task is not None:
         task.after(loop_task)  # the merge waits for every partition pod of the loop
-    return platform.apply(task, "prepare_data").set_display_name(name)
+    return platform.apply(task, MERGE_PROFILE if fanout else "prepare_data").set_display_name(name)

@@ -27,6 +27,9 @@ _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 RECORD_PROFILE = "record_stage"
 #: Platform profile of the optional ``export`` task (``stages.export:`` in a platform YAML).
 EXPORT_PROFILE = "export"
+#: Platform profile of the partition merge task of a fanned-out prepare_data (``Platform.prepare_fanout``;
+#: ``stages.prepare_merge:`` in a platform YAML).
+MERGE_PROFILE = "prepare_merge"
 #: Where Kubernetes takes the pod env anyflow.stages.RUN_ENV (the KFP run of a stage attempt) from:
 #: Argo labels every pod of a workflow (= one KFP run) with its name.
 RUN_FIELD_PATH = "metadata.labels['workflows.argoproj.io/workflow']"
@@ -102,6 +105,10 @@ def _default_stages() -> dict[str, StageResources]:
         # (a 14B model in bf16: 2 x 28 GB, plus the text encoder)
         EXPORT_PROFILE: StageResources(gpus=0, cpu_request="4", cpu_limit="8", memory_request="96Gi",
                                        memory_limit="160Gi", timeout_s=6 * 3600, retries=2),
+        # the merge after a fanned-out prepare_data (prepare_fanout: true): CPU only, it reads the partitions'
+        # index.json files and writes one index over them (a 10^5-clip dataset: ~7 MB of index)
+        MERGE_PROFILE: StageResources(gpus=0, cpu_request="500m", cpu_limit="2", memory_request="2Gi",
+                                      memory_limit="8Gi", shm_size="64Mi", timeout_s=2 * 3600, retries=2),
         # the record task after every stage task (pipelines/records.py): CPU only, reads one manifest
         RECORD_PROFILE: StageResources(gpus=0, cpu_request="100m", cpu_limit="500m", memory_request="256Mi",
                                        memory_limit="1Gi", shm_size="64Mi", timeout_s=1800, retries=2,
@@ -129,6 +136,12 @@ class Platform:
     # partitioned prepare_data (data.partition_size > 0): at most this many prepare_partition pods at a time (the
     # ParallelFor's parallelism, fixed at compile time; each pod has the prepare_data settings)
     partition_parallelism: int = 8
+    # True: prepare_data always fans out (docs/interfaces.md "Fan-out on KFP"): the ParallelFor's
+    # prepare_partition pods (the prepare_data profile: give it the GPU) encode, and the task after the loop only
+    # merges, on the CPU-only prepare_merge profile; every run then needs data.partition_size > 0 and a store (the
+    # source_fingerprint task says so before any pod starts). False: prepare_data encodes an unpartitioned source
+    # itself and merges a partitioned one, in its own (prepare_data) pod.
+    prepare_fanout: bool = False
 
     def for_stage(self, stage: str) -> StageResources:
         """The resources of ``stage`` (unknown stages are an error naming the valid ones)."""
@@ -233,6 +246,9 @@ class Platform:
         if isinstance(par, bool) or not isinstance(par, int) or not 1 <= par <= 1000:
             raise PlatformError(f"{source}: partition_parallelism must be a whole number in [1, 1000] (prepare_partition "
                                 f"pods at a time), got {par!r}.")
+        for flag in ("prepare_fanout", "caching"):
+            if flag in data and not isinstance(data[flag], bool):
+                raise PlatformError(f"{source}: {flag} must be true or false, got {data[flag]!r}.")
         if "image_pull_policy" in data and data["image_pull_policy"] not in _PULL_POLICIES:
             raise PlatformError(f"{source}: image_pull_policy must be one of {_PULL_POLICIES}, got {data['image_pull_policy']!r}.")
         queue = data.get("kueue_queue", "")

@@ -155,6 +155,22 @@ good = list(limits.values()) == [par] and lo <= len(its) <= hi and peak <= par a
 sys.exit(0 if good else 1)' "$2" "$3" "$4" || fail "run $1: the ParallelFor did not run $2..$3 iterations at most $4 at once"
   ok "run $1: ParallelFor $2..$3 iterations, at most $4 at once"
 }
+# check_fails_in RUN_ID WORD: a node whose Argo displayName contains WORD failed, and no prepare-partition or
+# prepare-data (merge) node ran (KFP 2.17.0 argocompiler names a task's DAG node after the task)
+check_fails_in() {
+  show kubectl -n "$NS" get workflows.argoproj.io -l "pipeline/runid=$1" -o json
+  [ "$DRY_RUN" = 1 ] && return 0
+  workflow_json "$1" | python3 -c '
+import json, sys
+word = sys.argv[1]
+wf = json.load(sys.stdin)["items"][0]
+nodes = [(n.get("displayName", ""), n.get("phase")) for n in wf["status"]["nodes"].values()]
+failed = [d for d, p in nodes if p in ("Failed", "Error") and word in d]
+ran = [d for d, p in nodes if p == "Succeeded" and ("prepare-partition" in d or d.startswith("prepare-data"))]
+print(f"failed {word} nodes: {failed}; partition/merge nodes that ran: {ran}")
+sys.exit(0 if failed and not ran else 1)' "$2" || fail "run $1 did not fail in its $2 task before the partition pods"
+  ok "run $1 failed in its $2 task; no partition or merge pod ran"
+}
 
 echo "anyflow cluster acceptance: host=$HOST namespace=$NS image=$IMAGE store=$STORE dry-run=$DRY_RUN"
 
@@ -260,24 +276,29 @@ if [ "$DRY_RUN" = 0 ]; then
   ok "evaluate recomputed"
 fi
 
-step "partitioned prepare_data: ParallelFor over the fingerprint task's list, 2 pods at once; then an empty list"
+step "partitioned prepare_data: ParallelFor over the fingerprint task's list, 2 pods at once, a merge-only task; then an empty list"
 PLATFORMP="${WORK}/platform-partitions.yaml"
 cp "$PLATFORM" "$PLATFORMP"
-printf 'partition_parallelism: 2\n' >>"$PLATFORMP"
-check "platform with partition_parallelism 2:"
+printf 'partition_parallelism: 2\nprepare_fanout: true\n' >>"$PLATFORMP"
+check "platform with partition_parallelism 2 and prepare_fanout (the merge task only merges, on the prepare_merge profile):"
 cat "$PLATFORMP"
-for pass in 1 2; do
+for pass in 1 2 3; do
+  SIZE=4; WANT=SUCCEEDED
+  [ "$pass" = 3 ] && { SIZE=0; WANT=FAILED; }
   capture OUT "submitted run PARTITIONS${pass}_RUN_ID" "${ANYFLOW[@]}" rerun --stage prepare_data --store "$STORE" \
-    "${KFP[@]}" --preset tiny --set data.partition_size=4 --set data.source=procedural:n=16,seed=7 \
+    "${KFP[@]}" --preset tiny --set "data.partition_size=${SIZE}" --set data.source=procedural:n=16,seed=7 \
     --image "$IMAGE" --platform "$PLATFORMP" --run-name "anyflow-acceptance-partitions-${pass}"
   PRUN="$(run_id_of "$OUT")"; [ -n "$PRUN" ] || fail "no run id in: $OUT"
-  wait_run "$PRUN" SUCCEEDED
+  wait_run "$PRUN" "$WANT"
   if [ "$pass" = 1 ]; then
     check "pass 1: the 4 partitions of 16 clips each ran in a prepare_partition iteration, at most 2 at once"
     check_loop "$PRUN" 4 4 2
-  else
+  elif [ "$pass" = 2 ]; then
     check "pass 2: every partition is in the store: the list is empty, no iteration runs and the merge still runs"
     check_loop "$PRUN" 0 0 2
+  else
+    check "pass 3: data.partition_size=0 under prepare_fanout fails in the fingerprint task, before any partition pod"
+    check_fails_in "$PRUN" fingerprint
   fi
 done
 

@@ -128,9 +128,10 @@ def test_the_runs_it_checks(dry_run) -> None:
     assert submit[submit.index("--image") + 1] == "registry.test/anyflow-train:1.0-abc"
     reruns = _anyflow(out, "rerun")
     assert [r[r.index("--stage") + 1] for r in reruns] == ["evaluate", "evaluate", "prepare_data", "prepare_data",
+                                                           "prepare_data",
                                                            "train_teacher", "train_teacher", "train_teacher"]
     assert all(r[r.index("--run") + 1] == "RUN_ID" for r in reruns if "--run" in r)
-    assert ["--force" in r for r in reruns] == [False, True, False, False, False, False, False]
+    assert ["--force" in r for r in reruns] == [False, True, False, False, False, False, False, False]
     (schedule,) = _anyflow(out, "schedule")
     assert schedule[schedule.index("--pipeline") + 1] == "anyflow-redistill"
     assert schedule[schedule.index("--cron") + 1] == "* * * * *"
@@ -209,15 +210,15 @@ def test_the_new_cluster_checks_read_what_upstream_writes(dry_run) -> None:
     cmds = [" ".join(c) for c in _commands(out)]
     workflows = [c for c in cmds if c.startswith("kubectl -n team-a get workflows.argoproj.io -l pipeline/runid=")]
     assert [c.split("pipeline/runid=")[1].split()[0] for c in workflows] == [
-        "FORCE_RUN_ID", "PARTITIONS1_RUN_ID", "PARTITIONS2_RUN_ID"]
+        "FORCE_RUN_ID", "PARTITIONS1_RUN_ID", "PARTITIONS2_RUN_ID", "PARTITIONS3_RUN_ID"]
     script = SCRIPT.read_text()
     for name in ('"cached-decision"', '-iterator")', r"iteration-iterations\(\d+", "kueue.x-k8s.io/queue-name"):
         assert name in script, name
-    assert "partition_parallelism: 2" in out and "kueue_queue: gpu-team-a" in out
+    assert "partition_parallelism: 2\nprepare_fanout: true" in out and "kueue_queue: gpu-team-a" in out
     assert "kubectl -n team-a get localqueues.kueue.x-k8s.io gpu-team-a" in cmds
     parts = [r for r in _anyflow(out, "rerun") if r[r.index("--stage") + 1] == "prepare_data"]
-    assert all("data.partition_size=4" in r and r[r.index("--platform") + 1].endswith("platform-partitions.yaml")
-               for r in parts) and len(parts) == 2
+    assert [r[r.index("--set") + 1] for r in parts] == ["data.partition_size=4"] * 2 + ["data.partition_size=0"]
+    assert all(r[r.index("--platform") + 1].endswith("platform-partitions.yaml") for r in parts)
 
 
 def _submitted_tasks(argv: list[str], monkeypatch) -> list[tuple[str, bool]]:

@@ -283,3 +283,14 @@ def test_gpu_cloud_platform_uses_the_rendered_cache() -> None:
     distill = plat.for_stage("distill")
     assert distill.gpus == 8 and distill.node_selector == {"cloud.google.com/gke-nodepool": "gpu-h100"}
     assert plat.for_stage("prepare_data").tolerations == ()
+
+
+def test_gpu_cloud_keeps_every_cpu_only_profile_off_the_gpu_pool() -> None:
+    """The overlay's ``defaults`` put every profile on the H100 pool; each profile that asks for no GPU (the
+    prepare_merge, record, launcher and export tasks, CPU prepare_data) must be moved back to the CPU pool."""
+    plat = _platform("gpu-cloud")
+    cpu_only = [name for name, res in plat.stages.items() if res.gpus == 0]
+    assert {"prepare_data", "prepare_merge", "record_stage", "trainjob", "export"} <= set(cpu_only)
+    for name in cpu_only:
+        res = plat.for_stage(name)
+        assert res.node_selector == {"cloud.google.com/gke-nodepool": "cpu-highmem"} and not res.tolerations, name

@@ -90,3 +90,52 @@ def test_partition_parallelism_is_a_checked_platform_setting() -> None:
     for bad in (0, -1, "8", 1.5, True):
         with pytest.raises(PlatformError, match="partition_parallelism must be a whole number"):
             Platform.from_dict({"partition_parallelism": bad})
+
+
+@pytest.mark.parametrize(("name", "count"), [("anyflow-t2v", 2), ("anyflow-rerun-prepare-data", 1)])
+def test_prepare_fanout_merges_on_the_cpu_profile(name: str, count: int, tmp_path: Path) -> None:
+    """``prepare_fanout: true``: the partition pods keep the prepare_data profile (its GPU), the task after the
+    loop runs ``merge_only`` on the CPU-only ``prepare_merge`` profile, and the fingerprint task is told to refuse
+    an unpartitioned run (issue 23, "Merge: a small CPU step")."""
+    import dataclasses
+
+    from pipelines.platform import MERGE_PROFILE
+
+    base = Platform()
+    gpu = dataclasses.replace(base.stages["prepare_data"], gpus=1, cpu_limit="12")
+    plat = Platform.from_dict({"prepare_fanout": True, "partition_parallelism": 2,
+                               "stages": {"prepare_data": {"gpus": 1, "cpu_limit": "12"},
+                                          MERGE_PROFILE: {"cpu_limit": "3", "memory_limit": "6Gi"}}})
+    spec, platform = _docs(compile_pipeline(name, tmp_path / "p.yaml", plat, image=IMAGE))
+    assert _check(spec, platform) >= 3  # every executor is a valid KFP platform spec and Kubernetes pod
+    tasks = _tasks(spec)
+    execs = spec["deploymentSpec"]["executors"]
+    merges = {n: t for n, (_, t) in tasks.items() if t["componentRef"]["name"].startswith("comp-prepare-data")}
+    assert len(merges) == count
+    for merge in merges.values():
+        assert merge["inputs"]["parameters"]["merge_only"] == {"runtimeValue": {"constant": True}}
+        res = execs[spec["components"][merge["componentRef"]["name"]]["executorLabel"]]["container"]["resources"]
+        assert "accelerator" not in res and res["resourceCpuLimit"] == "3" and res["resourceMemoryLimit"] == "6Gi"
+        (loop_name,) = [d for d in merge["dependentTasks"] if d.startswith("for-loop")]
+        loop = tasks[loop_name][1]
+        (encode,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+        label = spec["components"][encode["componentRef"]["name"]]["executorLabel"]
+        enc = execs[label]["container"]["resources"]
+        assert enc["accelerator"]["resourceCount"] == "1" and enc["resourceCpuLimit"] == gpu.cpu_limit
+        (plan_name,) = loop["dependentTasks"]
+        assert tasks[plan_name][1]["inputs"]["parameters"]["fanout"] == {"runtimeValue": {"constant": True}}
+    # without the flag the same pipeline keeps one prepare_data task that encodes or merges, on its own profile
+    spec, _ = _docs(compile_pipeline(name, tmp_path / "q.yaml", dataclasses.replace(plat, prepare_fanout=False),
+                                     image=IMAGE))
+    for n, (_, t) in _tasks(spec).items():
+        assert "merge_only" not in t.get("inputs", {}).get("parameters", {}), n
+        assert "fanout" not in t.get("inputs", {}).get("parameters", {}), n
+
+
+def test_prepare_fanout_is_a_checked_platform_setting() -> None:
+    assert Platform.from_dict({"prepare_fanout": True}).prepare_fanout is True
+    assert Platform().prepare_fanout is False
+    for key in ("prepare_fanout", "caching"):
+        for bad in ("true", 1, None):
+            with pytest.raises(PlatformError, match=f"{key} must be true or false"):
+                Platform.from_dict({key: bad})

@@ -12,7 +12,8 @@ preparation"); :func:`partition_plan` and :func:`encode_partition_item` are the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             "data.source is empty: set it to a folder, s3:// prefix, .csv/.jsonl index, .tar shards or 'procedural:n=…'"
         )
     d = cfg.data
+    if _NO_ENCODERS and not (d.partition_size and store):
+        raise common.StageInputError(
+            "prepare_data (merge task): prepare_fanout: true needs data.partition_size > 0 and a store; this task "
+            "does not encode an unpartitioned source")
     if d.partition_size:  # partitions: each its own cached artifact in the store, then one index over them
         from anyflow.data.partitions import prepare_partitioned
 
@@ -47,8 +52,30 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
     return summary_metrics(summary)
 
 
+#: Set by :func:`merge_only` (the fanned-out pipeline's merge task): why this process must not load encoders.
+_NO_ENCODERS: list[str] = []
+
+
+@contextlib.contextmanager
+def merge_only() -> Iterator[None]:
+    """Within: :func:`run` only merges partitions that are already in the store, and a partition that is not
+    is a :class:`~anyflow.stages.common.StageInputError` instead of an encode (the merge task of
+    ``Platform.prepare_fanout`` runs on a CPU-only profile; encoding there would be the GPU work on a CPU pod)."""
+    _NO_ENCODERS.append("merge")
+    try:
+        yield
+    finally:
+        _NO_ENCODERS.pop()
+
+
 def _encoders(cfg: Preset) -> tuple:
     """The VAE and text encoder of the preset's model as plain callables (loaded now)."""
+    if _NO_ENCODERS:
+        raise common.StageInputError(
+            f"prepare_data (merge task): a partition of data.source={cfg.data.source} is not in the store, and this "
+            "task only merges (prepare_fanout: true). The source changed after the source_fingerprint task listed "
+            "its partitions, or a partition pod's artifact is gone: run the pipeline again (the fingerprint task "
+            "lists the partitions to encode anew)")
     base = common.load_models(cfg)
 
     @torch.no_grad()
@@ -81,13 +108,24 @@ def artifact_parents(out_dir: Path) -> list[str]:
     return [p["artifact"] for p in json.loads(index.read_text()).get("partitions", [])]
 
 
-def partition_plan(cfg: Preset, store: str) -> list[str]:
+def partition_plan(cfg: Preset, store: str, *, fanout: bool = False) -> list[str]:
     """The partitions a pipeline's ``ParallelFor`` encodes: ``"<index>:<fingerprint>"`` of each partition whose
     artifact is not in the store yet (cached ones need no pod). Empty when ``data.partition_size`` is 0 or there is
-    no store: the ``prepare_data`` task then encodes everything itself, as without partitions."""
+    no store: the ``prepare_data`` task then encodes everything itself, as without partitions.
+
+    ``fanout`` (``Platform.prepare_fanout``: the task after the loop only merges, on a CPU profile): a run that
+    cannot be partitioned is a :class:`~anyflow.stages.common.StageInputError` naming what to set, raised here in
+    the CPU fingerprint task before any encoding pod starts."""
     from anyflow.data.partitions import cached_partition, partition_key, partition_url, plan_partitions
     from anyflow.ops.window import WindowError
 
+    if fanout and not (cfg.data.partition_size and store and cfg.data.source):
+        missing = [what for what, ok in (("data.partition_size > 0 (clips per partition pod)", cfg.data.partition_size),
+                                         ("a store (the pipeline's 'store' parameter)", store),
+                                         ("a data.source", cfg.data.source)) if not ok]
+        raise common.StageInputError(
+            f"prepare_data: this pipeline was compiled with prepare_fanout: true in its platform (partition pods "
+            f"encode, a CPU task merges), so a run needs {' and '.join(missing)}; or compile without prepare_fanout")
     if not cfg.data.partition_size or not store or not cfg.data.source:
         return []
     try:

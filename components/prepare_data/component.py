@@ -11,6 +11,7 @@ def prepare_data(
     store: str = "",
     extra_overrides_json: str = "{}",
     source_fingerprint: str = "",
+    merge_only: bool = False,
 ) -> None:
     """Prepare the training dataset (procedural for ``tiny``; videos + captions otherwise).
 
@@ -26,12 +27,19 @@ def prepare_data(
         source_fingerprint: What the data source holds now (the ``source_fingerprint`` task's output). Not
             read here: it is an input so that KFP's cache key changes when videos are added under the same
             source (the stage's store key holds the same digest).
+        merge_only: Only merge partitions the ``prepare_partition`` pods already encoded (``Platform.prepare_fanout``:
+            this task then runs on the CPU-only ``prepare_merge`` profile); a partition missing from the store
+            fails the task instead of being encoded here.
 
     Returns:
         dataset: Output dataset artifact (or a pointer to it in the store).
         metrics: Output dataset summary for the KFP UI (clips read and written, shards, seconds, clips/s).
     """
+    import contextlib
+
+    from anyflow.stages.prepare_data import merge_only as merging
     from components._io import run_component
 
-    run_component("prepare_data", dataset, metrics=metrics, preset=preset, overrides_json=overrides_json, store=store,
-                  extra_overrides_json=extra_overrides_json)
+    with merging() if merge_only else contextlib.nullcontext():
+        run_component("prepare_data", dataset, metrics=metrics, preset=preset, overrides_json=overrides_json,
+                      store=store, extra_overrides_json=extra_overrides_json)

@@ -9,6 +9,7 @@ def source_fingerprint(
     overrides_json: str = "{}",
     extra_overrides_json: str = "{}",
     store: str = "",
+    fanout: bool = False,
 ) -> NamedTuple("FingerprintOutputs", [("digest", str), ("Output", list[str])]):
     """Digest of the data source's listing (ETags or size+mtime per file; an index's rows), and the partitions to
     encode.
@@ -28,6 +29,8 @@ def source_fingerprint(
         overrides_json: JSON object of dotted config overrides (``data.source`` among them).
         extra_overrides_json: Overrides applied on top (the fine-tuning dataset's own ``data.source``).
         store: Content-addressed store URL holding the partition artifacts ("" = no partitions).
+        fanout: The pipeline was compiled with ``prepare_fanout`` (the task after the loop only merges): a run
+            without ``data.partition_size`` > 0 and a store fails here, before any encoding pod starts.
     """
     from collections import namedtuple
 
@@ -39,7 +42,7 @@ def source_fingerprint(
         overrides = merge_overrides(parse_overrides(overrides_json), parse_overrides(extra_overrides_json))
         cfg = apply_overrides(get_preset(preset), overrides)
         digest = source_digest(cfg) or ""
-        partitions = partition_plan(cfg, store)
+        partitions = partition_plan(cfg, store, fanout=fanout)
     print(f"[anyflow] source fingerprint: {digest or 'procedural (none)'}; partitions to encode: "
           f"{', '.join(partitions) or 'none'}", flush=True)
     return namedtuple("FingerprintOutputs", ["digest", "Output"])(digest, partitions)

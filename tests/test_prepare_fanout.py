@@ -1,0 +1,111 @@
+"""``Platform.prepare_fanout`` (issue 23, "Merge: a small CPU step"): partition pods encode, the task after the
+loop only merges. The merge must never load an encoder (it runs on a CPU-only profile), must refuse a partition
+the loop did not publish, and the fingerprint task refuses an unpartitioned run before any pod starts; through
+KFP's own local runner the fanned-out graph gives the same dataset as the unpartitioned encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anyflow import storage
+from anyflow.config import StageInputError, apply_overrides, get_preset
+from anyflow.data.partitions import PARTITION_STAGE, PartitionsBadInput
+from anyflow.stages import prepare_data as prep
+from anyflow.stages import run_stage
+
+GEOM = {"data.frames": 5, "data.height": 16, "data.width": 16, "data.samples_per_shard": 2}
+
+
+def _samples(url: str) -> dict:
+    from anyflow.data.shards import LatentDataset
+
+    n = LatentDataset(url, batch_size=1, seed=0, shuffle=False).len_samples
+    ds = LatentDataset(url, batch_size=n, seed=0, shuffle=False)
+    return {**next(ds), "negative": ds.negative_embedding()}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert b["keys"] == a["keys"] and b["captions"] == a["captions"]
+    assert torch.equal(b["text"], a["text"]) and torch.equal(b["negative"], a["negative"])
+    # partitions of 2 clips encode other VAE batches than one run of 6: a CPU convolution's summation order
+    # depends on its batch, so latents agree to float32 rounding (torch's defaults: rtol 1.3e-6, atol 1e-5)
+    torch.testing.assert_close(b["latents"], a["latents"])
+
+
+def test_fanout_plan_refuses_an_unpartitioned_run_naming_what_to_set(tmp_path: Path) -> None:
+    cfg = apply_overrides(get_preset("tiny"), {**GEOM, "data.source": "procedural:n=4,seed=0"})
+    assert prep.partition_plan(cfg, str(tmp_path)) == []  # without fan-out: prepare_data encodes it itself
+    with pytest.raises(StageInputError, match=r"prepare_fanout: true .* needs data.partition_size > 0"):
+        prep.partition_plan(cfg, str(tmp_path), fanout=True)
+    parted = apply_overrides(cfg, {"data.partition_size": 2})
+    with pytest.raises(StageInputError, match=r"needs a store \(the pipeline's 'store' parameter\)"):
+        prep.partition_plan(parted, "", fanout=True)
+    assert [p.split(":")[0] for p in prep.partition_plan(parted, str(tmp_path), fanout=True)] == ["0", "1"]
+
+
+def test_merge_only_merges_published_partitions_and_refuses_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = str(tmp_path / "store")
+    over = {**GEOM, "data.source": "procedural:n=6,seed=4", "data.partition_size": 2}
+    cfg = apply_overrides(get_preset("tiny"), over)
+    for item in prep.partition_plan(cfg, store):  # what the loop's prepare_partition pods do, one item each
+        prep.encode_partition_item(cfg, store, item, progress=False)
+    assert prep.partition_plan(cfg, store) == []  # all three published
+
+    loads = []
+    real = prep.common.load_models
+    monkeypatch.setattr(prep.common, "load_models", lambda c: loads.append(1) or real(c))
+    with prep.merge_only():
+        merged = run_stage("prepare_data", store=store, overrides=over, progress=False)
+    assert loads == [] and merged.metrics["partitions"] == 3 and merged.metrics["partitions_encoded"] == 0
+    reference = run_stage("prepare_data", out=str(tmp_path / "ref"), progress=False,
+                          overrides={**over, "data.partition_size": 0})  # the unpartitioned encoder
+    _same(_samples(reference.uri), _samples(merged.uri))
+    assert loads == [1]  # the reference did load them (the counter works)
+    loads.clear()
+
+    grown = {**over, "data.source": "procedural:n=7,seed=4"}  # a clip arrived after the fingerprint task listed
+    with prep.merge_only(), pytest.raises(PartitionsBadInput, match=r"part-00003 .*merge task.*not in the store"):
+        run_stage("prepare_data", store=store, overrides=grown, progress=False)  # named; exit 2 (bad input)
+    with prep.merge_only(), pytest.raises(StageInputError, match=r"does not encode an unpartitioned source"):
+        run_stage("prepare_data", store=store, overrides={**over, "data.partition_size": 0}, progress=False)
+    assert loads == []  # no encoder was loaded on the merge's CPU profile
+    assert prep._NO_ENCODERS == []  # the context is left as found, also after a failure
+
+
+@pytest.mark.slow
+def test_fanned_out_graph_through_kfp_local_runner(tmp_path: Path) -> None:
+    """The compiled ``anyflow-rerun-prepare-data`` graph with ``prepare_fanout`` run by KFP 2.17's local runner:
+    three partition tasks in the ``ParallelFor``, a merge that encodes nothing, the unpartitioned dataset's
+    samples; and the same graph with ``data.partition_size`` 0 stops in the fingerprint task."""
+    from pipelines.local import LocalRunError, local_env, run_local
+    from pipelines.platform import Platform
+    from pipelines.rerun import build_rerun_pipeline
+
+    store = tmp_path / "store"
+    over = {**GEOM, "data.source": "procedural:n=6,seed=5", "data.partition_size": 2}
+    func = build_rerun_pipeline("prepare_data", platform=dataclasses.replace(Platform.local_runner(),
+                                                                            prepare_fanout=True))
+    env = local_env(apply_overrides(get_preset("tiny"), over))
+    params = {"preset": "tiny", "overrides_json": json.dumps(over), "store": str(store)}
+    run = run_local(func, params, tmp_path / "work", "fanout", env=env)
+    url = run.artifacts["prepare_data"]  # the single output is named after its stage
+    manifest = storage.read_manifest(url)
+    assert manifest["metrics"]["partitions"] == 3 and manifest["metrics"]["partitions_encoded"] == 0
+    assert len([p for p in manifest["parents"] if f"/{PARTITION_STAGE}/" in p["uri"]]) == 3
+    log = (tmp_path / "work" / "runs" / "fanout.log").read_text()
+    assert log.count("prepare_data partition ") == 3 and "(encoded)" in log  # one loop task per partition
+    reference = run_stage("prepare_data", out=str(tmp_path / "ref"), progress=False,
+                          overrides={**over, "data.partition_size": 0})
+    _same(_samples(reference.uri), _samples(url))
+
+    bad = {**params, "overrides_json": json.dumps({**over, "data.partition_size": 0})}
+    with pytest.raises(LocalRunError, match="fingerprint"):
+        run_local(func, bad, tmp_path / "work", "unpartitioned", env=env)
+    assert "needs data.partition_size > 0" in (tmp_path / "work" / "runs" / "unpartitioned.log").read_text()
