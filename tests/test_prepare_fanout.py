@@ -82,14 +82,14 @@ def test_merge_only_merges_published_partitions_and_refuses_a_missing_one(
 @pytest.mark.slow
 def test_fanned_out_graph_through_kfp_local_runner(tmp_path: Path) -> None:
     """The compiled ``anyflow-rerun-prepare-data`` graph with ``prepare_fanout`` run by KFP 2.17's local runner:
-    three partition tasks in the ``ParallelFor``, a merge that encodes nothing, the unpartitioned dataset's
+    two partition tasks in the ``ParallelFor``, a merge that encodes nothing, the unpartitioned dataset's
     samples; and the same graph with ``data.partition_size`` 0 stops in the fingerprint task."""
     from pipelines.local import LocalRunError, local_env, run_local
     from pipelines.platform import Platform
     from pipelines.rerun import build_rerun_pipeline
 
     store = tmp_path / "store"
-    over = {**GEOM, "data.source": "procedural:n=6,seed=5", "data.partition_size": 2}
+    over = {**GEOM, "data.source": "procedural:n=4,seed=5", "data.partition_size": 2}
     func = build_rerun_pipeline("prepare_data", platform=dataclasses.replace(Platform.local_runner(),
                                                                             prepare_fanout=True))
     env = local_env(apply_overrides(get_preset("tiny"), over))
@@ -97,10 +97,10 @@ def test_fanned_out_graph_through_kfp_local_runner(tmp_path: Path) -> None:
     run = run_local(func, params, tmp_path / "work", "fanout", env=env)
     url = run.artifacts["prepare_data"]  # the single output is named after its stage
     manifest = storage.read_manifest(url)
-    assert manifest["metrics"]["partitions"] == 3 and manifest["metrics"]["partitions_encoded"] == 0
-    assert len([p for p in manifest["parents"] if f"/{PARTITION_STAGE}/" in p["uri"]]) == 3
+    assert manifest["metrics"]["partitions"] == 2 and manifest["metrics"]["partitions_encoded"] == 0
+    assert len([p for p in manifest["parents"] if f"/{PARTITION_STAGE}/" in p["uri"]]) == 2
     log = (tmp_path / "work" / "runs" / "fanout.log").read_text()
-    assert log.count("prepare_data partition ") == 3 and "(encoded)" in log  # one loop task per partition
+    assert log.count("prepare_data partition ") == 2 and "(encoded)" in log  # one loop task per partition
     reference = run_stage("prepare_data", out=str(tmp_path / "ref"), progress=False,
                           overrides={**over, "data.partition_size": 0})
     _same(_samples(reference.uri), _samples(url))
