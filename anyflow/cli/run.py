@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +99,10 @@ class _RunInputs:
     store: str | None
     uris: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
+    contents: dict[str, str] = field(default_factory=dict)  # role → recorded content sha256 (newer records only)
     entries: list[str] = field(default_factory=list)
-    extra: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry → (URL, digest), e.g. prepare_finetune_data
+    # entry → (URL, manifest digest, content digest or ""), e.g. prepare_finetune_data
+    extra: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     def where(self) -> str:
         if self.run_id is None:
@@ -134,8 +137,11 @@ def _run_inputs(ref: str, args: argparse.Namespace) -> _RunInputs:
         except RunRecordError as exc2:
             raise UserError(f"KFP run {ref!r} is run id {run_id}: {exc2}") from None
     digests = {doc["output"]: doc["manifest_sha256"] for entry, doc in records.items() if entry == doc["stage"]}
-    extra = {entry: (doc["uri"], doc["manifest_sha256"]) for entry, doc in records.items() if entry != doc["stage"]}
-    return _RunInputs(ref, run_id, store, roles, digests, sorted(records), extra)
+    contents = {doc["output"]: doc["content_sha256"] for entry, doc in records.items()
+                if entry == doc["stage"] and doc.get("content_sha256")}
+    extra = {entry: (doc["uri"], doc["manifest_sha256"], doc.get("content_sha256", ""))
+             for entry, doc in records.items() if entry != doc["stage"]}
+    return _RunInputs(ref, run_id, store, roles, digests, contents, sorted(records), extra)
 
 
 def _kfp_run_id(ref: str, args: argparse.Namespace) -> str:
@@ -159,7 +165,10 @@ def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
     run = _run_inputs(args.run, args) if args.run else None
     if run is not None and args.stage == "finetune" and "prepare_finetune_data" in run.extra:
         # the run fine-tuned on its second dataset, not on the training one
-        run.uris["dataset"], run.digests["dataset"] = run.extra["prepare_finetune_data"]
+        run.uris["dataset"], run.digests["dataset"], content = run.extra["prepare_finetune_data"]
+        run.contents.pop("dataset", None)
+        if content:
+            run.contents["dataset"] = content
     uris = {role: uri for role, uri in (run.uris if run else {}).items() if role in wanted}
     given = dict(item.partition("=")[::2] for item in args.from_ or [])  # ROLE=URL checked by role_url_argument
     uris.update(given)
@@ -179,8 +188,14 @@ def _rerun_uris(args: argparse.Namespace) -> dict[str, str]:
             raise UserError(f"{source} is not an anyflow artifact ({exc}).") from None
         recorded = run.digests.get(role) if run is not None and role not in given else None
         if recorded and recorded != digest:
-            raise UserError(f"{source}: the artifact changed since the run recorded it (manifest sha256 "
-                            f"{recorded[:12]}… recorded, {digest[:12]}… now); pass --from {role}=URI explicitly.")
+            # published again since (a forced rerun of its stage): the same files are the same input
+            same = run.contents.get(role) and run.contents[role] == storage.content_digest(uri)
+            if not same:
+                raise UserError(f"{source}: the artifact changed since the run recorded it (manifest sha256 "
+                                f"{recorded[:12]}… recorded, {digest[:12]}… now, and its files differ too); pass "
+                                f"--from {role}=URI explicitly.")
+            print(f"note: {role}={uri} was published again since {run.where()} recorded it, with the same files "
+                  "(content sha256 equal): using it", file=sys.stderr, flush=True)
     return uris
 
 

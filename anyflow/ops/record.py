@@ -68,14 +68,15 @@ def write_stage_record(store: str, run_id: str, *, stage: str, output: str, uri:
                        cached: bool = False, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Record that stage task ``entry`` (default: ``stage``) of run ``run_id`` produced artifact ``uri``.
 
-    The document holds the artifact URL, its manifest sha256 and kind (read back from ``uri``, so
-    only a published artifact can be recorded), the output name (the input role it feeds: dataset,
+    The document holds the artifact URL, its manifest sha256, content sha256 (:func:`anyflow.storage.content_digest`)
+    and kind (read back from ``uri``, so only a published artifact can be recorded), the output name (the input role it feeds: dataset,
     teacher, …) and the task's input URLs. One atomic write of its own object; returns the document.
     """
     entry = entry or stage
     manifest = storage.read_manifest(uri)
     doc = {"format": STAGE_RECORD_FORMAT, "run_id": run_id, "entry": entry, "stage": stage, "output": output,
            "uri": str(uri), "manifest_sha256": storage.manifest_digest(uri), "kind": manifest.get("kind"),
+           "content_sha256": storage.content_digest(uri),
            "cached": bool(cached), "inputs": dict(inputs or {}), "recorded_at": now()}
     storage.write_json_atomic(stage_record_url(store, run_id, entry), doc)
     return doc
