@@ -100,6 +100,10 @@ def test_a_failed_checkpoint_cleanup_does_not_fail_a_published_stage(
     err = capsys.readouterr().err
     assert "could not delete its training checkpoints" in err and str(left) in err and "AccessDenied" in err
     assert left.exists()  # what the warning names is really there
+    monkeypatch.setattr(storage, "delete", delete)  # the store is reachable again: the next cache hit cleans up
+    again = run_stage("train_teacher", store=str(store), overrides=ov,
+                      inputs={"dataset": tiny_chain["dataset"].uri}, progress=False)
+    assert again.cached and again.uri == res.uri and not left.exists()
 
 
 def _checkpoint(root: Path) -> dict[str, dict[str, torch.Tensor]]:

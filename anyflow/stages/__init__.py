@@ -175,9 +175,11 @@ def run_stage(
         refuse_if_promoted(store, out)
     t0 = time.perf_counter()
     manifest = None if force else _cached_manifest(out, key)
-    if manifest is not None:
-        return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
     ckpt_url = storage.join(store, "checkpoints", name, key) if store else None
+    if manifest is not None:
+        if ckpt_url and _is_rank_zero():  # left by a run killed between its publish and its checkpoint delete
+            _drop_checkpoints(ckpt_url, out)
+        return StageResult(name, out, manifest.get("metrics", {}), True, 0.0, _report(module, out, manifest))
     if force and ckpt_url:  # recompute means from step 0: resuming the last training checkpoint would republish it
         _remove_tree(ckpt_url)
     run_id = os.environ.get(RUN_ENV, "").strip()
