@@ -281,14 +281,17 @@ def export(
 
 
 def base_key(cfg: Any, dtype: str) -> str:
-    """What identifies the converted base of a LoRA export: the base model, the conversion settings (gate,
-    FAR layout), the scheduler shift, the dtype and the code version (sha256 hex)."""
+    """What identifies the converted base of a LoRA export: the base model (for a built-in, also the digest of its
+    shipped weights), the conversion settings (gate, FAR layout), the scheduler shift, the dtype and the code version
+    (sha256 hex)."""
     import hashlib
 
+    from anyflow.models.tiny import builtin_assets_digest
     from anyflow.storage import code_version
 
     spec = {
         "base": cfg.model.base,
+        "builtin_assets": builtin_assets_digest(cfg.model.base),  # the shipped weights of builtin:demo / tiny
         "variant": cfg.variant,
         "gate_value": float(cfg.model.gate_value),
         "shift": float(cfg.flowmap.loss.shift),

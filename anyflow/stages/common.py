@@ -109,6 +109,11 @@ def write_checkpoint(
         "lora": {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha},
         "adapters": entries,
     }
+    from anyflow.models.tiny import builtin_assets_digest
+
+    assets = builtin_assets_digest(preset.model.base)
+    if assets is not None:  # a built-in base is a name, not files: record which shipped weights it was
+        meta["base_assets"] = assets
     (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))
 
 
@@ -157,6 +162,7 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
             f"{role} input {url} was trained on base {meta.get('base')!r}, but the preset uses"
             f" {preset.model.base!r}; use the same preset (model.base) for every stage{hint}"
         )
+    _check_base_assets(url, role, meta)
     lora_meta = {"rank": preset.model.lora_rank, "alpha": preset.model.lora_alpha}
     if meta.get("lora") != lora_meta:
         raise StageInputError(f"{role} input {url} has LoRA {meta.get('lora')}, the preset expects {lora_meta}{hint}")
@@ -192,6 +198,26 @@ def read_checkpoint(url: str, preset: Preset, *, role: str, need: tuple[str, ...
         except storage.ArtifactError:
             log_path = None
     return Checkpoint(url, meta, adapters, log_path)
+
+
+def _check_base_assets(url: str, role: str, meta: Mapping[str, Any]) -> None:
+    """A checkpoint of a built-in base (``builtin:demo``) names the base by that string only; its ``base_assets``
+    (the sha256 of the shipped weights it was trained on, :func:`anyflow.models.tiny.builtin_assets_digest`) must
+    be this installation's, or its adapters would be applied (sampled, exported, trained on) to other weights
+    without a word. Checkpoints written before the field existed carry none and are not checked."""
+    recorded = meta.get("base_assets")
+    if recorded is None:
+        return
+    from anyflow.models.tiny import builtin_assets_digest
+
+    installed = builtin_assets_digest(str(meta.get("base")))
+    if installed != recorded:
+        raise StageInputError(
+            f"{role} input {url} was trained on {meta.get('base')!r} with shipped weights sha256 {str(recorded)[:16]}…, "
+            f"but this anyflow installation ships {'none' if installed is None else installed[:16] + '…'}; its adapters "
+            "only fit the weights they were trained on: use the anyflow version that trained it (the manifest's "
+            "code_version)"
+        )
 
 
 def _preset_hint(local: Any, preset: Preset) -> str:
