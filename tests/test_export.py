@@ -9,6 +9,9 @@ Tolerance 1e-5 (absolute, on latents of magnitude ~4): both sides run the same f
 they differ in float rounding only — the merged ``W + (α/r)·B·A`` against peft's ``x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ``,
 the pipeline's float64 step against ours, the prompt embedding computed twice. Measured: at most 6e-7. The
 control (the base without the LoRA) is 1e-3 or more away, so the comparison can fail.
+
+The export step of ``anyflow run --export`` in KFP's local runner is tested in tests/test_kfp_local.py, on the
+one local-runner run that file's tests share.
 """
 
 from __future__ import annotations
@@ -522,43 +525,3 @@ def test_lora_export_with_a_shared_base_samples_like_anyflow_sample(tmp_path):
     spec["base"] = str(base)
     _, got = _plain(tmp_path, spec)
     _compare(got, ref, control=True)
-
-
-@pytest.mark.slow
-def test_anyflow_run_export_runs_the_export_step_in_the_local_runner(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
-    fast = [
-        "evaluate.nfes=1",
-        "evaluate.reference_steps=4",
-        "evaluate.num_prompts=2",
-        "teacher.train.steps=2",
-        "flowmap.train.steps=2",
-        "distill.train.steps=2",
-    ]
-    sets = [a for item in fast for a in ("--set", item)]
-    store = tmp_path / "store"
-    args = [
-        "run",
-        "--workdir",
-        str(tmp_path / "runs"),
-        "--store",
-        str(store),
-        "--name",
-        "r",
-        "--export",
-        *sets,
-    ]
-    assert cli_main(args) == 0
-    out = capsys.readouterr().out
-    from pipelines.local import load_record
-
-    generator = load_record("r", tmp_path / "runs")["artifacts"]["generator"]
-    key = storage.manifest_digest(generator)[:20]
-    for fmt in ("diffusers", "lora"):
-        url = f"{store}/exports/{fmt}/{key}"
-        assert f"export ({fmt}): {url}" in out
-        storage.verify(url)
-        assert storage.read_manifest(url)["parents"][0]["uri"] == generator
-    assert json.loads((store / "exports" / "diffusers" / key / "model_index.json").read_text())[
-        "_class_name"
-    ] == ("AnyFlowPipeline")

@@ -4,9 +4,10 @@ The records are written by the ``record_stage`` task after each stage task (the 
 run id, so KFP's cache can skip them) from the stage output artifact's metadata. They are read back
 with a plain boto3 client and checked against sha256 of the manifest bytes computed here; the local
 runner tests run the real record component (KFP substitutes ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` with a
-random integer, as a cluster substitutes the run UUID), once on an artifact the run did not compute (as
-after a KFP cache hit) and once in the whole pipeline, whose run id alone then resolves a rerun's inputs,
-as for a cluster run.
+random integer, as a cluster substitutes the run UUID), here on an artifact the run did not compute (as
+after a KFP cache hit); in the whole pipeline, whose run id alone then resolves a rerun's inputs as for a
+cluster run, in tests/test_kfp_local.py (``test_kfp_local_run_records_by_run_id_and_rerun_resolves_them``: it
+reads the one local-runner run that file's tests share).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers.s3objects import get as _get
+from helpers.s3objects import key as _key
+from helpers.s3objects import keys as _keys
 from kfp import dsl
 
 import components
@@ -28,19 +32,6 @@ from components._io import OUTPUT_ROLE, write_run_record
 from pipelines.rerun import STAGE_INPUTS, STAGE_OUTPUT
 
 pytestmark = pytest.mark.s3
-
-
-def _key(s3_server, url: str) -> str:
-    return url.split(f"s3://{s3_server.bucket}/", 1)[1]
-
-
-def _get(s3_server, url: str) -> bytes:
-    return s3_server.client().get_object(Bucket=s3_server.bucket, Key=_key(s3_server, url))["Body"].read()
-
-
-def _keys(s3_server, prefix: str) -> list[str]:
-    resp = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=_key(s3_server, prefix) + "/")
-    return sorted(o["Key"] for o in resp.get("Contents", []))
 
 
 def _artifact(store: str, tmp_path: Path, name: str, kind: str, payload: bytes = b"x") -> str:
@@ -286,75 +277,3 @@ def test_kfp_local_record_task_records_an_artifact_it_did_not_compute(
     assert roles == {"flowmap": uri} and sorted(records) == ["train_flowmap"]
     assert records["train_flowmap"]["inputs"] == meta["anyflow_inputs"]
     assert records["train_flowmap"]["manifest_sha256"] == storage.manifest_digest(uri)
-
-
-# Fewer steps and NFEs than the tiny preset: the whole run takes a few minutes on 2 shared cores.
-FAST = [
-    "evaluate.nfes=1,2",
-    "evaluate.reference_steps=4",
-    "evaluate.num_prompts=2",
-    "teacher.train.steps=2",
-    "flowmap.train.steps=2",
-    "distill.train.steps=2",
-]
-SETS = [arg for item in FAST for arg in ("--set", item)]
-STAGES = ("prepare_data", "train_teacher", "train_flowmap", "distill", "evaluate")
-
-
-@pytest.mark.slow
-def test_kfp_local_run_records_by_run_id_and_rerun_resolves_them(
-    s3_server, s3_prefix: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from pipelines.local import load_record
-
-    monkeypatch.setenv("ANYFLOW_S3_ENDPOINT", s3_server.endpoint)
-    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
-    workdir = tmp_path / "local"
-    common = ["--store", s3_prefix, "--s3-endpoint", s3_server.endpoint, *SETS]
-    assert cli.main(["run", "--workdir", str(workdir), "--name", "first", *common]) == 0
-    out = capsys.readouterr().out
-
-    # what the runner substituted for the placeholder: one run id, the same in every task's record
-    root = _key(s3_server, s3_prefix)
-    keys = _keys(s3_server, f"{s3_prefix}/runs")
-    run_ids = {k[len(root) + len("/runs/") :].split("/", 1)[0] for k in keys}
-    assert len(run_ids) == 1, keys
-    run_id = run_ids.pop()
-    assert run_id.isdigit(), f"the local runner should substitute a random integer, got {run_id!r}"
-    assert keys == sorted(f"{root}/runs/{run_id}/{s}.json" for s in STAGES)
-    local = load_record("first", workdir)
-    assert local["run_id"] == run_id and local["store"] == s3_prefix
-    assert "run: first (show it with 'anyflow status first --workdir" in out  # one name: not the run id too
-    assert f"run id: {run_id}" not in out and f"--run {run_id}" not in out
-    for stage in STAGES:
-        doc = json.loads(_get(s3_server, f"{s3_prefix}/runs/{run_id}/{stage}.json"))
-        role = OUTPUT_ROLE[stage]
-        assert doc["run_id"] == run_id and doc["stage"] == stage and doc["output"] == role
-        assert doc["uri"] == local["artifacts"][role]  # the pipeline's own output metadata
-        assert doc["uri"].startswith(f"{s3_prefix}/artifacts/{stage}/")
-        assert (
-            doc["manifest_sha256"]
-            == hashlib.sha256(_get(s3_server, doc["uri"] + "/manifest.json")).hexdigest()
-        )
-    distill = json.loads(_get(s3_server, f"{s3_prefix}/runs/{run_id}/distill.json"))
-    assert distill["inputs"] == {r: local["artifacts"][r] for r in ("dataset", "teacher", "flowmap")}
-
-    # as on a cluster: only the run id and the store (a fresh workdir has no local record)
-    cluster = ["--workdir", str(tmp_path / "elsewhere"), *common]
-    expected = {r: local["artifacts"][r] for r in ("dataset", "teacher", "flowmap")}
-    assert cli_run._rerun_uris(_rerun_args("--stage", "distill", "--run", run_id, *cluster)) == expected
-    # the local name resolves through the same records
-    named = ["--workdir", str(workdir), *common]
-    assert cli_run._rerun_uris(_rerun_args("--stage", "distill", "--run", "first", *named)) == expected
-
-    assert cli.main(["rerun", "--stage", "distill", "--run", run_id, *cluster]) == 0
-    out = capsys.readouterr().out
-    assert (
-        f"{'distill':<12} {'cached':<8} {local['artifacts']['generator']}" in out
-    )  # same inputs → same artifact
-    # the rerun recorded its own output under its own run id
-    rerun_ids = {
-        k[len(root) + len("/runs/") :].split("/", 1)[0] for k in _keys(s3_server, f"{s3_prefix}/runs")
-    }
-    (new_id,) = rerun_ids - {run_id}
-    assert R.run_artifacts(s3_prefix, new_id)[0] == {"generator": local["artifacts"]["generator"]}

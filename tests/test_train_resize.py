@@ -62,6 +62,17 @@ def _launch(
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def _preempted_at_step_2(tmp_path: Path, *ckpts: str) -> Path:
+    """What a run preempted right after step 2 leaves: the uninterrupted run's own step-2 checkpoint (the 4-step
+    run launched with ``keep`` copied it to a/kept before pruning it), as the only checkpoint of each of the store
+    folders ``ckpts``. Returns the kept folder."""
+    kept = tmp_path / "a" / "kept" / "step-00000002"
+    assert (kept / "manifest.json").is_file(), sorted(p.name for p in kept.parent.iterdir())
+    for name in ckpts:
+        shutil.copytree(kept, tmp_path / name / kept.name)
+    return kept
+
+
 def _global_batches(ranks: list[dict], accum: int, first_call: int, steps: int) -> list[list[list[str]]]:
     """Per step, the keys of global micro-batches 0..W·A-1 (micro-batch j of rank r is global j·W + r), from the
     per-rank call logs starting at this rank's call ``first_call``."""
@@ -84,15 +95,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(tmp_path: Path) -> None:
     """Train 4 steps of a global batch of 4 one-sample micro-batches on 2 ranks (grad_accum 2), checkpoint at
-    step 2; resume from that step-2 checkpoint on 1 rank (grad_accum 4) and on 4 ranks (grad_accum 1), and compare
+    step 2 (kept: a run preempted there leaves just that checkpoint); resume from that step-2 checkpoint on 1 rank (grad_accum 4) and on 4 ranks (grad_accum 1), and compare
     each with the uninterrupted 2-rank run: the same samples per step exactly, the same weights, EMA and moments
     within float tolerance (module docstring: why not bit-for-bit). Resumed on 2 ranks again it is bit-for-bit."""
     ds = _dataset(tmp_path / "data")
-    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, world=2, accum=2)
-    first = _launch(ds, tmp_path / "ckpt-b", tmp_path / "b", 2, world=2, accum=2)  # "preempted" after step 2
-    shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-c")
-    shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-d")
-    shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-e")
+    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, "keep")
+    kept = _preempted_at_step_2(tmp_path, "ckpt-b", "ckpt-c", "ckpt-e")
     same = _launch(ds, tmp_path / "ckpt-e", tmp_path / "same", 4, world=2, accum=2)
     one = _launch(ds, tmp_path / "ckpt-b", tmp_path / "one", 4, world=1, accum=4)
     four = _launch(ds, tmp_path / "ckpt-c", tmp_path / "four", 4, world=4, accum=1)
@@ -100,14 +108,18 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(tmp_path: Path) 
     want_batches = _global_batches(
         straight, 2, first_call=2 * 2, steps=2
     )  # steps 3 and 4 of the straight run
-    checkpoint = load_file(str(tmp_path / "ckpt-d" / "step-00000002" / "optim-generator.safetensors"))
+    checkpoint = load_file(str(kept / "optim-generator.safetensors"))
     want_moments = load_file(str(tmp_path / "ckpt-a" / "step-00000004" / "optim-generator.safetensors"))
     # on the same number of ranks: bit-for-bit (the same sums in the same order)
     for r in range(2):
         assert same[r]["resumed_from"] == 2 and same[r]["keys"] == straight[r]["keys"][4:], r
         for key in ("params", "ema"):
             assert all(torch.equal(same[r][key][k], v) for k, v in straight[r][key].items()), (r, key)
-    moved = _max_diff(straight[0]["params"], first[0]["params"])  # how far steps 3-4 move the weights
+    at_2 = {  # the generator's weights after step 2
+        k.removeprefix("generator/"): v for k, v in load_file(str(kept / "params.safetensors")).items()
+        if k.startswith("generator/")
+    }
+    moved = _max_diff(straight[0]["params"], at_2)  # how far steps 3-4 move the weights
     worst = 0.0
     for name, run, accum, ckpt in (("1 rank", one, 4, "ckpt-b"), ("4 ranks", four, 1, "ckpt-c")):
         assert all(r["resumed_from"] == 2 for r in run), name
@@ -148,9 +160,8 @@ def test_a_sharded_optimizer_checkpoint_is_re_sharded_on_another_number_of_ranks
     ``safe_set_full_optimizer_state``), on 1 rank one process takes it all. Same samples exactly, same weights and
     EMA within float tolerance (module docstring)."""
     ds = _dataset(tmp_path / "data")
-    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, mode)
-    _launch(ds, tmp_path / "ckpt-b", tmp_path / "b", 2, 2, 2, mode)
-    shutil.copytree(tmp_path / "ckpt-b", tmp_path / "ckpt-c")
+    straight = _launch(ds, tmp_path / "ckpt-a", tmp_path / "a", 4, 2, 2, mode, "keep")
+    _preempted_at_step_2(tmp_path, "ckpt-b", "ckpt-c")
     one = _launch(ds, tmp_path / "ckpt-b", tmp_path / "one", 4, 1, 4, mode)
     four = _launch(ds, tmp_path / "ckpt-c", tmp_path / "four", 4, 4, 1, mode)
     total = straight[0]["optimizer_shard"]["params"]

@@ -2,33 +2,40 @@
 store folder, exactly as the stages run it (``anyflow.stages.common.train_resumable``), with a chosen gradient
 accumulation, so that runs on different numbers of ranks train on the same global batch.
 
-    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM [zero | ds:NAME]
+    torchrun --nproc_per_node W resize_worker.py DATASET CKPT_URL OUT STEPS GRAD_ACCUM [zero | ds:NAME] [keep]
 
 Trains to ``STEPS`` with micro-batches of one sample (resuming from the newest checkpoint under ``CKPT_URL`` if
 there is one) and writes OUT/rankR.pt: the trained adapter, the EMA, the step it resumed from, this rank's
 loader state, the keys of every batch this rank drew, in order, and how many trainable elements' AdamW moments
 this rank held. ``zero``: ``train.shard_optimizer`` (ZeRO-1: moments and EMA split over the ranks); ``ds:NAME``:
-``train.deepspeed=NAME`` (a DeepSpeed ZeRO engine per optimiser group, flat partitions).
+``train.deepspeed=NAME`` (a DeepSpeed ZeRO engine per optimiser group, flat partitions). ``keep``: each checkpoint
+the run prunes (``step-XXXXXXXX`` under CKPT_URL, deleted once a newer one is published) is first copied to
+OUT/kept/step-XXXXXXXX, so one uninterrupted run also leaves the checkpoint a run preempted there would resume from.
 """
 
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from anyflow import storage
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
 from anyflow.models.convert import wan_to_anyflow
 from anyflow.models.tiny import build_tiny_wan
+from anyflow.stages import common
 from anyflow.stages.common import train_resumable
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.methods import FlowMapMethod
 
 dataset, ckpt_url, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 steps, accum = int(sys.argv[4]), int(sys.argv[5])
-mode = sys.argv[6] if len(sys.argv) > 6 else ""
+flags = sys.argv[6:]
+keep = "keep" in flags
+mode = next((f for f in flags if f != "keep"), "")
 zero = mode == "zero"
 deepspeed = mode.removeprefix("ds:") if mode.startswith("ds:") else ""
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -69,6 +76,15 @@ class Recording:
     def load_state_dict(self, state):
         self.inner.load_state_dict(state)
 
+
+if keep:  # rank 0 prunes (after publishing the next checkpoint): copy the pruned folder away first
+    remove = common._remove_checkpoint
+
+    def _keep_then_remove(url: str) -> None:
+        shutil.copytree(storage.local_path(url), out / "kept" / url.rstrip("/").rsplit("/", 1)[1])
+        remove(url)
+
+    common._remove_checkpoint = _keep_then_remove
 
 batches = Recording(data)
 method = FlowMapMethod(models, dataclasses.replace(p.flowmap, train=tr), data.negative_embedding())
