@@ -60,7 +60,10 @@ def prepared(prepare_data: Any, fingerprint: Any, platform: Platform, *, name: s
             loop_task = platform.apply(partition(partition=item, preset=preset, overrides_json=overrides_json,
                                                  store=store, extra_overrides_json=extra_overrides_json),
                                        "prepare_data")
-            loop_task.set_display_name(f"{name}_partition")
+            # never from KFP's cache: its key is the item ("<index>:<listing>"), not what the store holds, so a
+            # partition deleted from the store would be listed again and skipped as a cache hit; the fingerprint
+            # lists only partitions not in the store, so nothing stored is encoded twice
+            loop_task.set_display_name(f"{name}_partition").set_caching_options(enable_caching=False)
     task = prepare_data(preset=preset, overrides_json=overrides_json, store=store,
                         extra_overrides_json=extra_overrides_json, source_fingerprint=fp.outputs["digest"],
                         **({"merge_only": True} if fanout else {}), **component_args)

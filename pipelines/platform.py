@@ -105,8 +105,9 @@ def _default_stages() -> dict[str, StageResources]:
         # (a 14B model in bf16: 2 x 28 GB, plus the text encoder)
         EXPORT_PROFILE: StageResources(gpus=0, cpu_request="4", cpu_limit="8", memory_request="96Gi",
                                        memory_limit="160Gi", timeout_s=6 * 3600, retries=2),
-        # the merge after a fanned-out prepare_data (prepare_fanout: true): CPU only, it reads the partitions'
-        # index.json files and writes one index over them (a 10^5-clip dataset: ~7 MB of index)
+        # the merge after a fanned-out prepare_data (prepare_fanout: true): CPU only; per partition it reads the
+        # manifest, lists the objects (sizes only: anyflow.data.partitions.cached_partition) and reads index.json,
+        # then writes one index over them (a 10^5-clip dataset: ~7 MB of index)
         MERGE_PROFILE: StageResources(gpus=0, cpu_request="500m", cpu_limit="2", memory_request="2Gi",
                                       memory_limit="8Gi", shm_size="64Mi", timeout_s=2 * 3600, retries=2),
         # the record task after every stage task (pipelines/records.py): CPU only, reads one manifest

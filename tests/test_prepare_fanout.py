@@ -14,7 +14,7 @@ import torch
 
 from anyflow import storage
 from anyflow.config import StageInputError, apply_overrides, get_preset
-from anyflow.data.partitions import PARTITION_STAGE, PartitionsBadInput
+from anyflow.data.partitions import PARTITION_STAGE
 from anyflow.stages import prepare_data as prep
 from anyflow.stages import run_stage
 
@@ -71,12 +71,62 @@ def test_merge_only_merges_published_partitions_and_refuses_a_missing_one(
     loads.clear()
 
     grown = {**over, "data.source": "procedural:n=7,seed=4"}  # a clip arrived after the fingerprint task listed
-    with prep.merge_only(), pytest.raises(PartitionsBadInput, match=r"part-00003 .*merge task.*not in the store"):
+    with prep.merge_only(), pytest.raises(StageInputError, match=r"merge task\): partition\(s\) 3:\w+ .*not in the"):
         run_stage("prepare_data", store=store, overrides=grown, progress=False)  # named; exit 2 (bad input)
     with prep.merge_only(), pytest.raises(StageInputError, match=r"does not encode an unpartitioned source"):
         run_stage("prepare_data", store=store, overrides={**over, "data.partition_size": 0}, progress=False)
     assert loads == []  # no encoder was loaded on the merge's CPU profile
     assert prep._NO_ENCODERS == []  # the context is left as found, also after a failure
+
+
+def test_the_merge_only_component_exits_2_without_loading_an_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The KFP component itself (what the compiled merge task runs): ``merge_only=True`` reaches the stage."""
+    from kfp import dsl
+
+    from components.prepare_data.component import prepare_data
+
+    store = str(tmp_path / "store")
+    over = {**GEOM, "data.source": "procedural:n=4,seed=6", "data.partition_size": 2}
+    cfg = apply_overrides(get_preset("tiny"), over)
+    first = prep.partition_plan(cfg, store)[0]
+    prep.encode_partition_item(cfg, store, first, progress=False)  # the loop published one partition of two
+    monkeypatch.setattr(prep.common, "load_models", lambda c: pytest.fail("the merge task loaded an encoder"))
+    out = dsl.Dataset(name="dataset", uri=str(tmp_path / "out" / "dataset"))
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics"))
+    with pytest.raises(SystemExit) as exit_:
+        prepare_data(out, metrics, preset="tiny", overrides_json=json.dumps(over), store=store, merge_only=True)
+    assert exit_.value.code == 2  # bad input: KFP's retries stop (anyflow.errors)
+    assert "partition(s) 1:" in capsys.readouterr().err
+
+
+def test_partition_cache_checks_sizes_without_reading_the_data(tmp_path: Path) -> None:
+    """The fingerprint and merge tasks check every partition on every run: by manifest and sizes, no hashing
+    (readers check each byte they use); a missing or truncated file still makes the partition be encoded again."""
+    from anyflow.data import partitions as P
+
+    store = str(tmp_path / "store")
+    cfg = apply_overrides(get_preset("tiny"), {**GEOM, "data.source": "procedural:n=4,seed=7",
+                                               "data.partition_size": 2})
+    for item in prep.partition_plan(cfg, store):
+        prep.encode_partition_item(cfg, store, item, progress=False)
+    storage._VERIFIED.clear()  # a fresh process: nothing hashed yet
+    hashed = []
+    real = storage.hash_inside
+    storage_hash = pytest.MonkeyPatch()
+    storage_hash.setattr(storage, "hash_inside", lambda *a, **k: hashed.append(a[1]) or real(*a, **k))
+    try:
+        assert prep.partition_plan(cfg, store) == []
+        assert hashed == []
+        part = P.plan_partitions(cfg.data.source, 2)[1]
+        url = P.partition_url(store, part, cfg)
+        shard = next(f for f in storage.read_manifest(url)["files"] if f.startswith("shard-"))
+        path = storage.local_path(storage.join(url, shard))
+        path.write_bytes(path.read_bytes()[:-1])  # truncated
+        assert [i.split(":")[0] for i in prep.partition_plan(cfg, store)] == ["1"]
+    finally:
+        storage_hash.undo()
 
 
 @pytest.mark.slow
@@ -109,3 +159,23 @@ def test_fanned_out_graph_through_kfp_local_runner(tmp_path: Path) -> None:
     with pytest.raises(LocalRunError, match="fingerprint"):
         run_local(func, bad, tmp_path / "work", "unpartitioned", env=env)
     assert "needs data.partition_size > 0" in (tmp_path / "work" / "runs" / "unpartitioned.log").read_text()
+
+
+@pytest.mark.parametrize("argv", [["submit", "--pipeline", "anyflow-t2v"], ["submit", "--pipeline", "anyflow-far"],
+                                  ["rerun", "--stage", "prepare_data"]])
+def test_submit_refuses_an_unpartitioned_run_under_prepare_fanout(argv: list[str], tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    """Before anything reaches the cluster: the CLI applies the fingerprint task's rule (no KFP API is contacted:
+    nothing listens on the host)."""
+    from anyflow import cli
+
+    monkeypatch.delenv("ANYFLOW_IMAGE", raising=False)
+    plat = tmp_path / "platform.yaml"
+    plat.write_text("prepare_fanout: true\n")
+    common = [*argv, "--host", "http://127.0.0.1:9", "--platform", str(plat),
+              "--image", "registry.test/anyflow-train@sha256:" + "0" * 64]
+    assert cli.main([*common, "--store", "s3://bucket/anyflow"]) == 2
+    err = capsys.readouterr().err
+    assert "needs data.partition_size > 0" in err and "--set data.partition_size=N" in err
+    assert cli.main([*common, "--set", "data.partition_size=4"]) == 2
+    assert "needs a store" in capsys.readouterr().err

@@ -224,6 +224,26 @@ def _optional(spec: Any) -> bool:
     return bool(getattr(spec, "optional", False) or getattr(spec, "default", None) is not None)
 
 
+def check_fanout(platform: Any, params: dict[str, Any], what: str) -> None:
+    """A platform with ``prepare_fanout`` compiles a prepare_data that only merges: refuse here, before anything
+    is submitted, the run its fingerprint task would refuse on the cluster (no ``data.partition_size`` > 0 or no
+    store) -- the same rule, :func:`anyflow.stages.prepare_data.partition_plan`."""
+    if not getattr(platform, "prepare_fanout", False) or "overrides_json" not in params:
+        return
+    from anyflow.config import ConfigError, StageInputError, apply_overrides, get_preset
+    from anyflow.stages.prepare_data import partition_plan
+
+    try:
+        cfg = apply_overrides(get_preset(params.get("preset", "tiny")), json.loads(params["overrides_json"]))
+    except (ConfigError, ValueError):
+        return  # the stage task names a bad config itself
+    if not (cfg.data.partition_size and params.get("store")):
+        try:
+            partition_plan(cfg, params.get("store", ""), fanout=True)
+        except StageInputError as exc:
+            raise UserError(f"{what}: {exc} (--set data.partition_size=N, --store URL)") from None
+
+
 def _submit(args: argparse.Namespace, pipeline_func: Any, params: dict[str, Any]) -> int:
     from pipelines.client import friendly_errors
 

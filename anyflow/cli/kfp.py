@@ -21,6 +21,7 @@ from anyflow.cli._common import (
     _pipeline_params,
     _platform,
     _submit,
+    check_fanout,
 )
 
 
@@ -49,11 +50,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Compile and submit a pipeline to a KFP endpoint."""
     from pipelines.compile import CompileError, build
 
+    platform = _platform(args)
     try:
-        func = build(args.pipeline, _platform(args), _cluster_image(args))
+        func = build(args.pipeline, platform, _cluster_image(args))
     except (CompileError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    return _submit(args, func, _pipeline_params(args, func))
+    params = _pipeline_params(args, func)
+    if args.pipeline in ("anyflow-t2v", "anyflow-far"):  # their prepare_data tasks fan out (pipelines/fingerprint.py)
+        check_fanout(platform, params, f"anyflow submit --pipeline {args.pipeline} --platform {args.platform}")
+    return _submit(args, func, params)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

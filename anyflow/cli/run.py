@@ -25,6 +25,7 @@ from anyflow.cli._common import (
     _print_run,
     _store,
     _submit,
+    check_fanout,
 )
 from anyflow.urls import role_url_argument
 
@@ -243,7 +244,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if args.force:
         _discard(args, uris, platform, store)
     if args.host:
-        return _submit(args, func, _pipeline_params(args, func))
+        params = _pipeline_params(args, func)
+        if args.stage == "prepare_data":
+            check_fanout(platform, params, f"anyflow rerun --stage prepare_data --platform {args.platform}")
+        return _submit(args, func, params)
     params = {"preset": args.preset, "overrides_json": json.dumps(_overrides(args), sort_keys=True), "store": store}
     name = time.strftime(f"rerun-{args.stage}-%Y%m%d-%H%M%S", time.gmtime())
     from anyflow.config import apply_overrides, get_preset

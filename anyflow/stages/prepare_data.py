@@ -36,10 +36,19 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             "data.source is empty: set it to a folder, s3:// prefix, .csv/.jsonl index, .tar shards or 'procedural:n=…'"
         )
     d = cfg.data
-    if _NO_ENCODERS and not (d.partition_size and store):
-        raise common.StageInputError(
-            "prepare_data (merge task): prepare_fanout: true needs data.partition_size > 0 and a store; this task "
-            "does not encode an unpartitioned source")
+    if _NO_ENCODERS:
+        if not (d.partition_size and store):
+            raise common.StageInputError(
+                "prepare_data (merge task): prepare_fanout: true needs data.partition_size > 0 and a store; this "
+                "task does not encode an unpartitioned source")
+        missing = partition_plan(cfg, store)
+        if missing:
+            raise common.StageInputError(
+                f"prepare_data (merge task): partition(s) {', '.join(missing)} (index:listing) of "
+                f"data.source={d.source} are not in the store {store}, and this task only merges "
+                "(prepare_fanout: true). The source changed after the source_fingerprint task listed its "
+                "partitions, or a partition artifact was deleted since: run the pipeline again (the fingerprint "
+                "task lists them anew, and the partition tasks are never taken from KFP's cache)")
     if d.partition_size:  # partitions: each its own cached artifact in the store, then one index over them
         from anyflow.data.partitions import prepare_partitioned
 
@@ -70,12 +79,10 @@ def merge_only() -> Iterator[None]:
 
 def _encoders(cfg: Preset) -> tuple:
     """The VAE and text encoder of the preset's model as plain callables (loaded now)."""
-    if _NO_ENCODERS:
+    if _NO_ENCODERS:  # run() checked the partitions first; one vanished since
         raise common.StageInputError(
-            f"prepare_data (merge task): a partition of data.source={cfg.data.source} is not in the store, and this "
-            "task only merges (prepare_fanout: true). The source changed after the source_fingerprint task listed "
-            "its partitions, or a partition pod's artifact is gone: run the pipeline again (the fingerprint task "
-            "lists the partitions to encode anew)")
+            f"prepare_data (merge task): a partition of data.source={cfg.data.source} left the store while this "
+            "task merged, and this task only merges (prepare_fanout: true): run the pipeline again")
     base = common.load_models(cfg)
 
     @torch.no_grad()
