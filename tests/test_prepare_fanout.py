@@ -179,3 +179,32 @@ def test_submit_refuses_an_unpartitioned_run_under_prepare_fanout(argv: list[str
     assert "needs data.partition_size > 0" in err and "--set data.partition_size=N" in err
     assert cli.main([*common, "--set", "data.partition_size=4"]) == 2
     assert "needs a store" in capsys.readouterr().err
+
+
+def test_a_partition_pod_retried_after_bad_input_stops_before_loading_encoders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KFP retries a failed partition pod (the platform's retries); after a bad-input failure the retry of the same
+    run stops at once, naming the first failure, instead of loading the encoders again. Another run tries anew."""
+    from anyflow.stages import RUN_ENV, RepeatedStageFailure
+
+    rows = [{"video": "a.mp4", "caption": "a"}, {"video": "b.mp4"}]  # b has no caption; no video exists
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = apply_overrides(get_preset("tiny"), {**GEOM, "data.source": str(tmp_path / "index.jsonl"),
+                                               "data.partition_size": 2, "data.strict": True})
+    store = str(tmp_path / "store")
+    (item,) = prep.partition_plan(cfg, store)
+    loads = []
+    real = prep._encoders
+    monkeypatch.setattr(prep, "_encoders", lambda c: loads.append(1) or real(c))
+    monkeypatch.setenv(RUN_ENV, "run-a")
+    with pytest.raises(Exception, match="missing_video") as first:
+        prep.encode_partition_item(cfg, store, item, progress=False)
+    assert not isinstance(first.value, RepeatedStageFailure) and len(loads) == 1
+    with pytest.raises(RepeatedStageFailure, match=r"earlier attempt of this run \(run-a.*missing_video"):
+        prep.encode_partition_item(cfg, store, item, progress=False)  # the KFP retry
+    assert len(loads) == 1  # stopped before loading the encoders
+    monkeypatch.setenv(RUN_ENV, "run-b")  # a new run (the input may have been fixed): tried again
+    with pytest.raises(Exception, match="missing_video") as again:
+        prep.encode_partition_item(cfg, store, item, progress=False)
+    assert not isinstance(again.value, RepeatedStageFailure) and len(loads) == 2

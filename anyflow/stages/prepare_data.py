@@ -147,11 +147,28 @@ def encode_partition_item(cfg: Preset, store: str, item: str, *, progress: bool 
     """Encode one partition of :func:`partition_plan` (``item`` = ``"<index>:<fingerprint>"``) into the store."""
     from anyflow.data.partitions import prepare_partitioned
 
+    import os
+
+    from anyflow import stages, storage
+    from anyflow.data.partitions import PARTITION_STAGE
+
     index, _, fingerprint = item.partition(":")
-    if not index.isdigit():
+    if not index.isdigit() or not fingerprint.isalnum():
         raise common.StageInputError(f"partition item {item!r} is not '<index>:<fingerprint>' (partition_plan's form)")
-    summary, urls = prepare_partitioned(cfg.data.source, cfg, _need_store(cfg, store), Path("."),
-                                        load_encoders=lambda: _encoders(cfg), progress=progress, only=[int(index)])
+    # A bad-input failure is final for this run: KFP's retries of the pod stop at once instead of loading the
+    # encoders again (as run_stage does for a stage: FAILED.json, keyed by the KFP run).
+    marker = storage.join(_need_store(cfg, store), "checkpoints", PARTITION_STAGE, f"{index}-{fingerprint}",
+                          stages.FAILURE_MARKER)
+    run_id = os.environ.get(stages.RUN_ENV, "").strip()
+    stages._stop_if_failed_before(PARTITION_STAGE, marker, run_id)
+    try:
+        summary, urls = prepare_partitioned(cfg.data.source, cfg, store, Path("."),
+                                            load_encoders=lambda: _encoders(cfg), progress=progress,
+                                            only=[int(index)])
+    except stages._permanent_failures() as exc:
+        if run_id:
+            stages._record_failure(marker, run_id, PARTITION_STAGE, exc)
+        raise
     print(f"[anyflow] prepare_data partition {index} (planned listing {fingerprint}): {urls[0]} "
           f"({'encoded' if summary['partitions_encoded'] else 'cached'})", flush=True)
     return {"uri": urls[0], **summary}
