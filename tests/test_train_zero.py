@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from anyflow.config import get_preset
 
 
-def _launch(dataset: str, ckpt: Path, out: Path, steps: int, mode: str) -> list[dict]:
-    torchrun("zero_worker.py", dataset, ckpt, out, steps, mode)
+def _launch(dataset: str, ckpt: Path, out: Path, steps: int, mode: str, *extra: str) -> list[dict]:
+    torchrun("zero_worker.py", dataset, ckpt, out, steps, mode, *extra)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -45,17 +45,21 @@ def _assert_same_checkpoint(a: Path, b: Path, ema: dict) -> None:
 
 @pytest.fixture(scope="module")
 def plain_run(tiny_chain, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
-    """The reference: 4 on-policy steps on 2 ranks with plain AdamW; the results and the checkpoint store."""
+    """The reference: 4 on-policy steps on 2 ranks with plain AdamW; the results and the checkpoint store (its
+    step-2 checkpoint, pruned at step 4, is kept in out/kept: ``plain_step2``)."""
     root = tmp_path_factory.mktemp("plain")
-    return _launch(tiny_chain["dataset"].uri, root / "ckpt", root / "out", 4, "plain"), root / "ckpt"
+    return _launch(tiny_chain["dataset"].uri, root / "ckpt", root / "out", 4, "plain", "keep"), root / "ckpt"
 
 
 @pytest.fixture(scope="module")
-def plain_step2(tiny_chain, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint store holding plain AdamW's state after 2 of the 4 steps (a run "preempted" there)."""
-    root = tmp_path_factory.mktemp("plain2")
-    _launch(tiny_chain["dataset"].uri, root / "ckpt", root / "out", 2, "plain")
-    return root / "ckpt"
+def plain_step2(plain_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint store holding plain AdamW's state after 2 of the 4 steps (a run "preempted" there): the
+    reference run's own step-2 checkpoint."""
+    kept = plain_run[1].parent / "out" / "kept" / "step-00000002"
+    assert (kept / "manifest.json").is_file()
+    store = tmp_path_factory.mktemp("plain2") / "ckpt"
+    shutil.copytree(kept, store / kept.name)
+    return store
 
 
 @pytest.mark.slow

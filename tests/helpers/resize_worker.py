@@ -15,18 +15,16 @@ OUT/kept/step-XXXXXXXX, so one uninterrupted run also leaves the checkpoint a ru
 
 import dataclasses
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
+from keep_pruned import keep_pruned
 
-from anyflow import storage
 from anyflow.config import get_preset
 from anyflow.data.shards import LatentDataset
 from anyflow.models.convert import wan_to_anyflow
 from anyflow.models.tiny import build_tiny_wan
-from anyflow.stages import common
 from anyflow.stages.common import train_resumable
 from anyflow.train.adapters import AdapterModel
 from anyflow.train.methods import FlowMapMethod
@@ -77,15 +75,8 @@ class Recording:
         self.inner.load_state_dict(state)
 
 
-if keep:  # rank 0 prunes (after publishing the next checkpoint): copy the pruned folder away first
-    remove = common._remove_checkpoint
-
-    def _keep_then_remove(url: str) -> None:
-        shutil.copytree(storage.local_path(url), out / "kept" / url.rstrip("/").rsplit("/", 1)[1])
-        remove(url)
-
-    common._remove_checkpoint = _keep_then_remove
-
+if keep:
+    keep_pruned(out / "kept")
 batches = Recording(data)
 method = FlowMapMethod(models, dataclasses.replace(p.flowmap, train=tr), data.negative_embedding())
 (out / f"r{rank}").mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,11 @@ torchrun with preemption-safe checkpoints in a store folder, as the stages run i
 (``anyflow.stages.common.train_resumable``), with plain AdamW, torch's ZeRO-1 (``train.shard_optimizer``) or
 DeepSpeed ZeRO (``train.deepspeed``).
 
-    torchrun --nproc_per_node W zero_worker.py DATASET CKPT_URL OUT STEPS MODE
+    torchrun --nproc_per_node W zero_worker.py DATASET CKPT_URL OUT STEPS MODE [keep]
 
 Trains to ``STEPS`` (resuming from the newest checkpoint under ``CKPT_URL`` if there is one); MODE is ``plain``,
-``zero1`` (torch) or ``ds:<train.deepspeed value>``, e.g. ``ds:zero2``.
+``zero1`` (torch) or ``ds:<train.deepspeed value>``, e.g. ``ds:zero2``. ``keep``: each checkpoint the run prunes
+is first copied to OUT/kept/step-XXXXXXXX (helpers/keep_pruned.py).
 Writes OUT/rankR.pt: the trained adapters, the EMA, the step it resumed from, the optimiser partition
 counts and the number of moment elements this rank's optimisers really hold.
 """
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from keep_pruned import keep_pruned
 from states import random_adapter_state as random_state
 
 from anyflow.config import get_preset
@@ -67,6 +69,8 @@ def _spied(clip_and_step):
 
 
 TrainContext.clip_and_step = _spied(TrainContext.clip_and_step)
+if sys.argv[6:] == ["keep"]:
+    keep_pruned(out / "kept")
 (out / f"r{rank}").mkdir(parents=True, exist_ok=True)
 result = train_resumable(method, tr, data, out_dir=out / f"r{rank}", ckpt_url=ckpt_url, progress=False,
                          final_checkpoint=True)  # a shorter run stands for a preempted one
