@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,16 @@ TOL = 1e-5
 PROMPTS = ["a red circle moving left on a black background", "a blue square moving up on a white background"]
 FAST = {"teacher.train.steps": 2, "flowmap.train.steps": 2, "distill.train.steps": 2}
 
-# Runs in a fresh interpreter with diffusers only. Prints one JSON line: sigmas per NFE and where it saved latents.
+# Runs in a fresh interpreter with diffusers only (-I: no PYTHONPATH, no user site; it never imports anyflow),
+# started once per module (``plain_diffusers``) so that torch and diffusers are imported once, not once per test:
+# it reads one JSON spec per line on stdin and answers one line, "RESULT " + JSON (sigmas per NFE, class names; the
+# latents are saved to the spec's "out" file) or "ERROR " + JSON (the traceback). Every request starts from a fresh
+# interpreter's global random state and loads its pipeline anew: an answer does not depend on the requests before.
 PLAIN = r'''
-import json, math, sys
+import json, math, sys, traceback
 import torch
 import diffusers
 from safetensors.torch import load_file, save_file
-
-spec = json.loads(sys.argv[1])
-cls = getattr(diffusers, spec["pipeline"])
-root = spec["dir"]
 
 
 def mask_padding_keys(pipe):
@@ -71,8 +72,9 @@ def mask_padding_keys(pipe):
         block.attn1.set_processor(Masked())
 
 
-def load(with_lora):
-    pipe = cls.from_pretrained(spec["base"] if spec.get("lora_dir") else root, torch_dtype=torch.float32)
+def load(spec, with_lora):
+    cls = getattr(diffusers, spec["pipeline"])
+    pipe = cls.from_pretrained(spec["base"] if spec.get("lora_dir") else spec["dir"], torch_dtype=torch.float32)
     if spec.get("lora_dir") and with_lora:
         pipe.load_lora_weights(spec["lora_dir"], weight_name=spec["lora_file"])
         if spec.get("non_lora_file"):
@@ -85,7 +87,7 @@ def load(with_lora):
     return pipe
 
 
-def sample(pipe, prefix, out):
+def sample(spec, pipe, prefix, out):
     noise = torch.randn(spec["shape"], generator=torch.Generator().manual_seed(spec["seed"]))  # (B, F, C, h, w)
     for n in spec["nfes"]:
         kw = dict(prompt=spec["prompts"], latents=noise.permute(0, 2, 1, 3, 4).clone(), num_inference_steps=n,
@@ -98,36 +100,75 @@ def sample(pipe, prefix, out):
         out[f"{prefix}{n}"] = lat.permute(0, 2, 1, 3, 4).float().contiguous()
 
 
-out = {}
-pipe = load(True)
-sigmas = {}
-for n in spec["nfes"]:
-    pipe.scheduler.set_timesteps(n)
-    sigmas[n] = pipe.scheduler.sigmas.double().tolist()
-sample(pipe, "nfe", out)
-if spec.get("control"):
-    sample(load(False), "base", out)
-assert not [m for m in sys.modules if m == "anyflow" or m.startswith("anyflow.")], "anyflow was imported"
-save_file(out, spec["out"])
-print(json.dumps({"sigmas": sigmas, "scheduler": type(pipe.scheduler).__name__,
-                  "transformer": type(pipe.transformer).__name__}))
+def run(spec):
+    out = {}
+    pipe = load(spec, True)
+    sigmas = {}
+    for n in spec["nfes"]:
+        pipe.scheduler.set_timesteps(n)
+        sigmas[n] = pipe.scheduler.sigmas.double().tolist()
+    sample(spec, pipe, "nfe", out)
+    if spec.get("control"):
+        sample(spec, load(spec, False), "base", out)
+    assert not [m for m in sys.modules if m == "anyflow" or m.startswith("anyflow.")], "anyflow was imported"
+    save_file(out, spec["out"])
+    return {"sigmas": sigmas, "scheduler": type(pipe.scheduler).__name__,
+            "transformer": type(pipe.transformer).__name__}
+
+
+for line in sys.stdin:
+    torch.manual_seed(torch.initial_seed())  # a fresh interpreter's global random state, for every request
+    try:
+        print("RESULT " + json.dumps(run(json.loads(line))), flush=True)
+    except Exception:
+        print("ERROR " + json.dumps(traceback.format_exc()), flush=True)
 '''
 
 
-def _plain(tmp: Path, spec: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    script = tmp / "plain_diffusers.py"
-    script.write_text(PLAIN)
-    spec = {**spec, "out": str(tmp / "plain.safetensors")}
-    # -I: isolated (no PYTHONPATH, no user site, the script's folder first): nothing puts the checkout on the path
-    r = subprocess.run(
-        [sys.executable, "-I", str(script), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1]), load_file(spec["out"])
+class PlainDiffusers:
+    """The ``PLAIN`` interpreter of this module (fixture ``plain_diffusers``): one request at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        script = folder / "plain_diffusers.py"
+        script.write_text(PLAIN)
+        self.stderr = (folder / "stderr.txt").open("w+")  # a file, not a pipe: a full pipe would block it
+        # -I: isolated (no PYTHONPATH, no user site, the script's folder first): nothing puts the checkout on the path
+        self.proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=folder)
+
+    def __call__(self, tmp: Path, spec: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Sample ``spec`` in the plain interpreter: (its answer, the latents it saved)."""
+        spec = {**spec, "out": str(tmp / "plain.safetensors")}
+        assert self.proc.poll() is None, f"the plain-diffusers interpreter exited: {self._stderr()}"
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:  # anything diffusers prints comes before the answer
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT ") :]), load_file(spec["out"])
+            if line.startswith("ERROR "):
+                raise AssertionError("plain diffusers failed:\n" + json.loads(line[len("ERROR ") :]))
+        raise AssertionError(f"the plain-diffusers interpreter exited: {self._stderr()}")
+
+    def _stderr(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()[-4000:]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def plain_diffusers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlainDiffusers]:
+    plain = PlainDiffusers(tmp_path_factory.mktemp("plain-diffusers"))
+    yield plain
+    plain.close()
 
 
 def _spec(export_dir: Path, ref_shape: tuple[int, ...], **extra) -> dict:
@@ -203,7 +244,7 @@ def tiny_ref(tiny_chain: dict) -> tuple[str, dict[int, torch.Tensor]]:
 
 
 @pytest.mark.slow
-def test_diffusers_folder_samples_like_anyflow_sample(tiny_ref, tmp_path):
+def test_diffusers_folder_samples_like_anyflow_sample(tiny_ref, tmp_path, plain_diffusers):
     ck, ref = tiny_ref
     out = _export(ck, "diffusers", tmp_path / "export")
     _check_artifact(out, ck, "diffusers")
@@ -211,7 +252,7 @@ def test_diffusers_folder_samples_like_anyflow_sample(tiny_ref, tmp_path):
     assert index["_class_name"] == "AnyFlowPipeline"
     assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")), "safetensors only"
-    meta, got = _plain(tmp_path, _spec(out, tuple(ref[1].shape)))
+    meta, got = plain_diffusers(tmp_path, _spec(out, tuple(ref[1].shape)))
     assert (
         meta["scheduler"] == "FlowMapEulerDiscreteScheduler"
         and meta["transformer"] == "AnyFlowTransformer3DModel"
@@ -222,14 +263,14 @@ def test_diffusers_folder_samples_like_anyflow_sample(tiny_ref, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_file_on_the_base_samples_like_anyflow_sample(tiny_ref, tmp_path):
+def test_lora_file_on_the_base_samples_like_anyflow_sample(tiny_ref, tmp_path, plain_diffusers):
     ck, ref = tiny_ref
     out = _export(ck, "lora", tmp_path / "export")
     _check_artifact(out, ck, "lora")
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     assert not (out / "non_lora.safetensors").exists()  # a bidirectional generator is LoRA only
-    _, got = _plain(tmp_path, _spec(out, tuple(ref[1].shape), control=True))
+    _, got = plain_diffusers(tmp_path, _spec(out, tuple(ref[1].shape), control=True))
     _compare(got, ref, control=True)
 
 
@@ -255,7 +296,7 @@ def far_ref(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[int, to
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["diffusers", "lora"])
-def test_far_export_samples_like_anyflow_sample(far_ref, tmp_path, fmt):
+def test_far_export_samples_like_anyflow_sample(far_ref, tmp_path, fmt, plain_diffusers):
     """AnyFlowFARPipeline over the export equals ``anyflow sample`` (N steps per chunk, KV cache) once the zero
     padding keys diffusers appends are masked — by a processor written in the plain script, not anyflow's."""
     ck, ref = far_ref
@@ -270,7 +311,7 @@ def test_far_export_samples_like_anyflow_sample(far_ref, tmp_path, fmt):
         }
     else:
         assert json.loads((out / "model_index.json").read_text())["_class_name"] == "AnyFlowFARPipeline"
-    meta, got = _plain(tmp_path, _spec(out, tuple(ref[1].shape), mask_padding=True, control=fmt == "lora"))
+    meta, got = plain_diffusers(tmp_path, _spec(out, tuple(ref[1].shape), mask_padding=True, control=fmt == "lora"))
     assert meta["transformer"] == "AnyFlowFARTransformer3DModel"
     _compare(got, ref, control=fmt == "lora")
 
@@ -282,10 +323,10 @@ def test_far_export_samples_like_anyflow_sample(far_ref, tmp_path, fmt):
     "mask, so its causal processor attends the zero keys it pads to a multiple of 128 (measured "
     "~0.04-0.05 off on far-tiny); when diffusers fixes it this passes: update docs/interfaces.md",
 )
-def test_far_export_with_diffusers_default_processor(far_ref, tmp_path):
+def test_far_export_with_diffusers_default_processor(far_ref, tmp_path, plain_diffusers):
     ck, ref = far_ref
     out = _export(ck, "diffusers", tmp_path / "export")
-    _, got = _plain(tmp_path, _spec(out, tuple(ref[1].shape)))
+    _, got = plain_diffusers(tmp_path, _spec(out, tuple(ref[1].shape)))
     _compare(got, ref, control=False)
 
 
@@ -514,7 +555,7 @@ def test_bfloat16_export_holds_the_float32_export_rounded(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_export_with_a_shared_base_samples_like_anyflow_sample(tmp_path):
+def test_lora_export_with_a_shared_base_samples_like_anyflow_sample(tmp_path, plain_diffusers):
     ck = _small_checkpoint(tmp_path / "ck", seed=2)
     out, base = tmp_path / "export", tmp_path / "base"
     args = ["export", ck, "--format", "lora", "--output", str(out), "--base-output", str(base)]
@@ -523,5 +564,5 @@ def test_lora_export_with_a_shared_base_samples_like_anyflow_sample(tmp_path):
     ref = _reference(ck, "tiny")
     spec = _spec(out, tuple(ref[1].shape), control=True)
     spec["base"] = str(base)
-    _, got = _plain(tmp_path, spec)
+    _, got = plain_diffusers(tmp_path, spec)
     _compare(got, ref, control=True)
