@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -60,6 +61,19 @@ from anyflow.rollout import flowmap_euler_sample
 CALLS = {"stage1_g": 4, "stage1_1": 3, "stage2": 14, "cd_g": 4, "cd_1": 3}  # network calls per step
 STAGE1 = {"g1": "stage 1, g = 1", "released": "stage 1, released", "meanflow": "stage 1, meanflow"}
 LR_FIELDS = ("lr_g1", "lr_released", "lr_meanflow", "cd_lr_1", "cd_lr_3")
+SCHEDULES = ("constant", "cosine")
+TARGETS = ("released", "meanflow")
+S2_FIELDS = ("lr", "ema", "fd", "dmd")  # stage-2 settings, one field per target: s2_<name>_<target>
+S2_DEFAULTS = {"lr": 1e-4, "ema": 0.99, "fd": 5.0, "dmd": 2.0}
+CD_ROWS = {"CD, unguided teacher": "CD, unguided", "CD, CFG-3 teacher": "CD, CFG 3"}  # row → curve
+CD_CONFIG = ("teacher_steps", "flowmap_steps", "onpolicy_steps", "cd_lr_1", "cd_lr_3", "width", "batch")
+CD_CONFIG += ("n_eval", "n_heldout", "ref_steps", "nfe")
+PATHS: dict = {
+    "cache": None,
+    "stage1_models": None,
+    "reuse_cd": {},
+}  # main's --cache / --stage1-models / --reuse-cd
+FLAT_REL = 0.05  # convergence criterion: N = 1 curve changes < 5 % (relative) over the last 25 % of steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +94,37 @@ class FairConfig:
     lr_meanflow: float = 3e-4
     cd_lr_1: float = 3e-4  # CD learning rates, unguided and CFG-3 teacher
     cd_lr_3: float = 3e-4
-    onpolicy_lr: float = 1e-4  # stage 2 (not searched)
+    onpolicy_lr: float = 1e-4  # unused: stage 2's settings are the s2_* fields below
     grid_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # --select: learning rates tried for every arm
+    # stage-1 learning-rate schedule per arm: constant, or cosine from lr_<arm> to 0 at the last step
+    sched_g1: str = "constant"
+    sched_released: str = "constant"
+    sched_meanflow: str = "constant"
+    # --select-stage1: (schedule, lr) pairs tried for every stage-1 arm, "schedule@lr"
+    grid_stage1: tuple[str, ...] = ("constant@0.0003", "cosine@0.001", "cosine@0.003")
+    # stage 2 (FMBS + DMD + forward loss) per stage-1 target: AdamW lr of generator and critic, EMA of the
+    # evaluated generator, ε_fd (τ units) of the co-trained forward loss, DMD real-score scale w (CFG 1 + w)
+    s2_lr_released: float = 1e-4
+    s2_lr_meanflow: float = 1e-4
+    s2_ema_released: float = 0.99
+    s2_ema_meanflow: float = 0.99
+    s2_fd_released: float = 5.0
+    s2_fd_meanflow: float = 5.0
+    s2_dmd_released: float = 2.0
+    s2_dmd_meanflow: float = 2.0
+    # --select-stage2: values tried one factor at a time around S2_DEFAULTS, "name@value"
+    grid_stage2: tuple[str, ...] = (
+        "lr@3e-05",
+        "lr@0.0003",
+        "ema@0.9",
+        "ema@0.999",
+        "fd@2.5",
+        "fd@10",
+        "dmd@1",
+        "dmd@3",
+    )
+    select_arms: tuple[str, ...] = ("g1", "released", "meanflow")  # the arms a --select-stage* run searches
+    heldout_loss_n: int = 4096  # held-out batch of the stage-1 selection loss
 
     def toy(self, **kw) -> toy.ExpConfig:
         return toy.ExpConfig(
@@ -93,6 +136,26 @@ class FairConfig:
             batch=self.batch,
             **kw,
         )
+
+    def stage2(self, cfg3: toy.ExpConfig, target: str, **over) -> toy.ExpConfig:
+        """The stage-2 config of a stage-1 target: its s2_* settings (or ``over``: name → value)."""
+        v = {k: over.get(k, getattr(self, f"s2_{k}_{target}")) for k in S2_FIELDS}
+        return dataclasses.replace(
+            cfg3, onpolicy_lr=v["lr"], onpolicy_ema=v["ema"], fd_epsilon=v["fd"], dmd_real_scale=v["dmd"]
+        )
+
+
+def _pair(item: str) -> tuple[str, float]:
+    name, value = item.split("@")
+    return name, float(value)
+
+
+def flatness(curve: list, col: int) -> float:
+    """Relative drop of column ``col`` of an N = 1 curve over the last 25 % of steps, (v(¾S) − v(S)) / v(¾S),
+    v(¾S) read at the last curve point at or before ¾ of the steps. Below FLAT_REL counts as converged."""
+    last = curve[-1][0]
+    ref = max((p for p in curve if p[0] <= 0.75 * last), key=lambda p: p[0], default=curve[0])
+    return (ref[col] - curve[-1][col]) / ref[col]
 
 
 def exact_reference(z: torch.Tensor, labels: torch.Tensor, g: float, steps: int) -> torch.Tensor:
@@ -117,7 +180,23 @@ class Setup:
         self.seed, self.fc, self.data = seed, fc, RingMixture()
         self.gen = torch.Generator().manual_seed(seed)
         self.base = fc.toy()
-        self.teacher = toy.train_teacher(self.data, self.base, self.gen, seed)
+        cache = PATHS["cache"]
+        key = f"teacher_seed{seed}_steps{fc.teacher_steps}_w{fc.width}_b{fc.batch}.pt"
+        if cache and (Path(cache) / key).is_file():  # the same deterministic run, saved by an earlier process
+            saved = torch.load(Path(cache) / key)
+            self.teacher = toy.ToyFlowMapMLP(
+                cond_dim=self.data.cond_dim, width=fc.width, depth=self.base.depth
+            )
+            self.teacher.load_state_dict(saved["state"])
+            self.teacher.requires_grad_(False)
+            self.gen.set_state(saved["gen"])
+        else:
+            self.teacher = toy.train_teacher(self.data, self.base, self.gen, seed)
+            if cache:
+                Path(cache).mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"state": self.teacher.state_dict(), "gen": self.gen.get_state()}, Path(cache) / key
+                )
         eg = torch.Generator().manual_seed(10_000 + seed)
         self.labels = self.data.balanced_labels(fc.n_eval)
         self.c = self.data.embed(self.labels)
@@ -141,21 +220,41 @@ class Setup:
             as_fn(model), self.z, self.c, n, torch.Generator().manual_seed(20_000 + self.seed), shift=1.0
         )
 
-    def train_stage1(self, cfg: toy.ExpConfig, curve: Callable) -> tuple[torch.nn.Module, list, float]:
-        """toy_anystep.train_flowmap with a curve of the N = 1 errors and the final training loss."""
+    def heldout_loss(self, model, cfg: toy.ExpConfig) -> float:
+        """Stage 1's regression on a held-out batch (fresh data; noise, times and label dropout from one
+        fixed generator, so every model of a seed sees the same draws), averaged over all pair types
+        *before* adaptive scaling: the training loss after §6.5's scaling is ≈ the diagonal (r = t) pairs'
+        loss alone, blind to the off-diagonal map that N = 1 uses."""
+        hg = torch.Generator().manual_seed(40_000 + self.seed)
+        x, c, _ = self.data.batch(self.fc.heldout_loss_n, hg)
+        with torch.no_grad():
+            _, diag = forward_flowmap_loss(as_fn(model), x, c, self.c_neg, hg, toy.loss_config(cfg))
+        return float(diag["per_sample"].mean())
+
+    def train_stage1(
+        self, cfg: toy.ExpConfig, curve: Callable, schedule: str = "constant"
+    ) -> tuple[torch.nn.Module, list, float]:
+        """toy_anystep.train_flowmap with a curve of the N = 1 errors and the final training loss;
+        ``schedule`` "cosine" decays the learning rate from cfg.flowmap_lr to 0 at the last step."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown stage-1 schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         student = toy.make_student(self.teacher, self.data, self.gen)
         ema = copy.deepcopy(student).requires_grad_(False)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.flowmap_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        steps = cfg.flowmap_steps
         lcfg = toy.loss_config(cfg)
         points, losses = [], []
-        for step in range(cfg.flowmap_steps):
+        for step in range(steps):
+            if schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = cfg.flowmap_lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
             x, c, _ = self.data.batch(cfg.batch, self.gen)
             loss, _ = forward_flowmap_loss(as_fn(student), x, c, self.c_neg, self.gen, lcfg)
             toy._step(opt, student, loss)
             ema_update(ema, student, cfg.eval_ema if step >= 100 else 0.0)
             losses.append(loss.item())
             if (step + 1) % self.fc.curve_every == 0 or step == 0:
-                points.append([step + 1, *curve(ema, self.fm_sampler(ema))])
+                points.append([step + 1, *curve(ema, self.fm_sampler(ema)), self.heldout_loss(ema, cfg)])
         return ema, points, _tail_mean(losses)
 
     def train_cd(
@@ -228,6 +327,144 @@ def select(seed: int, fc: FairConfig) -> dict:
     return {"seed": seed, "grid": grid, "chosen": chosen, "wall_s": time.perf_counter() - t0}
 
 
+def _arm_cfg(s: Setup, arm: str, lr: float) -> toy.ExpConfig:
+    g = 1.0 if arm == "g1" else 3.0
+    target = "released" if arm == "g1" else arm
+    return dataclasses.replace(s.base, guidance=g, cfg_target=target, flowmap_lr=lr)
+
+
+def select_stage1(seed: int, fc: FairConfig) -> dict:
+    """Seed-0 search of stage 1's (schedule, lr) per arm over fc.grid_stage1 at fc.flowmap_steps. Rule: the
+    lowest held-out loss of the final EMA (Setup.heldout_loss: the objective on fresh data with shared draws,
+    before adaptive scaling). The N = 1 distance to data is recorded, not used; the exact ODE is not computed."""
+    t0 = time.perf_counter()
+    s = Setup(seed, fc)
+
+    def curve(model, sampler):
+        return [None, s.dist(sampler(1))]
+
+    grid: dict = {}
+    for arm in fc.select_arms:
+        for item in fc.grid_stage1:
+            sched, lr = _pair(item)
+            cfg = _arm_cfg(s, arm, lr)
+            m, pts, loss = s.train_stage1(cfg, curve, sched)
+            if PATHS["stage1_models"]:
+                Path(PATHS["stage1_models"]).mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    m.state_dict(), Path(PATHS["stage1_models"]) / f"seed{seed}_{arm}_{sched}@{lr:g}.pt"
+                )
+            samp = s.fm_sampler(m)
+            row = {"schedule": sched, "lr": lr, "train_loss": loss, "heldout_loss": s.heldout_loss(m, cfg)}
+            row |= {"dist": {str(n): s.dist(samp(n)) for n in fc.nfe}, "curve": pts}
+            row["flat_dist"] = flatness(pts, 2)
+            grid.setdefault(arm, []).append(row)
+            toy._log(f"select-stage1 {arm} {item}: held-out loss {row['heldout_loss']:.4f}")
+    chosen: dict = {}
+    for arm, rows in grid.items():
+        best = min(rows, key=lambda r: r["heldout_loss"])
+        chosen[f"lr_{arm}"], chosen[f"sched_{arm}"] = best["lr"], best["schedule"]
+    return {"seed": seed, "grid": grid, "chosen": chosen, "wall_s": time.perf_counter() - t0}
+
+
+def teacher_samples(s: Setup, g: float, steps: int = 100) -> torch.Tensor:
+    """Points of the trained teacher's CFG-g ODE (Euler) from fresh noise, labels s.held_labels: the
+    distribution stage 2 distils (not the exact ODE, not the evaluation noise)."""
+    ng = torch.Generator().manual_seed(50_000 + s.seed)
+    z = torch.randn(len(s.held_labels), 1, 2, 1, 1, generator=ng)
+    fn = cfg_fn(as_fn(s.teacher), s.c_neg, g)
+    with torch.no_grad():
+        x = flowmap_euler_sample(
+            fn, z, s.data.embed(s.held_labels), steps, shift=1.0, use_mean_velocity=False
+        )
+    return from_latent(x).float()
+
+
+def select_stage2(seed: int, fc: FairConfig) -> dict:
+    """Seed-0 search of stage 2 per stage-1 target (fc.select_arms ∩ TARGETS), one factor at a time around
+    S2_DEFAULTS (fc.grid_stage2), on the stage 1 that fc's lr_/sched_ fields select. Rule: per factor, the value
+    with the lowest mean over N ∈ {1, 2, 4} of the class-wise energy distance to held-out samples of the
+    teacher's CFG-3 ODE (teacher_samples; the guided arm's target is the CFG-3 distribution, which is 0.05 from
+    the data, so the distance to data would reward weaker guidance); the chosen factors are combined. The
+    distance to data is recorded beside it. The exact ODE is not computed."""
+    t0 = time.perf_counter()
+    s = Setup(seed, fc)
+    tpts = teacher_samples(s, 3.0)
+    sel_n = (1, 2, 4)
+
+    def dists(model) -> dict:
+        samp = s.fm_sampler(model)
+        xs = {n: from_latent(samp(n)).float() for n in fc.nfe}
+        to_t = {
+            str(n): classwise_energy_distance(x, s.labels, tpts, s.held_labels, s.data.K)
+            for n, x in xs.items()
+        }
+        return {"dist_teacher": to_t, "dist": {str(n): s.dist(x) for n, x in xs.items()}}
+
+    grid: dict = {}
+    for target in (a for a in fc.select_arms if a in TARGETS):
+        cfg3 = _arm_cfg(s, target, getattr(fc, f"lr_{target}"))
+        sched = getattr(fc, f"sched_{target}")
+        saved = Path(PATHS["stage1_models"] or ".") / f"seed{seed}_{target}_{sched}@{cfg3.flowmap_lr:g}.pt"
+        if PATHS["stage1_models"] and saved.is_file():  # the --select-stage1 run's model of this setting
+            s1 = toy.make_student(s.teacher, s.data, torch.Generator().manual_seed(0))
+            s1.load_state_dict(torch.load(saved))
+            s1.requires_grad_(False)
+        else:
+            s1, _, _ = s.train_stage1(cfg3, lambda m, smp: [None, None], sched)
+        rows = [{"factor": "stage 1 only", "value": None, **dists(s1)}]
+        for item in ("default@0", *fc.grid_stage2):
+            name, value = _pair(item)
+            over = dict(S2_DEFAULTS) | ({} if name == "default" else {name: value})
+            gen_state = s.gen.get_state()
+            s2 = toy.train_onpolicy(s1, s.teacher, s.data, fc.stage2(cfg3, target, **over), s.gen)
+            s.gen.set_state(gen_state)  # every setting sees the same batches and rollout plans
+            row = {
+                "factor": name,
+                "value": None if name == "default" else value,
+                "settings": over,
+                **dists(s2),
+            }
+            row["score"] = statistics.fmean(row["dist_teacher"][str(n)] for n in sel_n)
+            rows.append(row)
+            toy._log(f"select-stage2 {target} {item}: score {row['score']:.4f}")
+        grid[target] = rows
+    chosen: dict = {}
+    for target, rows in grid.items():
+        default = next(r for r in rows if r["factor"] == "default")
+        for name in S2_FIELDS:
+            cands = [default] + [r for r in rows if r["factor"] == name]
+            best = min(cands, key=lambda r: r["score"])
+            chosen[f"s2_{name}_{target}"] = best["settings"][name]
+    return {
+        "seed": seed,
+        "grid": grid,
+        "chosen": chosen,
+        "sel_n": list(sel_n),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _old_cd(seed: int, fc: FairConfig) -> dict | None:
+    """--reuse-cd: an earlier report run of this seed whose CD settings equal fc's (CD does not depend on the
+    stage-1/2 settings); its CD rows, curves and losses are copied instead of retraining CD."""
+    path = PATHS["reuse_cd"].get(seed)
+    if path is None:
+        return None
+    run = json.loads((Path(path) / "fair_results.json").read_text())
+    mine = dataclasses.asdict(fc)
+    diff = [k for k in CD_CONFIG if run["config"][k] != (list(mine[k]) if k == "nfe" else mine[k])]
+    if diff or [r["seed"] for r in run["per_seed"]] != [seed]:
+        raise SystemExit(f"--reuse-cd {path}: its CD settings differ ({diff}) or it is not seed {seed} alone")
+    return run["per_seed"][0] | {"from": run["command"]}
+
+
+def _copy_cd(res: dict, old: dict, row: str) -> None:
+    res["rows"][row] = old["rows"][row] | {"reused_from": old["from"]}
+    res["curves"][CD_ROWS[row]] = old["curves"][CD_ROWS[row]]
+    res["train_loss"][CD_ROWS[row]] = old["train_loss"][CD_ROWS[row]]
+
+
 def run_seed(seed: int, fc: FairConfig) -> dict:
     t0 = time.perf_counter()
     s = Setup(seed, fc)
@@ -268,13 +505,19 @@ def run_seed(seed: int, fc: FairConfig) -> dict:
     # unguided arm: g = 1 stage 1 and CD without guidance, at equal network calls
     t0 = time.perf_counter()
     cfg1 = dataclasses.replace(s.base, guidance=1.0, flowmap_lr=fc.lr_g1)
-    s1, res["curves"][STAGE1["g1"]], res["train_loss"][STAGE1["g1"]] = s.train_stage1(cfg1, curve_for(1.0))
+    s1, res["curves"][STAGE1["g1"]], res["train_loss"][STAGE1["g1"]] = s.train_stage1(
+        cfg1, curve_for(1.0), fc.sched_g1
+    )
     evaluate("AnyFlow stage 1, g = 1", 1.0, s.fm_sampler(s1))
     cd_steps = fc.flowmap_steps * CALLS["stage1_1"] // CALLS["cd_1"]
-    cd1, res["curves"]["CD, unguided"], res["train_loss"]["CD, unguided"] = s.train_cd(
-        dataclasses.replace(cfg1, cd_lr=fc.cd_lr_1), cd_steps, curve_for(1.0)
-    )
-    evaluate("CD, unguided teacher", 1.0, s.cd_sampler(cd1))
+    old = _old_cd(seed, fc)
+    if old:
+        _copy_cd(res, old, "CD, unguided teacher")
+    else:
+        cd1, res["curves"]["CD, unguided"], res["train_loss"]["CD, unguided"] = s.train_cd(
+            dataclasses.replace(cfg1, cd_lr=fc.cd_lr_1), cd_steps, curve_for(1.0)
+        )
+        evaluate("CD, unguided teacher", 1.0, s.cd_sampler(cd1))
     res["calls"]["unguided"] = {
         "anyflow": fc.flowmap_steps * CALLS["stage1_1"],
         "cd": cd_steps * CALLS["cd_1"],
@@ -287,16 +530,21 @@ def run_seed(seed: int, fc: FairConfig) -> dict:
     for target in ("released", "meanflow"):
         cfg3 = dataclasses.replace(s.base, cfg_target=target, flowmap_lr=getattr(fc, f"lr_{target}"))
         key = STAGE1[target]
-        s1, res["curves"][key], res["train_loss"][key] = s.train_stage1(cfg3, curve_for(3.0))
+        s1, res["curves"][key], res["train_loss"][key] = s.train_stage1(
+            cfg3, curve_for(3.0), getattr(fc, f"sched_{target}")
+        )
         evaluate(f"AnyFlow stage 1, {target} target", 3.0, s.fm_sampler(s1))
-        s2 = toy.train_onpolicy(s1, s.teacher, s.data, cfg3, s.gen)
+        s2 = toy.train_onpolicy(s1, s.teacher, s.data, fc.stage2(cfg3, target), s.gen)
         evaluate(f"AnyFlow stage 1 + 2, {target} target", 3.0, s.fm_sampler(s2))
     anyflow_calls = fc.flowmap_steps * CALLS["stage1_g"] + fc.onpolicy_steps * CALLS["stage2"]
     cd_steps = anyflow_calls // CALLS["cd_g"]
-    cd3, res["curves"]["CD, CFG 3"], res["train_loss"]["CD, CFG 3"] = s.train_cd(
-        dataclasses.replace(s.base, cd_lr=fc.cd_lr_3), cd_steps, curve_for(3.0)
-    )
-    evaluate("CD, CFG-3 teacher", 3.0, s.cd_sampler(cd3))
+    if old:
+        _copy_cd(res, old, "CD, CFG-3 teacher")
+    else:
+        cd3, res["curves"]["CD, CFG 3"], res["train_loss"]["CD, CFG 3"] = s.train_cd(
+            dataclasses.replace(s.base, cd_lr=fc.cd_lr_3), cd_steps, curve_for(3.0)
+        )
+        evaluate("CD, CFG-3 teacher", 3.0, s.cd_sampler(cd3))
     res["calls"]["guided"] = {"anyflow": anyflow_calls, "cd": cd_steps * CALLS["cd_g"], "cd_steps": cd_steps}
     res["timings_s"]["guided"] = time.perf_counter() - t0
     toy._log(f"seed {seed} done: {res['timings_s']}")
@@ -370,6 +618,24 @@ def markdown(per_seed: list[dict], fc: FairConfig, floor: dict | None, wall: flo
         lines.append(f"* {name}: " + "; ".join(cells))
     lines += [
         "",
+        f"Convergence (criterion fixed before the runs: the N = 1 value drops by less than {FLAT_REL:.0%} "
+        "relative over the last 25 % of the steps, (v(¾S) − v(S)) / v(¾S)); stage-1 schedules: "
+        + ", ".join(f"{a} {getattr(fc, 'sched_' + a)} from lr {getattr(fc, 'lr_' + a):g}" for a in STAGE1)
+        + ".",
+        "",
+        "| curve | drop of the coupled error | drop of the distance | held-out loss (stage 1), last point | flat? |",
+        "|---|---|---|---|---|",
+    ]
+    for name in curves:
+        drops = [[100 * flatness(r["curves"][name], col) for r in per_seed] for col in (1, 2)]
+        held = [r["curves"][name][-1][3] for r in per_seed if len(r["curves"][name][-1]) > 3]
+        flat = all(max(d) < 100 * FLAT_REL for d in drops)
+        lines.append(
+            f"| {name} | {_ms(drops[0])} % | {_ms(drops[1])} % | {_ms(held) if held else '–'} | "
+            f"{'yes' if flat else 'no'} |"
+        )
+    lines += [
+        "",
         "Wall time per seed (s): "
         + json.dumps([{k: round(v) for k, v in r["timings_s"].items()} for r in per_seed]),
     ]
@@ -397,6 +663,74 @@ def select_markdown(sel: dict, fc: FairConfig, command: str) -> str:
     for field, rows in sel["grid"].items():
         for r in rows:
             lines.append(f"* {field} lr {r['lr']:g}: " + "; ".join(f"{p[0]}: {p[2]:.3g}" for p in r["curve"]))
+    lines += ["", "Chosen: `" + json.dumps(sel["chosen"]) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def select_stage1_markdown(sel: dict, fc: FairConfig, command: str) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Seed {sel['seed']}, stage-1 budget {fc.flowmap_steps} steps, wall {sel['wall_s'] / 60:.1f} min.",
+        "",
+        "Rule (fixed before the run): per arm, the (schedule, lr) whose final EMA has the lowest held-out loss "
+        f"(the stage-1 regression on {fc.heldout_loss_n} fresh points with shared draws, all pair types, before adaptive "
+        "scaling). The N = 1 distance to data and its drop over the last 25 % of steps are recorded, not used; "
+        "the exact ODE is not computed.",
+        "",
+        "| arm | schedule | lr | held-out loss | training loss (tail) | "
+        + " | ".join(f"dist N={n}" for n in fc.nfe)
+        + " | N = 1 dist drop, last 25 % | chosen |",
+        "|---|---|---|---|---|" + "---|" * len(fc.nfe) + "---|---|",
+    ]
+    for arm, rows in sel["grid"].items():
+        for r in rows:
+            dist = " | ".join(f"{r['dist'][str(n)]:.3g}" for n in fc.nfe)
+            mark = (
+                "**yes**"
+                if (r["lr"], r["schedule"]) == (sel["chosen"][f"lr_{arm}"], sel["chosen"][f"sched_{arm}"])
+                else ""
+            )
+            lines.append(
+                f"| {arm} | {r['schedule']} | {r['lr']:g} | {r['heldout_loss']:.4g} | {r['train_loss']:.4g} | "
+                f"{dist} | {r['flat_dist']:.1%} | {mark} |"
+            )
+    lines += ["", "N = 1 curves (step: distance to data / held-out loss):", ""]
+    for arm, rows in sel["grid"].items():
+        for r in rows:
+            pts = "; ".join(f"{p[0]}: {p[2]:.3g} / {p[3]:.4g}" for p in r["curve"])
+            lines.append(f"* {arm} {r['schedule']} lr {r['lr']:g}: {pts}")
+    lines += ["", "Chosen: `" + json.dumps(sel["chosen"]) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def select_stage2_markdown(sel: dict, fc: FairConfig, command: str) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Seed {sel['seed']}, stage 1 {fc.flowmap_steps} steps, stage 2 {fc.onpolicy_steps} steps, "
+        f"wall {sel['wall_s'] / 60:.1f} min.",
+        "",
+        "Rule (fixed before the run): one factor at a time around the defaults "
+        f"{json.dumps(S2_DEFAULTS)} (lr: AdamW of generator and critic; ema: the evaluated generator's EMA; "
+        "fd: ε_fd of the co-trained forward loss, τ units; dmd: the real score's scale w, CFG 1 + w), every "
+        "setting on the same stage 1 and the same random draws; per factor the value with the lowest score = "
+        f"mean over N ∈ {tuple(sel['sel_n'])} of the class-wise energy distance to held-out samples of the "
+        "teacher's CFG-3 ODE (100 Euler steps, fresh noise); the chosen values are combined. The distance "
+        "to data is shown beside it; the exact ODE is not computed.",
+        "",
+        "| target | setting | score | "
+        + " | ".join(f"to teacher N={n}" for n in fc.nfe)
+        + " | "
+        + " | ".join(f"to data N={n}" for n in fc.nfe)
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(fc.nfe)),
+    ]
+    for target, rows in sel["grid"].items():
+        for r in rows:
+            name = r["factor"] if r["value"] is None else f"{r['factor']} = {r['value']:g}"
+            score = f"{r['score']:.4g}" if "score" in r else "–"
+            tt = " | ".join(f"{r['dist_teacher'][str(n)]:.3g}" for n in fc.nfe)
+            dd = " | ".join(f"{r['dist'][str(n)]:.3g}" for n in fc.nfe)
+            lines.append(f"| {target} | {name} | {score} | {tt} | {dd} |")
     lines += ["", "Chosen: `" + json.dumps(sel["chosen"]) + "`"]
     return "\n".join(lines) + "\n"
 
@@ -490,7 +824,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--select", action="store_true", help="seed-0 learning-rate search (writes selection.json)"
     )
     p.add_argument(
-        "--selection", default="", help="a --select run's selection.json: its chosen learning rates"
+        "--select-stage1",
+        action="store_true",
+        help="seed-0 search of stage 1's schedule and lr (writes selection_stage1.json)",
+    )
+    p.add_argument(
+        "--select-stage2",
+        action="store_true",
+        help="seed-0 search of stage 2's lr, EMA, ε_fd, DMD scale (writes selection_stage2.json)",
+    )
+    p.add_argument(
+        "--selection",
+        nargs="+",
+        default=[],
+        help="selection JSONs of --select / --select-stage1 / --select-stage2 runs, applied in order",
     )
     p.add_argument(
         "--merge",
@@ -499,6 +846,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="report folders of single-seed runs (same config): write their combined tables/plot to --out",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="", help="folder of saved teachers (a seed's teacher is trained once)")
+    p.add_argument(
+        "--stage1-models",
+        default="",
+        help="folder where --select-stage1 saves its stage-1 models and --select-stage2 loads the chosen one",
+    )
+    p.add_argument(
+        "--reuse-cd",
+        nargs="+",
+        default=[],
+        help="single-seed report folders whose CD rows are copied (same seed and CD settings) instead of retrained",
+    )
     d = FairConfig()
     for f in dataclasses.fields(FairConfig):
         v = getattr(d, f.name)
@@ -509,13 +868,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(FairConfig)}
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    if a.selection:
-        path = Path(a.selection)
+    for sel_path in a.selection:
+        path = Path(sel_path)
         if not path.is_file():
             print(f"--selection: no such file {path}; run --select first.", file=sys.stderr)
             return 2
         kw.update(json.loads(path.read_text())["chosen"])
     fc = FairConfig(**kw)
+    PATHS["cache"], PATHS["stage1_models"] = a.cache or None, a.stage1_models or None
+    PATHS["reuse_cd"] = {
+        json.loads((Path(d) / "fair_results.json").read_text())["config"]["seeds"][0]: d for d in a.reuse_cd
+    }
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -542,6 +905,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_report(out, fc, per_seed, floor, wall, merged, sel)
         return 0
     start = time.perf_counter()
+    for flag, name, fn, md in (
+        (a.select_stage1, "selection_stage1", select_stage1, select_stage1_markdown),
+        (a.select_stage2, "selection_stage2", select_stage2, select_stage2_markdown),
+    ):
+        if flag:
+            sel = fn(fc.seeds[0], fc)
+            rec = {"config": dataclasses.asdict(fc), "command": command, **sel}
+            (out / f"{name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            (out / f"{name}.md").write_text(md(sel, fc, command))
+            print(f"wrote {out}/{name}.md, {name}.json ({sel['wall_s']:.0f} s): {sel['chosen']}")
+            return 0
     if a.select:
         (seed,) = fc.seeds[:1]
         sel = select(seed, fc)
@@ -554,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed = [run_seed(s, fc) for s in fc.seeds]
     wall = time.perf_counter() - start
     floor = json.loads(Path(a.floor).read_text()) if a.floor and Path(a.floor).is_file() else None
-    _write_report(out, fc, per_seed, floor, wall, command, a.selection)
+    _write_report(out, fc, per_seed, floor, wall, command, " ".join(a.selection))
     return 0
 
 

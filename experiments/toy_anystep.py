@@ -62,6 +62,7 @@ class ExpConfig:
     rollout_steps: tuple[int, ...] = (2, 4, 8, 16, 50)  # §7.2
     guidance: float = 3.0  # §6.2 fused CFG scale; the reference teacher uses the same standard CFG 3
     cfg_target: str = "released"  # §6.2 released fused-CFG target, or "meanflow" (§6.8)
+    fd_epsilon: float = 5.0  # §6.3 central-difference step (τ units) of the forward loss
     dmd_real_scale: float = 2.0  # §7.3 convention cond + w(cond − uncond): w = 2 is standard CFG 3
     cd_lr: float = 3e-4
     cd_intervals: int = 32  # discrete CD grid
@@ -122,7 +123,9 @@ def make_student(teacher: ToyFlowMapMLP, data: RingMixture, gen: torch.Generator
 
 def loss_config(cfg: ExpConfig) -> FlowMapLossConfig:
     # §6: pair mix 0.5/0.25/0.25, ε = 5 τ-units, beta08, adaptive scaling, fused CFG, 10% text dropout
-    return FlowMapLossConfig(guidance_scale=cfg.guidance, shift=cfg.shift, cfg_target=cfg.cfg_target)
+    return FlowMapLossConfig(
+        guidance_scale=cfg.guidance, shift=cfg.shift, cfg_target=cfg.cfg_target, fd_epsilon=cfg.fd_epsilon
+    )
 
 
 def train_flowmap(

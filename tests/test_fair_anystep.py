@@ -51,6 +51,7 @@ def test_fair_anystep_smoke(tmp_path: Path) -> None:
         "--n-heldout",
         "64",
     ]
+    args += ["--sched-g1", "cosine", "--heldout-loss-n", "64"]  # the lr-schedule mode runs too
     assert mod.main([*args, "--batch", "16"]) == 0
     res = json.loads((tmp_path / "fair_results.json").read_text())
     (seed,) = res["per_seed"]
@@ -64,6 +65,7 @@ def test_fair_anystep_smoke(tmp_path: Path) -> None:
         per_step = mod.CALLS["cd_g"] if arm == "guided" else mod.CALLS["cd_1"]
         assert 0 <= calls["anyflow"] - calls["cd"] < per_step
     assert [p[0] for p in seed["curves"]["stage 1, meanflow"]] == [1, 6, 12]
+    assert all(len(p) == 4 and math.isfinite(p[3]) for p in seed["curves"]["stage 1, g = 1"])  # held-out loss
     for row in seed["rows"].values():
         assert all(math.isfinite(v) for v in row["dist"].values())
     assert {"CD, unguided", "CD, CFG 3"} <= set(seed["curves"])
@@ -152,3 +154,73 @@ def test_fair_anystep_merge(tmp_path: Path) -> None:
     assert (
         mod.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 2
     )
+
+
+def test_fair_anystep_flatness_and_schedule() -> None:
+    """The convergence criterion reads the last 25 % of the steps; an unknown schedule is refused."""
+    mod = _load()
+    curve = [[1, 9.0, 9.0], [500, 2.0, 1.0], [750, 1.0, 1.0], [1000, 0.9, 1.0]]
+    assert mod.flatness(curve, 1) == pytest.approx(0.1)  # (1.0 − 0.9) / 1.0, from step 750 = ¾ · 1000
+    assert mod.flatness(curve, 2) == 0.0
+    assert mod.flatness([[1, 4.0], [600, 2.0], [1000, 1.0]], 1) == pytest.approx(0.5)  # last point ≤ 750
+    fc = mod.FairConfig()
+    s2 = fc.stage2(mod.toy.ExpConfig(), "released", dmd=1.0)
+    assert (s2.onpolicy_lr, s2.onpolicy_ema, s2.fd_epsilon, s2.dmd_real_scale) == (1e-4, 0.99, 5.0, 1.0)
+    assert mod.toy.loss_config(mod.dataclasses.replace(s2, fd_epsilon=2.5)).fd_epsilon == 2.5
+    with pytest.raises(ValueError, match="schedule"):
+        mod.Setup.train_stage1(None, mod.toy.ExpConfig(), lambda *a: [], "linear")
+
+
+# ~10 s: the stage-1 (schedule, lr) search picks by held-out loss, the stage-2 search per factor by the distance
+# to the teacher's CFG-3 samples, neither computes the exact reference, and a report run applies both.
+def test_fair_anystep_select_stages_smoke(tmp_path: Path, monkeypatch) -> None:
+    mod = _load()
+    small = ["--seeds", "0", "--teacher-steps", "10", "--flowmap-steps", "8", "--onpolicy-steps", "3"]
+    small += ["--curve-every", "2", "--n-eval", "16", "--n-heldout", "32", "--width", "8", "--batch", "8"]
+    small += ["--heldout-loss-n", "64", "--grid-stage1", "constant@1e-4", "cosine@1e-2"]
+    small += ["--grid-stage2", "lr@3e-4", "dmd@1"]
+
+    def no_reference(*a, **k):
+        raise AssertionError("the selection must not compute the exact reference")
+
+    monkeypatch.setattr(mod, "exact_reference", no_reference)
+    s1 = tmp_path / "s1" / "selection_stage1.json"
+    assert mod.main(["--select-stage1", "--out", str(s1.parent), *small]) == 0
+    sel1 = json.loads(s1.read_text())
+    assert set(sel1["grid"]) == {"g1", "released", "meanflow"}
+    for arm, rows in sel1["grid"].items():
+        assert [(r["schedule"], r["lr"]) for r in rows] == [("constant", 1e-4), ("cosine", 1e-2)]
+        best = min(rows, key=lambda r: r["heldout_loss"])
+        assert (sel1["chosen"][f"lr_{arm}"], sel1["chosen"][f"sched_{arm}"]) == (best["lr"], best["schedule"])
+    s2 = tmp_path / "s2" / "selection_stage2.json"
+    args2 = ["--select-stage2", "--select-arms", "released", "--selection", str(s1), "--out", str(s2.parent)]
+    assert mod.main([*args2, *small]) == 0
+    sel2 = json.loads(s2.read_text())
+    rows = sel2["grid"]["released"]
+    assert [(r["factor"], r["value"]) for r in rows] == [
+        ("stage 1 only", None),
+        ("default", None),
+        ("lr", 3e-4),
+        ("dmd", 1.0),
+    ]
+    for r in rows[1:]:
+        assert r["score"] == pytest.approx(sum(r["dist_teacher"][n] for n in ("1", "2", "4")) / 3)
+    for name, alt in (("lr", rows[2]), ("dmd", rows[3])):
+        want = alt["value"] if alt["score"] < rows[1]["score"] else mod.S2_DEFAULTS[name]
+        assert sel2["chosen"][f"s2_{name}_released"] == want
+    assert sel2["chosen"]["s2_ema_released"] == 0.99 and sel2["chosen"]["s2_fd_released"] == 5.0
+    monkeypatch.undo()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_seed(seed, fc):
+        seen.append(fc)
+        raise Stop
+
+    monkeypatch.setattr(mod, "run_seed", fake_run_seed)
+    with pytest.raises(Stop):
+        mod.main(["--selection", str(s1), str(s2), "--out", str(tmp_path), *small])
+    chosen = sel1["chosen"] | sel2["chosen"]
+    assert {f: getattr(seen[0], f) for f in chosen} == chosen
