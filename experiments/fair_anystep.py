@@ -125,6 +125,7 @@ class FairConfig:
     )
     select_arms: tuple[str, ...] = ("g1", "released", "meanflow")  # the arms a --select-stage* run searches
     heldout_loss_n: int = 4096  # held-out batch of the stage-1 selection loss
+    arms: tuple[str, ...] = ("unguided", "guided")  # the report's arms (a budget check may run one)
 
     def toy(self, **kw) -> toy.ExpConfig:
         return toy.ExpConfig(
@@ -504,6 +505,8 @@ def run_seed(seed: int, fc: FairConfig) -> dict:
 
     # unguided arm: g = 1 stage 1 and CD without guidance, at equal network calls
     t0 = time.perf_counter()
+    if "unguided" not in fc.arms:
+        return _guided(s, fc, res, evaluate, curve_for)
     cfg1 = dataclasses.replace(s.base, guidance=1.0, flowmap_lr=fc.lr_g1)
     s1, res["curves"][STAGE1["g1"]], res["train_loss"][STAGE1["g1"]] = s.train_stage1(
         cfg1, curve_for(1.0), fc.sched_g1
@@ -524,7 +527,14 @@ def run_seed(seed: int, fc: FairConfig) -> dict:
         "cd_steps": cd_steps,
     }
     res["timings_s"]["unguided"] = time.perf_counter() - t0
+    if "guided" not in fc.arms:
+        toy._log(f"seed {seed} done: {res['timings_s']}")
+        return res
+    return _guided(s, fc, res, evaluate, curve_for)
 
+
+def _guided(s: Setup, fc: FairConfig, res: dict, evaluate: Callable, curve_for: Callable) -> dict:
+    seed, old = s.seed, _old_cd(s.seed, fc)
     # guided arm: released vs MeanFlow-style stage 1, stage 2 on both, CD at equal calls
     t0 = time.perf_counter()
     for target in ("released", "meanflow"):

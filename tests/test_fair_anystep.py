@@ -224,3 +224,18 @@ def test_fair_anystep_select_stages_smoke(tmp_path: Path, monkeypatch) -> None:
         mod.main(["--selection", str(s1), str(s2), "--out", str(tmp_path), *small])
     chosen = sel1["chosen"] | sel2["chosen"]
     assert {f: getattr(seen[0], f) for f in chosen} == chosen
+
+
+def test_fair_anystep_one_arm(tmp_path: Path) -> None:
+    """--arms unguided (the budget check of the g = 1 arm) runs that arm alone, at equal calls."""
+    mod = _load()
+    args = ["--seeds", "0", "--teacher-steps", "10", "--flowmap-steps", "6", "--curve-every", "3"]
+    args += ["--n-eval", "16", "--n-heldout", "32", "--width", "8", "--batch", "8", "--heldout-loss-n", "32"]
+    args += ["--ref-steps", "10", "--floor", "", "--arms", "unguided", "--sched-g1", "cosine"]
+    assert mod.main([*args, "--out", str(tmp_path)]) == 0
+    (seed,) = json.loads((tmp_path / "fair_results.json").read_text())["per_seed"]
+    assert {n for n in seed["rows"] if not n.startswith("teacher")} == {
+        "AnyFlow stage 1, g = 1",
+        "CD, unguided teacher",
+    }
+    assert seed["calls"] == {"unguided": {"anyflow": 18, "cd": 18, "cd_steps": 6}}
