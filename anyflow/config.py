@@ -271,7 +271,13 @@ def demo() -> Preset:
     train = TrainConfig(steps=5000, batch_size=16, ema_decay=0.99, ema_warmup_step=100, checkpoint_every=1000,
                         log_every=10)
     optim = OptimConfig(lr=2e-3, warmup_steps=20)
-    distill_optim = OptimConfig(lr=1e-4, beta1=0.0, beta2=0.999)
+    # Stage 2 (README "The demo preset" has the measurements): the fake-score critic must track the generator's
+    # samples or the DMD direction is mostly its lag (it starts as the unguided teacher while the generator samples
+    # CFG 3), so it learns 20x faster (the stages' lr, 2e-3) and the generator warms up over 100 steps; the real
+    # score uses w = 2, cond + 2·(cond − uncond) = standard CFG 3, the flow map's fused guidance and the evaluation
+    # reference's, instead of the released w = 3 (CFG 4), as the toy experiments do (docs/method.md §17.10-17.11).
+    generator_optim = OptimConfig(lr=1e-4, beta1=0.0, beta2=0.999, warmup_steps=100)
+    critic_optim = OptimConfig(lr=2e-3, beta1=0.0, beta2=0.999)
     return Preset(
         name="demo",
         model=ModelConfig(base="builtin:demo", lora_rank=16, lora_alpha=16.0),
@@ -280,8 +286,9 @@ def demo() -> Preset:
         flowmap=FlowMapStage(train=dataclasses.replace(train, steps=2000, checkpoint_every=500), optim=optim),
         distill=DistillStage(
             train=dataclasses.replace(train, steps=300, batch_size=8, ema_warmup_step=20, checkpoint_every=100),
-            generator_optim=distill_optim,
-            critic_optim=distill_optim,
+            generator_optim=generator_optim,
+            critic_optim=critic_optim,
+            real_guidance_scale=2.0,
         ),
         finetune=FinetuneStage(train=dataclasses.replace(train, steps=100, checkpoint_every=50), optim=optim),
         evaluate=EvalStage(reference_steps=32, num_prompts=24, batch_size=12),

@@ -32,6 +32,11 @@ def test_demo_preset_validates_and_is_listed() -> None:
     tiny = get_preset("tiny")
     for stage in ("teacher", "flowmap", "distill"):
         assert getattr(cfg, stage).train.steps > 5 * getattr(tiny, stage).train.steps, stage
+    # stage 2's real score aims at the guidance the flow map fuses (cond + w·(cond − uncond) is standard CFG 1 + w),
+    # and its critic learns faster than the generator (README "The demo preset": the measured reasons)
+    d = cfg.distill
+    assert 1 + d.real_guidance_scale == cfg.flowmap.loss.guidance_scale == d.loss.guidance_scale == 3.0
+    assert d.critic_optim.lr >= 10 * d.generator_optim.lr
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["presets"]) == 0
