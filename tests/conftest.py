@@ -34,15 +34,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         sys.modules["torch"].set_num_threads(1)
 
 
-#: The longest test files, longest first (per-file seconds of a full run on 2 workers, 2026-12-07). They are
-#: collected first and, with ``--no-loadscope-reorder`` (pyproject addopts), handed out first: by default
-#: pytest-xdist's loadfile queues files by test count, so these few-test, long files started last and one worker
-#: ran them alone for minutes at the end. Files not listed keep their order after them.
+#: The longest test files, longest first (per-file seconds of a full run on 2 workers, 2026-12-07; then
+#: test_kfp_local took over the whole-pipeline runs of test_export and test_run_records, one shared run, and
+#: test_export's comparisons share one diffusers interpreter: their places re-estimated from per-file ``-n 0``
+#: times). They are collected first and, with ``--no-loadscope-reorder`` (pyproject addopts), handed out first:
+#: by default pytest-xdist's loadfile queues files by test count, so these few-test, long files started last and
+#: one worker ran them alone for minutes at the end. Files not listed keep their order after them.
 LONGEST_FIRST = (
-    "test_train_resize.py", "test_kfp_local.py", "test_export.py", "test_training_quality.py", "test_train_zero.py",
-    "test_redistill.py", "test_preemption.py", "test_hangs_and_leaks.py", "test_far_training.py",
-    "test_run_records.py", "test_cli_names.py", "test_component_torchrun.py", "test_train_sharding.py",
-    "test_train_resume_ranks.py", "test_eval_batching.py", "test_fault_campaign.py", "test_stages.py",
+    "test_train_resize.py", "test_kfp_local.py", "test_training_quality.py", "test_redistill.py",
+    "test_preemption.py", "test_train_zero.py", "test_hangs_and_leaks.py", "test_far_training.py", "test_export.py",
+    "test_cli_names.py", "test_component_torchrun.py", "test_train_sharding.py", "test_train_resume_ranks.py",
+    "test_eval_batching.py", "test_fault_campaign.py", "test_stages.py",
 )
 
 
