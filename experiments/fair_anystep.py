@@ -633,7 +633,7 @@ def markdown(per_seed: list[dict], fc: FairConfig, floor: dict | None, wall: flo
         + ", ".join(f"{a} {getattr(fc, 'sched_' + a)} from lr {getattr(fc, 'lr_' + a):g}" for a in STAGE1)
         + ".",
         "",
-        "| curve | drop of the coupled error | drop of the distance | held-out loss (stage 1), last point | flat? |",
+        "| curve | drop of the coupled error | drop of the distance | held-out loss (stage 1), last point | flat in every seed? |",
         "|---|---|---|---|---|",
     ]
     for name in curves:
