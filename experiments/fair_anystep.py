@@ -15,8 +15,11 @@ CD's step count is set so that its **network calls** equal AnyFlow's (stage 1: 4
 distance to fresh ring samples, no coupling: the right measure for CD's re-noising multistep sampler). The
 teacher's own error against the exact ODE is reported. The training code is toy_anystep.py's.
 
-Learning rates are chosen on seed 0 by ``--select`` (stage 1 by its training loss, CD by the held-out distance
-to data at N = 1; the exact ODE is not even computed there) and passed to the report run by ``--selection``:
+Hyper-parameters are chosen on seed 0 (the exact ODE is not even computed there) and passed to the report run
+by ``--selection`` (several files, applied in order): ``--select`` (constant learning rates of stage 1 and CD;
+CD by the held-out distance to data at N = 1), ``--select-stage1`` (stage 1's schedule and peak rate by a
+held-out loss), ``--select-stage2`` (stage 2's lr, EMA, ε_fd and DMD scale, one factor at a time, by the
+distance to the teacher's CFG-3 samples). The full sequence of commands is in experiments/README.md:
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/fair_anystep.py --select --seeds 0 --flowmap-steps 1500 \
         --out experiments/results_fair/select
