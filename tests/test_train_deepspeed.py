@@ -232,3 +232,29 @@ def test_group_sums_aliased_gradients_correctly_and_lets_go_of_its_tensors() -> 
     assert all(getattr(p, "_hp_mapping", None) is None for p in params.values())
     (params["a"] * x).sum().backward()
     assert torch.equal(params["a"].grad, x)  # a plain backward is the plain gradient again
+
+
+def test_cpu_start_never_builds_deepspeeds_shared_memory_extension(monkeypatch) -> None:
+    """DeepSpeed's CPU backend compiles a C++ all-reduce op (deepspeed_shm_comm) when it starts, minutes on a fresh
+    2-core machine; anyflow's ZeRO training never uses it (its collectives are torch.distributed's), so a CPU run
+    starts without building it -- and trains as before (the equality tests above)."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # not the attribute: that is the torch package
+
+    from anyflow.config import OptimConfig
+    from anyflow.train.deepspeed_zero import make_groups
+
+    def build():  # what DeepSpeed would call to compile the op
+        raise AssertionError("DeepSpeed tried to build its shared-memory extension")
+
+    monkeypatch.setattr(ds_torch, "build_shm_op", build)
+    import deepspeed.comm.comm as ds_comm
+
+    monkeypatch.setattr(ds_comm, "cdb", None)  # a process whose DeepSpeed backend is not started yet
+    p = torch.nn.Parameter(torch.ones(4))
+    groups = make_groups("zero1", {"g": ({"p": p}, OptimConfig(lr=1e-3))}, micro_batch=1, grad_accum=1,
+                         device=torch.device("cpu"))
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+    assert ds_torch.build_shm_op is build  # put back as found
+    assert set(groups) == {"g"}

@@ -45,11 +45,12 @@ still moved by weight decay and momentum, where plain AdamW skips it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,30 @@ def init_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+@contextlib.contextmanager
+def _no_cpu_shm_op(device: torch.device) -> Iterator[None]:
+    """On CPU, start DeepSpeed's communication backend without its shared-memory all-reduce extension.
+
+    DeepSpeed's ``TorchBackend`` (deepspeed 0.19.8 ``deepspeed/comm/torch.py``: ``build_shm_op`` in ``__init__``)
+    compiles the C++ op ``deepspeed_shm_comm`` with the machine's compiler the first time a process on the CPU
+    accelerator starts it -- minutes on a 2-core machine, and a C++ toolchain in the image. The op serves only
+    ``inference_all_reduce`` (DeepSpeed inference); ZeRO training's collectives go through ``torch.distributed``
+    (gloo here), so nothing anyflow runs uses it. On CUDA the accelerator has no such builder: untouched."""
+    if device.type != "cpu":
+        yield
+        return
+    import importlib
+
+    # by its module name: the attribute deepspeed.comm.torch is the torch package (comm/__init__.py imports it)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    built = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = built
+
+
 class DeepSpeedGroup:
     """One optimiser group (name -> trainable tensors) driven by its own DeepSpeed ZeRO engine."""
 
@@ -209,9 +234,10 @@ class DeepSpeedGroup:
         if unset:
             os.environ["LOCAL_RANK"] = "0"
         try:
-            self.engine, self.zero, _, _ = deepspeed.initialize(
-                model=holder, optimizer=adamw, config=self.config, dist_init_required=False
-            )
+            with _no_cpu_shm_op(device):
+                self.engine, self.zero, _, _ = deepspeed.initialize(
+                    model=holder, optimizer=adamw, config=self.config, dist_init_required=False
+                )
         finally:
             if unset:
                 del os.environ["LOCAL_RANK"]
