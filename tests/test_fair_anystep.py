@@ -23,6 +23,23 @@ def _load():
 
 
 # ≈ 6–9 s on the shared 2-core box
+
+def _config_of_main(mod, monkeypatch: pytest.MonkeyPatch, argv: list[str]):
+    """The config ``mod.main(argv)`` hands its first seed's run (which is stopped there)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_seed(seed, fc):
+        seen.append(fc)
+        raise Stop
+
+    monkeypatch.setattr(mod, "run_seed", fake_run_seed)
+    with pytest.raises(Stop):
+        mod.main(argv)
+    return seen[0]
+
 def test_fair_anystep_smoke(tmp_path: Path) -> None:
     mod = _load()
     args = [
@@ -106,19 +123,9 @@ def test_fair_anystep_select_smoke(tmp_path: Path, monkeypatch) -> None:
             best = min(rows, key=lambda r: r["dist"]["1"])
         assert sel["chosen"][field] == best["lr"]
     monkeypatch.undo()
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_run_seed(seed, fc):
-        seen.append(fc)
-        raise Stop
-
-    monkeypatch.setattr(mod, "run_seed", fake_run_seed)
-    with pytest.raises(Stop):
-        mod.main(["--selection", str(tmp_path / "sel" / "selection.json"), "--out", str(tmp_path), *small])
-    assert {f: getattr(seen[0], f) for f in mod.LR_FIELDS} == sel["chosen"]
+    fc = _config_of_main(mod, monkeypatch, ["--selection", str(tmp_path / "sel" / "selection.json"),
+                                            "--out", str(tmp_path), *small])
+    assert {f: getattr(fc, f) for f in mod.LR_FIELDS} == sel["chosen"]
     assert mod.main(["--selection", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
 
 
@@ -210,20 +217,9 @@ def test_fair_anystep_select_stages_smoke(tmp_path: Path, monkeypatch) -> None:
         assert sel2["chosen"][f"s2_{name}_released"] == want
     assert sel2["chosen"]["s2_ema_released"] == 0.99 and sel2["chosen"]["s2_fd_released"] == 5.0
     monkeypatch.undo()
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_run_seed(seed, fc):
-        seen.append(fc)
-        raise Stop
-
-    monkeypatch.setattr(mod, "run_seed", fake_run_seed)
-    with pytest.raises(Stop):
-        mod.main(["--selection", str(s1), str(s2), "--out", str(tmp_path), *small])
+    fc = _config_of_main(mod, monkeypatch, ["--selection", str(s1), str(s2), "--out", str(tmp_path), *small])
     chosen = sel1["chosen"] | sel2["chosen"]
-    assert {f: getattr(seen[0], f) for f in chosen} == chosen
+    assert {f: getattr(fc, f) for f in chosen} == chosen
 
 
 def test_fair_anystep_one_arm(tmp_path: Path) -> None:
