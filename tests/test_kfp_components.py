@@ -60,6 +60,7 @@ def test_component_interface(stage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     if stage == "prepare_data":  # the finetune branch's own data overrides, over the common ones; the
         expected["extra_overrides_json"] = ("String", "{}")  # source listing's digest (a KFP cache key input)
         expected["source_fingerprint"] = ("String", "")
+        expected["merge_only"] = ("Boolean", False)  # Platform.prepare_fanout's CPU merge task sets it
     if stage in TRAINING:  # one process per GPU of the pod, set at compile time from the platform
         expected["nproc_per_node"] = ("Integer", 1)
     assert {k: (v.type, v.default) for k, v in params.items()} == expected
