@@ -264,7 +264,7 @@ def add_run(subparsers: Any) -> None:
     """Register ``run``."""
     p = subparsers.add_parser("run", help="run the whole T2V pipeline locally through KFP's local runner",
                               description="Run prepare_data → … → evaluate with procedural data through KFP's local "
-                              "runner (the tiny preset, minutes on CPU; --preset demo: about 10 minutes, a report "
+                              "runner (the tiny preset, minutes on CPU; --preset demo: about 5 minutes, a report "
                               "that shows learning); stages already in the store are reused.")
     _common(p)
     p.add_argument("--finetune", action="store_true", help="also run the finetune → evaluate branch")
