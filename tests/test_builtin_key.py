@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from anyflow.config import apply_overrides, get_preset
 from anyflow.models import tiny
@@ -139,4 +140,7 @@ def test_a_checkpoint_without_the_record_is_still_read(copied_assets, tmp_path) 
     (old / "manifest.json").unlink()
     (old / "model.json").write_text(json.dumps(meta))
     storage.publish(old, str(tmp_path / "old-ck"), kind="generator", config=json.loads((ck / "config.json").read_text()))
-    common.read_checkpoint(str(tmp_path / "old-ck"), get_preset("demo"), role="checkpoint", need=("generator",))
+    got = common.read_checkpoint(str(tmp_path / "old-ck"), get_preset("demo"), role="checkpoint", need=("generator",))
+    want = common.read_checkpoint(str(ck), get_preset("demo"), role="checkpoint", need=("generator",))
+    assert "base_assets" not in got.meta and got.adapters["generator"].keys() == want.adapters["generator"].keys()
+    assert all(torch.equal(got.adapters["generator"][k], v) for k, v in want.adapters["generator"].items())
