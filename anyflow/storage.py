@@ -530,6 +530,15 @@ def manifest_digest(url: str | os.PathLike) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def manifest_with_digests(url: str | os.PathLike) -> tuple[dict, str, str]:
+    """``(manifest, manifest_digest, content_digest)`` of the artifact at ``url`` from one read of its manifest
+    (a stage record needs all three; three reads are three GETs on S3, and a re-publish between them would mix
+    two manifests)."""
+    raw = _manifest_bytes(url)
+    manifest = _parse_manifest(url, raw)
+    return manifest, hashlib.sha256(raw).hexdigest(), _content_digest_of(manifest)
+
+
 def content_digest(url: str | os.PathLike) -> str:
     """sha256 of what the artifact holds: its kind and every listed file's name, size and sha256 (canonical JSON).
 

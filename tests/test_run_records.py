@@ -277,3 +277,17 @@ def test_kfp_local_record_task_records_an_artifact_it_did_not_compute(
     assert roles == {"flowmap": uri} and sorted(records) == ["train_flowmap"]
     assert records["train_flowmap"]["inputs"] == meta["anyflow_inputs"]
     assert records["train_flowmap"]["manifest_sha256"] == storage.manifest_digest(uri)
+
+
+def test_a_record_reads_the_manifest_once(s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record task reads the output's manifest once (one S3 GET) and takes both digests from those bytes:
+    the manifest digest is sha256 of the bytes in the store, the content digest that of a separate read."""
+    uri = _artifact(s3_prefix, tmp_path, "m", "model", b"m")
+    gets: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u, *a, **k: gets.append(str(u)) or real(u, *a, **k))
+    doc = R.write_stage_record(s3_prefix, "run-m", stage="train_teacher", output="teacher", uri=uri)
+    assert [g for g in gets if g.endswith("manifest.json")] == [f"{uri}/manifest.json"]
+    monkeypatch.undo()
+    assert doc["manifest_sha256"] == hashlib.sha256(storage.read_bytes(f"{uri}/manifest.json")).hexdigest()
+    assert doc["content_sha256"] == storage.content_digest(uri) and doc["kind"] == "model"

@@ -73,10 +73,10 @@ def write_stage_record(store: str, run_id: str, *, stage: str, output: str, uri:
     teacher, …) and the task's input URLs. One atomic write of its own object; returns the document.
     """
     entry = entry or stage
-    manifest = storage.read_manifest(uri)
+    manifest, manifest_sha256, content_sha256 = storage.manifest_with_digests(uri)
     doc = {"format": STAGE_RECORD_FORMAT, "run_id": run_id, "entry": entry, "stage": stage, "output": output,
-           "uri": str(uri), "manifest_sha256": storage.manifest_digest(uri), "kind": manifest.get("kind"),
-           "content_sha256": storage.content_digest(uri),
+           "uri": str(uri), "manifest_sha256": manifest_sha256, "kind": manifest.get("kind"),
+           "content_sha256": content_sha256,
            "cached": bool(cached), "inputs": dict(inputs or {}), "recorded_at": now()}
     storage.write_json_atomic(stage_record_url(store, run_id, entry), doc)
     return doc
