@@ -71,9 +71,9 @@ def test_merge_only_merges_published_partitions_and_refuses_a_missing_one(
     loads.clear()
 
     grown = {**over, "data.source": "procedural:n=7,seed=4"}  # a clip arrived after the fingerprint task listed
-    with prep.merge_only(), pytest.raises(StageInputError, match=r"merge task\): partition\(s\) 3:\w+ .*not in the"):
+    with prep.merge_only(), pytest.raises(StageInputError, match=r"1 of 4 partitions of \S+ are not in the store \S+ -- part-00003 .*only merges"):
         run_stage("prepare_data", store=store, overrides=grown, progress=False)  # named; exit 2 (bad input)
-    with prep.merge_only(), pytest.raises(StageInputError, match=r"does not encode an unpartitioned source"):
+    with prep.merge_only(), pytest.raises(StageInputError, match=r"compiled with prepare_fanout: true .* needs data.partition_size > 0"):
         run_stage("prepare_data", store=store, overrides={**over, "data.partition_size": 0}, progress=False)
     assert loads == []  # no encoder was loaded on the merge's CPU profile
     assert prep._NO_ENCODERS == []  # the context is left as found, also after a failure
@@ -98,7 +98,7 @@ def test_the_merge_only_component_exits_2_without_loading_an_encoder(
     with pytest.raises(SystemExit) as exit_:
         prepare_data(out, metrics, preset="tiny", overrides_json=json.dumps(over), store=store, merge_only=True)
     assert exit_.value.code == 2  # bad input: KFP's retries stop (anyflow.errors)
-    assert "partition(s) 1:" in capsys.readouterr().err
+    assert "1 of 2 partitions of procedural:n=4,seed=6 are not in the store" in capsys.readouterr().err
 
 
 def test_partition_cache_checks_sizes_without_reading_the_data(tmp_path: Path) -> None:

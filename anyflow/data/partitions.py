@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from anyflow.config import StageInputError
 from anyflow.data.prepare import DataPrepError, EncodeText, EncodeVideo, prepare_data_section, summary_metrics
 from anyflow.data.shards import FORMAT, INDEX, NEGATIVE, VERSION
 
@@ -58,6 +59,11 @@ class PartitionsFailed(RuntimeError):
 
 class PartitionsBadInput(DataPrepError):
     """Some partitions failed on bad input (strict mode, an unusable source); the others are cached."""
+
+
+class PartitionNotPublished(StageInputError):
+    """Raised by a ``load_encoders`` that must not encode (the fan-out's CPU merge task): the partition is not in
+    the store. :func:`prepare_partitioned` names every such partition in one error of this class."""
 
 
 @dataclass(frozen=True)
@@ -284,7 +290,6 @@ def prepare_partitioned(
     anyflow/ops/window.py): only the partitions holding one are encoded (whole: a partition is the cached unit),
     and the dataset keeps only those items' rows. Returns ``(summary, partition artifact URLs)``.
     """
-    from anyflow.config import StageInputError
 
     parts = plan_partitions(source, cfg.data.partition_size)
     load = _memo(load_encoders)
@@ -323,9 +328,13 @@ def prepare_partitioned(
             f"({', '.join(encoded) or 'none'}), {len(urls) - len(encoded)} cached, {len(failures)} failed",
             flush=True,
         )
+    absent = [p for p, e in failures if isinstance(e, PartitionNotPublished)]
+    if absent and len(absent) == len(failures):
+        raise PartitionNotPublished(
+            f"prepare_data: {len(absent)} of {len(parts)} partitions of {source} are not in the store {store} -- "
+            f"{'; '.join(p.describe() for p in absent)}: {failures[0][1]}"
+        )
     if failures:
-        from anyflow.config import StageInputError
-
         bad_input = all(
             isinstance(e, (DataPrepError, StageInputError, FileNotFoundError)) for _, e in failures
         )

@@ -36,19 +36,8 @@ def run(cfg: Preset, inputs: Mapping[str, str], out_dir: Path, *, ckpt_url: str 
             "data.source is empty: set it to a folder, s3:// prefix, .csv/.jsonl index, .tar shards or 'procedural:n=…'"
         )
     d = cfg.data
-    if _NO_ENCODERS:
-        if not (d.partition_size and store):
-            raise common.StageInputError(
-                "prepare_data (merge task): prepare_fanout: true needs data.partition_size > 0 and a store; this "
-                "task does not encode an unpartitioned source")
-        missing = partition_plan(cfg, store)
-        if missing:
-            raise common.StageInputError(
-                f"prepare_data (merge task): partition(s) {', '.join(missing)} (index:listing) of "
-                f"data.source={d.source} are not in the store {store}, and this task only merges "
-                "(prepare_fanout: true). The source changed after the source_fingerprint task listed its "
-                "partitions, or a partition artifact was deleted since: run the pipeline again (the fingerprint "
-                "task lists them anew, and the partition tasks are never taken from KFP's cache)")
+    if _NO_ENCODERS:  # a partition not in the store fails in _encoders; prepare_partitioned names every one
+        _require_fanout(cfg, store or "")
     if d.partition_size:  # partitions: each its own cached artifact in the store, then one index over them
         from anyflow.data.partitions import prepare_partitioned
 
@@ -79,10 +68,14 @@ def merge_only() -> Iterator[None]:
 
 def _encoders(cfg: Preset) -> tuple:
     """The VAE and text encoder of the preset's model as plain callables (loaded now)."""
-    if _NO_ENCODERS:  # run() checked the partitions first; one vanished since
-        raise common.StageInputError(
-            f"prepare_data (merge task): a partition of data.source={cfg.data.source} left the store while this "
-            "task merged, and this task only merges (prepare_fanout: true): run the pipeline again")
+    if _NO_ENCODERS:  # the fan-out's merge task: a partition the loop should have published is missing
+        from anyflow.data.partitions import PartitionNotPublished
+
+        raise PartitionNotPublished(
+            "this task only merges (prepare_fanout: true). The source "
+            "changed after the source_fingerprint task listed its partitions, or a partition artifact was deleted "
+            "since: run the pipeline again (the fingerprint task lists them anew, and the partition tasks are never "
+            "taken from KFP's cache)")
     base = common.load_models(cfg)
 
     @torch.no_grad()
@@ -115,6 +108,18 @@ def artifact_parents(out_dir: Path) -> list[str]:
     return [p["artifact"] for p in json.loads(index.read_text()).get("partitions", [])]
 
 
+def _require_fanout(cfg: Preset, store: str) -> None:
+    """A pipeline compiled with ``Platform.prepare_fanout`` (partition pods encode, a CPU task merges) can only run
+    a partitioned source with a store; raised before any pod of the loop starts, and again by the merge task."""
+    missing = [what for what, ok in (("data.partition_size > 0 (clips per partition pod)", cfg.data.partition_size),
+                                     ("a store (the pipeline's 'store' parameter)", store),
+                                     ("a data.source", cfg.data.source)) if not ok]
+    if missing:
+        raise common.StageInputError(
+            f"prepare_data: this pipeline was compiled with prepare_fanout: true in its platform (partition pods "
+            f"encode, a CPU task merges), so a run needs {' and '.join(missing)}; or compile without prepare_fanout")
+
+
 def partition_plan(cfg: Preset, store: str, *, fanout: bool = False) -> list[str]:
     """The partitions a pipeline's ``ParallelFor`` encodes: ``"<index>:<fingerprint>"`` of each partition whose
     artifact is not in the store yet (cached ones need no pod). Empty when ``data.partition_size`` is 0 or there is
@@ -126,13 +131,8 @@ def partition_plan(cfg: Preset, store: str, *, fanout: bool = False) -> list[str
     from anyflow.data.partitions import cached_partition, partition_key, partition_url, plan_partitions
     from anyflow.ops.window import WindowError
 
-    if fanout and not (cfg.data.partition_size and store and cfg.data.source):
-        missing = [what for what, ok in (("data.partition_size > 0 (clips per partition pod)", cfg.data.partition_size),
-                                         ("a store (the pipeline's 'store' parameter)", store),
-                                         ("a data.source", cfg.data.source)) if not ok]
-        raise common.StageInputError(
-            f"prepare_data: this pipeline was compiled with prepare_fanout: true in its platform (partition pods "
-            f"encode, a CPU task merges), so a run needs {' and '.join(missing)}; or compile without prepare_fanout")
+    if fanout:
+        _require_fanout(cfg, store)
     if not cfg.data.partition_size or not store or not cfg.data.source:
         return []
     try:
@@ -145,12 +145,10 @@ def partition_plan(cfg: Preset, store: str, *, fanout: bool = False) -> list[str
 
 def encode_partition_item(cfg: Preset, store: str, item: str, *, progress: bool = True) -> dict:
     """Encode one partition of :func:`partition_plan` (``item`` = ``"<index>:<fingerprint>"``) into the store."""
-    from anyflow.data.partitions import prepare_partitioned
-
     import os
 
     from anyflow import stages, storage
-    from anyflow.data.partitions import PARTITION_STAGE
+    from anyflow.data.partitions import PARTITION_STAGE, prepare_partitioned
 
     index, _, fingerprint = item.partition(":")
     if not index.isdigit() or not fingerprint.isalnum():
