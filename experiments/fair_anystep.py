@@ -371,6 +371,58 @@ def select_stage1(seed: int, fc: FairConfig) -> dict:
     return {"seed": seed, "grid": grid, "chosen": chosen, "wall_s": time.perf_counter() - t0}
 
 
+BUDGET_REL = 0.10  # budget_constant/RULE.md: S is enough when S → 2S lowers the smoothed N = 1 distance by < 10 %
+
+
+def smoothed(curve: list, step: int, col: int = 2, window: int = 3) -> float:
+    """Mean of column ``col`` (2: N = 1 distance to data) over the ``window`` curve points ending at ``step``
+    (budget_constant/RULE.md: v(S), the points at S − 2000, S − 1000, S of a 1000-step curve)."""
+    steps = [p[0] for p in curve]
+    if step not in steps:
+        raise ValueError(f"the curve has no point at step {step} (its points: {steps[:3]} … {steps[-3:]})")
+    i = steps.index(step)
+    if i + 1 < window:
+        raise ValueError(f"the curve has fewer than {window} points up to step {step}")
+    return statistics.fmean(p[col] for p in curve[i + 1 - window : i + 1])
+
+
+def budget_check(paths: Sequence[str], budget: int) -> dict:
+    """budget_constant/RULE.md on the --select-stage1 runs at ``paths`` (one constant-rate run per arm to at
+    least 2 × ``budget`` steps): per arm v(S) at S = budget and 2 × budget and whether doubling the budget lowers
+    v by less than BUDGET_REL. Reads only the recorded held-out distances to data."""
+    rows = []
+    for path in paths:
+        sel = json.loads((Path(path) / "selection_stage1.json").read_text())
+        for arm, runs in sel["grid"].items():
+            for r in runs:
+                if r["schedule"] != "constant":
+                    raise ValueError(f"{path}: {arm} {r['schedule']} run: the rule reads constant-rate runs only")
+                v = {s: smoothed(r["curve"], s) for s in (budget, 2 * budget)}
+                drop = (v[budget] - v[2 * budget]) / v[budget]
+                rows.append({"arm": arm, "lr": r["lr"], "seed": sel["seed"], "v": v, "drop": drop,
+                             "enough": drop < BUDGET_REL, "from": str(path)})
+    return {"budget": budget, "rel": BUDGET_REL, "rows": rows}
+
+
+def budget_markdown(chk: dict, command: str) -> str:
+    b = chk["budget"]
+    lines = [
+        f"Command: `{command}`  ",
+        "Rule: budget_constant/RULE.md (written before the runs). v(S) = mean N = 1 held-out distance to data at "
+        f"the curve points S − 2000, S − 1000, S. Enough when (v({b}) − v({2 * b})) / v({b}) < {chk['rel']:.0%}.",
+        "",
+        f"| arm | seed | lr (constant) | v({b}) | v({2 * b}) | drop {b} → {2 * b} | enough? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in chk["rows"]:
+        v = r["v"]
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {r['lr']:g} | {v[b]:.4g} | {v[2 * b]:.4g} | "
+            f"{r['drop']:.1%} | {'yes' if r['enough'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def teacher_samples(s: Setup, g: float, steps: int = 100) -> torch.Tensor:
     """Points of the trained teacher's CFG-g ODE (Euler) from fresh noise, labels s.held_labels: the
     distribution stage 2 distils (not the exact ODE, not the evaluation noise)."""
@@ -858,6 +910,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="report folders of single-seed runs (same config): write their combined tables/plot to --out",
     )
+    p.add_argument(
+        "--budget-check",
+        nargs="+",
+        default=[],
+        help="--select-stage1 run folders of constant-rate runs to 2 x --flowmap-steps: apply "
+        "budget_constant/RULE.md at S = --flowmap-steps (writes budget_check.md/.json to --out)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="", help="folder of saved teachers (a seed's teacher is trained once)")
     p.add_argument(
@@ -900,6 +959,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else "fair_anystep.main(" + repr(list(argv)) + ")"
     )
+    if a.budget_check:
+        chk = budget_check(a.budget_check, fc.flowmap_steps)
+        (out / "budget_check.json").write_text(json.dumps({"command": command, **chk}, indent=1) + "\n")
+        (out / "budget_check.md").write_text(budget_markdown(chk, command))
+        print((out / "budget_check.md").read_text())
+        return 0
     if a.merge:
         runs = [json.loads((Path(m) / "fair_results.json").read_text()) for m in a.merge]
         configs = {json.dumps({k: v for k, v in r["config"].items() if k != "seeds"}) for r in runs}
