@@ -172,6 +172,32 @@ sys.exit(0 if failed and not ran else 1)' "$2" || fail "run $1 did not fail in i
   ok "run $1 failed in its $2 task; no partition or merge pod ran"
 }
 
+# check_cpu_merge RUN_ID: the merge task's pod (Argo DAG node "prepare-data", KFP 2.17.0 argocompiler dag.go: a
+# container task is "<task>-driver" + "<task>", whose "executor" child is the pod) ran and its main container asked
+# for no GPU (the prepare_merge profile, pipelines/platform.py MERGE_PROFILE, or the platform file's). Pods found by
+# Argo v4.0.5's label workflows.argoproj.io/workflow and annotation workflows.argoproj.io/node-id
+# (workflow/common/common.go)
+check_cpu_merge() {
+  show kubectl -n "$NS" get pods -l "workflows.argoproj.io/workflow=WORKFLOW_OF_$1" -o json
+  [ "$DRY_RUN" = 1 ] && return 0
+  local wf="${WORK}/workflow-$1.json" name
+  workflow_json "$1" >"$wf" || fail "no workflow for run $1"
+  name="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"][0]["metadata"]["name"])' "$wf")"
+  kubectl -n "$NS" get pods -l "workflows.argoproj.io/workflow=$name" -o json | python3 -c '
+import json, sys
+nodes = json.load(open(sys.argv[1]))["items"][0]["status"]["nodes"]
+merge = [n for n in nodes.values() if n.get("displayName") == "prepare-data"]
+pod_ids = {c for n in merge for c in n.get("children", []) if nodes.get(c, {}).get("type") == "Pod"}
+pods = [p for p in json.load(sys.stdin)["items"]
+        if p["metadata"].get("annotations", {}).get("workflows.argoproj.io/node-id") in pod_ids]
+names = [p["metadata"]["name"] for p in pods]
+res = [c.get("resources", {}) for p in pods for c in p["spec"]["containers"] if c["name"] == "main"]
+gpu = [r for r in res if any("gpu" in k for part in ("limits", "requests") for k in r.get(part, {}))]
+print(f"merge pods: {names}; main container resources: {res}")
+sys.exit(0 if res and not gpu else 1)' "$wf" || fail "run $1: no merge pod found, or it asked for a GPU"
+  ok "run $1: the merge pod ran without a GPU"
+}
+
 echo "anyflow cluster acceptance: host=$HOST namespace=$NS image=$IMAGE store=$STORE dry-run=$DRY_RUN"
 
 step "prerequisites (this script does not install them)"
@@ -293,6 +319,8 @@ for pass in 1 2 3; do
   if [ "$pass" = 1 ]; then
     check "pass 1: the 4 partitions of 16 clips each ran in a prepare_partition iteration, at most 2 at once"
     check_loop "$PRUN" 4 4 2
+    check "pass 1: the merge pod ran on the CPU-only prepare_merge profile"
+    check_cpu_merge "$PRUN"
   elif [ "$pass" = 2 ]; then
     check "pass 2: every partition is in the store: the list is empty, no iteration runs and the merge still runs"
     check_loop "$PRUN" 0 0 2

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,9 @@ def test_the_new_cluster_checks_read_what_upstream_writes(dry_run) -> None:
         assert name in script, name
     assert "partition_parallelism: 2\nprepare_fanout: true" in out and "kueue_queue: gpu-team-a" in out
     assert "kubectl -n team-a get localqueues.kueue.x-k8s.io gpu-team-a" in cmds
+    pods = [c for c in cmds if c.startswith("kubectl -n team-a get pods -l workflows.argoproj.io/workflow=")]
+    assert pods == ["kubectl -n team-a get pods -l workflows.argoproj.io/workflow=WORKFLOW_OF_PARTITIONS1_RUN_ID -o json"]
+    assert "workflows.argoproj.io/node-id" in script  # Argo v4.0.5 common.AnnotationKeyNodeID
     parts = [r for r in _anyflow(out, "rerun") if r[r.index("--stage") + 1] == "prepare_data"]
     assert [r[r.index("--set") + 1] for r in parts] == ["data.partition_size=4"] * 2 + ["data.partition_size=0"]
     assert all(r[r.index("--platform") + 1].endswith("platform-partitions.yaml") for r in parts)
@@ -255,3 +259,39 @@ def test_forced_rerun_submits_every_task_uncached(tmp_path: Path, monkeypatch) -
     assert {n for n, _ in plain} == {n for n, _ in forced} and len(forced) >= 3  # fingerprint, partition, merge
     assert dict(plain)["prepare-data"] is True
     assert not any(cached for _, cached in forced), forced
+
+
+def _check_program(function: str) -> str:
+    """The Python program inside the script's shell function ``function`` (its ``python3 -c '...'``)."""
+    body = SCRIPT.read_text().split(f"{function}() {{", 1)[1].split("\n}\n", 1)[0]
+    return body.split("python3 -c '\nimport", 1)[1].split("' \"$wf\"", 1)[0].join(["import", ""])
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_merge_pod_check_finds_the_executor_pod_and_its_gpu(tmp_path: Path, gpu: bool) -> None:
+    # check_cpu_merge's parsing, on the shapes Argo v4.0.5 writes (status.nodes by id with displayName / type /
+    # children; pods annotated workflows.argoproj.io/node-id). A partition pod with a GPU must not count, the
+    # merge pod's own GPU must.
+    nodes = {
+        "wf-1": {"displayName": "prepare-data-driver", "type": "Pod", "children": []},
+        "wf-2": {"displayName": "prepare-data", "type": "DAG", "children": ["wf-3"]},
+        "wf-3": {"displayName": "executor", "type": "Pod", "children": []},
+        "wf-4": {"displayName": "executor", "type": "Pod", "children": []},  # a partition iteration's pod
+    }
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"items": [{"metadata": {"name": "wf"}, "status": {"nodes": nodes}}]}))
+    gpu_res = {"limits": {"nvidia.com/gpu": "1"}}
+    merge_res = {"requests": {"cpu": "500m", "memory": "2Gi"}, **(gpu_res if gpu else {})}
+
+    def pod(node: str, res: dict) -> dict:
+        return {"metadata": {"name": f"pod-{node}", "annotations": {"workflows.argoproj.io/node-id": node}},
+                "spec": {"containers": [{"name": "wait"}, {"name": "main", "resources": res}]}}
+
+    pods = {"items": [pod("wf-1", {}), pod("wf-3", merge_res), pod("wf-4", gpu_res)]}
+    res = subprocess.run([sys.executable, "-c", _check_program("check_cpu_merge"), str(wf)], input=json.dumps(pods),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == (1 if gpu else 0), res.stdout + res.stderr
+    assert "merge pods: ['pod-wf-3']" in res.stdout
+    empty = subprocess.run([sys.executable, "-c", _check_program("check_cpu_merge"), str(wf)],
+                           input=json.dumps({"items": [pod("wf-4", {})]}), capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1  # no merge pod found is a failure, not a pass
