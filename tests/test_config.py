@@ -105,5 +105,5 @@ def test_every_preset_satisfies_its_declared_ranges() -> None:
 
     tiny = get_preset("tiny")
     bad = dataclasses.replace(tiny, data=dataclasses.replace(tiny.data, fps=0))
-    with pytest.raises(ConfigError, match="data.fps"):
+    with pytest.raises(ConfigError, match=r"data\.fps"):
         validate(bad)

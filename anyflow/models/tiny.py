@@ -55,7 +55,7 @@ BUILTIN_ASSETS: dict[str, tuple[Path, ...]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin_assets_digest(spec: str) -> str | None:
     """sha256 over the shipped files a built-in base loads (name and bytes of each, sorted), or ``None`` for a
     spec that is not a built-in. Stage keys hold it (:func:`anyflow.stages.stage_key`): replacing the tiny VAE
