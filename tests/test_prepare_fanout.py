@@ -71,12 +71,37 @@ def test_merge_only_merges_published_partitions_and_refuses_a_missing_one(
     loads.clear()
 
     grown = {**over, "data.source": "procedural:n=7,seed=4"}  # a clip arrived after the fingerprint task listed
-    with prep.merge_only(), pytest.raises(StageInputError, match=r"1 of 4 partitions of \S+ are not in the store \S+ -- part-00003 .*only merges"):
+    with prep.merge_only(), pytest.raises(StageInputError, match=r"1 of 4 partitions of \S+ are not in the store \S+ -- 3:\w{16} = part-00003 .*only merges"):
         run_stage("prepare_data", store=store, overrides=grown, progress=False)  # named; exit 2 (bad input)
     with prep.merge_only(), pytest.raises(StageInputError, match=r"compiled with prepare_fanout: true .* needs data.partition_size > 0"):
         run_stage("prepare_data", store=store, overrides={**over, "data.partition_size": 0}, progress=False)
     assert loads == []  # no encoder was loaded on the merge's CPU profile
     assert prep._NO_ENCODERS == []  # the context is left as found, also after a failure
+
+
+def test_a_missing_partition_is_bad_input_even_beside_a_transient_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's retries cannot publish a missing partition (only the loop's pods encode), so a missing one is
+    exit 2 also when another partition failed transiently; both are named."""
+    from anyflow.data import partitions as P
+    from anyflow.errors import classify_failure
+
+    store = str(tmp_path / "store")
+    over = {**GEOM, "data.source": "procedural:n=6,seed=8", "data.partition_size": 2}
+    cfg = apply_overrides(get_preset("tiny"), over)
+    prep.encode_partition_item(cfg, store, prep.partition_plan(cfg, store)[0], progress=False)
+    flaky = P.partition_url(store, P.plan_partitions(cfg.data.source, 2)[2], cfg)
+    real = P.cached_partition
+    monkeypatch.setattr(P, "cached_partition", lambda url, key: (_ for _ in ()).throw(ConnectionError("reset"))
+                        if url == flaky else real(url, key))
+    monkeypatch.setattr(prep.common, "load_models", lambda c: pytest.fail("the merge task loaded an encoder"))
+    with prep.merge_only(), pytest.raises(StageInputError) as err:
+        run_stage("prepare_data", store=store, overrides=over, progress=False)
+    msg = str(err.value)
+    assert "1 of 3 partitions of procedural:n=6,seed=8 are not in the store" in msg and " 1:" in msg
+    assert "part-00002" in msg and "ConnectionError: reset" in msg
+    assert classify_failure(err.value)[0] == 2
 
 
 def test_the_merge_only_component_exits_2_without_loading_an_encoder(

@@ -312,11 +312,8 @@ def prepare_partitioned(
         try:
             url, cached = encode_partition(source, part, cfg, store, load_encoders=load, progress=progress)
         except Exception as exc:  # every partition gets its chance; the error names them all below
-            print(
-                f"[anyflow] prepare_data: {part.describe()} failed: {type(exc).__name__}: {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
+            why = "not in the store" if isinstance(exc, PartitionNotPublished) else f"{type(exc).__name__}: {exc}"
+            print(f"[anyflow] prepare_data: {part.describe()} failed: {why}", file=sys.stderr, flush=True)
             failures.append((part, exc))
             continue
         urls.append(url)
@@ -328,12 +325,15 @@ def prepare_partitioned(
             f"({', '.join(encoded) or 'none'}), {len(urls) - len(encoded)} cached, {len(failures)} failed",
             flush=True,
         )
-    absent = [p for p, e in failures if isinstance(e, PartitionNotPublished)]
-    if absent and len(absent) == len(failures):
+    absent = [(p, e) for p, e in failures if isinstance(e, PartitionNotPublished)]
+    if absent:  # a retry cannot publish them (only the loop's pods encode): bad input, whatever else failed
+        others = "; ".join(f"{p.describe()}: {type(e).__name__}: {e}" for p, e in failures if (p, e) not in absent)
         raise PartitionNotPublished(
             f"prepare_data: {len(absent)} of {len(parts)} partitions of {source} are not in the store {store} -- "
-            f"{'; '.join(p.describe() for p in absent)}: {failures[0][1]}"
-        )
+            + "; ".join(f"{p.index}:{p.fingerprint[:16]} = {p.describe()}" for p, _ in absent)
+            + (f" (and failed: {others})" if others else "")
+            + f". {absent[0][1]}"
+        ) from None
     if failures:
         bad_input = all(
             isinstance(e, (DataPrepError, StageInputError, FileNotFoundError)) for _, e in failures
