@@ -172,11 +172,12 @@ sys.exit(0 if failed and not ran else 1)' "$2" || fail "run $1 did not fail in i
   ok "run $1 failed in its $2 task; no partition or merge pod ran"
 }
 
-# check_cpu_merge RUN_ID: the merge task's pod (Argo DAG node "prepare-data", KFP 2.17.0 argocompiler dag.go: a
-# container task is "<task>-driver" + "<task>", whose "executor" child is the pod) ran and its main container asked
-# for no GPU (the prepare_merge profile, pipelines/platform.py MERGE_PROFILE, or the platform file's). Pods found by
-# Argo v4.0.5's label workflows.argoproj.io/workflow and annotation workflows.argoproj.io/node-id
-# (workflow/common/common.go)
+# check_cpu_merge RUN_ID CPU_REQUEST MEMORY_LIMIT: every pod of the merge task (the Argo DAG node "prepare-data": KFP
+# 2.17.0 argocompiler dag.go names a container task "<task>-driver" + "<task>"; its "executor" child is the pod, or,
+# with retries, a Retry node whose children "executor(0)", ... are: container.go retry-system-container-impl) asked
+# for no GPU and for the platform's prepare_merge CPU request and memory limit (compared as quantities: the driver
+# writes them from the task's resource fields, backend/src/v2/driver/driver.go). Pods found by Argo v4.0.5's label
+# workflows.argoproj.io/workflow and annotation workflows.argoproj.io/node-id (workflow/common/common.go)
 check_cpu_merge() {
   show kubectl -n "$NS" get pods -l "workflows.argoproj.io/workflow=WORKFLOW_OF_$1" -o json
   [ "$DRY_RUN" = 1 ] && return 0
@@ -184,18 +185,33 @@ check_cpu_merge() {
   workflow_json "$1" >"$wf" || fail "no workflow for run $1"
   name="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"][0]["metadata"]["name"])' "$wf")"
   kubectl -n "$NS" get pods -l "workflows.argoproj.io/workflow=$name" -o json | python3 -c '
-import json, sys
+import json, re, sys
 nodes = json.load(open(sys.argv[1]))["items"][0]["status"]["nodes"]
-merge = [n for n in nodes.values() if n.get("displayName") == "prepare-data"]
-pod_ids = {c for n in merge for c in n.get("children", []) if nodes.get(c, {}).get("type") == "Pod"}
+want_cpu, want_mem = sys.argv[2:4]
+def qty(v):
+    n, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(v)).groups()
+    return float(n) * {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                       "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
+def pods_under(ids):
+    out = set()
+    for i in ids:
+        n = nodes.get(i, {})
+        out |= {i} if n.get("type") == "Pod" else pods_under(n.get("children", []))
+    return out
+merge = [i for i, n in nodes.items() if n.get("displayName") == "prepare-data"]
+pod_ids = pods_under([c for i in merge for c in nodes[i].get("children", [])])
 pods = [p for p in json.load(sys.stdin)["items"]
         if p["metadata"].get("annotations", {}).get("workflows.argoproj.io/node-id") in pod_ids]
 names = [p["metadata"]["name"] for p in pods]
 res = [c.get("resources", {}) for p in pods for c in p["spec"]["containers"] if c["name"] == "main"]
-gpu = [r for r in res if any("gpu" in k for part in ("limits", "requests") for k in r.get(part, {}))]
-print(f"merge pods: {names}; main container resources: {res}")
-sys.exit(0 if res and not gpu else 1)' "$wf" || fail "run $1: no merge pod found, or it asked for a GPU"
-  ok "run $1: the merge pod ran without a GPU"
+print(f"merge pods: {names}; main container resources: {res}; want cpu request {want_cpu}, memory limit {want_mem}")
+good = [r for r in res if not any(k.startswith("nvidia.com/") or "gpu" in k for part in ("limits", "requests")
+                                  for k in r.get(part, {}))
+        and abs(qty(r.get("requests", {}).get("cpu", -1)) - qty(want_cpu)) < 1e-6 * qty(want_cpu)
+        and abs(qty(r.get("limits", {}).get("memory", -1)) - qty(want_mem)) < 1e-6 * qty(want_mem)]
+sys.exit(0 if res and len(good) == len(res) else 1)' "$wf" "$2" "$3" \
+    || fail "run $1: no merge pod found, or one asked for a GPU or not for the prepare_merge profile's resources"
+  ok "run $1: the merge pod ran without a GPU, on the prepare_merge profile"
 }
 
 echo "anyflow cluster acceptance: host=$HOST namespace=$NS image=$IMAGE store=$STORE dry-run=$DRY_RUN"
@@ -305,7 +321,9 @@ fi
 step "partitioned prepare_data: ParallelFor over the fingerprint task's list, 2 pods at once, a merge-only task; then an empty list"
 PLATFORMP="${WORK}/platform-partitions.yaml"
 cp "$PLATFORM" "$PLATFORMP"
-printf 'partition_parallelism: 2\nprepare_fanout: true\n' >>"$PLATFORMP"
+# distinctive merge resources (the local platform's defaults apply to every other stage) and a retry, so that
+# check_cpu_merge tells the prepare_merge profile from any other and finds the pod under Argo's Retry node
+printf 'partition_parallelism: 2\nprepare_fanout: true\nstages:\n  prepare_merge: {cpu_request: 300m, memory_limit: 3Gi, retries: 1}\n' >>"$PLATFORMP"
 check "platform with partition_parallelism 2 and prepare_fanout (the merge task only merges, on the prepare_merge profile):"
 cat "$PLATFORMP"
 for pass in 1 2 3; do
@@ -320,7 +338,7 @@ for pass in 1 2 3; do
     check "pass 1: the 4 partitions of 16 clips each ran in a prepare_partition iteration, at most 2 at once"
     check_loop "$PRUN" 4 4 2
     check "pass 1: the merge pod ran on the CPU-only prepare_merge profile"
-    check_cpu_merge "$PRUN"
+    check_cpu_merge "$PRUN" 300m 3Gi
   elif [ "$pass" = 2 ]; then
     check "pass 2: every partition is in the store: the list is empty, no iteration runs and the merge still runs"
     check_loop "$PRUN" 0 0 2

@@ -267,31 +267,55 @@ def _check_program(function: str) -> str:
     return body.split("python3 -c '\nimport", 1)[1].split("' \"$wf\"", 1)[0].join(["import", ""])
 
 
-@pytest.mark.parametrize("gpu", [False, True])
-def test_the_merge_pod_check_finds_the_executor_pod_and_its_gpu(tmp_path: Path, gpu: bool) -> None:
+@pytest.mark.parametrize("case", ["ok", "gpu", "other-profile", "retry-node"])
+def test_the_merge_pod_check_finds_the_executor_pod_and_its_resources(tmp_path: Path, case: str) -> None:
     # check_cpu_merge's parsing, on the shapes Argo v4.0.5 writes (status.nodes by id with displayName / type /
-    # children; pods annotated workflows.argoproj.io/node-id). A partition pod with a GPU must not count, the
-    # merge pod's own GPU must.
+    # children; pods annotated workflows.argoproj.io/node-id; a task with retries has a Retry node whose children
+    # are the pods). A partition pod with a GPU must not count; the merge pod's own GPU, or resources that are not
+    # the prepare_merge profile's, must fail it.
+    retry = case == "retry-node"
     nodes = {
         "wf-1": {"displayName": "prepare-data-driver", "type": "Pod", "children": []},
         "wf-2": {"displayName": "prepare-data", "type": "DAG", "children": ["wf-3"]},
-        "wf-3": {"displayName": "executor", "type": "Pod", "children": []},
+        "wf-3": {"displayName": "executor", "type": "Retry" if retry else "Pod",
+                 "children": ["wf-5", "wf-6"] if retry else []},
         "wf-4": {"displayName": "executor", "type": "Pod", "children": []},  # a partition iteration's pod
+        "wf-5": {"displayName": "executor(0)", "type": "Pod", "children": []},
+        "wf-6": {"displayName": "executor(1)", "type": "Pod", "children": []},
     }
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps({"items": [{"metadata": {"name": "wf"}, "status": {"nodes": nodes}}]}))
-    gpu_res = {"limits": {"nvidia.com/gpu": "1"}}
-    merge_res = {"requests": {"cpu": "500m", "memory": "2Gi"}, **(gpu_res if gpu else {})}
+    gpu_res = {"limits": {"nvidia.com/gpu": "1", "memory": "3Gi"}, "requests": {"cpu": "300m"}}
+    merge_res = {"requests": {"cpu": "0.3", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "3221225472"}}
+    merge_res = {"gpu": gpu_res, "other-profile": {"requests": {"cpu": "500m"}, "limits": {"memory": "4Gi"}}}.get(
+        case, merge_res)
 
     def pod(node: str, res: dict) -> dict:
         return {"metadata": {"name": f"pod-{node}", "annotations": {"workflows.argoproj.io/node-id": node}},
                 "spec": {"containers": [{"name": "wait"}, {"name": "main", "resources": res}]}}
 
-    pods = {"items": [pod("wf-1", {}), pod("wf-3", merge_res), pod("wf-4", gpu_res)]}
-    res = subprocess.run([sys.executable, "-c", _check_program("check_cpu_merge"), str(wf)], input=json.dumps(pods),
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == (1 if gpu else 0), res.stdout + res.stderr
-    assert "merge pods: ['pod-wf-3']" in res.stdout
-    empty = subprocess.run([sys.executable, "-c", _check_program("check_cpu_merge"), str(wf)],
-                           input=json.dumps({"items": [pod("wf-4", {})]}), capture_output=True, text=True, timeout=60)
-    assert empty.returncode == 1  # no merge pod found is a failure, not a pass
+    merge_pods = ["wf-5", "wf-6"] if retry else ["wf-3"]
+    pods = {"items": [pod("wf-1", {}), *(pod(n, merge_res) for n in merge_pods), pod("wf-4", gpu_res)]}
+
+    def check(listing: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _check_program("check_cpu_merge"), str(wf), "300m", "3Gi"],
+                              input=json.dumps(listing), capture_output=True, text=True, timeout=60)
+
+    res = check(pods)
+    assert res.returncode == (0 if case in ("ok", "retry-node") else 1), res.stdout + res.stderr
+    assert f"merge pods: {[f'pod-{n}' for n in merge_pods]}" in res.stdout
+    assert check({"items": [pod("wf-4", {})]}).returncode == 1  # no merge pod found is a failure, not a pass
+
+
+def test_the_partition_platform_gives_the_merge_its_own_resources() -> None:
+    # What step 7 appends to the local platform parses, and only prepare_merge gets 300m / 3Gi / one retry.
+    from pipelines.platform import Platform
+
+    text = (ROOT / "manifests" / "overlays" / "local" / "platform.yaml").read_text()
+    appended = re.search(r"printf '(partition_parallelism: 2.*?)' >>\"\$PLATFORMP\"", SCRIPT.read_text())
+    text += appended.group(1).encode().decode("unicode_escape")
+    plat = Platform.from_dict(yaml.safe_load(text), source="platform-partitions.yaml")
+    merge = plat.stages["prepare_merge"]
+    assert (merge.cpu_request, merge.memory_limit, merge.retries, merge.gpus) == ("300m", "3Gi", 1, 0)
+    assert all((r.cpu_request, r.memory_limit) != ("300m", "3Gi") for n, r in plat.stages.items() if n != "prepare_merge")
+    assert plat.prepare_fanout is True and plat.partition_parallelism == 2
