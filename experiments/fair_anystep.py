@@ -374,26 +374,35 @@ def select_stage1(seed: int, fc: FairConfig) -> dict:
 BUDGET_REL = 0.10  # budget_constant/RULE.md: S is enough when S → 2S lowers the smoothed N = 1 distance by < 10 %
 
 
-def smoothed(curve: list, step: int, col: int = 2, window: int = 3) -> float:
-    """Mean of column ``col`` (2: N = 1 distance to data) over the ``window`` curve points ending at ``step``
-    (budget_constant/RULE.md: v(S), the points at S − 2000, S − 1000, S of a 1000-step curve)."""
-    steps = [p[0] for p in curve]
-    if step not in steps:
-        raise ValueError(f"the curve has no point at step {step} (its points: {steps[:3]} … {steps[-3:]})")
-    i = steps.index(step)
-    if i + 1 < window:
-        raise ValueError(f"the curve has fewer than {window} points up to step {step}")
-    return statistics.fmean(p[col] for p in curve[i + 1 - window : i + 1])
+BUDGET_POINTS = (2000, 1000, 0)  # v(S): the curve at S − 2000, S − 1000, S (budget_constant/RULE.md)
+BUDGET_RUN = {"curve_every": 1000, "n_eval": 4096}  # the rule's curve spacing and evaluation size
+
+
+def smoothed(curve: list, step: int, col: int = 2) -> float:
+    """v(S) of budget_constant/RULE.md: mean of column ``col`` (2: the N = 1 distance to data) at the curve points
+    S − 2000, S − 1000 and S exactly (a missing one is an error, not a neighbour)."""
+    at = {p[0]: p[col] for p in curve}
+    want = [step - d for d in BUDGET_POINTS]
+    missing = [s for s in want if s not in at]
+    if missing:
+        raise ValueError(f"the curve has no point at step {missing[0]} (v({step}) reads steps {want})")
+    return statistics.fmean(at[s] for s in want)
 
 
 def budget_check(paths: Sequence[str], budget: int) -> dict:
-    """budget_constant/RULE.md on the --select-stage1 runs at ``paths`` (one constant-rate run per arm to at
-    least 2 × ``budget`` steps): per arm v(S) at S = budget and 2 × budget and whether doubling the budget lowers
-    v by less than BUDGET_REL. Reads only the recorded held-out distances to data."""
+    """budget_constant/RULE.md on the --select-stage1 runs at ``paths`` (one constant-rate g1 or meanflow run to at
+    least 2 × ``budget`` steps, curve every 1000 steps on 4096 evaluation points): per arm v(S) at S = budget and
+    2 × budget and whether doubling the budget lowers v by less than BUDGET_REL. Reads only the recorded held-out
+    distances to data."""
     rows = []
     for path in paths:
         sel = json.loads((Path(path) / "selection_stage1.json").read_text())
+        off = {k: sel.get("config", {}).get(k) for k, v in BUDGET_RUN.items() if sel.get("config", {}).get(k) != v}
+        if off:
+            raise ValueError(f"{path}: the rule reads runs with {BUDGET_RUN}, this one has {off}")
         for arm, runs in sel["grid"].items():
+            if arm not in ("g1", "meanflow"):
+                raise ValueError(f"{path}: arm {arm!r}: the rule checks g1 and meanflow only (released sits at its floor)")
             for r in runs:
                 if r["schedule"] != "constant":
                     raise ValueError(f"{path}: {arm} {r['schedule']} run: the rule reads constant-rate runs only")

@@ -238,21 +238,24 @@ def test_fair_anystep_one_arm(tmp_path: Path) -> None:
 
 
 def test_fair_anystep_budget_check(tmp_path: Path) -> None:
-    """budget_constant/RULE.md applied by --budget-check: v(S) averages the three curve points ending at S; a
-    drop of 10 % or more on doubling is "not enough", less is "enough"; cosine runs and missing points are refused."""
+    """budget_constant/RULE.md applied by --budget-check: v(S) averages the curve at S − 2000, S − 1000 and S exactly;
+    a drop of 10 % or more on doubling is "not enough", less is "enough"; cosine runs, the released arm, another
+    curve spacing or evaluation size, and a missing point are refused."""
     mod = _load()
+    run_config = {"curve_every": 1000, "n_eval": 4096}
 
-    def write(arm: str, points: list, sched: str = "constant") -> str:
+    def write(arm: str, points: list, sched: str = "constant", **config) -> str:
         run = tmp_path / f"{arm}-{len(list(tmp_path.iterdir()))}"
         run.mkdir()
         grid = {arm: [{"schedule": sched, "lr": 1e-3, "curve": [[s, None, d, 0.0] for s, d in points]}]}
-        (run / "selection_stage1.json").write_text(json.dumps({"seed": 0, "grid": grid}))
+        doc = {"seed": 0, "grid": grid, "config": run_config | config}
+        (run / "selection_stage1.json").write_text(json.dumps(doc))
         return str(run)
 
-    falling = write("g1", [(1, 9.0), (2000, 0.30), (3000, 0.22), (4000, 0.20), (6000, 0.10), (7000, 0.11),
-                           (8000, 0.12)])
-    flat = write("meanflow", [(1, 9.0), (2000, 0.21), (3000, 0.20), (4000, 0.20), (6000, 0.20), (7000, 0.19),
-                              (8000, 0.19)])
+    falling = write("g1", [(1, 9.0), (1000, 5.0), (2000, 0.30), (3000, 0.22), (4000, 0.20), (5000, 9.0),
+                           (6000, 0.10), (7000, 0.11), (8000, 0.12)])
+    flat = write("meanflow", [(1, 9.0), (1000, 5.0), (2000, 0.21), (3000, 0.20), (4000, 0.20), (5000, 9.0),
+                              (6000, 0.20), (7000, 0.19), (8000, 0.19)])
     out = tmp_path / "out"
     assert mod.main(["--budget-check", falling, flat, "--flowmap-steps", "4000", "--out", str(out)]) == 0
     chk = json.loads((out / "budget_check.json").read_text())
@@ -260,7 +263,11 @@ def test_fair_anystep_budget_check(tmp_path: Path) -> None:
     assert g1["v"]["4000"] == pytest.approx(0.24) and g1["drop"] == pytest.approx((0.24 - 0.11) / 0.24)
     assert not g1["enough"] and mf["arm"] == "meanflow" and mf["drop"] == pytest.approx(0.01 / (0.61 / 3))
     assert mf["enough"] and "**no**" in (out / "budget_check.md").read_text()
-    with pytest.raises(ValueError, match="constant-rate runs only"):
-        mod.budget_check([write("g1", [(4000, 1.0)], "cosine")], 4000)
-    with pytest.raises(ValueError, match="no point at step 8000"):
-        mod.budget_check([write("g1", [(1, 1.0), (2000, 1.0), (3000, 1.0), (4000, 1.0)])], 4000)
+    points = [(s, 1.0) for s in (1, 1000, 2000, 3000, 4000, 6000, 7000, 8000)]
+    for bad, match in ((write("g1", points, "cosine"), "constant-rate runs only"),
+                       (write("released", points), "g1 and meanflow only"),
+                       (write("g1", points, curve_every=500), "curve_every"),
+                       (write("g1", points, n_eval=1024), "n_eval"),
+                       (write("g1", [p for p in points if p[0] != 7000]), "no point at step 7000")):
+        with pytest.raises(ValueError, match=match):
+            mod.budget_check([bad], 4000)
