@@ -290,7 +290,6 @@ def prepare_partitioned(
     anyflow/ops/window.py): only the partitions holding one are encoded (whole: a partition is the cached unit),
     and the dataset keeps only those items' rows. Returns ``(summary, partition artifact URLs)``.
     """
-
     parts = plan_partitions(source, cfg.data.partition_size)
     load = _memo(load_encoders)
     if only is not None:
@@ -327,7 +326,8 @@ def prepare_partitioned(
         )
     absent = [(p, e) for p, e in failures if isinstance(e, PartitionNotPublished)]
     if absent:  # a retry cannot publish them (only the loop's pods encode): bad input, whatever else failed
-        others = "; ".join(f"{p.describe()}: {type(e).__name__}: {e}" for p, e in failures if (p, e) not in absent)
+        others = "; ".join(f"{p.describe()}: {type(e).__name__}: {e}" for p, e in failures
+                           if not isinstance(e, PartitionNotPublished))
         raise PartitionNotPublished(
             f"prepare_data: {len(absent)} of {len(parts)} partitions of {source} are not in the store {store} -- "
             + "; ".join(f"{p.index}:{p.fingerprint[:16]} = {p.describe()}" for p, _ in absent)
