@@ -27,7 +27,11 @@ from safetensors.torch import load_file
 
 from anyflow import storage
 
-STEPS = 6
+STEPS = 8
+#: Kills land at checkpoints 1 .. STEPS - 3: at least three steps (and the publish) remain after the checkpoint a
+#: kill waits for, so the stage cannot finish between the poll that sees it and the signal (up to 0.5 s later). With
+#: kills up to the last checkpoint an idle machine finished the stage first (a fresh-clone run, kill at 5 of 6).
+LAST_KILL = STEPS - 3
 SETS = ["--set", f"flowmap.train.steps={STEPS}", "--set", "flowmap.train.checkpoint_every=1"]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -135,7 +139,7 @@ def reference(tiny_chain: dict, s3_server, tmp_path_factory) -> tuple[str, str]:
 def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(reference, s3_prefix: str, s3_server, seed: int) -> None:
     ref_store, dataset = reference
     rng = random.Random(seed)
-    kills = sorted(rng.sample(range(1, STEPS), 2))  # two kills, at different checkpoints of one run
+    kills = sorted(rng.sample(range(1, LAST_KILL + 1), 2))  # two kills, at different checkpoints of one run
     resumed_lines: list[str] = []
     for step in kills:
         proc = _start("module", s3_prefix, dataset)
